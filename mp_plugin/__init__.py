@@ -1,0 +1,75 @@
+"""mp-plugin: Marchenko–Pastur (random-matrix) pruning for PyTorch models.
+
+Core (framework-free: torch, numpy, scipy):
+
+* :func:`fit_marchenko_pastur` / :class:`SpectralFit` — MP fit of one weight.
+* :func:`plan` / :class:`PrunePlan` — per-layer budgets and patterns.
+* :func:`apply`, :func:`sparsity_report`, :class:`MaskKeeper` — prune and keep masks.
+* :func:`permute_channels` — k:n channel permutation folded into the weights.
+* :func:`certify` — data-path certificate of which predictions pruning kept.
+
+Adapters for torchao, ModelOpt, ONNX and TensorRT live in
+``mp_plugin.integrations``; ``MPSparsifier`` is imported lazily from there.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from .errors import (
+    InvalidSparsityError,
+    InvalidWeightError,
+    MPPluginError,
+    NoPrunableLayersError,
+    NotCertifiable,
+    PatternError,
+    PlanMismatchError,
+    SpectrumFitError,
+)
+from .layers import LayerSelection, find_target_layers
+from .patterns import Pattern
+from .plan import LayerPlan, PlanConfig, PrunePlan, plan
+from .spectrum import SpectralFit, fit_marchenko_pastur
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "apply": "mp_plugin.apply",
+    "sparsity_report": "mp_plugin.apply",
+    "MaskKeeper": "mp_plugin.masks",
+    "permute_channels": "mp_plugin.permute",
+    "certify": "mp_plugin.certificate",
+    "MPSparsifier": "mp_plugin.integrations.torchao",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mp_plugin' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "InvalidSparsityError",
+    "InvalidWeightError",
+    "LayerPlan",
+    "LayerSelection",
+    "MPPluginError",
+    "NoPrunableLayersError",
+    "NotCertifiable",
+    "Pattern",
+    "PatternError",
+    "PlanConfig",
+    "PlanMismatchError",
+    "PrunePlan",
+    "SpectralFit",
+    "SpectrumFitError",
+    "find_target_layers",
+    "fit_marchenko_pastur",
+    "plan",
+    *_LAZY,
+]

@@ -1,0 +1,232 @@
+"""Per-layer pruning budgets: Spectral Edge Budgeting (SEB) and its baselines.
+
+SEB (ALGORITHM.md §1.4(iii)) standardises a per-layer spectral signal (the
+fitted edge σ₊, or the Hill α) into z-scores, turns them into layer weights
+
+    w_ℓ = max(0.1, 1 + β_type(ℓ) · [1 − s/s_d]₊ · z_ℓ)
+
+and prunes the globally smallest fraction s of the scores |W_ij|/w_ℓ. A higher
+signal means a larger w_ℓ, so a higher threshold: more pruning in that layer.
+β and s_d follow the regime table; below s = 0.30 SEB is plain global
+magnitude. :func:`global_prune_counts` hits the requested count exactly.
+
+Budget methods live in :data:`BUDGET_METHODS`, a registry keyed by name:
+``"seb"``, ``"seb-hill"``, ``"magnitude"`` (global magnitude) and ``"uniform"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import InvalidSparsityError
+
+__all__ = [
+    "SEBConfig",
+    "SEBRegime",
+    "BUDGET_METHODS",
+    "register_budget_method",
+    "check_sparsity",
+    "seb_layer_weights",
+    "global_prune_counts",
+    "uniform_prune_counts",
+]
+
+
+@dataclass(frozen=True)
+class SEBRegime:
+    """One row of the regime table: applies for sparsities in (lo, hi]."""
+
+    lo: float
+    hi: float
+    beta: float
+    s_d: float
+    beta_attn: float | None = None
+    beta_mlp: float | None = None
+
+
+DEFAULT_REGIMES: tuple[SEBRegime, ...] = (
+    SEBRegime(0.30, 0.40, beta=1.00, s_d=0.50),
+    SEBRegime(0.40, 0.55, beta=1.25, s_d=0.70),
+    SEBRegime(0.55, 1.00, beta=1.25, s_d=0.85, beta_attn=1.00, beta_mlp=2.00),
+)
+
+
+@dataclass
+class SEBConfig:
+    """Spectral Edge Budgeting settings.
+
+    Attributes:
+        signal: ``"sigma_plus"`` (default) or ``"hill_alpha"``.
+        regimes: the regime table; sparsities below the first row use plain
+            global magnitude (all w_ℓ = 1).
+        power: exponent p of the decay d(s) = [1 − s/s_d]₊^p.
+        min_weight: floor of w_ℓ (0.1 in the paper).
+        direction: +1 prunes high-signal layers more (the paper); −1 reverses it.
+    """
+
+    signal: str = "sigma_plus"
+    regimes: tuple[SEBRegime, ...] = DEFAULT_REGIMES
+    power: float = 1.0
+    min_weight: float = 0.1
+    direction: float = 1.0
+
+    def regime(self, sparsity: float) -> SEBRegime | None:
+        """The regime row covering ``sparsity`` (None = plain global magnitude)."""
+        if sparsity < self.regimes[0].lo:
+            return None
+        for row in self.regimes:
+            if sparsity <= row.hi:
+                return row
+        return self.regimes[-1]
+
+    def to_dict(self) -> dict:
+        """JSON-ready copy."""
+        return {
+            "signal": self.signal,
+            "power": self.power,
+            "min_weight": self.min_weight,
+            "direction": self.direction,
+            "regimes": [r.__dict__ for r in self.regimes],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SEBConfig:
+        """Inverse of :meth:`to_dict`."""
+        d = dict(d)
+        d["regimes"] = tuple(SEBRegime(**r) for r in d.get("regimes", [r.__dict__ for r in DEFAULT_REGIMES]))
+        return cls(**d)
+
+
+def check_sparsity(sparsity: float) -> float:
+    """Return ``sparsity`` as float, or raise :class:`InvalidSparsityError` unless 0 ≤ s < 1."""
+    try:
+        s = float(sparsity)
+    except (TypeError, ValueError) as exc:
+        raise InvalidSparsityError(f"sparsity must be a number in [0, 1), got {sparsity!r}") from exc
+    if not (0.0 <= s < 1.0) or not np.isfinite(s):
+        raise InvalidSparsityError(f"sparsity must lie in [0, 1), got {s}")
+    return s
+
+
+def seb_layer_weights(
+    signals: Sequence[float], layer_types: Sequence[str], sparsity: float, config: SEBConfig | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """SEB layer weights w_ℓ and z-scores for one sparsity.
+
+    Args:
+        signals: per-layer σ₊ (or Hill α); NaN entries get z = 0 (neutral).
+        layer_types: per-layer ``"attn"``/``"mlp"``/``"other"``.
+        sparsity: global target s in [0, 1).
+        config: :class:`SEBConfig`.
+
+    Returns:
+        (w, z): two float64 arrays of length L.
+    """
+    cfg = config or SEBConfig()
+    s = check_sparsity(sparsity)
+    sig = np.asarray(signals, dtype=np.float64)
+    finite = np.isfinite(sig)
+    z = np.zeros_like(sig)
+    if finite.sum() >= 2:
+        mu, sd = sig[finite].mean(), sig[finite].std()
+        if sd > 0:
+            z[finite] = (sig[finite] - mu) / sd
+    row = cfg.regime(s)
+    if row is None:
+        return np.ones_like(sig), z
+    decay = max(0.0, 1.0 - s / row.s_d) ** cfg.power
+    betas = np.array(
+        [(row.beta_attn if t == "attn" else row.beta_mlp if t == "mlp" else None) or row.beta for t in layer_types],
+        dtype=np.float64,
+    )
+    w = np.maximum(cfg.min_weight, 1.0 + cfg.direction * betas * decay * z)
+    return w, z
+
+
+def global_prune_counts(weights: Sequence[torch.Tensor], layer_w: Sequence[float], sparsity: float) -> list[int]:
+    """Exact per-layer counts for global thresholding of |W|/w_ℓ.
+
+    Selects exactly round(s · Σ numel) entries with the smallest scores
+    |W_ij|/w_ℓ across all layers (ties broken by layer order), and returns how
+    many fall in each layer. Within a layer the pruned entries are then its
+    smallest-|W| ones, since the score is monotone in |W| there.
+    """
+    s = check_sparsity(sparsity)
+    sizes = [int(w.numel()) for w in weights]
+    total = sum(sizes)
+    target = int(round(s * total))
+    if target == 0:
+        return [0] * len(sizes)
+    scores = torch.cat([w.detach().abs().reshape(-1).float().cpu() / float(lw) for w, lw in zip(weights, layer_w)])
+    thresh = torch.kthvalue(scores, target).values
+    below = [0] * len(sizes)
+    ties = [0] * len(sizes)
+    start = 0
+    for i, size in enumerate(sizes):
+        chunk = scores[start : start + size]
+        below[i] = int((chunk < thresh).sum())
+        ties[i] = int((chunk == thresh).sum())
+        start += size
+    remaining = target - sum(below)
+    counts = []
+    for b, t in zip(below, ties):
+        take = min(t, remaining)
+        counts.append(b + take)
+        remaining -= take
+    assert sum(counts) == target
+    return counts
+
+
+def uniform_prune_counts(weights: Sequence[torch.Tensor], sparsity: float) -> list[int]:
+    """Per-layer counts for the same fraction in every layer, total still exact."""
+    s = check_sparsity(sparsity)
+    sizes = np.array([int(w.numel()) for w in weights])
+    target = int(round(s * sizes.sum()))
+    raw = s * sizes
+    counts = np.floor(raw).astype(np.int64)
+    order = np.argsort(-(raw - counts), kind="stable")
+    for i in order[: target - int(counts.sum())]:
+        counts[i] += 1
+    return [int(c) for c in counts]
+
+
+BudgetFn = Callable[..., tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class _BudgetMethod:
+    weights: BudgetFn | None
+    uniform: bool = False
+    doc: str = ""
+
+
+BUDGET_METHODS: dict[str, _BudgetMethod] = {}
+
+
+def register_budget_method(name: str, fn: BudgetFn | None, uniform: bool = False, doc: str = "") -> None:
+    """Register a budget method: ``fn(fits, layer_types, sparsity, seb_config) -> (w, z)``."""
+    BUDGET_METHODS[name] = _BudgetMethod(fn, uniform, doc)
+
+
+def _seb(signal: str) -> BudgetFn:
+    def fn(fits, layer_types, sparsity, config):
+        cfg = config or SEBConfig()
+        vals = [getattr(f, signal, float("nan")) if f is not None else float("nan") for f in fits]
+        return seb_layer_weights(vals, layer_types, sparsity, cfg)
+
+    return fn
+
+
+def _ones(fits, layer_types, sparsity, config):
+    n = len(layer_types)
+    return np.ones(n), np.zeros(n)
+
+
+register_budget_method("seb", _seb("sigma_plus"), doc="Spectral Edge Budgeting on the fitted edge σ₊")
+register_budget_method("seb-hill", _seb("hill_alpha"), doc="Spectral Edge Budgeting on the Hill α")
+register_budget_method("magnitude", _ones, doc="global magnitude (all w_ℓ = 1)")
+register_budget_method("uniform", _ones, uniform=True, doc="the same fraction in every layer")

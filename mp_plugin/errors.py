@@ -1,0 +1,41 @@
+"""Named errors raised by mp_plugin.
+
+Every failure that a user can cause (bad weights, impossible sparsity, a model
+with nothing to prune, an unsupported pattern) raises a subclass of
+:class:`MPPluginError`, so callers can catch one base class and nothing ever
+crashes deep inside linear algebra.
+"""
+
+from __future__ import annotations
+
+
+class MPPluginError(Exception):
+    """Base class of every error mp_plugin raises on purpose."""
+
+
+class InvalidWeightError(MPPluginError, ValueError):
+    """A weight tensor cannot be analysed (wrong rank, NaN/Inf, meta device, empty)."""
+
+
+class SpectrumFitError(MPPluginError, ValueError):
+    """The Marchenko–Pastur fit is undefined for this matrix (e.g. a 1×n layer)."""
+
+
+class InvalidSparsityError(MPPluginError, ValueError):
+    """A requested sparsity is outside [0, 1)."""
+
+
+class PatternError(MPPluginError, ValueError):
+    """A sparsity pattern string is malformed or cannot be applied to a layer."""
+
+
+class NoPrunableLayersError(MPPluginError, ValueError):
+    """The model contains no layer that the selection rules accept."""
+
+
+class PlanMismatchError(MPPluginError, ValueError):
+    """A plan does not match the model it is applied to."""
+
+
+class NotCertifiable(MPPluginError):
+    """The certificate cannot bound an operation downstream of the pruned layer."""

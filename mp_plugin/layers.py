@@ -1,0 +1,191 @@
+"""Find the prunable layers of any PyTorch model.
+
+A target layer is an ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d`` whose weight
+is read as a C_out × (C_in·kh·kw) matrix. timm's fused ``attn.qkv`` is one
+matrix. Each target gets a type (attention / MLP / other) from its qualified
+name. :class:`LayerSelection` holds the exclusion rules; by default grouped and
+depthwise convs, the stem conv (C_in = 3) and the classifier head are left out.
+A weight shared by several modules (tied embeddings, reused blocks) is counted
+once, under its first name.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+__all__ = ["LayerSelection", "TargetLayer", "SkippedLayer", "find_target_layers", "classify_layer_type"]
+
+LayerType = Literal["attn", "mlp", "other"]
+
+_ATTN = re.compile(r"(attn|attention|self_attn|(^|\.)(q|k|v|o)_proj$|(^|\.)qkv$|(^|\.)(query|key|value)$|out_proj$)")
+_MLP = re.compile(
+    r"(mlp|ffn|feed_forward|intermediate|(^|\.)fc\d*$|(^|\.)output\.dense$|gate_proj|up_proj|down_proj|pwconv\d*$)"
+)
+_HEAD_NAMES = {"head", "fc", "classifier", "_fc", "lm_head", "last_linear", "logits"}
+
+
+def classify_layer_type(name: str) -> LayerType:
+    """Return ``"attn"``, ``"mlp"`` or ``"other"`` from a module's qualified name."""
+    low = name.lower()
+    if _ATTN.search(low):
+        return "attn"
+    if _MLP.search(low):
+        return "mlp"
+    return "other"
+
+
+@dataclass
+class LayerSelection:
+    """Which layers are pruning targets.
+
+    Attributes:
+        include_linear / include_conv: module families to consider.
+        exclude_grouped: skip convs with groups > 1 (depthwise included).
+        exclude_stem: skip convs whose C_in ≤ ``stem_channels`` (the image stem).
+        exclude_head: skip the classifier head (timm ``get_classifier()``, else the
+            last Linear when its name is a usual head name).
+        exclude: regular expressions; a matching qualified name is skipped.
+        include_only: if set, only names matching one of these are kept.
+        min_dim: skip matrices whose smaller side is below this.
+    """
+
+    include_linear: bool = True
+    include_conv: bool = True
+    exclude_grouped: bool = True
+    exclude_stem: bool = True
+    stem_channels: int = 3
+    exclude_head: bool = True
+    exclude: list[str] = field(default_factory=list)
+    include_only: list[str] = field(default_factory=list)
+    min_dim: int = 2
+
+    def to_dict(self) -> dict:
+        """JSON-ready copy."""
+        return dict(self.__dict__)
+
+
+@dataclass
+class TargetLayer:
+    """One prunable layer.
+
+    Attributes:
+        name: qualified module name.
+        module: the module itself.
+        kind: ``"linear"``, ``"conv1d"`` or ``"conv2d"``.
+        layer_type: ``"attn"``, ``"mlp"`` or ``"other"``.
+        shape: (rows, cols) of the 2-D view: (C_out, C_in·kh·kw).
+        aliases: other module names sharing this weight.
+    """
+
+    name: str
+    module: nn.Module
+    kind: str
+    layer_type: LayerType
+    shape: tuple[int, int]
+    aliases: list[str] = field(default_factory=list)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The module's weight parameter (C_out, C_in, *kernel)."""
+        return self.module.weight
+
+
+@dataclass
+class SkippedLayer:
+    """A Linear/Conv that was not selected, and why."""
+
+    name: str
+    reason: str
+
+
+def _kind(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    if isinstance(module, nn.Conv1d):
+        return "conv1d"
+    return None
+
+
+def _head_module(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_classifier", None)
+    if callable(getter):
+        try:
+            head = getter()
+        except Exception:  # noqa: BLE001 - third-party models may raise anything here
+            head = None
+        if isinstance(head, nn.Module) and _kind(head) is not None:
+            return head
+    last: tuple[str, nn.Module] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last = (name, module)
+    if last is not None and last[0].rsplit(".", 1)[-1] in _HEAD_NAMES:
+        return last[1]
+    return None
+
+
+def find_target_layers(
+    model: nn.Module, selection: LayerSelection | None = None
+) -> tuple[list[TargetLayer], list[SkippedLayer]]:
+    """Walk ``model`` and return (targets, skipped) in module order.
+
+    Args:
+        model: any ``nn.Module``.
+        selection: exclusion rules; defaults to :class:`LayerSelection()`.
+
+    Returns:
+        The selected :class:`TargetLayer` list and a :class:`SkippedLayer` list
+        naming every Linear/Conv left out with its reason.
+    """
+    sel = selection or LayerSelection()
+    head = _head_module(model) if sel.exclude_head else None
+    excl = [re.compile(p) for p in sel.exclude]
+    only = [re.compile(p) for p in sel.include_only]
+    seen: dict[int, TargetLayer] = {}
+    targets: list[TargetLayer] = []
+    skipped: list[SkippedLayer] = []
+    for name, module in model.named_modules():
+        kind = _kind(module)
+        if kind is None:
+            continue
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            skipped.append(SkippedLayer(name, "no weight tensor"))
+            continue
+        key = id(weight)
+        if key in seen:
+            seen[key].aliases.append(name)
+            skipped.append(SkippedLayer(name, f"shares its weight with {seen[key].name}"))
+            continue
+        reason = None
+        if kind == "linear" and not sel.include_linear:
+            reason = "Linear layers excluded"
+        elif kind != "linear" and not sel.include_conv:
+            reason = "conv layers excluded"
+        elif kind != "linear" and module.groups > 1:
+            reason = "grouped/depthwise conv" if sel.exclude_grouped else None
+        if reason is None and kind != "linear" and sel.exclude_stem and module.in_channels <= sel.stem_channels:
+            reason = f"stem conv (C_in={module.in_channels})"
+        if reason is None and head is not None and module is head:
+            reason = "classifier head"
+        if reason is None and any(p.search(name) for p in excl):
+            reason = "excluded by name"
+        if reason is None and only and not any(p.search(name) for p in only):
+            reason = "not in include_only"
+        shape = (int(weight.shape[0]), int(weight[0].numel()))
+        if reason is None and min(shape) < sel.min_dim:
+            reason = f"matrix {shape[0]}×{shape[1]} smaller than min_dim={sel.min_dim}"
+        if reason is not None:
+            skipped.append(SkippedLayer(name, reason))
+            continue
+        layer = TargetLayer(name, module, kind, classify_layer_type(name), shape)
+        seen[key] = layer
+        targets.append(layer)
+    return targets, skipped

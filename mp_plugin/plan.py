@@ -1,0 +1,406 @@
+"""The prune plan: what to prune where, decided before anything is applied.
+
+``plan(model, sparsity, pattern, method)`` fits MP to every target layer,
+computes budgets, rounds them to deployable patterns and returns a
+:class:`PrunePlan`. The plan is plain data: it saves to versioned JSON, loads
+back, prints as a table and plots. Applying it (``mp_plugin.apply``),
+exporting and certifying are separate steps that read it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .budget import BUDGET_METHODS, SEBConfig, check_sparsity, global_prune_counts, uniform_prune_counts
+from .errors import MPPluginError, NoPrunableLayersError, PatternError, PlanMismatchError, SpectrumFitError
+from .layers import LayerSelection, TargetLayer, find_target_layers
+from .patterns import Pattern, round_budget_to_pattern
+from .progress import progress
+from .spectrum import SpectralFit, fit_many
+
+__all__ = ["PlanConfig", "LayerPlan", "PrunePlan", "plan", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class PlanConfig:
+    """Settings of :func:`plan` beyond sparsity/pattern/method.
+
+    Attributes:
+        alpha, beta: BEMA window trim and TW confidence (ALGORITHM.md §1.2).
+        estimator: ``"bema-debiased"`` (default) or the authors' ``"bema"``.
+        edge_compat: ``"correct"`` TW exponent or the authors' ``"authors"`` typo.
+        seb: :class:`SEBConfig` for the ``seb``/``seb-hill`` methods.
+        selection: :class:`LayerSelection` (which layers are targets).
+        auto_patterns: candidates for ``pattern="auto"`` rounding.
+        gram_dtype: ``"float64"`` or ``"float32"`` Gram product (eigen-solve is float64).
+    """
+
+    alpha: float = 0.25
+    beta: float = 0.8
+    estimator: str = "bema-debiased"
+    edge_compat: str = "correct"
+    seb: SEBConfig = field(default_factory=SEBConfig)
+    selection: LayerSelection = field(default_factory=LayerSelection)
+    auto_patterns: tuple[str, ...] = ("dense", "12:16", "2:4")
+    gram_dtype: str = "float64"
+
+    def to_dict(self) -> dict:
+        """JSON-ready copy."""
+        return {
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "estimator": self.estimator,
+            "edge_compat": self.edge_compat,
+            "seb": self.seb.to_dict(),
+            "selection": self.selection.to_dict(),
+            "auto_patterns": list(self.auto_patterns),
+            "gram_dtype": self.gram_dtype,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PlanConfig:
+        """Inverse of :meth:`to_dict`."""
+        d = dict(d)
+        d["seb"] = SEBConfig.from_dict(d.get("seb", {}))
+        d["selection"] = LayerSelection(**d.get("selection", {}))
+        d["auto_patterns"] = tuple(d.get("auto_patterns", ("dense", "12:16", "2:4")))
+        return cls(**d)
+
+
+@dataclass
+class LayerPlan:
+    """The decision for one layer.
+
+    Attributes:
+        name: qualified module name.
+        kind: ``"linear"``, ``"conv1d"`` or ``"conv2d"``.
+        layer_type: ``"attn"``, ``"mlp"`` or ``"other"``.
+        shape: (C_out, C_in·kh·kw).
+        weight_shape: the parameter's own shape.
+        numel: number of weights.
+        fit: the MP fit (None when the fit is undefined; ``note`` says why).
+        z: standardised signal; w: SEB layer weight w_ℓ (1 = neutral).
+        unstructured_budget: fraction of weights the global threshold removes here.
+        n_prune: exact count behind ``unstructured_budget``.
+        pattern: ``"dense"``, ``"unstructured"`` or ``"k:n"`` to apply.
+        sparsity: fraction of zeros the pattern leaves (k:n → 1 − k/n).
+        note: free text (ineligible pattern, failed fit, …).
+    """
+
+    name: str
+    kind: str
+    layer_type: str
+    shape: tuple[int, int]
+    weight_shape: tuple[int, ...]
+    numel: int
+    fit: SpectralFit | None
+    z: float
+    w: float
+    unstructured_budget: float
+    n_prune: int
+    pattern: str
+    sparsity: float
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict."""
+        d = {k: v for k, v in asdict(self).items() if k != "fit"}
+        d["shape"] = list(self.shape)
+        d["weight_shape"] = list(self.weight_shape)
+        d["fit"] = self.fit.to_dict(with_singular_values=True) if self.fit is not None else None
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LayerPlan:
+        """Inverse of :meth:`to_dict`."""
+        d = dict(d)
+        d["shape"] = tuple(d["shape"])
+        d["weight_shape"] = tuple(d["weight_shape"])
+        d["fit"] = SpectralFit.from_dict(d["fit"]) if d.get("fit") else None
+        d["z"] = float("nan") if d.get("z") is None else d["z"]
+        return cls(**d)
+
+
+@dataclass
+class PrunePlan:
+    """Per-layer pruning decisions for one model; the contract between deciding and applying.
+
+    Attributes:
+        sparsity: requested global unstructured sparsity.
+        pattern: requested pattern (``"unstructured"``, ``"k:n"``, ``"auto"``).
+        method: budget method name (see ``mp_plugin.budget.BUDGET_METHODS``).
+        layers: one :class:`LayerPlan` per target layer, in module order.
+        skipped: ``{"name", "reason"}`` for each Linear/Conv left out.
+        config: the :class:`PlanConfig` used.
+        model_name: free text naming the model.
+        applied: what ``apply`` recorded (permutations, calibration, …).
+    """
+
+    sparsity: float
+    pattern: str
+    method: str
+    layers: list[LayerPlan]
+    skipped: list[dict] = field(default_factory=list)
+    config: PlanConfig = field(default_factory=PlanConfig)
+    model_name: str = ""
+    created: str = ""
+    applied: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    # ------------------------------------------------------------------ queries
+    def layer(self, name: str) -> LayerPlan:
+        """The :class:`LayerPlan` named ``name``."""
+        for lp in self.layers:
+            if lp.name == name:
+                return lp
+        raise KeyError(f"no layer {name!r} in the plan")
+
+    @property
+    def total_weights(self) -> int:
+        """Number of weights in the target layers."""
+        return sum(lp.numel for lp in self.layers)
+
+    @property
+    def planned_sparsity(self) -> float:
+        """Fraction of target weights the planned patterns set to zero."""
+        total = self.total_weights
+        if self.pattern in ("unstructured",):
+            return sum(lp.n_prune for lp in self.layers) / total
+        return sum(lp.sparsity * lp.numel for lp in self.layers) / total
+
+    # -------------------------------------------------------------- serialise
+    def to_dict(self) -> dict:
+        """JSON-ready dict (versioned schema)."""
+        return {
+            "schema_version": self.schema_version,
+            "created": self.created,
+            "model_name": self.model_name,
+            "sparsity": self.sparsity,
+            "pattern": self.pattern,
+            "method": self.method,
+            "config": self.config.to_dict(),
+            "layers": [lp.to_dict() for lp in self.layers],
+            "skipped": self.skipped,
+            "applied": self.applied,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PrunePlan:
+        """Inverse of :meth:`to_dict`; rejects unknown schema versions."""
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise MPPluginError(f"plan schema version {version!r} is not supported (expected {SCHEMA_VERSION})")
+        return cls(
+            sparsity=d["sparsity"],
+            pattern=d["pattern"],
+            method=d["method"],
+            layers=[LayerPlan.from_dict(x) for x in d["layers"]],
+            skipped=list(d.get("skipped", [])),
+            config=PlanConfig.from_dict(d.get("config", {})),
+            model_name=d.get("model_name", ""),
+            created=d.get("created", ""),
+            applied=dict(d.get("applied", {})),
+            schema_version=version,
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Write the plan as JSON to ``path`` and return the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1, default=_json_default))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> PrunePlan:
+        """Read a plan written by :meth:`save`."""
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    # ---------------------------------------------------------------- display
+    def to_table(self, max_rows: int | None = None) -> str:
+        """A fixed-width text table: one row per layer plus a total line."""
+        head = f"{'layer':<42} {'type':<5} {'shape':>11} {'σ₊':>8} {'spk':>4} {'bulk%':>6} {'μ':>6} {'w':>5} {'budget':>7} {'pattern':>12}"
+        rows = [head, "-" * len(head)]
+        layers = self.layers if max_rows is None else self.layers[:max_rows]
+        for lp in layers:
+            f = lp.fit
+            sp = f"{f.sigma_plus:8.3f}" if f else f"{'-':>8}"
+            spk = f"{f.n_spikes:4d}" if f else f"{'-':>4}"
+            bulk = f"{100 * f.bulk_fraction:6.1f}" if f else f"{'-':>6}"
+            mu = f"{f.fit_error:6.3f}" if f and math.isfinite(f.fit_error) else f"{'-':>6}"
+            shape = f"{lp.shape[0]}×{lp.shape[1]}"
+            name = lp.name if len(lp.name) <= 42 else "…" + lp.name[-41:]
+            rows.append(
+                f"{name:<42} {lp.layer_type:<5} {shape:>11} {sp} {spk} {bulk} {mu} {lp.w:5.2f} "
+                f"{lp.unstructured_budget:7.3f} {lp.pattern:>12}"
+            )
+        if max_rows is not None and len(self.layers) > max_rows:
+            rows.append(f"… {len(self.layers) - max_rows} more layers")
+        rows.append("-" * len(head))
+        rows.append(
+            f"{len(self.layers)} layers, {self.total_weights:,} weights; method={self.method} "
+            f"pattern={self.pattern} requested s={self.sparsity:.3f} planned s={self.planned_sparsity:.4f}"
+        )
+        if self.skipped:
+            rows.append(f"{len(self.skipped)} Linear/Conv layers skipped (see plan.skipped)")
+        return "\n".join(rows)
+
+    def plot(self, directory: str | Path, max_layers: int = 24) -> list[Path]:
+        """Write ESD histograms (fitted MP density and σ₊ marked) and a budget chart.
+
+        Needs matplotlib (``pip install mp-plugin[plot]``). Returns the written paths.
+        """
+        from .plotting import plot_plan
+
+        return plot_plan(self, Path(directory), max_layers=max_layers)
+
+    def check_model(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Map plan layer names to ``model``'s modules, or raise :class:`PlanMismatchError`."""
+        modules = dict(model.named_modules())
+        out = {}
+        for lp in self.layers:
+            mod = modules.get(lp.name)
+            weight = getattr(mod, "weight", None)
+            if mod is None or weight is None:
+                raise PlanMismatchError(f"the model has no layer {lp.name!r} from the plan")
+            if tuple(weight.shape) != tuple(lp.weight_shape):
+                raise PlanMismatchError(
+                    f"layer {lp.name!r}: plan expects weight {tuple(lp.weight_shape)}, model has {tuple(weight.shape)}"
+                )
+            out[lp.name] = mod
+        return out
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, (tuple, set)):
+        return list(obj)
+    raise TypeError(f"cannot serialise {type(obj).__name__}")
+
+
+def _fit_layers(targets: list[TargetLayer], cfg: PlanConfig, show_progress: bool) -> tuple[list, list[str]]:
+    """Fit every target, batching equal shapes; undefined fits become None with a note."""
+    gram = torch.float64 if cfg.gram_dtype == "float64" else torch.float32
+    fits: list[SpectralFit | None] = [None] * len(targets)
+    notes = [""] * len(targets)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, t in enumerate(targets):
+        by_shape.setdefault((t.shape, t.weight.device), []).append(i)
+    bar = progress(total=len(targets), desc="MP fit", unit="layer", disable=not show_progress)
+    for idx in by_shape.values():
+        try:
+            res = fit_many([targets[i].weight for i in idx], cfg.alpha, cfg.beta, cfg.estimator, cfg.edge_compat, gram)
+            for i, r in zip(idx, res):
+                fits[i] = r
+        except SpectrumFitError as exc:
+            for i in idx:
+                notes[i] = f"no MP fit: {exc}"
+        bar.update(len(idx))
+    bar.close()
+    return fits, notes
+
+
+def plan(
+    model: nn.Module,
+    sparsity: float = 0.5,
+    pattern: str = "unstructured",
+    method: str = "seb",
+    config: PlanConfig | None = None,
+    model_name: str = "",
+    show_progress: bool = False,
+) -> PrunePlan:
+    """Fit MP to each target layer of ``model`` and decide per-layer budgets and patterns.
+
+    Args:
+        model: any ``nn.Module``; weights may be on CPU or CUDA, any float dtype.
+        sparsity: global fraction s ∈ [0, 1) of target weights to remove
+            (for k:n patterns, the unstructured budget that guides the projection).
+        pattern: ``"unstructured"``, a k:n string such as ``"2:4"`` (every
+            eligible layer takes it, the rest stay dense), or ``"auto"``
+            (round each layer's budget to the nearest of ``config.auto_patterns``).
+        method: a key of ``mp_plugin.budget.BUDGET_METHODS``
+            (``"seb"``, ``"seb-hill"``, ``"magnitude"``, ``"uniform"``).
+        config: :class:`PlanConfig`.
+        model_name: recorded in the plan.
+        show_progress: show a tqdm bar over layers.
+
+    Returns:
+        A :class:`PrunePlan`. Nothing in ``model`` is modified.
+
+    Raises:
+        InvalidSparsityError, PatternError, NoPrunableLayersError, InvalidWeightError.
+    """
+    cfg = config or PlanConfig()
+    s = check_sparsity(sparsity)
+    if method not in BUDGET_METHODS:
+        raise MPPluginError(f"unknown method {method!r}; known: {sorted(BUDGET_METHODS)}")
+    pat = None if pattern == "auto" else Pattern.parse(pattern)
+    if pat is not None and pat.kind == "dense":
+        raise PatternError("pattern 'dense' prunes nothing; use 'unstructured', 'auto' or a k:n pattern")
+    targets, skipped = find_target_layers(model, cfg.selection)
+    if not targets:
+        raise NoPrunableLayersError(
+            f"{type(model).__name__} has no prunable Linear/Conv layer under the selection rules"
+            + (f" ({len(skipped)} skipped: {skipped[0].name}: {skipped[0].reason}, …)" if skipped else "")
+        )
+    fits, notes = _fit_layers(targets, cfg, show_progress)
+    types = [t.layer_type for t in targets]
+    spec = BUDGET_METHODS[method]
+    w, z = spec.weights(fits, types, s, cfg.seb)
+    weights = [t.weight for t in targets]
+    counts = uniform_prune_counts(weights, s) if spec.uniform else global_prune_counts(weights, w, s)
+    layers = []
+    for t, f, note, wl, zl, c in zip(targets, fits, notes, w, z, counts):
+        numel = int(t.weight.numel())
+        budget = c / numel
+        if pat is None:
+            lp_pat = round_budget_to_pattern(budget, t.shape, cfg.auto_patterns)
+        elif pat.is_kn and not pat.eligible(t.shape):
+            lp_pat = Pattern("dense")
+            note = (note + "; " if note else "") + f"in_features {t.shape[1]} not divisible by {pat.n}: kept dense"
+        else:
+            lp_pat = pat
+        sparsity_l = budget if lp_pat.kind == "unstructured" else float(lp_pat.sparsity)
+        layers.append(
+            LayerPlan(
+                name=t.name,
+                kind=t.kind,
+                layer_type=t.layer_type,
+                shape=t.shape,
+                weight_shape=tuple(t.weight.shape),
+                numel=numel,
+                fit=f,
+                z=float(zl),
+                w=float(wl),
+                unstructured_budget=budget,
+                n_prune=int(c),
+                pattern=str(lp_pat),
+                sparsity=sparsity_l,
+                note=note,
+            )
+        )
+    return PrunePlan(
+        sparsity=s,
+        pattern=str(pattern) if pat is None else str(pat),
+        method=method,
+        layers=layers,
+        skipped=[{"name": k.name, "reason": k.reason} for k in skipped],
+        config=cfg,
+        model_name=model_name,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )

@@ -1,0 +1,21 @@
+"""Random-matrix spectra of layer weights: the MP law, Tracy–Widom edges, BEMA fits."""
+
+from .eigen import as_matrix, squared_singular_values
+from .fit import SpectralFit, fit_from_eigenvalues, fit_many, fit_marchenko_pastur
+from .mp_law import mp_cdf, mp_density, mp_edges, mp_quantile
+from .tracy_widom import tracy_widom_cdf, tracy_widom_quantile
+
+__all__ = [
+    "SpectralFit",
+    "as_matrix",
+    "fit_from_eigenvalues",
+    "fit_many",
+    "fit_marchenko_pastur",
+    "mp_cdf",
+    "mp_density",
+    "mp_edges",
+    "mp_quantile",
+    "squared_singular_values",
+    "tracy_widom_cdf",
+    "tracy_widom_quantile",
+]
