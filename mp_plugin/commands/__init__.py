@@ -1,0 +1,1 @@
+"""Subcommands of the ``mp-plugin`` CLI, one module each."""
