@@ -126,6 +126,7 @@ def fit_from_eigenvalues(
     estimator: Estimator = "bema-debiased",
     edge_compat: EdgeCompat = "correct",
     max_iter: int = 10,
+    zero_tol: float = 1e-12,
 ) -> SpectralFit:
     """Fit MP to precomputed squared singular values ``eigs`` (length p, any order).
 
@@ -137,6 +138,7 @@ def fit_from_eigenvalues(
         estimator: ``"bema-debiased"`` (default) or the authors' ``"bema"``.
         edge_compat: ``"correct"`` exponent 4/3, or the authors' ``"authors"`` typo.
         max_iter: iterations of the spike-count fixed point (debiased only).
+        zero_tol: eigenvalues below ``zero_tol``·λ_max count as exact zeros.
     """
     if not 0.0 <= alpha < 0.5:
         raise ValueError(f"alpha must lie in [0, 0.5), got {alpha}")
@@ -145,6 +147,8 @@ def fit_from_eigenvalues(
     if estimator not in ("bema", "bema-debiased"):
         raise ValueError(f"unknown estimator {estimator!r}: use 'bema' or 'bema-debiased'")
     sq = np.sort(np.asarray(eigs, dtype=np.float64))
+    if len(sq) and sq[-1] > 0:  # round-off of the Gram product: exact zeros come out as ~1e-16·λ_max
+        sq = np.where(sq < sq[-1] * zero_tol, 0.0, sq)
     rows, cols = int(shape[0]), int(shape[1])
     p, n = min(rows, cols), max(rows, cols)
     if len(sq) != p:
