@@ -1,0 +1,211 @@
+"""Calibration statistics: per-layer input covariances captured with forward hooks.
+
+CAST (``mp_plugin.cast``) needs, for every k:n group g of n consecutive inputs
+of a layer, the uncentred second moment C_g = E[h_g h_gᵀ] (n×n) of that
+layer's input slice. This module runs a calibration batch through the model
+with forward hooks and keeps only those (G, n, n) blocks, so memory stays at
+C_in·kh·kw·n numbers per layer however large the batch is.
+
+Input rows:
+
+* Linear: every token is a row (B·T rows of ``in_features``).
+* Conv1d/Conv2d: every output position is a row of the unfolded input
+  (``torch.nn.functional.unfold``), laid out as C_in·kh·kw, which matches
+  ``weight.reshape(C_out, -1)``. Grouped convs give the full C_in·kh·kw row;
+  conv group q's weights read columns [q·C_in/G·kh·kw, (q+1)·C_in/G·kh·kw).
+
+At most ``max_rows`` rows per layer are used (random rows, fixed seed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import MPPluginError, PatternError
+
+__all__ = [
+    "GroupCovariance",
+    "capture_covariances",
+    "layer_input_rows",
+    "run_batches",
+    "calibration_loss",
+    "group_index",
+]
+
+
+@dataclass
+class GroupCovariance:
+    """Second moments of one layer's input, one n×n block per k:n group.
+
+    Attributes:
+        cov: (G, n, n) float64, C_g = mean over rows of h_g h_gᵀ (input units²);
+            G = C_in·kh·kw / n over the full unfolded input.
+        rows: number of input rows averaged.
+        n: group size.
+    """
+
+    cov: torch.Tensor
+    rows: int
+    n: int
+
+    @property
+    def groups(self) -> int:
+        """G, the number of groups along the full unfolded input."""
+        return int(self.cov.shape[0])
+
+    @property
+    def second_moment(self) -> torch.Tensor:
+        """E[h²] per input column: (G·n,) float64."""
+        return torch.diagonal(self.cov, dim1=-2, dim2=-1).reshape(-1)
+
+
+def layer_input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The rows the layer's weight multiplies: (rows, C_in·kh·kw) for conv, (B·T, in) for Linear."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        two_d = isinstance(module, nn.Conv2d)
+        if not two_d:
+            x = x.unsqueeze(-2)
+        pad = getattr(module, "_reversed_padding_repeated_twice", None)
+        if pad is None or isinstance(module.padding, str) and module.padding == "valid":
+            pad = [0] * (4 if two_d else 2)
+        if not two_d:
+            pad = list(pad) + [0, 0]
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        if any(pad):
+            x = F.pad(x, tuple(pad), mode=mode)
+        kernel = module.kernel_size if two_d else (1, module.kernel_size[0])
+        dilation = module.dilation if two_d else (1, module.dilation[0])
+        stride = module.stride if two_d else (1, module.stride[0])
+        cols = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (B, C_in·kh·kw, L)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    raise MPPluginError(f"cannot capture inputs of {type(module).__name__}: only Linear, Conv1d and Conv2d")
+
+
+def run_batches(model: nn.Module, data: Any) -> None:
+    """Run calibration data through ``model`` under ``torch.no_grad()``.
+
+    ``data`` is one batch or a list of batches. A batch is a tensor
+    (``model(x)``), a tuple (``model(*args)``) or a dict (``model(**kwargs)``).
+    Tensors are moved to the model's device.
+    """
+    batches = data if isinstance(data, list) else [data]
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+
+    def move(obj: Any) -> Any:
+        return obj.to(device) if isinstance(obj, torch.Tensor) else obj
+
+    with torch.no_grad():
+        for batch in batches:
+            if isinstance(batch, Mapping):
+                model(**{k: move(v) for k, v in batch.items()})
+            elif isinstance(batch, tuple):
+                model(*[move(v) for v in batch])
+            elif isinstance(batch, torch.Tensor):
+                model(move(batch))
+            else:
+                raise MPPluginError(f"calibration batch must be a tensor, tuple or dict, got {type(batch).__name__}")
+
+
+class _Accumulator:
+    def __init__(self, module: nn.Module, n: int, max_rows: int, generator: torch.Generator) -> None:
+        self.module = module
+        self.n = n
+        self.max_rows = max_rows
+        self.generator = generator
+        self.sum: torch.Tensor | None = None
+        self.rows = 0
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: Any) -> None:
+        room = self.max_rows - self.rows
+        if room <= 0 or not inputs or not isinstance(inputs[0], torch.Tensor):
+            return
+        rows = layer_input_rows(module, inputs[0].detach())
+        if rows.shape[1] % self.n:
+            raise PatternError(f"layer input width {rows.shape[1]} is not divisible by n={self.n}")
+        if rows.shape[0] > room:
+            pick = torch.randperm(rows.shape[0], generator=self.generator)[:room].to(rows.device)
+            rows = rows.index_select(0, pick)
+        g = rows.to(torch.float64).reshape(rows.shape[0], -1, self.n)
+        block = torch.einsum("rgi,rgj->gij", g, g)
+        self.sum = block if self.sum is None else self.sum + block
+        self.rows += int(rows.shape[0])
+
+
+def capture_covariances(
+    model: nn.Module,
+    layers: Mapping[str, int],
+    data: Any,
+    max_rows: int = 4096,
+    seed: int = 0,
+) -> dict[str, GroupCovariance]:
+    """Capture the (G, n, n) input covariances of the named layers in one calibration pass.
+
+    Args:
+        model: the (dense) model; it is run in its current train/eval mode.
+        layers: ``{module name: group size n}``; each must be a Linear, Conv1d or Conv2d.
+        data: calibration batch(es), see :func:`run_batches`.
+        max_rows: at most this many input rows per layer (random subset).
+        seed: seed of the row subsampling.
+
+    Returns:
+        ``{name: GroupCovariance}`` for every layer the forward pass reached
+        (a layer never called is missing from the result).
+    """
+    modules = dict(model.named_modules())
+    gen = torch.Generator().manual_seed(seed)
+    accs: dict[str, _Accumulator] = {}
+    handles = []
+    try:
+        for name, n in layers.items():
+            module = modules.get(name)
+            if module is None:
+                raise MPPluginError(f"the model has no module {name!r}")
+            acc = _Accumulator(module, n, max_rows, gen)
+            accs[name] = acc
+            handles.append(module.register_forward_hook(acc))
+        run_batches(model, data)
+    finally:
+        for h in handles:
+            h.remove()
+    return {
+        name: GroupCovariance(acc.sum / acc.rows, acc.rows, acc.n) for name, acc in accs.items() if acc.sum is not None
+    }
+
+
+def calibration_loss(weight_change: torch.Tensor, stats: GroupCovariance, conv_groups: int = 1) -> torch.Tensor:
+    """Σ over rows i and groups g of r_{i,g}ᵀ C_g r_{i,g}, the CAST surrogate of output error.
+
+    Args:
+        weight_change: r = W − W' shaped like the weight (C_out, C_in/groups, *kernel).
+        stats: the layer's :class:`GroupCovariance`.
+        conv_groups: the conv's ``groups`` (row i of conv group q reads groups offset by q·G_w).
+
+    Returns:
+        A float64 scalar (input units² × weight units²).
+    """
+    r = weight_change.detach().reshape(weight_change.shape[0], -1).to(torch.float64)
+    rg = r.reshape(r.shape[0], -1, stats.n)
+    cov = stats.cov.to(r.device)
+    idx = group_index(r.shape[0], rg.shape[1], conv_groups, stats.groups, device=r.device)
+    return torch.einsum("rga,rgab,rgb->", rg, cov[idx], rg)
+
+
+def group_index(
+    rows: int, groups_per_row: int, conv_groups: int, total_groups: int, device: Any = None
+) -> torch.Tensor:
+    """(rows, groups_per_row) indices into the layer's full list of covariance groups."""
+    if groups_per_row * conv_groups != total_groups or rows % conv_groups:
+        raise PatternError(
+            f"covariance has {total_groups} groups but the weight has {groups_per_row} per row × {conv_groups} conv groups"
+        )
+    offset = (torch.arange(rows, device=device) // (rows // conv_groups)) * groups_per_row
+    return offset[:, None] + torch.arange(groups_per_row, device=device)[None, :]
