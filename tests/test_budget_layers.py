@@ -1,0 +1,163 @@
+"""Layer discovery, SEB weights and exact global budgets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mp_plugin import InvalidSparsityError, LayerSelection, find_target_layers
+from mp_plugin.budget import (
+    BUDGET_METHODS,
+    SEBConfig,
+    global_prune_counts,
+    seb_layer_weights,
+    uniform_prune_counts,
+)
+from mp_plugin.layers import classify_layer_type
+from mp_plugin.patterns import Pattern, PatternError, round_budget_to_pattern
+
+
+class TinyViTBlock(nn.Module):
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.attn = nn.Module()
+        self.attn.qkv = nn.Linear(d, 3 * d)
+        self.attn.proj = nn.Linear(d, d)
+        self.mlp = nn.Module()
+        self.mlp.fc1 = nn.Linear(d, 4 * d)
+        self.mlp.fc2 = nn.Linear(4 * d, d)
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3)
+        self.dw = nn.Conv2d(16, 16, 3, groups=16)
+        self.pw = nn.Conv2d(16, 32, 1)
+        self.blocks = nn.ModuleList([TinyViTBlock(), TinyViTBlock()])
+        self.shared = self.blocks[0].mlp.fc1  # the same module reachable twice
+        self.tied = nn.Linear(16, 64)
+        self.tied.weight = self.blocks[1].mlp.fc1.weight  # a tied weight in another module
+        self.head = nn.Linear(16, 10)
+
+
+def test_layer_discovery_types_exclusions_and_sharing() -> None:
+    targets, skipped = find_target_layers(TinyNet())
+    names = [t.name for t in targets]
+    assert names == [
+        "pw",
+        "blocks.0.attn.qkv",
+        "blocks.0.attn.proj",
+        "blocks.0.mlp.fc1",
+        "blocks.0.mlp.fc2",
+        "blocks.1.attn.qkv",
+        "blocks.1.attn.proj",
+        "blocks.1.mlp.fc1",
+        "blocks.1.mlp.fc2",
+    ]
+    qkv = targets[1]
+    assert qkv.shape == (48, 16) and qkv.layer_type == "attn"  # fused qkv is one matrix
+    assert targets[3].layer_type == "mlp" and targets[0].layer_type == "other"
+    assert targets[0].shape == (32, 16)
+    reasons = {s.name: s.reason for s in skipped}
+    assert reasons["stem"].startswith("stem conv")
+    assert reasons["dw"] == "grouped/depthwise conv"
+    assert reasons["head"] == "classifier head"
+    assert "shares its weight" in reasons["tied"]
+    assert "tied" in targets[7].aliases
+
+
+def test_selection_is_configurable() -> None:
+    sel = LayerSelection(exclude_stem=False, exclude_head=False, exclude_grouped=False, exclude=[r"attn"])
+    names = [t.name for t in find_target_layers(TinyNet(), sel)[0]]
+    assert "stem" in names and "head" in names and "dw" in names
+    assert not any("attn" in n for n in names)
+    only = LayerSelection(include_only=[r"mlp\.fc2"])
+    assert [t.name for t in find_target_layers(TinyNet(), only)[0]] == ["blocks.0.mlp.fc2", "blocks.1.mlp.fc2"]
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("blocks.3.attn.qkv", "attn"),
+        ("encoder.layer.0.attention.self.query", "attn"),
+        ("encoder.layer.0.attention.output.dense", "attn"),
+        ("encoder.layer.0.intermediate.dense", "mlp"),
+        ("encoder.layer.0.output.dense", "mlp"),
+        ("stages.1.blocks.0.mlp.fc1", "mlp"),
+        ("layer1.0.conv1", "other"),
+        ("pooler.dense", "other"),
+    ],
+)
+def test_classify_layer_type(name: str, expected: str) -> None:
+    assert classify_layer_type(name) == expected
+
+
+def test_seb_weights_follow_regime_table() -> None:
+    signals = [1.0, 2.0, 3.0, 4.0]
+    types = ["attn", "mlp", "other", "mlp"]
+    w, z = seb_layer_weights(signals, types, 0.2)
+    assert np.all(w == 1.0)  # s < 0.30: plain global magnitude
+    np.testing.assert_allclose(z, (np.array(signals) - 2.5) / np.std(signals))
+    w, _ = seb_layer_weights(signals, types, 0.35)  # β=1, s_d=0.5
+    np.testing.assert_allclose(w, np.maximum(0.1, 1 + 1.0 * (1 - 0.35 / 0.5) * z))
+    w, _ = seb_layer_weights(signals, types, 0.65)  # layer-type β, s_d=0.85
+    betas = np.array([1.0, 2.0, 1.25, 2.0])
+    np.testing.assert_allclose(w, np.maximum(0.1, 1 + betas * (1 - 0.65 / 0.85) * z))
+    assert np.all(np.diff(w[[1, 3]]) > 0)  # higher σ₊ → larger w → more pruning
+    rev, _ = seb_layer_weights(signals, types, 0.65, SEBConfig(direction=-1.0))
+    assert rev[3] < rev[1]
+
+
+def test_seb_weight_floor_and_nan_signals() -> None:
+    w, z = seb_layer_weights([0.0, 0.0, 0.0, 100.0, float("nan")], ["mlp"] * 5, 0.6)
+    assert w.min() >= 0.1 - 1e-12
+    assert z[-1] == 0.0
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.731, 0.99])
+def test_global_counts_hit_sparsity_exactly(sparsity: float) -> None:
+    g = torch.Generator().manual_seed(1)
+    weights = [torch.randn(33, 17, generator=g), torch.randn(64, 8, generator=g), torch.randn(5, 3, 2, 2, generator=g)]
+    weights[1][:4] = 0.0  # ties at zero
+    total = sum(w.numel() for w in weights)
+    for lw in ([1.0, 1.0, 1.0], [0.5, 2.0, 1.0]):
+        counts = global_prune_counts(weights, lw, sparsity)
+        assert sum(counts) == round(sparsity * total)
+    uni = uniform_prune_counts(weights, sparsity)
+    assert sum(uni) == round(sparsity * total)
+    assert all(abs(c / w.numel() - sparsity) <= 1 / w.numel() + 1e-12 for c, w in zip(uni, weights))
+
+
+def test_higher_layer_weight_prunes_more() -> None:
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(100, 100, generator=g), torch.randn(100, 100, generator=g)
+    even = global_prune_counts([a, b], [1.0, 1.0], 0.5)
+    tilted = global_prune_counts([a, b], [1.0, 2.0], 0.5)
+    assert tilted[1] > even[1] and tilted[0] < even[0]
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), "x"])
+def test_impossible_sparsity(bad) -> None:
+    with pytest.raises(InvalidSparsityError):
+        global_prune_counts([torch.ones(4, 4)], [1.0], bad)
+
+
+def test_patterns_parse_and_round() -> None:
+    assert Pattern.parse("2:4").sparsity == 0.5 and Pattern.parse("2:4").hardware
+    assert not Pattern.parse("8:16").hardware
+    assert Pattern.parse("12:16").sparsity == 0.25
+    for bad in ("4:4", "5:4", "2:32", "abc", "0:4"):
+        with pytest.raises(PatternError):
+            Pattern.parse(bad)
+    assert not Pattern.parse("2:4").eligible((8, 6))
+    assert str(round_budget_to_pattern(0.05, (8, 16))) == "dense"
+    assert str(round_budget_to_pattern(0.3, (8, 16))) == "12:16"
+    assert str(round_budget_to_pattern(0.6, (8, 16))) == "2:4"
+    assert str(round_budget_to_pattern(0.6, (8, 6))) == "dense"  # nothing eligible
+
+
+def test_registry_has_baselines() -> None:
+    assert {"seb", "seb-hill", "magnitude", "uniform"} <= set(BUDGET_METHODS)
