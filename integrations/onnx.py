@@ -179,11 +179,19 @@ class ExportReport:
         if len(shown) < len(self.checks):
             rows.append(f"… {len(self.checks) - len(shown)} more initializers")
         n_ok = sum(c.ok for c in self.checks)
-        rows.append(f"k:n check: {n_ok}/{len(self.checks)} initializers keep their pattern" + (
-            f"; {len(self.missing_layers)} layers not found: {self.missing_layers[:5]}" if self.missing_layers else ""))
+        rows.append(
+            f"k:n check: {n_ok}/{len(self.checks)} initializers keep their pattern"
+            + (
+                f"; {len(self.missing_layers)} layers not found: {self.missing_layers[:5]}"
+                if self.missing_layers
+                else ""
+            )
+        )
         if self.max_abs_diff is not None:
             verdict = "ok" if self.parity_ok else "FAILED"
-            rows.append(f"onnxruntime parity ({self.dtype}): max |Δ| = {self.max_abs_diff:.3g} (tol {self.parity_tol:.3g}) {verdict}")
+            rows.append(
+                f"onnxruntime parity ({self.dtype}): max |Δ| = {self.max_abs_diff:.3g} (tol {self.parity_tol:.3g}) {verdict}"
+            )
         if self.gemm_rewrites:
             rows.append(f"MatMul+Add → Gemm rewrites: {self.gemm_rewrites}")
         return "\n".join(rows)

@@ -12,8 +12,6 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-
-from mp_plugin.errors import PatternError
 from mp_plugin.integrations.tensorrt import (
     TensorRTNotInstalled,
     build_engine,
@@ -23,6 +21,8 @@ from mp_plugin.integrations.tensorrt import (
     sparsity_report,
     trtexec_command,
 )
+
+from mp_plugin.errors import PatternError
 
 DATA = Path(__file__).parent / "data"
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -110,7 +110,6 @@ def test_missing_tensorrt_gives_clear_message(tmp_path):
 @pytest.mark.skipif(not HAS_TRT, reason="needs TensorRT and a GPU")
 def test_build_sparse_engine_reports_layers(tmp_path):  # pragma: no cover - needs TensorRT
     import torch
-
     from mp_plugin.integrations.onnx import export_onnx
 
     if not torch.cuda.is_available():
