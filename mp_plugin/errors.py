@@ -39,3 +39,15 @@ class PlanMismatchError(MPPluginError, ValueError):
 
 class NotCertifiable(MPPluginError):
     """The certificate cannot bound an operation downstream of the pruned layer."""
+
+
+class ArchitectureMismatchError(MPPluginError, ValueError):
+    """Two models that should share one architecture (dense vs pruned) differ in modules or shapes."""
+
+
+class CertificateInputError(MPPluginError, ValueError):
+    """A certificate input is malformed: batch/labels sizes, logits shape, unknown layer or mode."""
+
+
+class NonFiniteActivationError(MPPluginError, ValueError):
+    """An activation or logit captured while certifying is NaN or infinite."""

@@ -1,0 +1,39 @@
+"""The data-path certificate (ALGORITHM.md §3): which predictions pruning provably kept.
+
+* :func:`certify` — per-layer R = A − S, ψ₁ via hooks, ‖Rψ₁(s)‖∞, L_s, per-sample η_s,
+  margins, B_T, accuracy-change bound, elastic-net check, sequential multi-layer form,
+  Gaussian MP-edge form; three modes (``empirical``, ``bound``, ``jacobian``).
+* :func:`restore_gain` — the prune–restore test for one layer.
+* :class:`CertificateCallback` — certify every N steps from a plain training loop.
+* :func:`certify_sparsifier` — certify a model prepared by a torch.ao.pruning sparsifier.
+"""
+
+from __future__ import annotations
+
+from .callback import CertificateCallback
+from .core import certify
+from .inputs import fold_parametrizations
+from .labels import ESTIMATE, EXACT, HIGH_PROBABILITY, LOWER, MEASURED, RIGOROUS
+from .lipschitz import jacobian_estimate, sequential_bound
+from .restore import RestoreResult, restore_gain
+from .result import Certificate, LayerCertificate
+from .sparsifier import certify_sparsifier
+
+__all__ = [
+    "Certificate",
+    "CertificateCallback",
+    "ESTIMATE",
+    "EXACT",
+    "HIGH_PROBABILITY",
+    "LOWER",
+    "LayerCertificate",
+    "MEASURED",
+    "RIGOROUS",
+    "RestoreResult",
+    "certify",
+    "certify_sparsifier",
+    "fold_parametrizations",
+    "jacobian_estimate",
+    "restore_gain",
+    "sequential_bound",
+]
