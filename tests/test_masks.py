@@ -1,0 +1,152 @@
+"""Masks: exact k:n groups, exact global counts, and MaskKeeper holding masks through training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_mlp
+
+from mp_plugin import MaskKeeper, PatternError, PlanMismatchError
+from mp_plugin.masks import (
+    assert_kn_exact,
+    check_nm,
+    global_unstructured_masks,
+    kn_group_counts,
+    nm_mask,
+    unstructured_mask,
+)
+
+
+@pytest.mark.parametrize("k,n", [(1, 2), (2, 4), (4, 8), (6, 12), (8, 16), (12, 16), (3, 7)])
+def test_nm_mask_every_group_exact(k: int, n: int) -> None:
+    w = torch.randn(24, 5 * n, 3, 1)[:, :, 0, 0] if n != 7 else torch.randn(24, 35)
+    mask = nm_mask(w, k, n)
+    counts = kn_group_counts(mask, n)
+    assert bool((counts == k).all())
+    assert_kn_exact(mask, k, n)
+    assert check_nm(w * mask, k, n)
+    # the kept entries are the k largest of each group
+    groups = w.abs().reshape(24, -1, n)
+    kept_min = torch.where(mask.reshape(24, -1, n), groups, torch.inf).amin(-1)
+    dropped_max = torch.where(mask.reshape(24, -1, n), -torch.inf, groups).amax(-1)
+    assert bool((kept_min >= dropped_max).all())
+
+
+def test_nm_mask_conv_uses_unfolded_layout() -> None:
+    w = torch.randn(8, 4, 3, 3)  # 36 inputs per row = 9 groups of 4 across channel/kernel boundaries
+    mask = nm_mask(w, 2, 4)
+    assert mask.shape == w.shape
+    assert bool((kn_group_counts(mask.reshape(8, -1), 4) == 2).all())
+
+
+def test_assert_kn_exact_catches_bad_groups() -> None:
+    mask = nm_mask(torch.randn(4, 8), 2, 4)
+    mask[0, 0] = ~mask[0, 0]
+    with pytest.raises(PatternError, match="1 of 8 groups"):
+        assert_kn_exact(mask, 2, 4)
+
+
+@pytest.mark.parametrize("k,n", [(4, 4), (0, 4), (2, 32)])
+def test_nm_mask_rejects_bad_patterns(k: int, n: int) -> None:
+    with pytest.raises(PatternError):
+        nm_mask(torch.randn(4, 32), k, n)
+
+
+def test_nm_mask_rejects_indivisible_width() -> None:
+    with pytest.raises(PatternError, match="not divisible"):
+        nm_mask(torch.randn(4, 10), 2, 4)
+
+
+def test_unstructured_count_exact_with_ties() -> None:
+    w = torch.tensor([[0.0, 0.0, 1.0, 1.0], [1.0, 2.0, 0.0, 3.0]])
+    for c in range(w.numel() + 1):
+        assert int((~unstructured_mask(w, c)).sum()) == c
+
+
+@pytest.mark.parametrize("layer_w", [None, [1.0, 2.0, 0.5]])
+def test_global_masks_exact_total_and_seb_weighting(layer_w) -> None:
+    weights = [torch.randn(30, 20), torch.randn(50, 40), torch.randn(16, 8, 3, 3)]
+    total = sum(w.numel() for w in weights)
+    masks = global_unstructured_masks(weights, 0.37, layer_w)
+    pruned = [int((~m).sum()) for m in masks]
+    assert sum(pruned) == round(0.37 * total)
+    lw = layer_w or [1.0, 1.0, 1.0]
+    # global threshold on |W|/w: every pruned score ≤ every kept score
+    pruned_scores = torch.cat([(w.abs() / s)[~m] for w, m, s in zip(weights, masks, lw)])
+    kept_scores = torch.cat([(w.abs() / s)[m] for w, m, s in zip(weights, masks, lw)])
+    assert pruned_scores.max() <= kept_scores.min()
+    if layer_w is not None:  # the layer with w=2 is pruned more than the one with w=0.5
+        frac = [p / w.numel() for p, w in zip(pruned, weights)]
+        assert frac[1] > frac[0] > frac[2]
+
+
+def _prune_mlp(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for mod in model:
+            if isinstance(mod, torch.nn.Linear):
+                mod.weight.mul_(nm_mask(mod.weight, 2, 4))
+
+
+def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int = 20) -> None:
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(16, 32, generator=g)
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_mask_keeper_holds_through_adamw_steps() -> None:
+    model = make_mlp((32, 64, 64, 16))
+    _prune_mlp(model)
+    zeros_before = {n: (p == 0) for n, p in model.named_parameters() if n.endswith("weight")}
+    keeper = MaskKeeper(model)
+    assert set(keeper.masks) == {"0", "2", "4"}
+    assert keeper.sparsity == pytest.approx(0.5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    keeper.attach(opt)
+    _train(model, opt)
+    for name, p in model.named_parameters():
+        if name.endswith("weight"):
+            assert torch.equal(p == 0, zeros_before[name]), name
+            assert check_nm(p, 2, 4)
+    # kept weights did train
+    assert any(float(p.grad.abs().sum()) > 0 for p in model.parameters())
+
+
+def test_without_keeper_the_masks_drift_and_detach_stops_it() -> None:
+    model = make_mlp((32, 64, 64, 16))
+    _prune_mlp(model)
+    keeper = MaskKeeper(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    keeper.attach(opt)
+    keeper.detach()
+    _train(model, opt, steps=3)
+    assert not check_nm(model[0].weight, 2, 4)
+    keeper.apply()
+    assert check_nm(model[0].weight, 2, 4)
+
+
+def test_mask_keeper_state_dict_round_trip() -> None:
+    model = make_mlp((32, 64, 16))
+    _prune_mlp(model)
+    state = MaskKeeper(model).state_dict()
+    fresh = make_mlp((32, 64, 16), seed=3)  # dense model, different weights
+    keeper = MaskKeeper(fresh, masks=state["masks"])
+    keeper.apply()
+    assert torch.equal(fresh[0].weight == 0, model[0].weight == 0)
+    other = MaskKeeper(make_mlp((32, 64, 16), seed=4))
+    assert other.masks == {}
+    other.load_state_dict(state)
+    assert set(other.masks) == {"0", "2"}
+    # masks are not model state: the state_dict keys are the plain ones
+    assert set(fresh.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+def test_mask_keeper_rejects_wrong_shapes_and_names() -> None:
+    model = make_mlp((32, 64, 16))
+    with pytest.raises(PlanMismatchError):
+        MaskKeeper(model, masks={"0": torch.ones(3, 3, dtype=torch.bool)})
+    with pytest.raises(KeyError):
+        MaskKeeper(model, masks={"nope": torch.ones(3, 3, dtype=torch.bool)})
