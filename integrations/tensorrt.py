@@ -104,13 +104,15 @@ def trtexec_command(
     overwrite weights with a 2:4 pattern of TensorRT's choosing, so its timing is only
     an upper bound on what the pruned model can reach, not a measurement of it.
     ``--stronglyTyped`` takes precision from the ONNX (export fp16 for fp16 kernels);
-    for TensorRT versions without it, replace it by ``--fp16``.
+    for TensorRT versions without it, replace it by ``--fp16``. Sparse tensor-core kernels
+    run in fp16/bf16/int8, so an fp32 ONNX (``fp16=False``) will not show sparse layers.
     """
     onnx_path = Path(onnx_path)
     engine = Path(engine_path) if engine_path else onnx_path.with_suffix(".sparse.plan" if sparse else ".dense.plan")
     info = Path(layer_info_path) if layer_info_path else engine.with_suffix(".layers.json")
     parts = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine}"]
-    parts.append("--stronglyTyped" if fp16 else "--noTF32")
+    if fp16:
+        parts.append("--stronglyTyped")
     if sparse:
         parts.append("--sparsity=enable")
     parts += ["--profilingVerbosity=detailed", f"--exportLayerInfo={info}", "--verbose"]
