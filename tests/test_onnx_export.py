@@ -1,0 +1,182 @@
+"""ONNX export: the 2:4 pattern survives on the right axis, ORT matches torch, bad input is refused.
+
+Exports are slow on 2 cores, so each architecture is exported once per module and
+shared by the tests that read it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+timm = pytest.importorskip("timm")
+
+from conftest import make_mlp  # noqa: E402
+from mp_plugin.integrations.onnx import (  # noqa: E402
+    ExportError,
+    check_onnx_nm,
+    export_onnx,
+    nm_violations,
+)
+from onnx import numpy_helper  # noqa: E402
+
+from mp_plugin.layers import find_target_layers  # noqa: E402
+from mp_plugin.masks import nm_mask  # noqa: E402
+
+ARCHS = {
+    "vit_tiny_patch16_224": ({"img_size": 32, "patch_size": 8, "depth": 2}, (2, 3, 32, 32)),
+    "resnet18": ({}, (1, 3, 64, 64)),
+    "convnext_atto": ({}, (1, 3, 64, 64)),
+    "mobilenetv3_small_100": ({}, (1, 3, 64, 64)),
+}
+
+
+def prune_24(model: nn.Module) -> list[str]:
+    """2:4-prune every eligible target layer in place; returns their names."""
+    targets, _ = find_target_layers(model)
+    names = []
+    with torch.no_grad():
+        for t in targets:
+            if t.shape[1] % 4 == 0:
+                t.module.weight.mul_(nm_mask(t.module.weight))
+                names.append(t.name)
+    return names
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, request):
+    """{arch: (report, pruned layer names)} — exported lazily, once per module."""
+    cache: dict[str, tuple] = {}
+    root = tmp_path_factory.mktemp("onnx")
+
+    def get(arch: str, **kwargs):
+        key = arch + repr(sorted(kwargs.items()))
+        if key not in cache:
+            torch.manual_seed(0)
+            if arch == "efficientnet_lite0":
+                model, shape = request.getfixturevalue("efficientnet_lite0"), (1, 3, 96, 96)
+            else:
+                kw, shape = ARCHS[arch]
+                model = timm.create_model(arch, **kw).eval()
+            names = prune_24(model)
+            path = root / f"{arch}_{len(cache)}.onnx"
+            cache[key] = (export_onnx(model, path, shape, **kwargs), names)
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("arch", [*ARCHS, "efficientnet_lite0"])
+def test_export_keeps_24_and_matches_torch(exported, arch):
+    report, names = exported(arch)
+    assert names, "no layer was pruned"
+    assert report.pattern_ok, report.to_text()
+    assert sorted(c.layer for c in report.checks) == sorted(names)
+    assert all(c.groups > 0 and c.bad_groups == 0 for c in report.checks)
+    assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-4
+    onnx.checker.check_model(str(report.path))
+
+
+def test_linear_lands_as_matmul_axis0_and_conv_as_flattened_rows(exported):
+    vit, _ = exported("vit_tiny_patch16_224")
+    assert {(c.op, c.axis) for c in vit.checks} == {("MatMul", 0)}
+    res, _ = exported("resnet18")
+    assert {(c.op, c.axis) for c in res.checks} == {("Conv", 1)}
+    # the axis matters: a MatMul B (in, out) read along the wrong axis is not 2:4
+    proto = onnx.load(str(vit.path))
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    b = inits[vit.checks[0].name]
+    assert nm_violations(b, 2, 4, axis=0)[0] == 0
+    assert nm_violations(b, 2, 4, axis=1)[0] > 0
+
+
+@pytest.mark.parametrize("arch", ["vit_tiny_patch16_224", "resnet18"])
+def test_broken_initializer_fails_the_check(exported, arch, tmp_path):
+    report, _ = exported(arch)
+    proto = onnx.load(str(report.path))
+    target = report.checks[1]
+    init = next(i for i in proto.graph.initializer if i.name == target.name)
+    arr = numpy_helper.to_array(init).copy()
+    flat = arr.reshape(arr.shape[0], -1)
+    if target.axis == 0:
+        flat[:4, 0] = 1.0  # one full group along the input axis of a MatMul B
+    else:
+        flat[0, :4] = 1.0  # one full group in the first output row of a Conv
+    init.CopyFrom(numpy_helper.from_array(flat.reshape(arr.shape), target.name))
+    broken = tmp_path / "broken.onnx"
+    onnx.save(proto, str(broken))
+    checks = {c.name: c for c in check_onnx_nm(broken, report.expected)}
+    assert not checks[target.name].ok and checks[target.name].bad_groups == 1
+    assert sum(not c.ok for c in checks.values()) == 1
+    assert all(c.ok for c in check_onnx_nm(report.path, report.expected))
+
+
+def test_fp16_export_keeps_the_pattern(exported):
+    report, _ = exported("vit_tiny_patch16_224", dtype="fp16")
+    assert report.pattern_ok and report.parity_ok
+    proto = onnx.load(str(report.path))
+    dtypes = {i.data_type for i in proto.graph.initializer if i.name in report.expected}
+    assert dtypes == {onnx.TensorProto.FLOAT16}
+
+
+def test_gemm_rewrite_moves_pattern_to_axis1_and_keeps_parity(exported):
+    report, names = exported("vit_tiny_patch16_224", gemm_rewrite=True)
+    assert report.gemm_rewrites == len(names)
+    assert {(c.op, c.axis) for c in report.checks} == {("Gemm", 1)}
+    assert report.pattern_ok and report.max_abs_diff <= 1e-4
+    ops = [n.op_type for n in onnx.load(str(report.path)).graph.node]
+    assert ops.count("Gemm") == len(names) + 1  # plus the classifier head
+
+
+class _Mask(nn.Module):
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.mask
+
+
+def test_unsquashed_parametrizations_refused_then_folded(tmp_path):
+    mlp = make_mlp((32, 64, 64, 16))
+    for layer in (mlp[0], mlp[2], mlp[4]):
+        parametrize.register_parametrization(layer, "weight", _Mask(nm_mask(layer.weight)))
+    with pytest.raises(ExportError, match="parametrizations .*fold=True"):
+        export_onnx(mlp, tmp_path / "m.onnx", (4, 32))
+    report = export_onnx(mlp, tmp_path / "m.onnx", (4, 32), fold=True)
+    assert report.pattern_ok and len(report.checks) == 3 and report.max_abs_diff <= 1e-4
+    assert parametrize.is_parametrized(mlp[0])  # the caller's model is untouched
+
+
+def test_masks_never_applied_lists_layers(tmp_path):
+    mlp = make_mlp((32, 64, 64, 16))
+    with torch.no_grad():
+        mlp[0].weight.mul_(nm_mask(mlp[0].weight))
+    with pytest.raises(ExportError, match=r"2 target layers are not k:n.*'2 \(2:4\)', '4 \(2:4\)'"):
+        export_onnx(mlp, tmp_path / "m.onnx", (4, 32))
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_export_prints_check_and_trtexec(tmp_path, capsys):
+    from mp_plugin.cli import main
+
+    out = tmp_path / "cli.onnx"
+    rc = main(["export", "--model", "resnet18", "--magnitude-24", "--input-shape", "1,3,32,32", "--out", str(out),
+               "--dtype", "fp16", "--trtexec"])  # fmt: skip
+    text = capsys.readouterr().out
+    assert rc == 0 and out.exists()
+    assert "19/19 initializers keep their pattern" in text
+    assert "onnxruntime parity (fp16)" in text and "ok" in text
+    assert f"trtexec --onnx={out}" in text and "--sparsity=enable" in text
+
+
+def test_nm_violations_counts_groups():
+    arr = np.zeros((2, 8), dtype=np.float32)
+    arr[0, :3] = 1.0
+    assert nm_violations(arr, 2, 4, axis=1) == (1, 4)
+    assert nm_violations(arr, 2, 4, axis=0) == (0, 0)  # 2 rows: axis 0 is not a multiple of 4
