@@ -217,7 +217,7 @@ def bench_model(
     base = timm.create_model(model_name, **(model_kwargs or {})).eval()
     names = prune_24_(base)
     base = base.to("cuda", dt)
-    size = base.default_cfg.get("input_size", (3, 224, 224))
+    size = _input_size(base, model_kwargs)
     x = torch.randn(batch, *size, device="cuda", dtype=dt)
     result: dict[str, Any] = {"model": model_name, "batch": batch, "dtype": dtype, "backend": backend}
     with torch.no_grad():
@@ -242,11 +242,20 @@ def bench_model(
     return result
 
 
+def _input_size(model: nn.Module, model_kwargs: dict | None) -> tuple[int, int, int]:
+    """(C, H, W) the timm model expects; an ``img_size`` model kwarg overrides the default config."""
+    c, h, w = model.default_cfg.get("input_size", (3, 224, 224))
+    img = (model_kwargs or {}).get("img_size")
+    if img is not None:
+        h, w = (img, img) if isinstance(img, int) else tuple(img)
+    return c, h, w
+
+
 def _macs_only(model_name: str, batch: int, model_kwargs: dict | None) -> dict[str, Any]:
     import timm
 
     model = timm.create_model(model_name, **(model_kwargs or {})).eval()
-    size = model.default_cfg.get("input_size", (3, 224, 224))
+    size = _input_size(model, model_kwargs)
     prune_24_(model)
     mc = count_macs(model, (1, *size), "2:4")
     return {
