@@ -1,0 +1,164 @@
+"""torchao adapter: ``torchao.sparsity.sparsify_(model, MPSparsifier())`` and ``torchao.quantize_``.
+
+torchao calls a config's handler one module at a time, with neither the
+module's name nor the model. MP budgets are whole-model decisions, so the
+handler finds the model being converted (the ``model`` argument of the
+``sparsify_``/``quantize_`` call on the stack, together with its
+``filter_fn``), plans and applies once for the whole model on the first call,
+and then only converts each matched module (2:4 layers become semi-structured
+sparse tensors on CUDA when ``accelerate=True``).
+
+No other call is needed. To decide on a different model than the one being
+converted, call :meth:`MPSparsifier.calibrate` first. torchao 0.18 is the last
+release with ``torchao.sparsity``; ``torchao.quantize_(model, MPSparsifier())``
+takes the same handler and keeps working.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+try:
+    from torchao.core.config import AOBaseConfig
+    from torchao.quantization.transform_module import register_quantize_module_handler
+except ImportError as exc:  # pragma: no cover - exercised only without torchao
+    raise ImportError("mp_plugin.integrations.torchao needs torchao: pip install 'mp-plugin[torchao]'") from exc
+
+from mp_plugin import apply as mp_apply
+from mp_plugin.errors import MPPluginError
+from mp_plugin.layers import LayerSelection
+from mp_plugin.plan import PlanConfig, PrunePlan, plan
+
+__all__ = ["MPSparsifier"]
+
+_PROJECTIONS = {"cast"}
+
+
+@dataclass
+class MPSparsifier(AOBaseConfig):
+    """torchao config for Marchenko–Pastur pruning.
+
+    Attributes:
+        sparsity: global fraction of target weights to remove (the k:n
+            projection's unstructured guide when ``pattern`` is k:n).
+        pattern: ``"2:4"`` (default), another ``"k:n"``, ``"unstructured"`` or ``"auto"``.
+        method: budget method (``"seb"``, ``"seb-hill"``, ``"magnitude"``,
+            ``"uniform"``) or ``"cast"`` = SEB budgets + covariance-aware k:n
+            projection (needs ``calibration``).
+        permute: ``None``, ``"swap"`` or ``"interleave"``: channel permutation
+            folded into the weights before k:n masking.
+        calibration: an input batch (tensor, tuple or dict) for CAST.
+        accelerate: on CUDA, turn 2:4 Linear weights into
+            ``torch.sparse.SparseSemiStructuredTensor`` (cuSPARSELt/CUTLASS);
+            on CPU the model stays dense-with-zeros.
+        plan_config: a :class:`mp_plugin.PlanConfig` (fit and selection settings).
+    """
+
+    sparsity: float = 0.5
+    pattern: str = "2:4"
+    method: str = "seb"
+    permute: str | None = None
+    calibration: Any = None
+    accelerate: bool = False
+    plan_config: PlanConfig | None = None
+    _roots: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._roots = weakref.WeakKeyDictionary()
+
+    # ------------------------------------------------------------------ API
+    def calibrate(self, model: nn.Module, filter_fn: Any = None) -> PrunePlan:
+        """Plan and prune ``model`` as a whole now; later handler calls reuse the result."""
+        return self._prepare(model, filter_fn)
+
+    def plan_for(self, model: nn.Module) -> PrunePlan | None:
+        """The plan used for ``model`` (None before it was sparsified)."""
+        state = self._roots.get(model)
+        return None if state is None else state["plan"]
+
+    # ------------------------------------------------------------ internals
+    def _selection(self, model: nn.Module, filter_fn: Any) -> PlanConfig:
+        base = self.plan_config or PlanConfig()
+        sel = LayerSelection(**base.selection.to_dict())
+        if filter_fn is None or getattr(filter_fn, "__name__", "") == "_is_linear":
+            sel.include_conv = False  # torchao's default filter matches nn.Linear only
+        else:
+            names = [n for n, m in model.named_modules() if n and filter_fn(m, n)]
+            sel.include_only = [f"^{re.escape(n)}$" for n in names] or ["^$"]
+        return PlanConfig(**{**base.__dict__, "selection": sel})
+
+    def _prepare(self, model: nn.Module, filter_fn: Any) -> PrunePlan:
+        state = self._roots.get(model)
+        if state is not None:
+            return state["plan"]
+        for name, mod in model.named_modules():
+            w = getattr(mod, "weight", None)
+            if isinstance(w, torch.Tensor) and type(w) not in (torch.Tensor, nn.Parameter):
+                raise MPPluginError(
+                    f"{name}: weight is a {type(w).__name__}, already converted by another tool; "
+                    "MPSparsifier needs plain dense weights"
+                )
+        budget_method = "seb" if self.method in _PROJECTIONS else self.method
+        projection = "cast" if self.method in _PROJECTIONS else "magnitude"
+        if projection == "cast" and self.calibration is None:
+            raise MPPluginError("method='cast' needs calibration data: MPSparsifier(calibration=batch, ...)")
+        cfg = self._selection(model, filter_fn)
+        the_plan = plan(model, self.sparsity, self.pattern, budget_method, cfg)
+        kwargs: dict[str, Any] = {"method": projection}
+        if self.calibration is not None:
+            kwargs["calibration"] = self.calibration
+        if self.permute:
+            kwargs["permute"] = self.permute
+        mp_apply(model, the_plan, **kwargs)
+        names = {id(m): n for n, m in model.named_modules()}
+        self._roots[model] = {"plan": the_plan, "names": names}
+        return the_plan
+
+    def _root_for(self, module: nn.Module) -> nn.Module:
+        for root in list(self._roots.keys()):
+            if id(module) in self._roots[root]["names"]:
+                return root
+        frame = inspect.currentframe()
+        found: tuple[nn.Module, Any] | None = None
+        while frame is not None:
+            code = frame.f_code
+            if code.co_name in ("sparsify_", "quantize_") and "torchao" in code.co_filename:
+                model = frame.f_locals.get("model")
+                if isinstance(model, nn.Module):
+                    found = (model, frame.f_locals.get("filter_fn"))
+            frame = frame.f_back
+        del frame
+        if found is None:
+            raise MPPluginError(
+                "MPSparsifier could not see the whole model: call it through torchao.sparsity.sparsify_ "
+                "or torchao.quantize_, or call MPSparsifier.calibrate(model) first"
+            )
+        self._prepare(*found)
+        return found[0]
+
+
+def _convert_module(module: nn.Module, config: MPSparsifier) -> nn.Module:
+    root = config._root_for(module)
+    state = config._roots[root]
+    name = state["names"].get(id(module))
+    if not (config.accelerate and isinstance(module, nn.Linear) and module.weight.is_cuda):
+        return module
+    try:
+        lp = state["plan"].layer(name)
+    except KeyError:
+        return module  # not a planned target (e.g. the classifier head): left dense
+    if lp.pattern == "2:4":
+        from torch.sparse import to_sparse_semi_structured
+
+        module.weight = nn.Parameter(to_sparse_semi_structured(module.weight.detach()), requires_grad=False)
+    return module
+
+
+register_quantize_module_handler(MPSparsifier)(_convert_module)
