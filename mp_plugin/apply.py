@@ -63,11 +63,14 @@ def _permute(model: nn.Module, plan: PrunePlan, method: str) -> Any:
         if exc.name not in ("mp_plugin.permute",):
             raise
         raise MPPluginError("permute=... needs mp_plugin.permute, which this installation lacks") from exc
+    permute_channels = getattr(mod, "permute_channels", None)
+    if permute_channels is None:
+        raise MPPluginError("permute=... needs mp_plugin.permute.permute_channels, which this installation lacks")
     kn = [Pattern.parse(lp.pattern) for lp in plan.layers if Pattern.parse(lp.pattern).is_kn]
     if not kn:
         raise PatternError("permutation only helps k:n patterns; the plan has no k:n layer")
     pattern = max(set(kn), key=kn.count)
-    return mod.permute_channels(model, pattern=str(pattern), method=method)
+    return permute_channels(model, pattern=str(pattern), method=method)
 
 
 def apply(

@@ -62,16 +62,25 @@ def check_nm(tensor: torch.Tensor, k: int, n: int) -> bool:
 
 
 def unstructured_mask(weight: torch.Tensor, n_prune: int, score: torch.Tensor | None = None) -> torch.Tensor:
-    """Mask removing exactly ``n_prune`` entries with the smallest |score| (default |weight|)."""
+    """Mask removing exactly ``n_prune`` entries with the smallest |score| (default |weight|).
+
+    Ties at the threshold are broken by position (lowest flat index pruned first).
+    Runs in O(numel) with ``kthvalue`` instead of a full sort.
+    """
     numel = weight.numel()
     if not 0 <= n_prune <= numel:
         raise ValueError(f"n_prune must lie in [0, {numel}], got {n_prune}")
-    mask = torch.ones(numel, dtype=torch.bool, device=weight.device)
-    if n_prune:
-        sc = (weight if score is None else score).detach().abs().reshape(-1)
-        idx = torch.argsort(sc, stable=True)[:n_prune]
-        mask[idx] = False
-    return mask.reshape(weight.shape)
+    if n_prune == 0:
+        return torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
+    sc = (weight if score is None else score).detach().abs().reshape(-1)
+    if not sc.is_floating_point():
+        sc = sc.float()
+    thresh = torch.kthvalue(sc, n_prune).values
+    below = sc < thresh
+    ties = sc == thresh
+    take = n_prune - int(below.sum())
+    pruned = below | (ties & (torch.cumsum(ties, 0) <= take))
+    return (~pruned).reshape(weight.shape)
 
 
 # --------------------------------------------------------------------------- exact k:n check

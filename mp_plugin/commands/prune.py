@@ -1,0 +1,101 @@
+"""``mp-plugin prune``: plan, prune, and write the pruned checkpoint with its plan.
+
+Writes ``OUT/model.safetensors`` (the dense-with-zeros state_dict, loadable with
+``load_model(NAME, checkpoint=...)``) and ``OUT/plan.json`` (the plan with what
+``apply`` did), and prints the sparsity report.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..apply import MASK_METHODS, apply, sparsity_report
+from ..errors import MPPluginError
+from ..plan import plan
+from .common import add_model_args, add_plan_args, model_from_args, plan_config_from_args
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``prune`` subcommand."""
+    p = sub.add_parser("prune", help="prune a model to a plan and write safetensors + plan.json")
+    add_model_args(p)
+    add_plan_args(p)
+    p.add_argument(
+        "--projection", choices=MASK_METHODS, default="magnitude", help="k:n projection (default: magnitude)"
+    )
+    p.add_argument("--prior-alpha", type=float, default=0.0, help="CAST Hamming prior weight α (default: 0)")
+    p.add_argument("--permute", choices=("none", "swap", "interleave"), default="none", help="k:n channel permutation")
+    p.add_argument("--calib-images", help="folder of images for CAST calibration (ImageNet normalisation)")
+    p.add_argument("--calib-count", type=int, default=16, help="number of calibration images (default: 16)")
+    p.add_argument("--image-size", type=int, default=224, help="calibration image side in pixels (default: 224)")
+    p.add_argument("--out", default="mp-plugin-out/prune", help="output directory (default: %(default)s)")
+    p.add_argument("--max-rows", type=int, default=40, help="print at most this many report rows")
+    p.set_defaults(func=run)
+
+
+def load_images(folder: str | Path, count: int, size: int) -> torch.Tensor:
+    """Up to ``count`` images from ``folder``: resized (short side), centre-cropped, normalised; (B, 3, size, size)."""
+    try:
+        import numpy as np
+        from PIL import Image
+    except ImportError as exc:
+        raise MPPluginError("--calib-images needs Pillow: pip install pillow") from exc
+    files = sorted(f for f in Path(folder).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)[:count]
+    if not files:
+        raise MPPluginError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    batch = []
+    for f in files:
+        img = Image.open(f).convert("RGB")
+        scale = size / min(img.size)
+        img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))))
+        left, top = (img.width - size) // 2, (img.height - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+        x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255
+        batch.append((x - mean) / std)
+    return torch.stack(batch)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``prune``."""
+    model = model_from_args(args)
+    calibration = None
+    if args.calib_images:
+        calibration = load_images(args.calib_images, args.calib_count, args.image_size)
+    elif args.projection == "cast":
+        raise MPPluginError("--projection cast needs --calib-images DIR")
+    result = plan(
+        model,
+        sparsity=args.sparsity,
+        pattern=args.pattern,
+        method=args.method,
+        config=plan_config_from_args(args),
+        model_name=args.model or str(args.checkpoint),
+        show_progress=True,
+    )
+    apply(
+        model,
+        result,
+        calibration=calibration,
+        method=args.projection,
+        prior_alpha=args.prior_alpha,
+        show_progress=True,
+        permute=args.permute,
+    )
+    from safetensors.torch import save_file
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # clone so that tied tensors become separate entries (safetensors refuses shared storage)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "mp_plugin_plan": "plan.json"})
+    result.save(out / "plan.json")
+    print(sparsity_report(model, result).to_table(max_rows=args.max_rows))
+    print(f"wrote {out / 'model.safetensors'} and {out / 'plan.json'}")
+    return 0

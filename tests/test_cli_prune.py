@@ -1,0 +1,75 @@
+"""``mp-plugin prune``: the written checkpoint reloads to the pruned model, plan sidecar included."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from mp_plugin.cli import main
+from mp_plugin.masks import check_nm
+from mp_plugin.models import load_model
+from mp_plugin.plan import PrunePlan
+
+
+def _photo_dir(tmp_path: Path) -> Path:
+    matplotlib = pytest.importorskip("matplotlib")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    src = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    shutil.copy(src, folder / "a.jpg")
+    from PIL import Image
+
+    Image.open(src).crop((50, 60, 350, 400)).save(folder / "b.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_prune_cast_efficientnet_lite0_round_trip(efficientnet_lite0, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    args = ["prune", "efficientnet_lite0", "--pattern", "2:4", "--sparsity", "0.5", "--method", "seb"]
+    args += ["--projection", "cast", "--calib-images", str(_photo_dir(tmp_path)), "--image-size", "64"]
+    assert main([*args, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "k:n valid: yes" in printed and "model.safetensors" in printed
+    plan = PrunePlan.load(out / "plan.json")
+    assert plan.applied["method"] == "cast"
+    rows = plan.applied["calibration_rows"]
+    assert set(rows) == {lp.name for lp in plan.layers if lp.pattern == "2:4"}
+    assert all(0 < r <= 4096 for r in rows.values())  # 2 images, ≤ 4096 rows per layer
+    model = load_model("efficientnet_lite0", checkpoint=out / "model.safetensors")
+    modules = plan.check_model(model)
+    for lp in plan.layers:
+        w = modules[lp.name].weight
+        if lp.pattern == "2:4":
+            assert check_nm(w, 2, 4), lp.name
+    dense = dict(efficientnet_lite0.named_modules())
+    changed = [lp.name for lp in plan.layers if not torch.equal(modules[lp.name].weight, dense[lp.name].weight)]
+    assert len(changed) == sum(lp.pattern == "2:4" for lp in plan.layers)
+
+
+def test_prune_unstructured_timm(tmp_path: Path) -> None:
+    pytest.importorskip("timm")
+    out = tmp_path / "out"
+    args = ["prune", "mobilenetv3_small_100", "--sparsity", "0.4", "--method", "magnitude", "--out", str(out)]
+    assert main(args) == 0
+    plan = PrunePlan.load(out / "plan.json")
+    model = load_model("mobilenetv3_small_100", checkpoint=out / "model.safetensors")
+    modules = plan.check_model(model)
+    zeros = sum(int((modules[lp.name].weight == 0).sum()) for lp in plan.layers)
+    assert zeros == sum(lp.n_prune for lp in plan.layers)
+    assert plan.applied["achieved_sparsity"] == pytest.approx(0.4, abs=1e-4)
+
+
+def test_prune_errors(tmp_path: Path, capsys) -> None:
+    base = ["prune", "efficientnet_lite0", "--pattern", "2:4", "--out", str(tmp_path / "o")]
+    assert main([*base, "--projection", "cast"]) == 2
+    assert "--calib-images" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([*base, "--projection", "cast", "--calib-images", str(empty)]) == 2
+    assert "no images" in capsys.readouterr().err
+    assert main(["prune", "efficientnet_lite0", "--pattern", "2:32", "--out", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()
