@@ -1,0 +1,42 @@
+"""Input-channel permutation for k:n sparsity, folded into the weights.
+
+* :func:`permute_channels` — find couplings in the module graph, search an order
+  per coupling, fold it into producer rows, per-channel ops and consumer columns.
+* :func:`swap_permutation` — exact channel-swap search (Pool & Yu objective).
+* :func:`interleave_permutation` — importance-stratified interleave (spec §2.8).
+* :func:`kept_magnitude` — Σ|w| kept by the magnitude k:n mask.
+
+Modules: ``search`` (the searches on one 2-D weight), ``ops`` (which modules act
+per channel), ``graph`` (fx coupling closure), ``attention`` (fused-qkv heads),
+``fold`` (rewriting the tensors), ``report`` and ``api``.
+"""
+
+from __future__ import annotations
+
+from .api import METHODS, PermutationError, permute_channels
+from .graph import Coupling, GraphFailure, find_couplings
+from .report import PermutationReport, PermutedLayer, SkippedPermutation
+from .search import (
+    apply_column_permutation,
+    channel_importance,
+    interleave_permutation,
+    kept_magnitude,
+    swap_permutation,
+)
+
+__all__ = [
+    "METHODS",
+    "Coupling",
+    "GraphFailure",
+    "PermutationError",
+    "PermutationReport",
+    "PermutedLayer",
+    "SkippedPermutation",
+    "apply_column_permutation",
+    "channel_importance",
+    "find_couplings",
+    "interleave_permutation",
+    "kept_magnitude",
+    "permute_channels",
+    "swap_permutation",
+]

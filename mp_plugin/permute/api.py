@@ -1,0 +1,337 @@
+"""``permute_channels``: search a k:n-friendly input-channel order per coupling and fold it into the weights."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import MPPluginError, PatternError
+from ..layers import find_target_layers
+from ..patterns import Pattern
+from ..progress import progress
+from .attention import AttentionSite, find_attention_sites, fold_attention
+from .fold import consumer_block, consumer_matrix, fold_coupling
+from .graph import Coupling, find_couplings, shared_modules
+from .report import PermutationReport, PermutedLayer, SkippedPermutation
+from .search import channel_importance, interleave_permutation, kept_magnitude, swap_permutation
+
+__all__ = ["permute_channels", "PermutationError", "METHODS"]
+
+METHODS = ("swap", "interleave")
+
+
+class PermutationError(MPPluginError):
+    """Folding a permutation changed the model's function (the model was restored)."""
+
+
+def _default_input(model: nn.Module) -> torch.Tensor | None:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if not size:
+        return None
+    p = next(model.parameters(), None)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *size, generator=gen)
+    return x.to(p.device, p.dtype) if p is not None else x
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, f in flags.items():
+            m.training = f
+
+
+def _flat(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _flat(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _flat(v)]
+    return []
+
+
+def _run(model: nn.Module, example: Any) -> Any:
+    if isinstance(example, dict):
+        return model(**example)
+    if isinstance(example, (tuple, list)):
+        return model(*example)
+    return model(example)
+
+
+def _max_diff(a: Any, b: Any) -> tuple[float, float]:
+    fa, fb = _flat(a), _flat(b)
+    if len(fa) != len(fb) or not fa:
+        return float("inf"), 1.0
+    diff = max(float((x.float() - y.float()).abs().max()) if x.numel() else 0.0 for x, y in zip(fa, fb))
+    scale = max(float(x.float().abs().max()) if x.numel() else 0.0 for x in fa)
+    return diff, scale
+
+
+def _activation_energy(model: nn.Module, names: list[str], example: Any) -> dict[str, torch.Tensor]:
+    """E[h_c²] per input channel of each named consumer, from one forward pass."""
+    stats: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in names:
+        mod = model.get_submodule(name)
+        axis = -1 if isinstance(mod, nn.Linear) else 1
+
+        def hook(_m: nn.Module, args: tuple, name: str = name, axis: int = axis) -> None:
+            x = args[0].detach().double()
+            x = x.movedim(axis, -1).reshape(-1, x.shape[axis])
+            stats[name] = x.pow(2).mean(0).cpu()
+
+        handles.append(mod.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad(), _eval_mode(model):
+            _run(model, example)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _search(
+    mats: list[torch.Tensor], k: int, n: int, block: int, method: str, importance: torch.Tensor | None, seconds: float
+) -> torch.Tensor:
+    stacked = torch.cat(mats, 0)
+    if method == "interleave":
+        return interleave_permutation(stacked, n, block, importance)
+    return swap_permutation(stacked, k, n, block, max_seconds=seconds)
+
+
+def permute_channels(
+    model: nn.Module,
+    pattern: str | Pattern = "2:4",
+    method: str = "swap",
+    example_input: Any = None,
+    show_progress: bool = False,
+    importance: str = "weight",
+    max_seconds_per_layer: float = 10.0,
+) -> nn.Module:
+    """Permute input channels for k:n sparsity and fold the permutations into the weights, in place.
+
+    For every coupling found in the module graph (producer rows and bias → per-channel
+    ops → consumer input channels; fused-qkv attention V rows → proj columns within
+    each head) an input-channel order is searched that keeps more magnitude under the
+    k:n mask of the consumer (conv weights in the unfolded C_in·kh·kw layout), and it
+    is folded into all tensors of the coupling so the function is unchanged. No hooks,
+    buffers or state_dict keys are added. Couplings the graph walk does not understand
+    (residual streams, reshapes, unknown modules, shared weights, grouped convs) are
+    left unpermuted and reported.
+
+    Args:
+        model: any ``nn.Module``; modified in place.
+        pattern: ``"k:n"`` (1 ≤ k < n ≤ 16).
+        method: ``"swap"`` (exact swap search, Pool & Yu objective) or ``"interleave"``
+            (importance-stratified interleave of the spec).
+        example_input: a tensor, tuple of args or dict of kwargs for ``model``. Used to
+            verify the function after folding (and to verify attention couplings, which
+            are skipped without it). Default: a random batch of the timm config's
+            ``input_size`` when the model has one.
+        show_progress: show a progress bar over couplings.
+        importance: ``"weight"`` (Σ_i W_ij²) or ``"activation"`` (‖W_:j‖²·E h_j², needs an
+            input) for the interleave.
+        max_seconds_per_layer: time bound of the swap search per coupling.
+
+    Returns:
+        ``model``, with ``model._mp_permutations`` (consumer name → list[int]: new input
+        channel s is old channel perm[s], composed with earlier calls) and
+        ``model._mp_permutation_report`` (:class:`PermutationReport`).
+
+    Raises:
+        PatternError: malformed pattern, not k:n, k ≥ n or n > 16.
+        ValueError: unknown ``method`` or ``importance``.
+        PermutationError: the verification found a changed output (model restored).
+    """
+    pat = Pattern.parse(pattern)
+    if not pat.is_kn:
+        raise PatternError(f"channel permutation needs a k:n pattern, got {pat}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if importance not in ("weight", "activation"):
+        raise ValueError(f"importance must be 'weight' or 'activation', got {importance!r}")
+    k, n = pat.k, pat.n
+    report = PermutationReport(str(pat), method)
+    example = example_input if example_input is not None else _default_input(model)
+    if importance == "activation" and example is None:
+        raise ValueError("importance='activation' needs example_input")
+
+    targets, skipped_targets = find_target_layers(model)
+    target_names = {t.name for t in targets}
+    not_target = {s.name: s.reason for s in skipped_targets}
+    couplings, failures, notes = find_couplings(model)
+    report.notes.extend(notes)
+    covered = {c for cp in couplings for c in cp.consumers}
+    attn_sites, attn_rejected = find_attention_sites(model)
+    shared = shared_modules(model)
+    attn_sites = [s for s in attn_sites if s.proj not in covered]
+    failure_reason = {name: f.reason for f in failures for name in f.consumers}
+    for pname, why in attn_rejected:
+        failure_reason[pname] = why
+
+    # reference output + attention inputs, captured in one forward pass
+    captured: dict[str, tuple[tuple, dict, Any]] = {}
+    reference = None
+    if example is not None:
+        handles = []
+        for site in attn_sites:
+
+            def hook(_m: nn.Module, args: tuple, kwargs: dict, out: Any, name: str = site.name) -> None:
+                captured[name] = (args, kwargs, out)
+
+            handles.append(model.get_submodule(site.name).register_forward_hook(hook, with_kwargs=True))
+        try:
+            with torch.no_grad(), _eval_mode(model):
+                reference = _run(model, example)
+        finally:
+            for h in handles:
+                h.remove()
+
+    all_consumers = [c for cp in couplings for c in cp.consumers] + [s.proj for s in attn_sites]
+    energy = _activation_energy(model, all_consumers, example) if importance == "activation" else {}
+    perms: dict[str, torch.Tensor] = {}
+    undo: list[tuple[Any, torch.Tensor]] = []
+
+    def eligible(name: str) -> tuple[bool, str]:
+        if name not in target_names:
+            return False, f"not a pruning target ({not_target.get(name, 'excluded')})"
+        mod = model.get_submodule(name)
+        cols = consumer_matrix(mod).shape[1]
+        if cols % n:
+            return False, f"input size {cols} is not divisible by n={n}"
+        return True, ""
+
+    sites: list[Coupling | AttentionSite] = [*couplings, *attn_sites]
+    for site in progress(sites, disable=not show_progress, desc=f"permute {pat}"):
+        t0 = time.perf_counter()
+        if isinstance(site, Coupling):
+            names = site.consumers
+            ok = [(c, *eligible(c)) for c in names]
+            use = [c for c, good, _ in ok if good]
+            if not use:
+                for c, _, why in ok:
+                    report.skipped.append(SkippedPermutation(c, why))
+                continue
+            blocks = {consumer_block(model.get_submodule(c)) for c in use}
+            if len(blocks) != 1:
+                for c in names:
+                    report.skipped.append(SkippedPermutation(c, "consumers of one coupling have different kernels"))
+                continue
+            block = blocks.pop()
+            if block % n == 0:
+                for c in names:
+                    report.skipped.append(
+                        SkippedPermutation(
+                            c, f"kernel area {block} is a multiple of n={n}: channel order cannot change the k:n groups"
+                        )
+                    )
+                continue
+            mats = [consumer_matrix(model.get_submodule(c)) for c in use]
+            imp = None
+            if importance == "activation":
+                imp = sum(channel_importance(m, block, energy[c]) for m, c in zip(mats, use))
+            perm = _search(mats, k, n, block, method, imp, max_seconds_per_layer)
+            before = [kept_magnitude(m, k, n, None, block) for m in mats]
+            after = [kept_magnitude(m, k, n, perm, block) for m in mats]
+            if any(a < b for a, b in zip(after, before)) or torch.equal(perm, torch.arange(site.channels)):
+                why = "identity is best: no order found that keeps more magnitude on every consumer"
+                for c in names:
+                    report.skipped.append(SkippedPermutation(c, why))
+                continue
+            fold_coupling(model, site, perm)
+            undo.append((site, perm))
+            dt = time.perf_counter() - t0
+            partners = site.producers + [o for o, _ in site.ops]
+            for c in names:
+                perms[c] = perm
+            for c, b, a in zip(use, before, after):
+                report.permuted.append(PermutedLayer(c, "graph", partners, b, a, dt))
+            for c, good, why in ok:
+                if not good:
+                    report.skipped.append(SkippedPermutation(c, f"permuted with its coupling but not searched: {why}"))
+            continue
+        # attention
+        good, why = eligible(site.proj)
+        if not good:
+            report.skipped.append(SkippedPermutation(site.proj, why))
+            continue
+        if any(nm in shared for nm in (site.qkv, site.proj)):
+            report.skipped.append(SkippedPermutation(site.proj, "shared weights"))
+            continue
+        d = site.head_dim
+        if d % n:
+            report.skipped.append(SkippedPermutation(site.proj, f"head_dim {d} is not divisible by n={n}"))
+            continue
+        if site.name not in captured:
+            report.skipped.append(
+                SkippedPermutation(
+                    site.proj, "attention layout can only be verified with an example_input (none given or inferable)"
+                )
+            )
+            continue
+        w = consumer_matrix(model.get_submodule(site.proj))
+        parts = []
+        for h in range(site.num_heads):
+            sub = w[:, h * d : (h + 1) * d]
+            imp = None
+            if importance == "activation":
+                imp = channel_importance(sub, 1, energy[site.proj][h * d : (h + 1) * d])
+            parts.append(h * d + _search([sub], k, n, 1, method, imp, max_seconds_per_layer / site.num_heads))
+        perm = torch.cat(parts)
+        before, after = kept_magnitude(w, k, n), kept_magnitude(w, k, n, perm)
+        if after <= before:
+            report.skipped.append(SkippedPermutation(site.proj, "identity is best: no within-head order keeps more"))
+            continue
+        fold_attention(model, site, perm)
+        args, kwargs, out = captured[site.name]
+        with torch.no_grad(), _eval_mode(model):
+            new_out = model.get_submodule(site.name)(*args, **kwargs)
+        diff, scale = _max_diff(out, new_out)
+        if not diff <= 1e-4 * (1.0 + scale):
+            fold_attention(model, site, torch.argsort(perm))
+            report.skipped.append(
+                SkippedPermutation(site.proj, f"attention layout check failed (max |Δ| {diff:.2e}); left unpermuted")
+            )
+            continue
+        undo.append((site, perm))
+        perms[site.proj] = perm
+        report.permuted.append(
+            PermutedLayer(site.proj, "attention", [site.qkv], before, after, time.perf_counter() - t0)
+        )
+
+    done = set(perms) | {s.name for s in report.skipped}
+    for name in sorted(target_names - done):
+        report.skipped.append(SkippedPermutation(name, failure_reason.get(name, "no coupling found in the graph")))
+
+    if reference is not None:
+        with torch.no_grad(), _eval_mode(model):
+            after_out = _run(model, example)
+        diff, scale = _max_diff(reference, after_out)
+        report.verified, report.max_abs_diff = diff <= 1e-4 * (1.0 + scale), diff
+        if not report.verified:
+            for site, perm in reversed(undo):
+                inv = torch.argsort(perm)
+                if isinstance(site, Coupling):
+                    fold_coupling(model, site, inv)
+                else:
+                    fold_attention(model, site, inv)
+            raise PermutationError(f"folding changed the output by {diff:.3e}; all permutations were undone")
+
+    old: dict[str, list[int]] = dict(getattr(model, "_mp_permutations", {}) or {})
+    for name, perm in perms.items():
+        prev = old.get(name)
+        old[name] = (torch.tensor(prev)[perm] if prev is not None else perm).tolist()
+    model._mp_permutations = old
+    model._mp_permutation_report = report
+    return model

@@ -1,0 +1,388 @@
+"""Find channel couplings from the module graph (torch.fx), for permutations folded into weights.
+
+A *coupling* is a channel space shared by some producer layers (their output
+rows), per-channel ops in between, and consumer layers (their input columns).
+It is found by a closure over the traced graph: starting at a consumer's input
+value, every value that carries these channels must come from a producer or a
+channel op, and every use of such a value must be a channel op or a consumer's
+input. Any other use (a residual add with an outside value, a reshape, a
+concatenation, the graph output, an unknown module) makes the coupling illegal,
+and it is reported with the reason instead of being permuted.
+
+When the whole model does not trace, each child module is traced on its own
+(recursively); a coupling is then found only if it lies entirely inside one
+traced child, which keeps the analysis sound.
+"""
+
+from __future__ import annotations
+
+import builtins
+import operator
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from .ops import (
+    BINARY_FUNCTIONS,
+    BINARY_METHODS,
+    ELEMENTWISE_FUNCTIONS,
+    ELEMENTWISE_METHODS,
+    POOL_FUNCTIONS,
+    REDUCE_METHODS,
+    is_consumer,
+    is_producer,
+    module_channel_op,
+    producer_axis,
+)
+
+__all__ = ["Coupling", "GraphFailure", "find_couplings", "shared_modules"]
+
+_SHAPE_METHODS = {"size", "dim"}
+_ADDITIVE = {operator.add, operator.sub, operator.iadd, torch.add, torch.sub, "add", "add_", "sub", "sub_"}
+
+
+@dataclass
+class Coupling:
+    """A legal channel permutation site.
+
+    Attributes:
+        channels: number of channels C.
+        axis: channel axis of the values (-1 Linear layout, 1 conv layout).
+        producers: module names whose weight rows (and bias) are permuted.
+        ops: (module name, [(tensor attribute, axis)]) per-channel modules to permute.
+        params: (qualified parameter/buffer name, axis) tensors used elementwise.
+        consumers: module names whose weight columns (channel blocks) are permuted.
+        region: name of the traced module the coupling was found in ("" = whole model).
+    """
+
+    channels: int
+    axis: int
+    producers: list[str]
+    ops: list[tuple[str, list[tuple[str, int]]]]
+    params: list[tuple[str, int]]
+    consumers: list[str]
+    region: str = ""
+
+
+@dataclass
+class GraphFailure:
+    """A consumer whose input channels cannot be permuted, and why."""
+
+    consumers: list[str]
+    reason: str
+
+
+def _timm_fx() -> tuple[tuple, tuple]:
+    try:
+        from timm.layers import _fx as timm_fx
+    except Exception:  # noqa: BLE001 - timm is optional
+        return (), ()
+    funcs = tuple(f for f in timm_fx.get_notrace_functions() if callable(f))
+    mods = tuple(m for m in timm_fx.get_notrace_modules() if isinstance(m, type))
+    return funcs, mods
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer keeping Linear/Conv/Norm layers (and timm's no-trace modules) as leaves."""
+
+    def __init__(self) -> None:
+        funcs, mods = _timm_fx()
+        super().__init__(autowrap_functions=funcs)
+        self._extra_leaves = mods
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        leaf_types = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
+        if isinstance(m, leaf_types) or (self._extra_leaves and isinstance(m, self._extra_leaves)):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def shared_modules(model: nn.Module) -> dict[str, str]:
+    """Module names that share a module object or a weight with another name → description."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
+    out: dict[str, str] = {}
+    for names in owners.values():
+        if len(names) > 1:
+            for full in names:
+                out[full.rsplit(".", 1)[0] if "." in full else ""] = f"weight shared by {', '.join(names)}"
+    return out
+
+
+def _desc(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"module {node.target}"
+    if node.op == "call_function":
+        return f"function {getattr(node.target, '__name__', node.target)}"
+    if node.op == "call_method":
+        return f"method .{node.target}()"
+    if node.op == "placeholder":
+        return f"the traced input {node.target!r}"
+    if node.op == "output":
+        return "the traced output (residual stream or returned value)"
+    return f"{node.op} {node.target}"
+
+
+class _Fail(Exception):
+    pass
+
+
+class _Closure:
+    def __init__(self, root: nn.Module, prefix: str, calls: Counter, shared: dict[str, str]) -> None:
+        self.root = root
+        self.modules = dict(root.named_modules())
+        self.prefix = prefix
+        self.calls = calls
+        self.shared = shared
+        self.values: set[fx.Node] = set()
+        self.producers: list[fx.Node] = []
+        self.consumers: list[fx.Node] = []
+        self.op_nodes: list[fx.Node] = []
+        self.param_nodes: list[fx.Node] = []
+        self.axis_req: set[int] = set()
+        self.queue: list[fx.Node] = []
+
+    def qual(self, target: str) -> str:
+        return f"{self.prefix}.{target}" if self.prefix else str(target)
+
+    def module(self, node: fx.Node) -> nn.Module:
+        return self.modules[str(node.target)]
+
+    # ---- classification -------------------------------------------------------------------
+    def channel_inputs(self, node: fx.Node) -> list[fx.Node]:
+        """Inputs of an op node that carry the channels; raises _Fail if the node is not a channel op."""
+        args, kwargs = list(node.args), dict(node.kwargs)
+        if node.op == "call_module":
+            mod = self.module(node)
+            if is_producer(mod):
+                raise _Fail("unexpected")
+            if len(args) != 1 or kwargs:
+                raise _Fail(f"{_desc(node)} takes extra inputs")
+            return [args[0]]
+        fn = node.target
+        others = args[1:] + list(kwargs.values())
+        if (
+            node.op == "call_function"
+            and fn in ELEMENTWISE_FUNCTIONS
+            or node.op == "call_method"
+            and fn in (ELEMENTWISE_METHODS)
+        ):
+            self._scalars(node, others)
+            return [args[0]]
+        if node.op == "call_function" and fn in POOL_FUNCTIONS:
+            self._scalars(node, others)
+            self.axis_req.add(1)
+            return [args[0]]
+        if node.op == "call_method" and fn in REDUCE_METHODS:
+            dims = args[1] if len(args) > 1 else kwargs.get("dim")
+            dims = (dims,) if isinstance(dims, int) else dims
+            if not isinstance(dims, (tuple, list)) or not dims or any(not isinstance(d, int) or d < 2 for d in dims):
+                raise _Fail(f"{_desc(node)} reduces over dims {dims!r}, which may include the channel axis")
+            self.axis_req.add(1)
+            return [args[0]]
+        if (node.op == "call_function" and fn in BINARY_FUNCTIONS) or (
+            node.op == "call_method" and fn in BINARY_METHODS
+        ):
+            operands = args[:2] if len(args) >= 2 else args + [kwargs.get("other")]
+            self._scalars(node, args[2:] + [v for key, v in kwargs.items() if key != "other"])
+            tensors = []
+            if fn in _ADDITIVE and sum(isinstance(a, fx.Node) and a.op != "get_attr" for a in operands) == 2:
+                raise _Fail(f"{_desc(node)} joins two branches (residual/skip add); residual streams stay unpermuted")
+            for a in operands:
+                if isinstance(a, fx.Node):
+                    if a.op == "get_attr":
+                        self.param_nodes.append(a)
+                    else:
+                        tensors.append(a)
+                elif not isinstance(a, (int, float, bool)):
+                    raise _Fail(f"{_desc(node)} has an operand of type {type(a).__name__}")
+            return tensors
+        raise _Fail(f"channels flow through {_desc(node)}, which is not known to act per channel")
+
+    def _scalars(self, node: fx.Node, others: list) -> None:
+        for a in others:
+            if isinstance(a, fx.Node):
+                raise _Fail(f"{_desc(node)} mixes in another tensor ({_desc(a)})")
+
+    # ---- closure ------------------------------------------------------------------------------
+    def add(self, v: fx.Node) -> None:
+        if v not in self.values:
+            self.values.add(v)
+            self.queue.append(v)
+
+    def run(self, seed_consumer: fx.Node) -> None:
+        self.consumers.append(seed_consumer)
+        self.add(seed_consumer.args[0])
+        while self.queue:
+            v = self.queue.pop()
+            # backward: where do these channels come from?
+            if v.op == "call_module" and is_producer(self.module(v)):
+                self.producers.append(v)
+            elif v.op in ("call_module", "call_function", "call_method"):
+                self.op_nodes.append(v)
+                for a in self.channel_inputs(v):
+                    self.add(a)
+            else:
+                raise _Fail(f"channels come from {_desc(v)}")
+            # forward: every use must be a channel op or a consumer's input
+            for u in v.users:
+                if u.op == "call_module" and is_consumer(self.module(u)):
+                    if u.args[0] is not v or len(u.args) != 1 or u.kwargs:
+                        raise _Fail(f"{_desc(u)} uses the channels in an unexpected way")
+                    if u not in self.consumers:
+                        self.consumers.append(u)
+                elif u.op == "call_function" and u.target is builtins.getattr and u.args[1] in ("shape", "dtype"):
+                    continue
+                elif u.op == "call_method" and u.target in _SHAPE_METHODS:
+                    continue
+                elif u.op in ("call_module", "call_function", "call_method"):
+                    self.channel_inputs(u)  # raises when u is not a channel op
+                    self.add(u)
+                else:
+                    raise _Fail(f"channels flow into {_desc(u)}")
+
+    def coupling(self) -> Coupling:
+        if not self.producers:
+            raise _Fail("no producer layer found")
+        mods = [self.module(p) for p in self.producers]
+        axes = {producer_axis(m) for m in mods}
+        if len(axes) != 1:
+            raise _Fail("producers disagree on the channel axis (Linear and conv mixed)")
+        axis = axes.pop()
+        chans = {m.weight.shape[0] for m in mods}
+        if len(chans) != 1:
+            raise _Fail(f"producers have different widths {sorted(chans)}")
+        c = chans.pop()
+        if self.axis_req - {axis}:
+            raise _Fail("an op needs channel axis 1 but the producer is a Linear (channels last)")
+        ops: list[tuple[str, list[tuple[str, int]]]] = []
+        for node in self.op_nodes:
+            if node.op != "call_module":
+                continue
+            op, why = module_channel_op(self.module(node), c)
+            if op is None:
+                raise _Fail(f"{_desc(node)}: {why}")
+            if op.axis is not None and op.axis != axis:
+                raise _Fail(f"{_desc(node)} acts on channel axis {op.axis}, the channels are on axis {axis}")
+            ops.append((self.qual(str(node.target)), op.tensors))
+        for node in self.consumers:
+            m = self.module(node)
+            if producer_axis(m) != axis:
+                raise _Fail(f"{_desc(node)} reads channels on a different axis than its producer writes them")
+            if m.weight.shape[1] != c:
+                raise _Fail(f"{_desc(node)} expects {m.weight.shape[1]} input channels, producer gives {c}")
+        params: list[tuple[str, int]] = []
+        for node in self.param_nodes:
+            t = (
+                self.root.get_parameter(str(node.target))
+                if _is_param(self.root, str(node.target))
+                else (self.root.get_buffer(str(node.target)))
+            )
+            if t.numel() == 1:
+                continue
+            if any(u not in self.values and u.op != "output" for u in node.users) or len(node.users) != 1:
+                raise _Fail(f"tensor {node.target} is also used outside this coupling")
+            if axis == -1 and t.shape[-1] == c and t.numel() == c:
+                params.append((self.qual(str(node.target)), t.dim() - 1))
+            elif axis == 1 and t.dim() >= 3 and t.shape[-3] == c and t.numel() == c:
+                params.append((self.qual(str(node.target)), t.dim() - 3))
+            else:
+                raise _Fail(f"tensor {node.target} of shape {tuple(t.shape)} does not broadcast per channel")
+        for node in self.producers + self.consumers + [n for n in self.op_nodes if n.op == "call_module"]:
+            name = self.qual(str(node.target))
+            if self.calls[node.target] > 1:
+                raise _Fail(f"module {name} is called {self.calls[node.target]} times (shared weights)")
+            if name in self.shared:
+                raise _Fail(f"module {name}: {self.shared[name]}")
+        return Coupling(
+            channels=c,
+            axis=axis,
+            producers=[self.qual(str(p.target)) for p in self.producers],
+            ops=ops,
+            params=params,
+            consumers=[self.qual(str(p.target)) for p in self.consumers],
+            region=self.prefix,
+        )
+
+
+def _is_param(root: nn.Module, target: str) -> bool:
+    try:
+        root.get_parameter(target)
+        return True
+    except AttributeError:
+        return False
+
+
+def _analyse_graph(
+    graph: fx.Graph, root: nn.Module, prefix: str, shared: dict[str, str]
+) -> tuple[list[Coupling], list[GraphFailure]]:
+    modules = dict(root.named_modules())
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    done: set[str] = set()
+    couplings: list[Coupling] = []
+    failures: list[GraphFailure] = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not is_consumer(modules[str(node.target)]):
+            continue
+        name = f"{prefix}.{node.target}" if prefix else str(node.target)
+        if name in done:
+            continue
+        closure = _Closure(root, prefix, calls, shared)
+        try:
+            if not node.args or not isinstance(node.args[0], fx.Node):
+                raise _Fail("consumer input is not a traced tensor")
+            closure.run(node)
+            coupling = closure.coupling()
+        except _Fail as exc:
+            names = [closure.qual(str(c.target)) for c in closure.consumers] or [name]
+            failures.append(GraphFailure([n for n in names if n not in done], str(exc)))
+            done.update(names)
+            continue
+        done.update(coupling.consumers)
+        couplings.append(coupling)
+    return couplings, failures
+
+
+def find_couplings(model: nn.Module) -> tuple[list[Coupling], list[GraphFailure], list[str]]:
+    """Trace ``model`` (recursively falling back to children) and return its channel couplings.
+
+    Returns:
+        (couplings, failures, notes): legal couplings; consumers whose input
+        channels cannot be permuted with the reason; and notes on modules that
+        did not trace (their children were traced instead).
+    """
+    shared = shared_modules(model)
+    couplings: list[Coupling] = []
+    failures: list[GraphFailure] = []
+    notes: list[str] = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        if not any(True for _ in module.children()):
+            if is_consumer(module):
+                failures.append(GraphFailure([prefix], "its parent module could not be traced"))
+            return
+        try:
+            graph = _Tracer().trace(module)
+        except Exception as exc:  # noqa: BLE001 - any trace failure means: look one level deeper
+            notes.append(f"{prefix or '<model>'}: not traceable ({type(exc).__name__}); traced its children")
+            for cname, child in module.named_children():
+                visit(child, f"{prefix}.{cname}" if prefix else cname)
+            return
+        c, f = _analyse_graph(graph, module, prefix, shared)
+        couplings.extend(c)
+        failures.extend(f)
+
+    visit(model, "")
+    return couplings, failures, notes
+
+
+def tensor_by_name(model: nn.Module, qualified: str) -> torch.Tensor:
+    """Parameter or buffer ``qualified`` of ``model``."""
+    try:
+        return model.get_parameter(qualified)
+    except AttributeError:
+        return model.get_buffer(qualified)
