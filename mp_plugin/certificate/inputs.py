@@ -107,18 +107,30 @@ def check_labels(labels: torch.Tensor | None, n: int, k: int) -> torch.Tensor | 
 
 
 def fold_parametrizations(model: nn.Module, original: bool = False) -> nn.Module:
-    """A copy of ``model`` with every ``torch.nn.utils.parametrize`` parametrization removed.
+    """A copy of ``model`` with every ``torch.nn.utils.parametrize`` parametrization folded into plain tensors.
 
     Args:
-        model: the model; it is not modified.
+        model: the model; it is not modified (parametrized copies share their injected class
+            with the original, so the copy is re-classed instead of calling
+            ``remove_parametrizations``, which would edit that shared class).
         original: keep the unparametrized originals (e.g. the dense weights under a
             torch.ao sparsifier's mask) instead of the parametrized values.
     """
     clone = copy.deepcopy(model)
-    for module in clone.modules():
-        if parametrize.is_parametrized(module):
-            for name in list(module.parametrizations.keys()):
-                parametrize.remove_parametrizations(module, name, leave_parametrized=not original)
+    sources = dict(model.named_modules())
+    for name, module in clone.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        src = sources[name]
+        with torch.no_grad():
+            values = {
+                t: (src.parametrizations[t].original if original else getattr(src, t)).detach().clone()
+                for t in src.parametrizations.keys()
+            }
+        module.__class__ = type(module).__bases__[0]  # the plain class the parametrized one derives from
+        del module._modules["parametrizations"]
+        for t, value in values.items():
+            module._parameters[t] = nn.Parameter(value, requires_grad=False)
     return clone
 
 

@@ -101,9 +101,10 @@ def apply_removed(module: nn.Module, x: torch.Tensor, removed: RemovedComponent,
 
 def per_sample_inf_norm(y: torch.Tensor, name: str = "") -> torch.Tensor:
     """max |y| over everything but the batch axis: (B, …) → (B,). For token models: max over tokens and channels."""
-    if not bool(torch.isfinite(y).all()):
+    out = y.detach().abs().flatten(1).amax(1)  # NaN and Inf propagate through the max
+    if not bool(torch.isfinite(out).all()):
         raise NonFiniteActivationError(f"non-finite values in the perturbation of layer '{name}'")
-    return y.detach().abs().flatten(1).amax(1)
+    return out
 
 
 def max_patch_norm(module: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int]:

@@ -94,12 +94,13 @@ def restore_gain(
         kind: the label of the given L_s (``RIGOROUS`` for bound-mode constants).
     """
     a = dense_layer_weight.detach().double()
-    s, q, p = (_component(a, t.detach(), nm) for t, nm in ((S, "S"), (Q, "Q"), (P, "P")))
-    if not torch.allclose(s + q + p, a, rtol=0, atol=1e-12 * max(1.0, float(a.abs().max()))):
-        raise CertificateInputError("S + Q + P must equal the dense weight")
-    supports = [(t != 0) for t in (s, q, p)]
+    parts = [t.detach() for t in (S, Q, P)]
+    supports = [t if t.dtype == torch.bool else t != 0 for t in parts]
     if any(bool((x & y).any()) for i, x in enumerate(supports) for y in supports[i + 1 :]):
         raise CertificateInputError("S, Q and P must have disjoint supports")
+    s, q, p = (_component(a, t, nm) for t, nm in zip(parts, ("S", "Q", "P")))
+    if not torch.allclose(s + q + p, a, rtol=0, atol=1e-12 * max(1.0, float(a.abs().max()))):
+        raise CertificateInputError("S + Q + P must equal the dense weight (masks must cover every entry)")
     lam1, lam2 = (float(v) for v in lambdas)
     x = inputs.detach().double()
     lip = torch.as_tensor(lipschitz, dtype=torch.float64, device=x.device)

@@ -1,0 +1,119 @@
+"""Real photos for calibration and checks, offline: ImageFolder directories and built-in crops.
+
+``builtin-photos`` are random crops (scale, aspect ratio, flip) of the photograph
+that ships with matplotlib (``mpl-data/sample_data/grace_hopper.jpg``), resized
+to the model's input size. Images are normalised with ImageNet mean/std.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import MPPluginError
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "builtin_photo_path",
+    "builtin_photo_crops",
+    "image_folder_batch",
+    "load_images",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def builtin_photo_path() -> Path:
+    """Path of matplotlib's sample photograph (grace_hopper.jpg)."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise MPPluginError("builtin-photos needs matplotlib: pip install 'mp-plugin[plot]'") from exc
+    path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    if not path.exists():
+        raise MPPluginError(f"matplotlib's sample photo is missing: {path}")
+    return path
+
+
+def _read_rgb(path: Path) -> torch.Tensor:
+    try:
+        from PIL import Image
+    except ImportError as exc:
+        raise MPPluginError("reading images needs Pillow: pip install pillow") from exc
+    with Image.open(path) as img:
+        arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (3, H, W) in [0, 1]
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def builtin_photo_crops(n: int, size: int = 224, seed: int = 0, min_scale: float = 0.15) -> torch.Tensor:
+    """``n`` random crops of the built-in photo: (n, 3, size, size) float32, ImageNet-normalised.
+
+    Each crop covers a fraction in [min_scale, 1] of the photo's area with aspect ratio in
+    [3/4, 4/3], is flipped horizontally with probability ½, and is resized bilinearly.
+    """
+    if n < 1:
+        raise MPPluginError(f"need at least one crop, got n={n}")
+    img = _read_rgb(builtin_photo_path())
+    _, h, w = img.shape
+    g = torch.Generator().manual_seed(seed)
+    crops = []
+    for _ in range(n):
+        scale = min_scale + (1 - min_scale) * float(torch.rand((), generator=g))
+        ratio = float(torch.exp(torch.empty(()).uniform_(np.log(3 / 4), np.log(4 / 3), generator=g)))
+        ch = int(round(min(h, np.sqrt(scale * h * w / ratio))))
+        cw = int(round(min(w, ch * ratio)))
+        top = int(torch.randint(0, h - ch + 1, (), generator=g))
+        left = int(torch.randint(0, w - cw + 1, (), generator=g))
+        crop = img[:, top : top + ch, left : left + cw].unsqueeze(0)
+        crop = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        if float(torch.rand((), generator=g)) < 0.5:
+            crop = crop.flip(-1)
+        crops.append(crop)
+    return _normalise(torch.cat(crops))
+
+
+def image_folder_batch(
+    root: str | Path, n: int | None = None, size: int = 224
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images of an ImageFolder tree (``root/<class>/<img>``) or a flat folder, centre-cropped.
+
+    Returns:
+        (x, labels): x (N, 3, size, size) ImageNet-normalised; labels (N,) when every class
+        folder is named by an integer class index, else None.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise MPPluginError(f"{root} is not a directory")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in _EXTS)
+    if not files:
+        raise MPPluginError(f"no images ({', '.join(sorted(_EXTS))}) under {root}")
+    files = files[:n] if n else files
+    parents = [p.parent.name for p in files]
+    labels = torch.tensor([int(c) for c in parents]) if all(c.isdigit() for c in parents) else None
+    return load_images(files, size), labels
+
+
+def load_images(files: list[Path], size: int = 224) -> torch.Tensor:
+    """Resize the short side to size·8/7, centre-crop size×size, normalise: (N, 3, size, size)."""
+    out = []
+    for path in files:
+        img = _read_rgb(path).unsqueeze(0)
+        _, _, h, w = img.shape
+        short = int(round(size * 8 / 7))
+        nh, nw = (short, max(short, round(w * short / h))) if h <= w else (max(short, round(h * short / w)), short)
+        img = F.interpolate(img, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+        top, left = (nh - size) // 2, (nw - size) // 2
+        out.append(img[:, :, top : top + size, left : left + size])
+    return _normalise(torch.cat(out))
