@@ -150,7 +150,8 @@ def capture_covariances(
     """Capture the (G, n, n) input covariances of the named layers in one calibration pass.
 
     Args:
-        model: the (dense) model; it is run in its current train/eval mode.
+        model: the (dense) model; it runs in eval mode (BatchNorm statistics and
+            dropout untouched) and its train/eval mode is restored afterwards.
         layers: ``{module name: group size n}``; each must be a Linear, Conv1d or Conv2d.
         data: calibration batch(es), see :func:`run_batches`.
         max_rows: at most this many input rows per layer (random subset).
@@ -164,7 +165,9 @@ def capture_covariances(
     gen = torch.Generator().manual_seed(seed)
     accs: dict[str, _Accumulator] = {}
     handles = []
+    was_training = model.training
     try:
+        model.eval()
         for name, n in layers.items():
             module = modules.get(name)
             if module is None:
@@ -176,6 +179,7 @@ def capture_covariances(
     finally:
         for h in handles:
             h.remove()
+        model.train(was_training)
     return {
         name: GroupCovariance(acc.sum / acc.rows, acc.rows, acc.n) for name, acc in accs.items() if acc.sum is not None
     }

@@ -282,3 +282,29 @@ def test_permute_request() -> None:
     unstructured = _as_unstructured(plan(make_mlp(), sparsity=0.5))
     with pytest.raises(PatternError, match="no k:n layer"):
         mp_plugin.apply(make_mlp(), unstructured, permute=True)
+
+
+def test_cast_apply_on_minilm_with_token_batches(minilm) -> None:
+    texts = [
+        "The cat sat on the mat.",
+        "Random matrix theory predicts the bulk of the spectrum.",
+        "Pruning removes weights that carry little signal.",
+        "A sentence encoder maps text to a vector.",
+    ]
+    tok = minilm.tokenizer(texts, padding=True, return_tensors="pt")
+    batch = {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
+    p = plan(minilm, sparsity=0.5, pattern="2:4", method="seb", config=PlanConfig(gram_dtype="float32"))
+    p_mag = copy.deepcopy(p)
+    model, mag = copy.deepcopy(minilm), copy.deepcopy(minilm)
+    mp_plugin.apply(model, p, calibration=batch, method="cast")
+    mp_plugin.apply(mag, p_mag, method="magnitude")
+    assert sparsity_report(model, p).kn_valid
+    rows = p.applied["calibration_rows"]
+    n_tokens = tok["input_ids"].numel()
+    for name, r in rows.items():  # B·T token rows per Linear; the pooler sees only the B [CLS] tokens
+        assert r == (len(texts) if "pooler" in name else n_tokens), name
+    with torch.no_grad():
+        ref = minilm(**batch)
+        sim = torch.nn.functional.cosine_similarity(model(**batch), ref)
+        sim_mag = torch.nn.functional.cosine_similarity(mag(**batch), ref)
+    assert float(sim.mean()) > float(sim_mag.mean())  # embeddings of the calibration texts move less

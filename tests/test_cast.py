@@ -168,6 +168,25 @@ def test_linear_tokens_are_flattened_and_rows_capped() -> None:
     assert capped.rows == 64 and capped.cov.shape == (2, 4, 4)
 
 
+def test_capture_leaves_batchnorm_statistics_and_mode_alone() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 4)).train()
+    before = model[1].running_mean.clone()
+    stats = capture_covariances(model, {"0": 4, "2": 4}, torch.randn(32, 8) + 3.0)
+    assert set(stats) == {"0", "2"} and model.training
+    assert torch.equal(model[1].running_mean, before)
+
+
+def test_capture_rejects_unknown_layers_and_bad_batches() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    with pytest.raises(MPPluginError, match="no module"):
+        capture_covariances(model, {"7": 4}, torch.randn(2, 8))
+    with pytest.raises(MPPluginError, match="tensor, tuple or dict"):
+        capture_covariances(model, {"0": 4}, "text")
+    with pytest.raises(PatternError, match="not divisible"):
+        capture_covariances(model, {"0": 3}, torch.randn(2, 8))
+    assert not model[0]._forward_hooks  # hooks removed even after errors
+
+
 # ------------------------------------------------------------------ real model, real photo
 
 
