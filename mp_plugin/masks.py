@@ -3,6 +3,12 @@
 Masks are boolean tensors of the weight's own shape; ``True`` = kept. A conv
 weight (C_out, C_in, kh, kw) is read in the unfolded C_out × (C_in·kh·kw)
 layout, so a k:n group is n consecutive entries of a flattened row.
+
+* :func:`unstructured_mask`, :func:`global_unstructured_masks` — exact counts,
+  per layer or by global (SEB-weighted) |W|/w_ℓ thresholding.
+* :func:`nm_mask`, :func:`check_nm`, :func:`assert_kn_exact` — magnitude k:n and checks
+  (the covariance-aware CAST projection lives in ``mp_plugin.cast``).
+* :class:`MaskKeeper` — re-zeroes pruned weights after every optimiser step.
 """
 
 from __future__ import annotations
