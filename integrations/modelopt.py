@@ -126,7 +126,7 @@ class MPSearcher(BaseSparseSearcher):
             calibration=cfg["calibration"],
             method="cast" if method in _PROJECTIONS else "magnitude",
         )
-        for name, module in sparse.items():
+        for module in sparse.values():
             mask = module.weight.detach() != 0
             if bool(mask.all()):
                 # set_mask would drop an all-True mask, but a fresh convert (mto.restore) creates one:
