@@ -127,8 +127,15 @@ def test_jacobian_estimate_never_exceeds_the_bound():
 def test_bound_folds_eval_batchnorm_and_stays_sound():
     torch.manual_seed(2)
     model = nn.Sequential(
-        nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Dropout(0.2),
-        nn.Linear(12, 12), nn.LeakyReLU(0.1), nn.Sequential(nn.Linear(12, 4)),
+        nn.Linear(6, 12),
+        nn.ReLU(),
+        nn.Linear(12, 12),
+        nn.BatchNorm1d(12),
+        nn.ReLU(),
+        nn.Dropout(0.2),
+        nn.Linear(12, 12),
+        nn.LeakyReLU(0.1),
+        nn.Sequential(nn.Linear(12, 4)),
     )
     with torch.no_grad():
         model[3].running_var.uniform_(0.2, 3.0)
@@ -147,8 +154,16 @@ def test_bound_folds_eval_batchnorm_and_stays_sound():
 def test_conv_chain_bound_and_perturbation_match_unfold():
     torch.manual_seed(3)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8),
-        nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
         nn.Linear(8, 5),
     ).eval()
     pruned = _prune(model, ["2", "6"], 0.5)
@@ -312,8 +327,15 @@ def test_gaussian_form_covers_a_gaussian_removed_component():
 
 def test_outputs_json_summary_and_plot(tmp_path):
     dense = make_mlp((8, 12, 12, 5))
-    cert = certify(dense, _prune(dense, ["0", "2"]), torch.randn(20, 8), torch.randint(0, 5, (20,)), mode="bound",
-                   sequential=True, lambdas=(1e-3, 1e-2))
+    cert = certify(
+        dense,
+        _prune(dense, ["0", "2"]),
+        torch.randn(20, 8),
+        torch.randint(0, 5, (20,)),
+        mode="bound",
+        sequential=True,
+        lambdas=(1e-3, 1e-2),
+    )
     text = cert.summary()
     assert "mode=bound" in text and RIGOROUS in text and "accuracy-change bound" in text
     data = json.loads(cert.save_json(tmp_path / "c.json").read_text())
@@ -328,8 +350,15 @@ def test_callback_in_a_plain_training_loop(tmp_path):
     model = make_mlp((8, 16, 4))
     x, y = torch.randn(64, 8), torch.randint(0, 4, (64,))
     records = []
-    cb = CertificateCallback(model, x[:16], y[:16], every_n_steps=3, log=records.append,
-                             json_path=tmp_path / "hist.json", lambdas=(0.0, 1e-3))
+    cb = CertificateCallback(
+        model,
+        x[:16],
+        y[:16],
+        every_n_steps=3,
+        log=records.append,
+        json_path=tmp_path / "hist.json",
+        lambdas=(0.0, 1e-3),
+    )
     mask = unstructured_mask(model[0].weight, 64)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     for step in range(7):
@@ -369,3 +398,18 @@ def test_torch_ao_sparsifier_adapter_does_not_touch_the_model():
         manual[2].weight.copy_(model[2].weight)
     ref = certify(dense, manual, x, mode="bound", sequential=True)
     assert cert.budget == pytest.approx(ref.budget, rel=1e-9)
+
+
+def test_modelopt_adapter_certifies_a_sparsified_copy():
+    mts = pytest.importorskip("modelopt.torch.sparsity")
+    from mp_plugin.integrations.modelopt_certificate import certify_modelopt
+
+    dense = make_mlp((16, 32, 32, 8))
+    sparse = mts.sparsify(copy.deepcopy(dense), "sparse_magnitude")
+    cls = type(sparse[0])
+    x = torch.randn(16, 16)
+    cert = certify_modelopt(dense, sparse, x, mode="bound", sequential=True)
+    assert type(sparse[0]) is cls  # still a ModelOpt sparse module
+    assert [layer.name for layer in cert.layers] == ["0", "2", "4"]
+    assert cert.layers[0].norms["r_changed"] == 16 * 32 // 2  # 2:4 removes half of each layer
+    assert cert.eta_kind == RIGOROUS and cert.violations == 0
