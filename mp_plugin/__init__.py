@@ -35,8 +35,8 @@ from .spectrum import SpectralFit, fit_marchenko_pastur
 __version__ = "0.1.0"
 
 _LAZY = {
-    "apply": "mp_plugin.apply",
-    "sparsity_report": "mp_plugin.apply",
+    "apply": "mp_plugin.pruning",
+    "sparsity_report": "mp_plugin.pruning",
     "MaskKeeper": "mp_plugin.masks",
     "permute_channels": "mp_plugin.permute",
     "certify": "mp_plugin.certificate",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..apply import MASK_METHODS, apply, sparsity_report
+from ..pruning import MASK_METHODS, apply, sparsity_report
 from ..errors import MPPluginError
 from ..plan import plan
 from .common import add_model_args, add_plan_args, model_from_args, plan_config_from_args

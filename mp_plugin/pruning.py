@@ -17,8 +17,6 @@ so a second call is a no-op.
 
 from __future__ import annotations
 
-import sys
-import types
 from dataclasses import asdict, dataclass, field
 from importlib import import_module
 from typing import Any
@@ -322,13 +320,3 @@ def sparsity_report(model: nn.Module, plan: PrunePlan | None = None) -> Sparsity
         valid = check_nm(w, pat.k, pat.n) if pat is not None and pat.is_kn else None
         layers.append(LayerSparsity(name, tuple(w.shape), int(w.numel()), int((w == 0).sum()), str(pat or ""), valid))
     return SparsityReport(layers)
-
-
-class _CallableModule(types.ModuleType):
-    """Lets ``mp_plugin.apply(model, plan)`` work even after ``import mp_plugin.apply``."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> nn.Module:
-        return apply(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
