@@ -4,7 +4,7 @@
 
 Runs the ViT-B/16 Linear GEMMs and the end-to-end vit_base_patch16_224 forward, dense vs
 2:4 semi-structured (cuSPARSELt and CUTLASS), fp16 and bf16, plus 2:4 + ToMe r=8 when
-``mp_plugin.tome.apply_tome`` exists. On a machine without CUDA it prints why and exits 0
+``mp_plugin.tome.apply_patch`` exists. On a machine without CUDA it prints why and exits 0
 without writing timings.
 """
 
@@ -21,10 +21,10 @@ from pathlib import Path
 
 def _tome_patch():
     try:
-        from mp_plugin.tome import apply_tome  # provided by the token-merging issue, when present
+        from mp_plugin.tome import apply_patch  # provided by the token-merging issue, when present
     except ImportError:
         return None
-    return lambda model: apply_tome(model, r=8)
+    return lambda model: apply_patch(model, r=8)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     tome = _tome_patch()
     result = run_benchmark(batch=args.batch, tome=tome, warmup=args.warmup, iters=args.iters)
     result["tome"] = (
-        "r=8 via mp_plugin.tome.apply_tome" if tome else "not measured: mp_plugin.tome.apply_tome not found"
+        "r=8 via mp_plugin.tome.apply_patch" if tome else "not measured: mp_plugin.tome.apply_patch not found"
     )
     result["date"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", result["environment"]["gpu"] or "gpu").strip("-").lower()

@@ -13,7 +13,7 @@ from importlib import import_module
 
 from .errors import MPPluginError
 
-COMMAND_MODULES = ("analyze", "prune", "certify", "export", "bench", "distill", "demo")
+COMMAND_MODULES = ("analyze", "prune", "certify", "export", "bench", "distill", "demo", "tome")
 
 
 def build_parser() -> argparse.ArgumentParser:
