@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import builtins
 import operator
+import sys
 from collections import Counter
 from dataclasses import dataclass
 
@@ -75,6 +76,8 @@ class GraphFailure:
 
 
 def _timm_fx() -> tuple[tuple, tuple]:
+    if "timm" not in sys.modules:  # a timm model has imported timm already; importing it costs seconds
+        return (), ()
     try:
         from timm.layers import _fx as timm_fx
     except Exception:  # noqa: BLE001 - timm is optional
@@ -294,7 +297,10 @@ class _Closure:
                 raise _Fail(f"tensor {node.target} of shape {tuple(t.shape)} does not broadcast per channel")
         for node in self.producers + self.consumers + [n for n in self.op_nodes if n.op == "call_module"]:
             name = self.qual(str(node.target))
-            if self.calls[node.target] > 1:
+            stateful = any(True for _ in self.module(node).parameters()) or any(
+                True for _ in self.module(node).buffers()
+            )
+            if self.calls[node.target] > 1 and stateful:
                 raise _Fail(f"module {name} is called {self.calls[node.target]} times (shared weights)")
             if name in self.shared:
                 raise _Fail(f"module {name}: {self.shared[name]}")

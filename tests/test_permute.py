@@ -1,0 +1,335 @@
+"""Channel permutation for k:n: searches, coupling discovery, folding into weights, bad input."""
+
+from __future__ import annotations
+
+import io
+import itertools
+
+import pytest
+import torch
+from conftest import make_mlp
+from torch import nn
+
+import mp_plugin
+from mp_plugin.errors import PatternError
+from mp_plugin.permute import (
+    find_couplings,
+    interleave_permutation,
+    kept_magnitude,
+    permute_channels,
+    swap_permutation,
+)
+
+
+def _heavy(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, cols, generator=g) / torch.rand(rows, cols, generator=g).clamp_min(0.05).sqrt()
+
+
+def _swapped(p: torch.Tensor, i: int, j: int) -> torch.Tensor:
+    q = p.clone()
+    q[i], q[j] = p[j], p[i]
+    return q
+
+
+# ---------------------------------------------------------------------------------------------
+# searches on one matrix
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("k", "n"), [(2, 4), (1, 4), (3, 4), (4, 8)])
+def test_swap_search_is_a_local_optimum_of_the_exact_objective(k: int, n: int) -> None:
+    w = _heavy(24, 4 * n, seed=k + n)
+    perm = swap_permutation(w, k, n, init="identity")
+    assert sorted(perm.tolist()) == list(range(w.shape[1]))
+    found = kept_magnitude(w, k, n, perm)
+    assert found > kept_magnitude(w, k, n)
+    best_neighbour = max(
+        kept_magnitude(w, k, n, _swapped(perm, i, j))
+        for i, j in itertools.combinations(range(w.shape[1]), 2)
+        if i // n != j // n
+    )
+    # no single swap improves beyond the float32 scoring tolerance of the search
+    assert best_neighbour <= found * (1 + 1e-5)
+
+
+def test_swap_search_on_conv_blocks_improves_and_is_a_permutation() -> None:
+    w = _heavy(32, 24 * 9, seed=3)  # 24 channels of 3×3 kernels in the unfolded layout
+    perm = swap_permutation(w, 2, 4, block=9)
+    assert sorted(perm.tolist()) == list(range(24))
+    assert kept_magnitude(w, 2, 4, perm, block=9) > kept_magnitude(w, 2, 4, block=9)
+
+
+def test_interleave_puts_one_channel_of_each_stratum_in_every_group() -> None:
+    w = _heavy(16, 32, seed=5)
+    perm = interleave_permutation(w, 4)
+    imp = w.pow(2).sum(0)
+    rank = torch.empty(32, dtype=torch.long)
+    rank[torch.argsort(imp, descending=True)] = torch.arange(32)
+    stratum = rank[perm] // 8  # 4 strata of 8
+    assert (stratum.reshape(8, 4) == torch.arange(4)).all()
+
+
+def test_search_rejects_bad_shapes_and_patterns() -> None:
+    w = torch.randn(8, 10)
+    with pytest.raises(PatternError, match="divisible"):
+        swap_permutation(w, 2, 4)
+    with pytest.raises(PatternError):
+        swap_permutation(torch.randn(8, 16), 4, 4)
+    with pytest.raises(PatternError):
+        kept_magnitude(torch.randn(8, 34), 2, 17)
+    with pytest.raises(PatternError):
+        swap_permutation(torch.randn(8, 4, 4), 2, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# folding into models
+# ---------------------------------------------------------------------------------------------
+
+
+def _no_hooks(model: nn.Module) -> bool:
+    return all(
+        not (m._forward_hooks or m._forward_pre_hooks or m._state_dict_hooks or m._load_state_dict_pre_hooks)
+        for m in model.modules()
+    )
+
+
+def _roundtrip(model: nn.Module, fresh: nn.Module, x: torch.Tensor) -> None:
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    fresh.load_state_dict(torch.load(buf))
+    sd, sd2 = model.state_dict(), fresh.state_dict()
+    assert sd.keys() == sd2.keys()
+    assert all(torch.equal(sd[key], sd2[key]) for key in sd)
+    with torch.no_grad():
+        assert torch.equal(model(x), fresh(x))
+
+
+def test_mlp_permutation_is_folded_and_recorded() -> None:
+    model = make_mlp((32, 64, 64, 16)).eval()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        y0 = model(x)
+    keys = set(model.state_dict())
+    permute_channels(model, "2:4", example_input=x)
+    with torch.no_grad():
+        assert (model(x) - y0).abs().max() <= 1e-5
+    assert set(model.state_dict()) == keys and _no_hooks(model)
+    perms = model._mp_permutations
+    assert set(perms) == {"2", "4"}
+    p2, p4 = torch.tensor(perms["2"]), torch.tensor(perms["4"])
+    assert torch.equal(model[4].weight, original["4.weight"][:, p4])
+    assert torch.equal(model[2].weight, original["2.weight"][p4][:, p2])  # rows for layer 4, columns for itself
+    assert torch.equal(model[2].bias, original["2.bias"][p4])
+    assert torch.equal(model[0].weight, original["0.weight"][p2])
+    report = model._mp_permutation_report
+    assert all(r.kept_after > r.kept_before for r in report.permuted)
+    assert "0" in {s.name for s in report.skipped}  # its input is the model input
+
+
+ARCHS = {
+    # name: (input size, create kwargs, minimum number of permuted layers, method)
+    "vit_tiny_patch16_224": (64, {"img_size": 64}, 20, "swap"),
+    "deit_tiny_patch16_224": (64, {"img_size": 64}, 20, "swap"),
+    "swin_tiny_patch4_window7_224": (224, {}, 20, "swap"),
+    "convnext_atto": (64, {}, 12, "swap"),
+    "resnet18": (64, {}, 8, "swap"),
+    "efficientnet_b0": (64, {}, 20, "swap"),
+    "mobilenetv3_small_100": (64, {}, 15, "swap"),
+    "mixer_s16_224": (64, {"img_size": 64}, 12, "swap"),
+}
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_timm_function_preserved_and_state_dict_round_trips(arch: str) -> None:
+    timm = pytest.importorskip("timm")
+    size, kwargs, min_permuted, method = ARCHS[arch]
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, **kwargs).eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        y0 = model(x)
+    keys = list(model.state_dict())
+    permute_channels(model, "2:4", method=method, example_input=x, max_seconds_per_layer=0.1)
+    with torch.no_grad():
+        assert (model(x) - y0).abs().max() <= 1e-5
+    report = model._mp_permutation_report
+    assert report.verified is True
+    assert len(report.permuted) >= min_permuted, str(report)
+    assert all(r.kept_after >= r.kept_before for r in report.permuted)
+    assert list(model.state_dict()) == keys and _no_hooks(model)
+    torch.manual_seed(1)  # a differently initialised fresh instance
+    _roundtrip(model, timm.create_model(arch, pretrained=False, **kwargs).eval(), x)
+
+
+def test_vit_attention_permutes_only_value_rows_within_heads() -> None:
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32).eval()
+    qkv0 = model.blocks[0].attn.qkv.weight.detach().clone()
+    permute_channels(model, "2:4", method="swap", example_input=torch.randn(1, 3, 32, 32), max_seconds_per_layer=0.1)
+    perm = torch.tensor(model._mp_permutations["blocks.0.attn.proj"])
+    c, d = 192, 64
+    assert torch.equal(perm // d, torch.arange(c) // d) and not torch.equal(perm, torch.arange(c))
+    qkv = model.blocks[0].attn.qkv.weight
+    assert torch.equal(qkv[: 2 * c], qkv0[: 2 * c])
+    assert torch.equal(qkv[2 * c :], qkv0[2 * c :][perm])
+
+
+def test_attention_without_example_input_is_skipped_and_reported() -> None:
+    model = _TinyAttnBlock().eval()
+    permute_channels(model, "2:4", method="interleave")
+    skipped = {s.name: s.reason for s in model._mp_permutation_report.skipped}
+    assert "verified" in skipped["proj"]
+
+
+def test_real_efficientnet_lite0_permutation(efficientnet_lite0: nn.Module) -> None:
+    import copy
+
+    model = copy.deepcopy(efficientnet_lite0)
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        y0 = model(x)
+    permute_channels(model, "2:4", method="swap", example_input=x, max_seconds_per_layer=0.3)
+    with torch.no_grad():
+        assert (model(x) - y0).abs().max() <= 1e-5
+    report = model._mp_permutation_report
+    assert len(report.permuted) >= 15, str(report)
+    assert all(r.kept_after > r.kept_before for r in report.permuted)
+    skipped = {s.name: s.reason for s in report.skipped}
+    assert any("residual" in r for r in skipped.values())
+    _roundtrip(model, copy.deepcopy(efficientnet_lite0), x)
+
+
+def test_swap_beats_none_and_interleave_on_real_layers(efficientnet_lite0: nn.Module, minilm: nn.Module) -> None:
+    eff = [m.weight.detach().flatten(1) for m in efficientnet_lite0.modules()
+           if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.in_channels % 8 == 0]  # fmt: skip
+    lin = [m.weight.detach() for m in minilm.modules() if isinstance(m, nn.Linear) and m.in_features % 8 == 0]
+    mats = eff[1:12:2] + lin[:1] + lin[4:6]
+    for k, n in ((2, 4), (4, 8)):
+        strictly_better = 0
+        for w in mats:
+            none = kept_magnitude(w, k, n)
+            inter = kept_magnitude(w, k, n, interleave_permutation(w, n))
+            swap = kept_magnitude(w, k, n, swap_permutation(w, k, n, max_seconds=1.0))
+            assert swap >= none and swap >= inter
+            strictly_better += swap > max(none, inter) * (1 + 1e-4)
+        assert strictly_better >= len(mats) - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# unknown modules and bad input
+# ---------------------------------------------------------------------------------------------
+
+
+class _Roll(nn.Module):
+    """Mixes channels: a permutation cannot pass it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.roll(x, 1, dims=-1)
+
+
+class _Untraceable(nn.Module):
+    """Data-dependent control flow: fx cannot trace it, its children can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = make_mlp((16, 32, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x) if x.sum() > -1e9 else x
+
+
+class _TinyAttnBlock(nn.Module):
+    def __init__(self, dim: int = 32, heads: int = 2) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = torch.softmax(q @ k.transpose(-2, -1), -1) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, t, c))
+
+
+def test_unknown_module_is_skipped_and_reported() -> None:
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), _Roll(), nn.Linear(32, 16), nn.GELU(), nn.Linear(16, 8)).eval()
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        y0 = model(x)
+    permute_channels(model, "2:4", example_input=x)
+    with torch.no_grad():
+        assert torch.allclose(model(x), y0, atol=1e-6)
+    report = model._mp_permutation_report
+    skipped = {s.name: s.reason for s in report.skipped}
+    assert "roll" in skipped["3"]
+    assert [p.name for p in report.permuted] == ["5"]
+
+
+def test_untraceable_parent_falls_back_to_children() -> None:
+    model = _Untraceable().eval()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        y0 = model(x)
+    couplings, _, notes = find_couplings(model)
+    assert notes and [c.consumers for c in couplings] == [["mlp.2"]]
+    permute_channels(model, "2:4", example_input=x)
+    with torch.no_grad():
+        assert (model(x) - y0).abs().max() <= 1e-5
+    assert "mlp.2" in model._mp_permutations
+
+
+def test_shared_weights_and_grouped_convs_are_skipped() -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(16, 32)
+            self.b = nn.Linear(32, 32)
+            self.c = nn.Linear(32, 32)
+            self.c.weight = self.b.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    model = Tied().eval()
+    permute_channels(model, "2:4", example_input=torch.randn(2, 16))
+    skipped = {s.name: s.reason for s in model._mp_permutation_report.skipped}
+    assert "shared" in skipped["b"]
+    assert not model._mp_permutations
+
+    conv = nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, groups=2), nn.Conv2d(16, 8, 1)).eval()
+    permute_channels(conv, "2:4", example_input=torch.randn(1, 8, 8, 8))
+    reasons = " ".join(s.reason for s in conv._mp_permutation_report.skipped)
+    assert "grouped" in reasons
+
+
+def test_bad_patterns_and_methods() -> None:
+    model = make_mlp((32, 64, 10))
+    with pytest.raises(PatternError):
+        permute_channels(model, "4:17")
+    with pytest.raises(PatternError):
+        permute_channels(model, "4:4")
+    with pytest.raises(PatternError):
+        permute_channels(model, "dense")
+    with pytest.raises(ValueError, match="method"):
+        permute_channels(model, "2:4", method="random")
+    with pytest.raises(ValueError, match="example_input"):
+        permute_channels(model, "2:4", method="interleave", importance="activation")
+    permute_channels(model, "2:6", example_input=torch.randn(2, 32))  # 64 inputs are not divisible by 6
+    reasons = {s.name: s.reason for s in model._mp_permutation_report.skipped}
+    assert "divisible" in reasons["2"]
+
+
+def test_lazy_export_and_activation_importance() -> None:
+    model = make_mlp((32, 64, 64, 16)).eval()
+    x = torch.randn(8, 32)
+    with torch.no_grad():
+        y0 = model(x)
+    out = mp_plugin.permute_channels(model, "4:8", method="interleave", example_input=x, importance="activation")
+    assert out is model
+    with torch.no_grad():
+        assert (model(x) - y0).abs().max() <= 1e-5
+    assert model._mp_permutation_report.method == "interleave"
