@@ -269,7 +269,7 @@ def test_elastic_net_check_and_exact_objective():
     dense = make_mlp((8, 12, 12, 5))
     pruned = _prune(dense, ["2"], 0.3)
     x, y = torch.randn(32, 8), torch.randint(0, 5, (32,))
-    r = (dense[2].weight - pruned[2].weight).double()
+    r = (dense[2].weight - pruned[2].weight).detach().double()
     big = certify(dense, pruned, x, y, mode="bound", lambdas=(10.0, 100.0))
     penalty = 100.0 * float((r * r).sum()) + 10.0 * float(r.abs().sum())
     assert big.elastic_net["penalty"] == pytest.approx(penalty)
