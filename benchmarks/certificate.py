@@ -27,8 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import machine, write_result  # noqa: E402
 
-from mp_plugin import plan  # noqa: E402
-from mp_plugin.apply import apply  # noqa: E402
+from mp_plugin import apply, plan  # noqa: E402
 from mp_plugin.certificate import certify  # noqa: E402
 from mp_plugin.models import load_model  # noqa: E402
 from mp_plugin.photos import builtin_photo_crops  # noqa: E402
