@@ -164,9 +164,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix_tokens: int
     return MergePlan(num_prefix_tokens, src_idx, dst_idx, keep_idx)
 
 
-def merge_weighted(
-    plan: MergePlan, x: torch.Tensor, size: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_weighted(plan: MergePlan, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted average of merged tokens.
 
     Args:
@@ -183,7 +181,9 @@ def merge_weighted(
     return plan.merge_sum(x * size) / new_size, new_size
 
 
-def _attention_with_keys(attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_with_keys(
+    attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A timm ``Attention`` forward that also returns the head-mean keys.
 
     Args:
