@@ -238,7 +238,8 @@ class SpectralEdgeReallocation:
 
         Every parameter except the target weights is frozen; inside the target weights
         gradients are multiplied by the reservoir mask, and AdamW runs without weight
-        decay, so kept entries do not move at all. ``reference`` (the pre-prune model
+        decay, so kept entries do not move at all. The model runs in eval mode
+        (BatchNorm running statistics are not updated, dropout is off). ``reference`` (the pre-prune model
         or the dense teacher) gives the KD/logit-matching targets; without it the
         loss is label-smoothed CE.
         """
@@ -262,7 +263,8 @@ class SpectralEdgeReallocation:
             n_batches = len(train_loader)  # type: ignore[arg-type]
             total = cfg.epochs * n_batches if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * n_batches)
             sched = warmup_cosine(opt, total, cfg.warmup_steps, cfg.warmup_start_ratio, cfg.min_lr_ratio)
-            model.train()
+            was_training = model.training
+            model.eval()  # BatchNorm statistics and dropout frozen: only reservoir entries may change
             step, losses = 0, []
             while step < total:
                 for batch in train_loader:
@@ -289,6 +291,7 @@ class SpectralEdgeReallocation:
                     sched.step()
                     losses.append(float(loss.detach()))
                     step += 1
+            model.train(was_training)
         finally:
             for h in handles:
                 h.remove()

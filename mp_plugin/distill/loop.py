@@ -329,7 +329,7 @@ def distill(
                 ctx.all_reduce_sum(flag)
                 if float(flag) > 0:
                     raise NonFiniteLossError(
-                        f"the loss is {float(loss)} at step {step + 1} (epoch {epoch}); stopping. "
+                        f"the loss is {float(loss.detach())} at step {step + 1} (epoch {epoch}); stopping. "
                         "Check the learning rate, the data (NaN/Inf pixels) and the model weights"
                     )
                 optimizer.zero_grad(set_to_none=True)
