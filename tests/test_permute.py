@@ -129,6 +129,43 @@ def test_mlp_permutation_is_folded_and_recorded() -> None:
     assert "0" in {s.name for s in report.skipped}  # its input is the model input
 
 
+class _ScaledMLP(nn.Module):
+    """Linear → per-channel scale (LayerScale-style parameter) → GELU → Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.gamma = nn.Parameter(torch.rand(32) + 0.5)
+        self.fc2 = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(nn.functional.gelu(self.fc1(x) * self.gamma))
+
+
+def test_batchnorm_stats_depthwise_and_scale_parameters_move_with_the_channels() -> None:
+    torch.manual_seed(0)
+    convs = nn.Sequential(
+        nn.Conv2d(8, 32, 1), nn.BatchNorm2d(32), nn.ReLU6(),
+        nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.BatchNorm2d(32), nn.Hardswish(),
+        nn.Conv2d(32, 8, 1),
+    ).eval()  # fmt: skip
+    for bn in (convs[1], convs[4]):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        nn.init.uniform_(bn.weight, 0.5, 1.5)
+        nn.init.uniform_(bn.bias, -0.5, 0.5)
+    mean0 = convs[1].running_mean.clone()
+    for model, x in ((convs, torch.randn(2, 8, 6, 6)), (_ScaledMLP().eval(), torch.randn(4, 16))):
+        with torch.no_grad():
+            y0 = model(x)
+        permute_channels(model, "2:4", example_input=x)
+        with torch.no_grad():
+            assert (model(x) - y0).abs().max() <= 1e-5
+        assert len(model._mp_permutation_report.permuted) == 1, str(model._mp_permutation_report)
+    perm = torch.tensor(convs._mp_permutations["6"])
+    assert torch.equal(convs[1].running_mean, mean0[perm])
+
+
 ARCHS = {
     # name: (input size, create kwargs, minimum number of permuted layers, method)
     "vit_tiny_patch16_224": (64, {"img_size": 64}, 20, "swap"),

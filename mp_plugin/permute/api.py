@@ -140,8 +140,8 @@ def permute_channels(
             are skipped without it). Default: a random batch of the timm config's
             ``input_size`` when the model has one.
         show_progress: show a progress bar over couplings.
-        importance: ``"weight"`` (Σ_i W_ij²) or ``"activation"`` (‖W_:j‖²·E h_j², needs an
-            input) for the interleave.
+        importance: channel importance of the interleave: ``"weight"`` (Σ_i W_ij²) or
+            ``"activation"`` (‖W_:j‖²·E h_j², needs an input). The swap search ignores it.
         max_seconds_per_layer: time bound of the swap search per coupling.
 
     Returns:
@@ -194,11 +194,19 @@ def permute_channels(
         try:
             with torch.no_grad(), _eval_mode(model):
                 reference = _run(model, example)
+        except Exception as exc:
+            if example_input is not None:
+                raise
+            # the input inferred from the timm config does not fit this model: no verification
+            report.notes.append(f"inferred example input failed ({type(exc).__name__}); output not verified")
+            example, captured = None, {}
         finally:
             for h in handles:
                 h.remove()
 
     all_consumers = [c for cp in couplings for c in cp.consumers] + [s.proj for s in attn_sites]
+    if importance == "activation" and example is None:
+        raise ValueError("importance='activation' needs an example_input that runs the model")
     energy = _activation_energy(model, all_consumers, example) if importance == "activation" else {}
     perms: dict[str, torch.Tensor] = {}
     undo: list[tuple[Any, torch.Tensor]] = []

@@ -198,7 +198,8 @@ class _Closure:
             for a in operands:
                 if isinstance(a, fx.Node):
                     if a.op == "get_attr":
-                        self.param_nodes.append(a)
+                        if a not in self.param_nodes:  # this node may be classified twice
+                            self.param_nodes.append(a)
                     else:
                         tensors.append(a)
                 elif not isinstance(a, (int, float, bool)):
