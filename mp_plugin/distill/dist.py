@@ -68,6 +68,16 @@ class DistContext:
             torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
         return tensor
 
+    def broadcast_buffers(self, model: nn.Module) -> None:
+        """Copy rank 0's buffers (BatchNorm running statistics, …) to every rank (no-op when single).
+
+        DDP keeps parameters identical, but each rank updates its buffers on its own
+        shard after the last broadcast; this makes the final models identical.
+        """
+        if self.enabled:
+            for buf in model.buffers():
+                torch_dist.broadcast(buf, src=0)
+
     def barrier(self) -> None:
         """Wait for every process (no-op when single)."""
         if self.enabled:

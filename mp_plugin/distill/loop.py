@@ -373,6 +373,7 @@ def distill(
         keeper.detach()
     seconds = time.perf_counter() - t0
 
+    ctx.broadcast_buffers(student)  # ranks end with identical BatchNorm statistics, not only parameters
     leaked = _masked_nonzeros(keeper)
     sparsity_after = keeper.sparsity
     if leaked:
