@@ -370,3 +370,18 @@ def test_lazy_export_and_activation_importance() -> None:
     with torch.no_grad():
         assert (model(x) - y0).abs().max() <= 1e-5
     assert model._mp_permutation_report.method == "interleave"
+
+
+class _FlippedLinear(nn.Linear):
+    """A Linear subclass that reverses its input first: its columns are not its input channels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(torch.flip(x, [-1]), self.weight, self.bias)
+
+
+def test_wrong_structural_assumption_is_caught_and_the_model_restored() -> None:
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), _FlippedLinear(32, 8)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(mp_plugin.permute.PermutationError, match="undone"):
+        permute_channels(model, "2:4", example_input=torch.randn(4, 16))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

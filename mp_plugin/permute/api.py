@@ -69,6 +69,12 @@ def _run(model: nn.Module, example: Any) -> Any:
     return model(example)
 
 
+def _tolerance(out: Any, scale: float) -> float:
+    """Allowed max |Δ output| after folding: float rounding of reordered sums, not a wrong model."""
+    low = any(t.dtype in (torch.float16, torch.bfloat16) for t in _flat(out))
+    return (2e-2 if low else 1e-4) * (1.0 + scale)
+
+
 def _max_diff(a: Any, b: Any) -> tuple[float, float]:
     fa, fb = _flat(a), _flat(b)
     if len(fa) != len(fb) or not fa:
@@ -306,7 +312,7 @@ def permute_channels(
         with torch.no_grad(), _eval_mode(model):
             new_out = model.get_submodule(site.name)(*args, **kwargs)
         diff, scale = _max_diff(out, new_out)
-        if not diff <= 1e-4 * (1.0 + scale):
+        if not diff <= _tolerance(out, scale):
             fold_attention(model, site, torch.argsort(perm))
             report.skipped.append(
                 SkippedPermutation(site.proj, f"attention layout check failed (max |Δ| {diff:.2e}); left unpermuted")
@@ -326,7 +332,7 @@ def permute_channels(
         with torch.no_grad(), _eval_mode(model):
             after_out = _run(model, example)
         diff, scale = _max_diff(reference, after_out)
-        report.verified, report.max_abs_diff = diff <= 1e-4 * (1.0 + scale), diff
+        report.verified, report.max_abs_diff = diff <= _tolerance(reference, scale), diff
         if not report.verified:
             for site, perm in reversed(undo):
                 inv = torch.argsort(perm)
