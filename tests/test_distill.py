@@ -317,3 +317,15 @@ def test_cli_distill_end_to_end(tmp_path):
         ]
     )  # fmt: skip
     assert rc == 2
+
+
+def test_freeze_norm_stats_keeps_batchnorm_statistics(folder):
+    student, teacher, plan = pruned_cnn(0.5)
+    loaders = make_loaders(folder, student, 16, NO_AUG)
+    stats = student.norm.running_mean.clone()
+    distill(
+        student, teacher, loaders.train, DistillConfig(epochs=1, freeze_norm_stats=True), plan=plan, show_progress=False
+    )
+    assert torch.equal(student.norm.running_mean, stats)
+    distill(student, teacher, loaders.train, DistillConfig(epochs=1), plan=plan, show_progress=False)
+    assert not torch.equal(student.norm.running_mean, stats)

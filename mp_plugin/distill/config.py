@@ -53,6 +53,8 @@ class DistillConfig:
         allow_dense: allow a student without masks (otherwise refused: no run
             silently trains a dense model).
         checkpoint_every: save a checkpoint every this many steps (and at the end).
+        freeze_norm_stats: keep BatchNorm layers in eval mode while training (running
+            statistics frozen; useful for small batches or data unlike the pre-training data).
     """
 
     alpha: float = 0.5
@@ -75,6 +77,7 @@ class DistillConfig:
     num_workers: int = 0
     allow_dense: bool = False
     checkpoint_every: int = 0
+    freeze_norm_stats: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:

@@ -268,6 +268,10 @@ def distill(
     _check_classes(student, teacher, train_loader, cfg)
 
     student.train()
+    if cfg.freeze_norm_stats:
+        for module in student.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     optimizer = build_optimizer(student, cfg)
     steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
     if steps_per_epoch == 0:
