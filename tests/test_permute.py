@@ -385,3 +385,70 @@ def test_wrong_structural_assumption_is_caught_and_the_model_restored() -> None:
     with pytest.raises(mp_plugin.permute.PermutationError, match="undone"):
         permute_channels(model, "2:4", example_input=torch.randn(4, 16))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+class _Up(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.gelu(self.fc(x))
+
+
+class _Down(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + skip
+
+
+class _UntracedLayer(nn.Module):
+    """Untraceable parent joining two traceable children; ``leak`` also reads the hidden channels directly."""
+
+    def __init__(self, leak: bool) -> None:
+        super().__init__()
+        self.up, self.down, self.leak = _Up(), _Down(), leak
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        out = self.down(h, x) if x.sum() > -1e9 else x
+        return out + h[..., :16] if self.leak else out
+
+
+@pytest.mark.parametrize("leak", [False, True])
+def test_children_of_an_untraced_parent_are_linked_only_when_verified(leak: bool) -> None:
+    model = nn.Sequential(_UntracedLayer(leak), nn.Linear(16, 8)).eval()
+    x = torch.randn(4, 5, 16)
+    with torch.no_grad():
+        y0 = model(x)
+    permute_channels(model, "2:4", example_input=x)
+    with torch.no_grad():
+        assert (model(x) - y0).abs().max() <= 1e-5
+    report = model._mp_permutation_report
+    if leak:
+        assert not report.permuted
+        assert "undone" in {s.name: s.reason for s in report.skipped}["0.down.fc"]
+    else:
+        assert [p.name for p in report.permuted] == ["0.down.fc"]
+
+
+def test_real_minilm_feed_forward_is_linked_and_permuted(minilm: nn.Module) -> None:
+    import copy
+
+    model = copy.deepcopy(minilm)
+    ids = torch.randint(0, 1000, (2, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        y0 = model(**batch)
+    permute_channels(model, "2:4", method="swap", example_input=batch, max_seconds_per_layer=0.2)
+    with torch.no_grad():
+        assert (model(**batch) - y0).abs().max() <= 1e-5
+    names = {p.name for p in model._mp_permutation_report.permuted}
+    assert sum(name.endswith("output.dense") and "attention" not in name for name in names) == 6
+    fresh = copy.deepcopy(minilm)
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch), model(**batch))

@@ -17,6 +17,7 @@ from ..progress import progress
 from .attention import AttentionSite, find_attention_sites, fold_attention
 from .fold import consumer_block, consumer_matrix, fold_coupling
 from .graph import Coupling, find_couplings, shared_modules
+from .links import link_partials
 from .report import PermutationReport, PermutedLayer, SkippedPermutation
 from .search import channel_importance, interleave_permutation, kept_magnitude, swap_permutation
 
@@ -82,6 +83,15 @@ def _max_diff(a: Any, b: Any) -> tuple[float, float]:
     diff = max(float((x.float() - y.float()).abs().max()) if x.numel() else 0.0 for x, y in zip(fa, fb))
     scale = max(float(x.float().abs().max()) if x.numel() else 0.0 for x in fa)
     return diff, scale
+
+
+def _recheck(model: nn.Module, name: str, captured: dict[str, tuple[tuple, dict, Any]]) -> float | None:
+    """Re-run module ``name`` on its captured input; None when its output is unchanged, else max |Δ|."""
+    args, kwargs, out = captured[name]
+    with torch.no_grad(), _eval_mode(model):
+        new_out = model.get_submodule(name)(*args, **kwargs)
+    diff, scale = _max_diff(out, new_out)
+    return None if diff <= _tolerance(out, scale) else diff
 
 
 def _activation_energy(model: nn.Module, names: list[str], example: Any) -> dict[str, torch.Tensor]:
@@ -176,8 +186,17 @@ def permute_channels(
     targets, skipped_targets = find_target_layers(model)
     target_names = {t.name for t in targets}
     not_target = {s.name: s.reason for s in skipped_targets}
-    couplings, failures, notes = find_couplings(model)
+    partials: list[Coupling] = []
+    couplings, failures, notes = find_couplings(model, partials)
     report.notes.extend(notes)
+    if example is not None and partials:
+        try:
+            with _eval_mode(model):
+                couplings += link_partials(model, partials, example, _run)
+        except Exception as exc:
+            if example_input is not None:
+                raise
+            report.notes.append(f"inferred example input failed ({type(exc).__name__}); no linked couplings")
     covered = {c for cp in couplings for c in cp.consumers}
     attn_sites, attn_rejected = find_attention_sites(model)
     shared = shared_modules(model)
@@ -191,12 +210,13 @@ def permute_channels(
     reference = None
     if example is not None:
         handles = []
-        for site in attn_sites:
+        verify = [s.name for s in attn_sites] + [c.verify_module for c in couplings if c.verify_module]
+        for vname in verify:
 
-            def hook(_m: nn.Module, args: tuple, kwargs: dict, out: Any, name: str = site.name) -> None:
+            def hook(_m: nn.Module, args: tuple, kwargs: dict, out: Any, name: str = vname) -> None:
                 captured[name] = (args, kwargs, out)
 
-            handles.append(model.get_submodule(site.name).register_forward_hook(hook, with_kwargs=True))
+            handles.append(model.get_submodule(vname).register_forward_hook(hook, with_kwargs=True))
         try:
             with torch.no_grad(), _eval_mode(model):
                 reference = _run(model, example)
@@ -264,6 +284,19 @@ def permute_channels(
                     report.skipped.append(SkippedPermutation(c, why))
                 continue
             fold_coupling(model, site, perm)
+            if site.verify_module is not None:
+                diff = _recheck(model, site.verify_module, captured)
+                if diff is not None:
+                    fold_coupling(model, site, torch.argsort(perm))
+                    for c in names:
+                        report.skipped.append(
+                            SkippedPermutation(
+                                c,
+                                f"linked across untraced {site.verify_module}, "
+                                f"but its output changed ({diff:.2e}); undone",
+                            )
+                        )
+                    continue
             undo.append((site, perm))
             dt = time.perf_counter() - t0
             partners = site.producers + [o for o, _ in site.ops]
@@ -308,11 +341,8 @@ def permute_channels(
             report.skipped.append(SkippedPermutation(site.proj, "identity is best: no within-head order keeps more"))
             continue
         fold_attention(model, site, perm)
-        args, kwargs, out = captured[site.name]
-        with torch.no_grad(), _eval_mode(model):
-            new_out = model.get_submodule(site.name)(*args, **kwargs)
-        diff, scale = _max_diff(out, new_out)
-        if not diff <= _tolerance(out, scale):
+        diff = _recheck(model, site.name, captured)
+        if diff is not None:
             fold_attention(model, site, torch.argsort(perm))
             report.skipped.append(
                 SkippedPermutation(site.proj, f"attention layout check failed (max |Δ| {diff:.2e}); left unpermuted")

@@ -56,6 +56,11 @@ class Coupling:
         params: (qualified parameter/buffer name, axis) tensors used elementwise.
         consumers: module names whose weight columns (channel blocks) are permuted.
         region: name of the traced module the coupling was found in ("" = whole model).
+        open_input / open_output: for a partial coupling of a traced child whose parent
+            did not trace: the channels enter as the child's input ``open_input`` (no
+            producer inside) or leave as its output (no consumer inside).
+        verify_module: a linked coupling (two partials joined at run time) is kept only
+            if this module's output is unchanged on the captured example input.
     """
 
     channels: int
@@ -65,6 +70,9 @@ class Coupling:
     params: list[tuple[str, int]]
     consumers: list[str]
     region: str = ""
+    open_input: str | None = None
+    open_output: bool = False
+    verify_module: str | None = None
 
 
 @dataclass
@@ -148,6 +156,10 @@ class _Closure:
         self.param_nodes: list[fx.Node] = []
         self.axis_req: set[int] = set()
         self.queue: list[fx.Node] = []
+        self.allow_open_input: fx.Node | None = None
+        self.allow_open_output = False
+        self.open_input: fx.Node | None = None
+        self.open_output = False
 
     def qual(self, target: str) -> str:
         return f"{self.prefix}.{target}" if self.prefix else str(target)
@@ -218,14 +230,19 @@ class _Closure:
             self.values.add(v)
             self.queue.append(v)
 
-    def run(self, seed_consumer: fx.Node) -> None:
-        self.consumers.append(seed_consumer)
-        self.add(seed_consumer.args[0])
+    def run(self, seed_consumer: fx.Node | None, seed_value: fx.Node | None = None) -> None:
+        if seed_consumer is not None:
+            self.consumers.append(seed_consumer)
+            self.add(seed_consumer.args[0])
+        if seed_value is not None:
+            self.add(seed_value)
         while self.queue:
             v = self.queue.pop()
             # backward: where do these channels come from?
             if v.op == "call_module" and is_producer(self.module(v)):
                 self.producers.append(v)
+            elif v.op == "placeholder" and v is self.allow_open_input:
+                self.open_input = v
             elif v.op in ("call_module", "call_function", "call_method"):
                 self.op_nodes.append(v)
                 for a in self.channel_inputs(v):
@@ -246,18 +263,23 @@ class _Closure:
                 elif u.op in ("call_module", "call_function", "call_method"):
                     self.channel_inputs(u)  # raises when u is not a channel op
                     self.add(u)
+                elif u.op == "output" and self.allow_open_output and u.args[0] is v:
+                    self.open_output = True
                 else:
                     raise _Fail(f"channels flow into {_desc(u)}")
 
     def coupling(self) -> Coupling:
-        if not self.producers:
+        if not self.producers and self.open_input is None:
             raise _Fail("no producer layer found")
-        mods = [self.module(p) for p in self.producers]
+        if not self.consumers and not self.open_output:
+            raise _Fail("no consumer layer found")
+        ends = self.producers or self.consumers
+        mods = [self.module(p) for p in ends]
         axes = {producer_axis(m) for m in mods}
         if len(axes) != 1:
             raise _Fail("producers disagree on the channel axis (Linear and conv mixed)")
         axis = axes.pop()
-        chans = {m.weight.shape[0] for m in mods}
+        chans = {m.weight.shape[0] if self.producers else m.weight.shape[1] for m in mods}
         if len(chans) != 1:
             raise _Fail(f"producers have different widths {sorted(chans)}")
         c = chans.pop()
@@ -313,6 +335,8 @@ class _Closure:
             params=params,
             consumers=[self.qual(str(p.target)) for p in self.consumers],
             region=self.prefix,
+            open_input=str(self.open_input.target) if self.open_input is not None else None,
+            open_output=self.open_output,
         )
 
 
@@ -354,8 +378,43 @@ def _analyse_graph(
     return couplings, failures
 
 
-def find_couplings(model: nn.Module) -> tuple[list[Coupling], list[GraphFailure], list[str]]:
+def _partials(graph: fx.Graph, root: nn.Module, prefix: str, shared: dict[str, str]) -> list[Coupling]:
+    """Open-ended couplings of a traced child: first input → consumers, and producers → the output."""
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    nodes = list(graph.nodes)
+    out: list[Coupling] = []
+    first = next((n for n in nodes if n.op == "placeholder"), None)
+    if first is not None:
+        closure = _Closure(root, prefix, calls, shared)
+        closure.allow_open_input = first
+        try:
+            closure.run(None, first)
+            if closure.consumers and not closure.producers:
+                out.append(closure.coupling())
+        except _Fail:
+            pass
+    ret = next((n for n in nodes if n.op == "output"), None)
+    if ret is not None and isinstance(ret.args[0], fx.Node) and ret.args[0].op != "placeholder":
+        closure = _Closure(root, prefix, calls, shared)
+        closure.allow_open_output = True
+        try:
+            closure.run(None, ret.args[0])
+            if closure.producers and not closure.consumers:
+                out.append(closure.coupling())
+        except _Fail:
+            pass
+    return out
+
+
+def find_couplings(
+    model: nn.Module, partials: list[Coupling] | None = None
+) -> tuple[list[Coupling], list[GraphFailure], list[str]]:
     """Trace ``model`` (recursively falling back to children) and return its channel couplings.
+
+    Args:
+        model: any module.
+        partials: if given, receives the open-ended couplings of children traced
+            because their parent did not trace (see :mod:`mp_plugin.permute.links`).
 
     Returns:
         (couplings, failures, notes): legal couplings; consumers whose input
@@ -382,6 +441,8 @@ def find_couplings(model: nn.Module) -> tuple[list[Coupling], list[GraphFailure]
         c, f = _analyse_graph(graph, module, prefix, shared)
         couplings.extend(c)
         failures.extend(f)
+        if partials is not None and prefix:
+            partials.extend(_partials(graph, module, prefix, shared))
 
     visit(model, "")
     return couplings, failures, notes
