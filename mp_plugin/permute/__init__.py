@@ -7,8 +7,10 @@
 * :func:`kept_magnitude` — Σ|w| kept by the magnitude k:n mask.
 
 Modules: ``search`` (the searches on one 2-D weight), ``ops`` (which modules act
-per channel), ``graph`` (fx coupling closure), ``attention`` (fused-qkv heads),
-``fold`` (rewriting the tensors), ``report`` and ``api``.
+per channel), ``graph`` (fx coupling closure, recursive fallback to children),
+``links`` (joining open couplings of children of an untraceable parent, checked
+at run time), ``attention`` (fused-qkv heads), ``fold`` (rewriting the tensors),
+``report`` and ``api``.
 """
 
 from __future__ import annotations
