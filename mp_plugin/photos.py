@@ -20,6 +20,8 @@ __all__ = [
     "IMAGENET_STD",
     "builtin_photo_path",
     "builtin_photo_crops",
+    "builtin_photo_paths",
+    "real_photo_crops",
     "image_folder_batch",
     "load_images",
 ]
@@ -39,6 +41,47 @@ def builtin_photo_path() -> Path:
     if not path.exists():
         raise MPPluginError(f"matplotlib's sample photo is missing: {path}")
     return path
+
+
+_SKIMAGE_PHOTOS = (
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "hubble_deep_field.jpg",
+    "retina.jpg",
+    "ihc.png",
+)
+
+
+def builtin_photo_paths() -> list[Path]:
+    """Every real colour photograph shipped offline: matplotlib's, plus scikit-image's when installed."""
+    paths = [builtin_photo_path()]
+    try:
+        import skimage
+    except ImportError:
+        return paths
+    data = Path(skimage.__file__).parent / "data"
+    return paths + [data / name for name in _SKIMAGE_PHOTOS if (data / name).exists()]
+
+
+def real_photo_crops(n: int, size: int = 224, seed: int = 0, min_scale: float = 0.15) -> torch.Tensor:
+    """``n`` random crops spread over all :func:`builtin_photo_paths`: (n, 3, size, size), normalised.
+
+    Crop i comes from photo i mod P, with the same crop rules as :func:`builtin_photo_crops`.
+    """
+    paths = builtin_photo_paths()
+    if n < 1:
+        raise MPPluginError(f"need at least one crop, got n={n}")
+    parts = []
+    for j, path in enumerate(paths):
+        count = len(range(j, n, len(paths)))
+        if count:
+            parts.append(_crops_of(_read_rgb(path), count, size, seed + 7919 * j, min_scale))
+    x = torch.cat(parts)
+    order = torch.argsort(torch.rand(len(x), generator=torch.Generator().manual_seed(seed)))
+    return _normalise(x[order])
 
 
 def _read_rgb(path: Path) -> torch.Tensor:
@@ -65,7 +108,11 @@ def builtin_photo_crops(n: int, size: int = 224, seed: int = 0, min_scale: float
     """
     if n < 1:
         raise MPPluginError(f"need at least one crop, got n={n}")
-    img = _read_rgb(builtin_photo_path())
+    return _normalise(_crops_of(_read_rgb(builtin_photo_path()), n, size, seed, min_scale))
+
+
+def _crops_of(img: torch.Tensor, n: int, size: int, seed: int, min_scale: float) -> torch.Tensor:
+    """Random resized crops of one (3, H, W) image in [0, 1]: (n, 3, size, size), not normalised."""
     _, h, w = img.shape
     g = torch.Generator().manual_seed(seed)
     crops = []
@@ -81,7 +128,7 @@ def builtin_photo_crops(n: int, size: int = 224, seed: int = 0, min_scale: float
         if float(torch.rand((), generator=g)) < 0.5:
             crop = crop.flip(-1)
         crops.append(crop)
-    return _normalise(torch.cat(crops))
+    return torch.cat(crops)
 
 
 def image_folder_batch(
