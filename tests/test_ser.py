@@ -136,3 +136,23 @@ def test_ser_refuses_a_target_below_the_current_sparsity(dense, loader):
         SERConfig(rho="sqrt")
     with pytest.raises(MPPluginError):
         HybridConfig(schedule=(0.2, 0.1))
+
+
+def test_ser_to_kn_projects_exactly_with_a_prior_towards_the_ser_mask(dense, loader):
+    from mp_plugin.masks import kn_group_counts
+    from mp_plugin.ser import ser_to_kn
+
+    model = copy.deepcopy(dense)
+    res = SpectralEdgeReallocation(SERConfig(selection=_selection(2), finetune=None)).run(
+        model, 0.5, loader, teacher=dense
+    )
+    calib = next(iter(loader))[0]
+    overlap = {}
+    for alpha in (0.0, 10.0):
+        m = copy.deepcopy(model)
+        kn = ser_to_kn(m, dense, res.masks, "2:4", calibration=calib, prior_alpha=alpha)
+        for name, w in _targets(m).items():
+            assert bool((kn_group_counts(kn[name], 4) == 2).all())
+            assert torch.equal(w.detach() != 0, kn[name])  # u·mask: free restoration fills the kept slots
+        overlap[alpha] = sum(int((kn[n] & res.masks[n]).sum()) for n in kn)
+    assert overlap[10.0] > overlap[0.0]
