@@ -51,3 +51,7 @@ class CertificateInputError(MPPluginError, ValueError):
 
 class NonFiniteActivationError(MPPluginError, ValueError):
     """An activation or logit captured while certifying is NaN or infinite."""
+
+
+class DatasetUnavailable(MPPluginError, FileNotFoundError):
+    """A data set that ships offline (e.g. Debian's ``dataset-fashion-mnist``) is not installed here."""

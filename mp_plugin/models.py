@@ -162,3 +162,6 @@ def load_model(
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
     return model.eval()
+
+
+from . import zoo  # noqa: E402, F401  (registers the Fashion-MNIST zoo names fmnist_mlp/cnn/vit)
