@@ -130,7 +130,7 @@ def run_main_job(cfg: MainJobConfig, log: Callable[[str], None] = _log) -> dict[
     for v in cfg.variants:
         t0 = time.perf_counter()
         model = copy.deepcopy(dense)
-        p = plan(model, cfg.sparsity, v.pattern, v.method, cfg.plan_config, cfg.model)
+        p = plan(model, cfg.sparsity, v.pattern, v.method, cfg.plan_config, cfg.model, reuse_fits=analysis)
         apply(model, p, calibration=x_calib if v.projection == "cast" else None, method=v.projection, permute=v.permute)
         report = sparsity_report(model, p)
         pruned_out = batched_outputs(model, x_eval, desc=v.label, show=False)

@@ -293,15 +293,23 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"cannot serialise {type(obj).__name__}")
 
 
-def _fit_layers(targets: list[TargetLayer], cfg: PlanConfig, show_progress: bool) -> tuple[list, list[str]]:
+def _fit_layers(
+    targets: list[TargetLayer], cfg: PlanConfig, show_progress: bool, reuse: PrunePlan | None = None
+) -> tuple[list, list[str]]:
     """Fit every target, batching equal shapes; undefined fits become None with a note."""
     gram = torch.float64 if cfg.gram_dtype == "float64" else torch.float32
     fits: list[SpectralFit | None] = [None] * len(targets)
     notes = [""] * len(targets)
+    old = {lp.name: lp for lp in reuse.layers} if reuse is not None else {}
     by_shape: dict[tuple, list[int]] = {}
     for i, t in enumerate(targets):
+        prev = old.get(t.name)
+        if prev is not None and tuple(prev.weight_shape) == tuple(t.weight.shape) and prev.fit is not None:
+            fits[i] = prev.fit
+            continue
         by_shape.setdefault((t.shape, t.weight.device), []).append(i)
     bar = progress(total=len(targets), desc="MP fit", unit="layer", disable=not show_progress)
+    bar.update(sum(f is not None for f in fits))
     for idx in by_shape.values():
         try:
             res = fit_many([targets[i].weight for i in idx], cfg.alpha, cfg.beta, cfg.estimator, cfg.edge_compat, gram)
@@ -323,6 +331,7 @@ def plan(
     config: PlanConfig | None = None,
     model_name: str = "",
     show_progress: bool = False,
+    reuse_fits: PrunePlan | None = None,
 ) -> PrunePlan:
     """Fit MP to each target layer of ``model`` and decide per-layer budgets and patterns.
 
@@ -338,6 +347,8 @@ def plan(
         config: :class:`PlanConfig`.
         model_name: recorded in the plan.
         show_progress: show a tqdm bar over layers.
+        reuse_fits: a plan of the same, unchanged weights: its MP fits are reused for
+            layers of equal name and shape instead of being recomputed.
 
     Returns:
         A :class:`PrunePlan`. Nothing in ``model`` is modified.
@@ -358,7 +369,7 @@ def plan(
             f"{type(model).__name__} has no prunable Linear/Conv layer under the selection rules"
             + (f" ({len(skipped)} skipped: {skipped[0].name}: {skipped[0].reason}, …)" if skipped else "")
         )
-    fits, notes = _fit_layers(targets, cfg, show_progress)
+    fits, notes = _fit_layers(targets, cfg, show_progress, reuse_fits)
     types = [t.layer_type for t in targets]
     spec = BUDGET_METHODS[method]
     w, z = spec.weights(fits, types, s, cfg.seb)

@@ -145,3 +145,11 @@ def test_cli_analyze_timm_and_checkpoint(tmp_path, capsys) -> None:
     assert (tmp_path / "b" / "budgets.png").exists()
     assert cli_main(["analyze", "resnet18", "--sparsity", "1.5", "--out", str(tmp_path / "c")]) == 2
     assert "sparsity must lie in [0, 1)" in capsys.readouterr().err
+
+
+def test_reuse_fits_gives_the_same_plan_without_refitting(efficientnet_lite0: nn.Module) -> None:
+    first = mp.plan(efficientnet_lite0, sparsity=0.6, method="seb")
+    again = mp.plan(efficientnet_lite0, sparsity=0.6, method="seb", reuse_fits=first)
+    assert [lp.fit for lp in again.layers] == [lp.fit for lp in first.layers]
+    assert all(a.fit is b.fit for a, b in zip(again.layers, first.layers))  # taken over, not recomputed
+    assert [lp.n_prune for lp in again.layers] == [lp.n_prune for lp in first.layers]

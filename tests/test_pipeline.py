@@ -1,0 +1,34 @@
+"""The main job end to end on the real EfficientNet-Lite0 with real photographs (small settings)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mp_plugin.pipeline import DEFAULT_VARIANTS, MainJobConfig, run_main_job
+
+pytest.importorskip("efficientnet_lite_pytorch")
+pytest.importorskip("onnxruntime")
+
+
+def test_main_job_small(tmp_path) -> None:
+    cfg = MainJobConfig(
+        n_eval=6,
+        n_calib=4,
+        image_size=96,
+        variants=(DEFAULT_VARIANTS[0], DEFAULT_VARIANTS[1]),
+        out=str(tmp_path),
+        plots=False,
+    )
+    lines: list[str] = []
+    results = run_main_job(cfg, log=lines.append)
+    assert {r["variant"] for r in results["rows"]} == {"magnitude 2:4", "MP 2:4 (SEB+CAST)"}
+    for r in results["rows"]:
+        assert r["kn_valid"] and 0.5 <= r["sparsity"] < 0.501  # exact 2:4; a few weights were already 0
+        assert 0.0 <= r["top1_agreement"] <= 1.0 and r["kl"] >= 0.0
+    assert results["onnx"]["pattern_ok"] and results["onnx"]["parity_ok"]
+    assert 0.0 <= results["certificate"]["preserved_fraction"] <= 1.0
+    assert json.loads((tmp_path / "results.json").read_text())["rows"] == results["rows"]
+    assert (tmp_path / "plan.json").exists() and (tmp_path / "certificate.json").exists()
+    assert any("summary" in line for line in lines)
