@@ -1,0 +1,328 @@
+"""Baseline pruners, run on the same layers and the same budget as the MP methods.
+
+Every baseline has one signature::
+
+    prune_baseline(name, model, sparsity=0.5, pattern="unstructured", calibration=None) -> model
+
+and prunes ``model`` in place (dense tensors with exact zeros). The target layers
+and the per-layer counts come from the core's :func:`~mp_plugin.plan.plan`, so a
+baseline and an MP method always touch the same layers with the same total.
+
+==================  ==========================================================  =============================
+name                what                                                        patterns
+==================  ==========================================================  =============================
+uniform-magnitude   the same fraction per layer, smallest |W| (plan + apply)    unstructured, k:n
+global-magnitude    one global |W| threshold (plan + apply)                     unstructured, k:n
+wanda               |W_ij|·‖x_j‖₂ per output row (Sun et al. 2023), own code     unstructured, k:n
+sparsegpt           ModelOpt's own ``sparsegpt`` mode, then ``mts.export``       2:4
+torchao-wanda       torchao 0.18 ``WandaSparsifier`` (prepare/step/squash)       unstructured, k:(2k); Linear
+==================  ==========================================================  =============================
+
+Notes on the framework implementations, as installed:
+
+* ModelOpt's ``sparsegpt`` mode uses SparseGPT's Hessian-aware, column-sequential
+  *mask selection*, but writes only the mask: the kept weights are not updated
+  (``create_sgpt_mask`` compensates on a copy). It needs out and in sizes
+  divisible by 4 and supports only 2:4. Layers it skips fall back to magnitude 2:4.
+* torchao's ``WandaSparsifier`` scores |W|·Σx² (its observer keeps the *squared*
+  norm) and compares over the whole layer, not per output row; it handles
+  Linear layers only.
+
+Imports of modelopt and torchao happen inside the functions.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .calibration import layer_input_rows, run_batches
+from .errors import MPPluginError, PatternError
+from .masks import assert_kn_exact, nm_mask
+from .patterns import Pattern
+from .plan import PlanConfig, PrunePlan, plan
+from .pruning import apply
+
+__all__ = [
+    "BASELINES",
+    "Baseline",
+    "BaselineNotApplicable",
+    "register_baseline",
+    "prune_baseline",
+    "input_norms",
+    "wanda_scores",
+    "wanda_prune",
+]
+
+PruneFn = Callable[[nn.Module, float, str, Any, PlanConfig | None], nn.Module]
+
+
+class BaselineNotApplicable(MPPluginError):
+    """The baseline cannot run on this model or pattern (e.g. SparseGPT at 4:8)."""
+
+
+@dataclass
+class Baseline:
+    """One registered baseline.
+
+    Attributes:
+        fn: ``fn(model, sparsity, pattern, calibration, plan_config) -> model`` (in place).
+        needs_calibration: whether ``calibration`` batches are required.
+        doc: one line.
+    """
+
+    fn: PruneFn
+    needs_calibration: bool
+    doc: str
+
+
+BASELINES: dict[str, Baseline] = {}
+
+
+def register_baseline(name: str, fn: PruneFn, needs_calibration: bool = False, doc: str = "") -> None:
+    """Add a baseline to :data:`BASELINES`."""
+    BASELINES[name] = Baseline(fn, needs_calibration, doc)
+
+
+def prune_baseline(
+    name: str,
+    model: nn.Module,
+    sparsity: float = 0.5,
+    pattern: str = "unstructured",
+    calibration: Any = None,
+    plan_config: PlanConfig | None = None,
+) -> nn.Module:
+    """Prune ``model`` in place with baseline ``name`` and return it.
+
+    Args:
+        name: a key of :data:`BASELINES`.
+        model: the dense model.
+        sparsity: global fraction of target weights to remove (unstructured patterns).
+        pattern: ``"unstructured"`` or ``"k:n"``.
+        calibration: a batch or list of batches (tensor, tuple or dict; see
+            :func:`mp_plugin.calibration.run_batches`), for calibration-aware baselines.
+        plan_config: the :class:`PlanConfig` whose layer selection defines the targets.
+
+    Raises:
+        MPPluginError: unknown name, or calibration missing.
+        BaselineNotApplicable: the baseline does not support this pattern or model.
+    """
+    if name not in BASELINES:
+        raise MPPluginError(f"unknown baseline {name!r}; known: {sorted(BASELINES)}")
+    spec = BASELINES[name]
+    if spec.needs_calibration and calibration is None:
+        raise MPPluginError(f"baseline {name!r} needs calibration data")
+    return spec.fn(model, sparsity, pattern, calibration, plan_config)
+
+
+def _target_plan(model: nn.Module, sparsity: float, pattern: str, config: PlanConfig | None) -> PrunePlan:
+    """The uniform plan: target layers, per-layer counts and patterns shared by all baselines."""
+    return plan(model, sparsity, pattern, "uniform", config)
+
+
+# --------------------------------------------------------------------------- magnitude
+
+
+def _magnitude(method: str) -> PruneFn:
+    def fn(model: nn.Module, sparsity: float, pattern: str, calibration: Any, config: PlanConfig | None) -> nn.Module:
+        return apply(model, plan(model, sparsity, pattern, method, config), method="magnitude")
+
+    return fn
+
+
+# --------------------------------------------------------------------------- Wanda (own)
+
+
+@torch.no_grad()
+def input_norms(model: nn.Module, names: list[str], calibration: Any) -> dict[str, torch.Tensor]:
+    """‖x_j‖₂ over all calibration rows of each named layer's input column j.
+
+    Rows are tokens (Linear) or unfolded output positions (Conv), laid out like
+    ``weight.reshape(C_out, -1)`` (see :func:`mp_plugin.calibration.layer_input_rows`).
+
+    Returns:
+        ``{name: (C_in·kh·kw,) float64}`` in input units; a layer the forward pass
+        never reached is missing.
+    """
+    modules = dict(model.named_modules())
+    sums: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook(name: str) -> Callable:
+        def fn(module: nn.Module, inputs: tuple, output: Any) -> None:
+            rows = layer_input_rows(module, inputs[0].detach()).to(torch.float64)
+            sq = rows.pow(2).sum(0)
+            sums[name] = sq if name not in sums else sums[name] + sq
+
+        return fn
+
+    was_training = model.training
+    try:
+        model.eval()
+        for name in names:
+            handles.append(modules[name].register_forward_hook(hook(name)))
+        run_batches(model, calibration)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {name: s.sqrt() for name, s in sums.items()}
+
+
+def wanda_scores(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """Wanda importance |W_ij|·‖x_j‖₂ of a (C_out, C_in, *kernel) weight: (C_out, C_in·kh·kw) float64."""
+    w2 = weight.detach().reshape(weight.shape[0], -1).to(torch.float64)
+    if norms.numel() != w2.shape[1]:
+        raise PatternError(f"input norms have {norms.numel()} entries, the weight has {w2.shape[1]} columns")
+    return w2.abs() * norms.to(w2.device, torch.float64)[None, :]
+
+
+def _row_counts(total: int, rows: int, cols: int) -> torch.Tensor:
+    """Split ``total`` pruned entries over rows as evenly as possible: (rows,) int64."""
+    base, extra = divmod(total, rows)
+    counts = torch.full((rows,), base, dtype=torch.int64)
+    counts[:extra] += 1
+    if base + (extra > 0) > cols:
+        raise PatternError(f"cannot prune {total} of {rows}×{cols} entries")
+    return counts
+
+
+def _per_row_mask(score: torch.Tensor, n_prune: int) -> torch.Tensor:
+    """Keep-mask (rows, cols) removing the smallest scores of each row; row r loses its share of ``n_prune``."""
+    rows, cols = score.shape
+    counts = _row_counts(n_prune, rows, cols).to(score.device)
+    order = torch.argsort(score, dim=1, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(cols, device=score.device).expand(rows, cols).contiguous())
+    return rank >= counts[:, None]
+
+
+@torch.no_grad()
+def wanda_prune(
+    model: nn.Module, sparsity: float, pattern: str, calibration: Any, config: PlanConfig | None = None
+) -> nn.Module:
+    """Wanda (Sun et al. 2023): prune by |W_ij|·‖x_j‖₂, compared within each output row.
+
+    Unstructured: every layer loses the plan's uniform count, spread evenly over
+    its output rows (the paper's per-output comparison group). k:n: in every group
+    of n consecutive inputs of a row, the k highest scores stay. ``calibration``
+    supplies the input norms (one forward pass of the dense model).
+    """
+    p = _target_plan(model, sparsity, pattern, config)
+    modules = p.check_model(model)
+    active = [lp for lp in p.layers if Pattern.parse(lp.pattern).kind != "dense"]
+    norms = input_norms(model, [lp.name for lp in active], calibration)
+    for lp in active:
+        weight = modules[lp.name].weight
+        if lp.name not in norms:
+            raise MPPluginError(f"calibration never reached layer {lp.name!r}")
+        score = wanda_scores(weight, norms[lp.name])
+        pat = Pattern.parse(lp.pattern)
+        if pat.is_kn:
+            mask = nm_mask(weight.detach(), pat.k, pat.n, score=score.reshape(weight.shape))
+            assert_kn_exact(mask, pat.k, pat.n, name=f"wanda {lp.name}")
+        else:
+            mask = _per_row_mask(score, lp.n_prune).reshape(weight.shape)
+        weight.mul_(mask.to(weight.dtype))
+    return model
+
+
+# --------------------------------------------------------------------------- SparseGPT (ModelOpt)
+
+
+def sparsegpt_modelopt(
+    model: nn.Module, sparsity: float, pattern: str, calibration: Any, config: PlanConfig | None = None
+) -> nn.Module:
+    """SparseGPT 2:4 through ModelOpt's own ``sparsegpt`` mode, restricted to the plan's target layers.
+
+    ModelOpt sparsifies every Linear/Conv2d whose sizes are divisible by 4; layers
+    outside the plan's 2:4 targets get their dense weights back, and 2:4 targets
+    ModelOpt skips fall back to magnitude 2:4. The result is an ordinary model
+    (``mts.export``).
+    """
+    pat = Pattern.parse(pattern)
+    if not (pat.is_kn and pat.k == 2 and pat.n == 4):
+        raise BaselineNotApplicable(f"ModelOpt's sparsegpt mode supports only 2:4, not {pattern!r}")
+    import modelopt.torch.sparsity as mts
+
+    p = _target_plan(model, 0.5, "2:4", config)
+    targets = {lp.name for lp in p.layers if Pattern.parse(lp.pattern).is_kn}
+    keep_dense = {
+        name: mod.weight.detach().clone()
+        for name, mod in model.named_modules()
+        if isinstance(getattr(mod, "weight", None), torch.Tensor) and name not in targets
+    }
+    device = next(model.parameters()).device
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mts.sparsify(
+            model,
+            mode="sparsegpt",
+            config={
+                "forward_loop": lambda m: run_batches(m, calibration),
+                "device": str(device.type),
+            },
+        )
+        mts.export(model)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, w in keep_dense.items():
+            modules[name].weight.copy_(w)
+        for name in targets:
+            weight = modules[name].weight
+            if not bool((_group_nonzeros(weight, 4) <= 2).all()):
+                weight.mul_(nm_mask(weight.detach(), 2, 4).to(weight.dtype))
+    return model
+
+
+def _group_nonzeros(weight: torch.Tensor, n: int) -> torch.Tensor:
+    w2 = weight.detach().reshape(weight.shape[0], -1)
+    return (w2.reshape(w2.shape[0], -1, n) != 0).sum(-1)
+
+
+# --------------------------------------------------------------------------- torchao WandaSparsifier
+
+
+def torchao_wanda(
+    model: nn.Module, sparsity: float, pattern: str, calibration: Any, config: PlanConfig | None = None
+) -> nn.Module:
+    """torchao 0.18 ``WandaSparsifier`` on the plan's targets (Linear layers only).
+
+    Unstructured: ``sparsity_level=s`` per layer (torchao floors s·numel per layer).
+    k:n with k = n/2: ``semi_structured_block_size=n``. Calibration batches run
+    between ``prepare`` and ``step``; ``squash_mask`` folds the masks.
+    """
+    from torchao.sparsity import WandaSparsifier
+
+    pat = Pattern.parse(pattern)
+    if pat.is_kn and 2 * pat.k != pat.n:
+        raise BaselineNotApplicable(f"torchao's WandaSparsifier supports k:n only with k = n/2, not {pattern!r}")
+    p = _target_plan(model, sparsity, pattern, config)
+    modules = p.check_model(model)
+    layers = [lp for lp in p.layers if Pattern.parse(lp.pattern).kind != "dense"]
+    if any(not isinstance(modules[lp.name], nn.Linear) for lp in layers):
+        raise BaselineNotApplicable("torchao's WandaSparsifier handles Linear layers only; this model has conv targets")
+    level = float(sparsity) if not pat.is_kn else 0.5
+    sparsifier = WandaSparsifier(sparsity_level=level, semi_structured_block_size=pat.n if pat.is_kn else None)
+    was_training = model.training
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sparsifier.prepare(model, [{"tensor_fqn": f"{lp.name}.weight"} for lp in layers])
+        model.eval()
+        run_batches(model, calibration)
+        sparsifier.step()
+        sparsifier.squash_mask()
+    model.train(was_training)
+    return model
+
+
+register_baseline("uniform-magnitude", _magnitude("uniform"), doc="same fraction per layer, smallest |W|")
+register_baseline("global-magnitude", _magnitude("magnitude"), doc="one global |W| threshold")
+register_baseline("wanda", wanda_prune, needs_calibration=True, doc="|W|·‖x‖₂ per output row (own implementation)")
+register_baseline("sparsegpt", sparsegpt_modelopt, needs_calibration=True, doc="ModelOpt sparsegpt mode, 2:4")
+register_baseline("torchao-wanda", torchao_wanda, needs_calibration=True, doc="torchao WandaSparsifier, Linear only")

@@ -1,0 +1,174 @@
+"""Baseline pruners (mp_plugin.baselines) and the evaluation helpers the accuracy benchmark relies on.
+
+A broken baseline or a broken metric would quietly make MP look good, so each is
+checked against an independent expectation on tiny models.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import make_mlp
+from torch import nn
+
+from mp_plugin.baselines import BASELINES, BaselineNotApplicable, input_norms, prune_baseline
+from mp_plugin.evaluate import embedding_retention, linear_probe_accuracy, output_fidelity
+from mp_plugin.masks import check_nm, nm_mask
+from mp_plugin.pruning import sparsity_report
+
+
+def _skewed_inputs(n: int = 512, d: int = 32, seed: int = 0) -> torch.Tensor:
+    """(n, d) inputs whose column scales span 0.05 … 4 (correlated through a random mixing)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.eye(d) + 0.3 * torch.randn(d, d, generator=g) / d**0.5
+    return (torch.randn(n, d, generator=g) @ mix) * torch.logspace(-1.3, 0.6, d)
+
+
+def _single(d_in: int = 32, d_out: int = 16, seed: int = 0) -> nn.Sequential:
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(d_in, d_out, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(d_out, d_in, generator=g))
+    return nn.Sequential(lin)
+
+
+def _run(name: str, model: nn.Module, sparsity: float, pattern: str, x: torch.Tensor) -> nn.Module:
+    return prune_baseline(name, model, sparsity, pattern, [x[: len(x) // 2], x[len(x) // 2 :]])
+
+
+UNSTRUCTURED = ["uniform-magnitude", "global-magnitude", "wanda", "torchao-wanda"]
+
+
+@pytest.mark.parametrize("name", UNSTRUCTURED)
+@pytest.mark.parametrize("sparsity", [0.5, 0.625])
+def test_unstructured_baselines_hit_the_requested_sparsity_exactly(name: str, sparsity: float) -> None:
+    model = make_mlp((32, 64, 64, 16))
+    total = sum(m.weight.numel() for m in model if isinstance(m, nn.Linear))
+    _run(name, model, sparsity, "unstructured", _skewed_inputs())
+    report = sparsity_report(model)
+    assert report.total_zeros == round(sparsity * total)
+    if name != "global-magnitude":  # per-layer methods: every layer at s
+        assert all(abs(layer.sparsity - sparsity) < 1e-9 for layer in report.layers)
+
+
+@pytest.mark.parametrize("name", ["uniform-magnitude", "global-magnitude", "wanda", "torchao-wanda", "sparsegpt"])
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+def test_kn_baselines_give_exact_patterns(name: str, pattern: str) -> None:
+    k, n = (int(v) for v in pattern.split(":"))
+    model = make_mlp((32, 64, 64, 16))
+    if name == "sparsegpt" and pattern != "2:4":
+        with pytest.raises(BaselineNotApplicable):
+            _run(name, model, 0.5, pattern, _skewed_inputs())
+        return
+    _run(name, model, 0.5, pattern, _skewed_inputs())
+    for m in model:
+        if isinstance(m, nn.Linear):
+            groups = (m.weight.reshape(m.weight.shape[0], -1, n) != 0).sum(-1)
+            assert bool((groups == k).all()), f"{name}: not exactly {pattern}"
+    assert type(model[0]) is nn.Linear and not model[0]._forward_hooks and not model[0]._forward_pre_hooks
+
+
+def test_input_norms_match_direct_computation() -> None:
+    model = _single()
+    x = _skewed_inputs()
+    norms = input_norms(model, ["0"], [x[:100], x[100:]])["0"]
+    torch.testing.assert_close(norms, x.double().norm(dim=0))
+
+
+def test_wanda_equals_per_row_magnitude_when_input_norms_are_equal() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 2, (256, 32), generator=g).float() * 2 - 1  # ±1: every column norm is exactly 16
+    for pattern in ("unstructured", "2:4"):
+        model = _single()
+        w = model[0].weight.detach().clone()
+        _run("wanda", model, 0.5, pattern, x)
+        if pattern == "2:4":
+            expected = nm_mask(w, 2, 4)
+        else:
+            order = w.abs().argsort(dim=1)
+            expected = torch.ones_like(w, dtype=torch.bool)
+            expected.scatter_(1, order[:, :16], False)
+        assert torch.equal(model[0].weight != 0, expected)
+
+
+def test_wanda_differs_from_magnitude_when_input_norms_are_skewed() -> None:
+    x = _skewed_inputs()
+    for pattern in ("unstructured", "2:4"):
+        wanda, mag = _single(), _single()
+        _run("wanda", wanda, 0.5, pattern, x)
+        _run("uniform-magnitude", mag, 0.5, pattern, x)
+        differ = (wanda[0].weight != 0) != (mag[0].weight != 0)
+        assert int(differ.sum()) > 0.05 * differ.numel()
+        # low-norm inputs lose more weights under Wanda: first 8 columns have the smallest norms
+        assert int((wanda[0].weight[:, :8] == 0).sum()) > int((mag[0].weight[:, :8] == 0).sum())
+
+
+def _reconstruction_error(model: nn.Module, dense: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x) - dense(x)).pow(2).sum())
+
+
+def test_sparsegpt_modelopt_beats_magnitude_reconstruction_on_calibration_data() -> None:
+    x = _skewed_inputs(seed=3)
+    dense = _single(32, 32, seed=3)
+    sgpt, mag = copy.deepcopy(dense), copy.deepcopy(dense)
+    _run("sparsegpt", sgpt, 0.5, "2:4", x)
+    _run("uniform-magnitude", mag, 0.5, "2:4", x)
+    assert check_nm(sgpt[0].weight, 2, 4)
+    e_sgpt, e_mag = _reconstruction_error(sgpt, dense, x), _reconstruction_error(mag, dense, x)
+    assert e_sgpt < 0.9 * e_mag, (e_sgpt, e_mag)
+
+
+def test_torchao_wanda_prunes_low_norm_inputs_more_than_magnitude() -> None:
+    x = _skewed_inputs()
+    ao, mag = _single(), _single()
+    _run("torchao-wanda", ao, 0.5, "unstructured", x)
+    _run("uniform-magnitude", mag, 0.5, "unstructured", x)
+    assert int((ao[0].weight == 0).sum()) == 256
+    assert int((ao[0].weight[:, :8] == 0).sum()) > int((mag[0].weight[:, :8] == 0).sum())
+
+
+def test_torchao_wanda_refuses_conv_targets_and_baselines_need_calibration() -> None:
+    conv = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3))
+    with pytest.raises(BaselineNotApplicable):
+        prune_baseline("torchao-wanda", conv, 0.5, "unstructured", torch.randn(2, 8, 12, 12))
+    with pytest.raises(Exception, match="calibration"):
+        prune_baseline("wanda", make_mlp(), 0.5, "unstructured", None)
+    assert set(UNSTRUCTURED) | {"sparsegpt"} <= set(BASELINES)
+
+
+def test_wanda_on_conv_uses_unfolded_input_norms() -> None:
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+    x = torch.randn(4, 8, 10, 10) * torch.logspace(-1, 0.5, 8)[None, :, None, None]
+    _run("wanda", conv, 0.5, "2:4", x)
+    assert check_nm(conv[0].weight, 2, 4) and check_nm(conv[2].weight, 2, 4)
+    # the stem rule excludes C_in ≤ 3 only, so both convs are targets
+    assert sparsity_report(conv).total_sparsity == pytest.approx(0.5)
+
+
+# --------------------------------------------------------------------------- evaluation helpers
+
+
+def test_linear_probe_learns_a_separable_problem_and_not_random_labels() -> None:
+    g = torch.Generator().manual_seed(0)
+    centers = 4 * torch.randn(5, 16, generator=g)
+    y = torch.arange(400) % 5
+    feats = centers[y] + torch.randn(400, 16, generator=g)
+    acc = linear_probe_accuracy(feats[:300], y[:300], feats[300:], y[300:])
+    assert acc > 0.95
+    y_rand = torch.randint(0, 5, (400,), generator=g)
+    noise = torch.randn(400, 16, generator=g)
+    assert linear_probe_accuracy(noise[:300], y_rand[:300], noise[300:], y_rand[300:]) < 0.45
+
+
+def test_fidelity_of_identical_outputs_is_perfect_and_of_different_outputs_is_not() -> None:
+    logits = torch.randn(64, 10)
+    same = output_fidelity(logits, logits.clone())
+    assert same.top1_agreement == 1.0 and same.cosine == pytest.approx(1.0) and abs(same.kl) < 1e-6
+    other = output_fidelity(logits, torch.randn(64, 10))
+    assert other.top1_agreement < 0.5 and other.cosine < 0.5 and other.kl > 0.1
+    ret = embedding_retention(logits, logits.clone())
+    assert ret["cosine"] == pytest.approx(1.0) and ret["neighbour_agreement"] == 1.0
