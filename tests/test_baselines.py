@@ -101,8 +101,11 @@ def test_wanda_differs_from_magnitude_when_input_norms_are_skewed() -> None:
         _run("uniform-magnitude", mag, 0.5, pattern, x)
         differ = (wanda[0].weight != 0) != (mag[0].weight != 0)
         assert int(differ.sum()) > 0.05 * differ.numel()
-        # the lowest-norm input of every group of 4 (column 4g) loses more weights under Wanda
-        assert int((wanda[0].weight[:, 0::4] == 0).sum()) > int((mag[0].weight[:, 0::4] == 0).sum())
+        # Wanda's pruned entries sit on lower-norm inputs than magnitude's
+        norms = x.norm(dim=0)
+        pruned_norm_wanda = float(((wanda[0].weight == 0).float() @ norms).sum())
+        pruned_norm_mag = float(((mag[0].weight == 0).float() @ norms).sum())
+        assert pruned_norm_wanda < 0.9 * pruned_norm_mag
 
 
 def _reconstruction_error(model: nn.Module, dense: nn.Module, x: torch.Tensor) -> float:
