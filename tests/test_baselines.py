@@ -105,7 +105,7 @@ def test_wanda_differs_from_magnitude_when_input_norms_are_skewed() -> None:
         norms = x.norm(dim=0)
         pruned_norm_wanda = float(((wanda[0].weight == 0).float() @ norms).sum())
         pruned_norm_mag = float(((mag[0].weight == 0).float() @ norms).sum())
-        assert pruned_norm_wanda < 0.9 * pruned_norm_mag
+        assert pruned_norm_wanda < (0.9 if pattern == "unstructured" else 0.99) * pruned_norm_mag
 
 
 def _reconstruction_error(model: nn.Module, dense: nn.Module, x: torch.Tensor) -> float:
