@@ -1,0 +1,52 @@
+"""Shared benchmark plumbing: machine facts, versions, load average, JSON results."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def versions(*packages: str) -> dict[str, str | None]:
+    """Installed versions of ``packages`` (None when absent)."""
+    out: dict[str, str | None] = {}
+    for name in ("torch", "numpy", "scipy", "mp-plugin", *packages):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def machine() -> dict:
+    """CPU model, core count, platform, current load average and date."""
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "loadavg_1_5_15": list(os.getloadavg()),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_result(name: str, payload: dict, packages: tuple[str, ...] = ()) -> Path:
+    """Write ``benchmarks/results/<name>.json`` with machine and version info added."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": machine(), "versions": versions(*packages), **payload}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=1))
+    return path
