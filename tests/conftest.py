@@ -13,6 +13,18 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+# the timm architectures every breadth test runs over (random init, small variants)
+TIMM_ARCHS = [
+    "vit_tiny_patch16_224",
+    "deit_tiny_patch16_224",
+    "swin_tiny_patch4_window7_224",
+    "convnext_atto",
+    "resnet18",
+    "efficientnet_b0",
+    "mobilenetv3_small_100",
+    "mixer_s16_224",
+]
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:

@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import TIMM_ARCHS as ARCHS
 from conftest import make_mlp
 
 import mp_plugin
@@ -18,17 +19,6 @@ from mp_plugin.layers import LayerSelection
 from mp_plugin.masks import kn_group_counts
 from mp_plugin.patterns import Pattern
 from mp_plugin.plan import PlanConfig, PrunePlan, plan
-
-ARCHS = [
-    "vit_tiny_patch16_224",
-    "deit_tiny_patch16_224",
-    "swin_tiny_patch4_window7_224",
-    "convnext_atto",
-    "resnet18",
-    "efficientnet_b0",
-    "mobilenetv3_small_100",
-    "mixer_s16_224",
-]
 
 
 def _as_unstructured(p: PrunePlan) -> PrunePlan:

@@ -6,23 +6,13 @@ import json
 
 import pytest
 import torch
+from conftest import TIMM_ARCHS
 from torch import nn
 
 import mp_plugin as mp
 from mp_plugin.cli import main as cli_main
 
 timm = pytest.importorskip("timm")
-
-TIMM_ARCHS = [
-    "vit_tiny_patch16_224",
-    "deit_tiny_patch16_224",
-    "swin_tiny_patch4_window7_224",
-    "convnext_atto",
-    "resnet18",
-    "efficientnet_b0",
-    "mobilenetv3_small_100",
-    "mixer_s16_224",
-]
 
 
 @pytest.mark.parametrize("arch", TIMM_ARCHS)

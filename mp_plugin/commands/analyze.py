@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..plan import plan
-from .common import add_model_args, add_plan_args, model_from_args, plan_config_from_args
+from .common import add_model_args, add_plan_args, model_from_args, plan_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,15 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``analyze``."""
     model = model_from_args(args)
-    result = plan(
-        model,
-        sparsity=args.sparsity,
-        pattern=args.pattern,
-        method=args.method,
-        config=plan_config_from_args(args),
-        model_name=args.model or str(args.checkpoint),
-        show_progress=True,
-    )
+    result = plan_from_args(args, model)
     print(result.to_table(max_rows=args.max_rows))
     out = Path(args.out)
     path = result.save(out / "plan.json")

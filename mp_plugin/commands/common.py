@@ -45,3 +45,18 @@ def plan_config_from_args(args: argparse.Namespace):
 
     sel = LayerSelection(exclude_head=not args.include_head, exclude_stem=not args.include_stem)
     return PlanConfig(selection=sel)
+
+
+def plan_from_args(args: argparse.Namespace, model):
+    """``mp_plugin.plan`` for ``model`` with the :func:`add_plan_args` settings, with a progress bar."""
+    from ..plan import plan
+
+    return plan(
+        model,
+        sparsity=args.sparsity,
+        pattern=args.pattern,
+        method=args.method,
+        config=plan_config_from_args(args),
+        model_name=args.model or str(args.checkpoint),
+        show_progress=True,
+    )

@@ -10,14 +10,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from ..pruning import MASK_METHODS, apply, sparsity_report
 from ..errors import MPPluginError
-from ..plan import plan
-from .common import add_model_args, add_plan_args, model_from_args, plan_config_from_args
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+from ..photos import image_folder_batch
+from ..pruning import MASK_METHODS, apply, sparsity_report
+from .common import add_model_args, add_plan_args, model_from_args, plan_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,47 +34,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def load_images(folder: str | Path, count: int, size: int) -> torch.Tensor:
-    """Up to ``count`` images from ``folder``: resized (short side), centre-cropped, normalised; (B, 3, size, size)."""
-    try:
-        import numpy as np
-        from PIL import Image
-    except ImportError as exc:
-        raise MPPluginError("--calib-images needs Pillow: pip install pillow") from exc
-    files = sorted(f for f in Path(folder).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)[:count]
-    if not files:
-        raise MPPluginError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-    batch = []
-    for f in files:
-        img = Image.open(f).convert("RGB")
-        scale = size / min(img.size)
-        img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))))
-        left, top = (img.width - size) // 2, (img.height - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-        x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255
-        batch.append((x - mean) / std)
-    return torch.stack(batch)
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``prune``."""
     model = model_from_args(args)
     calibration = None
     if args.calib_images:
-        calibration = load_images(args.calib_images, args.calib_count, args.image_size)
+        calibration, _ = image_folder_batch(args.calib_images, args.calib_count, args.image_size)
     elif args.projection == "cast":
         raise MPPluginError("--projection cast needs --calib-images DIR")
-    result = plan(
-        model,
-        sparsity=args.sparsity,
-        pattern=args.pattern,
-        method=args.method,
-        config=plan_config_from_args(args),
-        model_name=args.model or str(args.checkpoint),
-        show_progress=True,
-    )
+    result = plan_from_args(args, model)
     apply(
         model,
         result,
