@@ -47,7 +47,8 @@ class DistillResult:
         steps: optimiser steps taken in total (including those before a resume).
         history: one metrics dict per logged step (``step``, ``loss``, ``acc``, ``sparsity``, ``lr``).
         first_loss / last_loss: mean training loss over the first / last logging window (nats).
-        sparsity_before / sparsity_after: fraction of masked-out entries in the masked layers.
+        sparsity_before: fraction of masked-out entries in the masked layers (from the masks).
+        sparsity_after: fraction of exact zeros in those layers' weights after training (measured).
         val: validation metrics after training (``top1``, ``teacher_agreement``, ``loss``) or None.
         checkpoint: path of the last checkpoint written (rank 0), or None.
         plan: the plan the run used (from the argument or the resumed checkpoint).
@@ -181,6 +182,13 @@ def evaluate(
         "loss": float(sums[2]) / n if labelled else nan,
         "teacher_agreement": float(sums[3]) / n if teacher is not None else nan,
     }
+
+
+def _measured_sparsity(keeper: MaskKeeper) -> float:
+    """Fraction of exact zeros in the weights of the masked layers (measured, not read from the masks)."""
+    total = sum(m.numel() for m in keeper.masks.values())
+    zeros = sum(int((keeper._weight(name).detach() == 0).sum()) for name in keeper.masks)
+    return zeros / total if total else 0.0
 
 
 def _masked_nonzeros(keeper: MaskKeeper) -> int:
@@ -379,7 +387,7 @@ def distill(
 
     ctx.broadcast_buffers(student)  # ranks end with identical BatchNorm statistics, not only parameters
     leaked = _masked_nonzeros(keeper)
-    sparsity_after = keeper.sparsity
+    sparsity_after = _measured_sparsity(keeper)
     if leaked:
         raise MPPluginError(f"{leaked} masked weights are non-zero after distillation: masks were not kept")
     if ckpt_path is not None and is_main:
