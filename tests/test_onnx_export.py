@@ -6,6 +6,8 @@ shared by the tests that read it.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -59,7 +61,8 @@ def exported(tmp_path_factory, request):
         if key not in cache:
             torch.manual_seed(0)
             if arch == "efficientnet_lite0":
-                model, shape = request.getfixturevalue("efficientnet_lite0"), (1, 3, 96, 96)
+                # a copy: prune_24 works in place and the session model is shared
+                model, shape = copy.deepcopy(request.getfixturevalue("_pristine_efficientnet_lite0")), (1, 3, 96, 96)
             else:
                 kw, shape = ARCHS[arch]
                 model = timm.create_model(arch, **kw).eval()
