@@ -27,7 +27,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,7 @@ class Task:
     evaluate: Callable[[torch.nn.Module], dict[str, float]]
     task_metric: str
     fidelity_metric: str
+    meta: dict[str, Any] = field(default_factory=dict)  # e.g. the texts evaluation/calibration use
 
 
 # --------------------------------------------------------------------------- data
@@ -122,7 +123,8 @@ def minilm_task(classes: int = 20, per_class: int = 20, n_calib: int = 40, seed:
         cos = float(torch.nn.functional.cosine_similarity(emb, dense_emb, dim=-1).mean())
         return {"probe_accuracy": probe, "embedding_cosine": cos}
 
-    return Task("minilm", model, calibration, evaluate, "probe_accuracy", "embedding_cosine")
+    used = {"probe_texts": texts, "calibration_texts": calib[:n_calib]}
+    return Task("minilm", model, calibration, evaluate, "probe_accuracy", "embedding_cosine", used)
 
 
 def _classifier_task(name: str, model: torch.nn.Module, x_eval: torch.Tensor, y: torch.Tensor | None, calib: Any):
