@@ -26,7 +26,7 @@ from torch import nn
 
 from .errors import MPPluginError
 
-__all__ = ["BUILTIN_MODELS", "load_model", "register_builtin_model"]
+__all__ = ["BUILTIN_MODELS", "load_model", "register_builtin_model", "save_pruned_checkpoint"]
 
 BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -165,3 +165,21 @@ def load_model(
 
 
 from . import zoo  # noqa: E402, F401  (registers the Fashion-MNIST zoo names fmnist_mlp/cnn/vit)
+
+
+def save_pruned_checkpoint(model: nn.Module, directory: str | Path, plan: object | None = None) -> Path:
+    """Write ``directory/model.safetensors`` (dense-with-zeros state_dict) and, if given, ``plan.json``.
+
+    Tied tensors are cloned into separate entries (safetensors refuses shared storage);
+    :func:`load_model` reads the file back. Returns the safetensors path.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    path = out / "model.safetensors"
+    save_file(state, str(path), metadata={"format": "pt", "mp_plugin_plan": "plan.json"})
+    if plan is not None:
+        plan.save(out / "plan.json")
+    return path

@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _relaunch(args)
     from ..distill import DataConfig, distill, init_distributed, make_loaders
-    from ..models import load_model
+    from ..models import load_model, save_pruned_checkpoint
     from ..plan import PrunePlan
 
     if args.threads:
@@ -204,12 +204,7 @@ def run(args: argparse.Namespace) -> int:
             log=print,
         )
         if ctx.is_main:
-            from safetensors.torch import save_file
-
-            state = {k: v.detach().cpu().contiguous().clone() for k, v in student.state_dict().items()}
-            save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "mp_plugin_plan": "plan.json"})
-            if result.plan is not None:
-                result.plan.save(out / "plan.json")
+            save_pruned_checkpoint(student, out, result.plan)
             summary = {
                 "steps": result.steps,
                 "first_loss": result.first_loss,

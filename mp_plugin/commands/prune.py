@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import MPPluginError
+from ..models import save_pruned_checkpoint
 from ..photos import image_folder_batch
 from ..pruning import MASK_METHODS, apply, sparsity_report
 from .common import add_model_args, add_plan_args, model_from_args, plan_from_args
@@ -52,14 +53,8 @@ def run(args: argparse.Namespace) -> int:
         show_progress=True,
         permute=args.permute,
     )
-    from safetensors.torch import save_file
-
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    # clone so that tied tensors become separate entries (safetensors refuses shared storage)
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "mp_plugin_plan": "plan.json"})
-    result.save(out / "plan.json")
+    save_pruned_checkpoint(model, out, result)
     print(sparsity_report(model, result).to_table(max_rows=args.max_rows))
     print(f"wrote {out / 'model.safetensors'} and {out / 'plan.json'}")
     return 0
