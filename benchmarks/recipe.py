@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gzip
 import json
 import sys
 import time
@@ -41,16 +40,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import RESULTS, write_result  # noqa: E402
 
+from mp_plugin.data.fashion_mnist import load_fashion_mnist  # noqa: E402
 from mp_plugin.distill import DistillConfig, distill  # noqa: E402
 from mp_plugin.layers import find_target_layers  # noqa: E402
 from mp_plugin.masks import MaskKeeper  # noqa: E402
 from mp_plugin.models import load_model  # noqa: E402
-from mp_plugin.photos import IMAGENET_MEAN, IMAGENET_STD, builtin_photo_crops  # noqa: E402
+from mp_plugin.photos import builtin_photo_crops, normalise_imagenet  # noqa: E402
 from mp_plugin.plan import plan  # noqa: E402
 from mp_plugin.pruning import apply, sparsity_report  # noqa: E402
 from mp_plugin.ser import HybridConfig, SERConfig, hybrid_magnitude_ser, ser_to_kn  # noqa: E402
-
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 @dataclass
@@ -73,27 +71,13 @@ class RecipeBench:
     seed: int = 0
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (optionally gzipped) as a numpy array."""
-    raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 def fashion_images(split: str, n: int, res: int, seed: int) -> torch.Tensor:
     """``n`` seeded Fashion-MNIST images as (n, 3, res, res) ImageNet-normalised float32."""
-    name = "train" if split == "train" else "t10k"
-    path = FASHION_DIR / f"{name}-images-idx3-ubyte.gz"
-    if not path.exists():
-        raise SystemExit(f"{path} is missing: apt-get install -y dataset-fashion-mnist")
-    arr = read_idx(path)
-    idx = np.random.default_rng(seed).choice(len(arr), size=n, replace=False)
-    x = torch.from_numpy(arr[np.sort(idx)].copy()).float().div(255).unsqueeze(1).repeat(1, 3, 1, 1)
+    images = load_fashion_mnist(split).images  # (N, 1, 28, 28) in [0, 1]
+    idx = np.random.default_rng(seed).choice(len(images), size=n, replace=False)
+    x = images[torch.from_numpy(np.sort(idx))].repeat(1, 3, 1, 1)
     x = F.interpolate(x, size=(res, res), mode="bilinear", align_corners=False)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return normalise_imagenet(x)
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ __all__ = [
     "real_photo_crops",
     "image_folder_batch",
     "load_images",
+    "normalise_imagenet",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -81,7 +82,7 @@ def real_photo_crops(n: int, size: int = 224, seed: int = 0, min_scale: float = 
             parts.append(_crops_of(_read_rgb(path), count, size, seed + 7919 * j, min_scale))
     x = torch.cat(parts)
     order = torch.argsort(torch.rand(len(x), generator=torch.Generator().manual_seed(seed)))
-    return _normalise(x[order])
+    return normalise_imagenet(x[order])
 
 
 def _read_rgb(path: Path) -> torch.Tensor:
@@ -94,7 +95,8 @@ def _read_rgb(path: Path) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (3, H, W) in [0, 1]
 
 
-def _normalise(x: torch.Tensor) -> torch.Tensor:
+def normalise_imagenet(x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) RGB in [0, 1] → normalised with ImageNet mean/std (same shape)."""
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (x - mean) / std
@@ -108,7 +110,7 @@ def builtin_photo_crops(n: int, size: int = 224, seed: int = 0, min_scale: float
     """
     if n < 1:
         raise MPPluginError(f"need at least one crop, got n={n}")
-    return _normalise(_crops_of(_read_rgb(builtin_photo_path()), n, size, seed, min_scale))
+    return normalise_imagenet(_crops_of(_read_rgb(builtin_photo_path()), n, size, seed, min_scale))
 
 
 def _crops_of(img: torch.Tensor, n: int, size: int, seed: int, min_scale: float) -> torch.Tensor:
@@ -163,4 +165,4 @@ def load_images(files: list[Path], size: int = 224) -> torch.Tensor:
         img = F.interpolate(img, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
         top, left = (nh - size) // 2, (nw - size) // 2
         out.append(img[:, :, top : top + size, left : left + size])
-    return _normalise(torch.cat(out))
+    return normalise_imagenet(torch.cat(out))
