@@ -39,7 +39,7 @@ from torch.nn.utils import parametrize
 
 from mp_plugin.errors import MPPluginError
 from mp_plugin.layers import LayerSelection, find_target_layers
-from mp_plugin.masks import check_nm
+from mp_plugin.masks import check_nm, fold_parametrizations
 from mp_plugin.patterns import Pattern
 from mp_plugin.plan import PrunePlan
 
@@ -275,16 +275,6 @@ def _parametrized_modules(model: nn.Module) -> list[str]:
     return [name or "<root>" for name, m in model.named_modules() if parametrize.is_parametrized(m)]
 
 
-def _fold_parametrizations(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with every parametrization baked into a plain parameter."""
-    model = copy.deepcopy(model)
-    for module in model.modules():
-        if parametrize.is_parametrized(module):
-            for tensor_name in list(module.parametrizations.keys()):
-                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
-    return model
-
-
 def _expected_layers(
     model: nn.Module, pattern: str | None, plan: PrunePlan | None, selection: LayerSelection | None
 ) -> dict[str, tuple[nn.Module, Pattern]]:
@@ -512,7 +502,7 @@ def export_onnx(
             f"{len(param_mods)} modules still carry torch parametrizations (masks not folded), e.g. {param_mods[:5]}; "
             "call your sparsifier's squash_mask() first, or pass fold=True to bake them into the weights"
         )
-    model = _fold_parametrizations(model) if param_mods else copy.deepcopy(model)
+    model = fold_parametrizations(model) if param_mods else copy.deepcopy(model)
     model = model.float().eval()
     layers = _expected_layers(model, pattern, plan, selection)
     not_kn = [f"{name} ({pat})" for name, (mod, pat) in layers.items() if not check_nm(mod.weight, pat.k, pat.n)]

@@ -13,11 +13,13 @@ layout, so a k:n group is n consecutive entries of a flattened row.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .budget import global_prune_counts
 from .errors import PatternError, PlanMismatchError
@@ -30,6 +32,7 @@ __all__ = [
     "assert_kn_exact",
     "global_unstructured_masks",
     "MaskKeeper",
+    "fold_parametrizations",
 ]
 
 
@@ -234,3 +237,31 @@ class MaskKeeper:
                 )
             new[name] = mask.to(device=weight.device, dtype=torch.bool)
         self.masks = new
+
+
+def fold_parametrizations(model: nn.Module, original: bool = False) -> nn.Module:
+    """A copy of ``model`` with every ``torch.nn.utils.parametrize`` parametrization folded into plain tensors.
+
+    Args:
+        model: the model; it is not modified (parametrized copies share their injected class
+            with the original, so the copy is re-classed instead of calling
+            ``remove_parametrizations``, which would edit that shared class).
+        original: keep the unparametrized originals (e.g. the dense weights under a
+            torch.ao sparsifier's mask) instead of the parametrized values.
+    """
+    clone = copy.deepcopy(model)
+    sources = dict(model.named_modules())
+    for name, module in clone.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        src = sources[name]
+        with torch.no_grad():
+            values = {
+                t: (src.parametrizations[t].original if original else getattr(src, t)).detach().clone()
+                for t in src.parametrizations.keys()
+            }
+        module.__class__ = type(module).__bases__[0]  # the plain class the parametrized one derives from
+        del module._modules["parametrizations"]
+        for t, value in values.items():
+            module._parameters[t] = nn.Parameter(value, requires_grad=False)
+    return clone

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from mp_plugin.masks import check_nm as mp_check_nm
+
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 timm = pytest.importorskip("timm")
@@ -154,6 +156,7 @@ def test_unsquashed_parametrizations_refused_then_folded(tmp_path):
     report = export_onnx(mlp, tmp_path / "m.onnx", (4, 32), fold=True)
     assert report.pattern_ok and len(report.checks) == 3 and report.max_abs_diff <= 1e-4
     assert parametrize.is_parametrized(mlp[0])  # the caller's model is untouched
+    assert mp_check_nm(mlp[0].weight, 2, 4) and mlp(torch.randn(2, 32)).shape == (2, 16)  # and still masks
 
 
 def test_masks_never_applied_lists_layers(tmp_path):

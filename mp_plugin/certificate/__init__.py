@@ -10,9 +10,9 @@
 
 from __future__ import annotations
 
+from ..masks import fold_parametrizations
 from .callback import CertificateCallback
 from .core import certify
-from .inputs import fold_parametrizations
 from .labels import ESTIMATE, EXACT, HIGH_PROBABILITY, LOWER, MEASURED, RIGOROUS
 from .lipschitz import jacobian_estimate, sequential_bound
 from .restore import RestoreResult, restore_gain

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from ..errors import CertificateInputError
+from ..masks import fold_parametrizations
 from .core import certify
-from .inputs import Batch, fold_parametrizations
+from .inputs import Batch
 from .result import Certificate
 
 __all__ = ["CertificateCallback"]

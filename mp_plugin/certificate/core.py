@@ -12,13 +12,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import CertificateInputError, NonFiniteActivationError, NotCertifiable
+from ..masks import fold_parametrizations
 from .gaussian import gaussian_mp_budget
 from .inputs import (
     Batch,
     batch_size,
     check_labels,
     check_same_architecture,
-    fold_parametrizations,
     forward_logits,
     linear_layers,
     model_device,

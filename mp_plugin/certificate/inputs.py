@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ..errors import ArchitectureMismatchError, CertificateInputError, NonFiniteActivationError
 
@@ -19,7 +17,6 @@ __all__ = [
     "forward_logits",
     "check_labels",
     "check_same_architecture",
-    "fold_parametrizations",
     "model_device",
     "LAYER_TYPES",
     "linear_layers",
@@ -104,34 +101,6 @@ def check_labels(labels: torch.Tensor | None, n: int, k: int) -> torch.Tensor | 
             f"labels must lie in [0, {k}), got range [{int(labels.min())}, {int(labels.max())}]"
         )
     return labels.long()
-
-
-def fold_parametrizations(model: nn.Module, original: bool = False) -> nn.Module:
-    """A copy of ``model`` with every ``torch.nn.utils.parametrize`` parametrization folded into plain tensors.
-
-    Args:
-        model: the model; it is not modified (parametrized copies share their injected class
-            with the original, so the copy is re-classed instead of calling
-            ``remove_parametrizations``, which would edit that shared class).
-        original: keep the unparametrized originals (e.g. the dense weights under a
-            torch.ao sparsifier's mask) instead of the parametrized values.
-    """
-    clone = copy.deepcopy(model)
-    sources = dict(model.named_modules())
-    for name, module in clone.named_modules():
-        if not parametrize.is_parametrized(module):
-            continue
-        src = sources[name]
-        with torch.no_grad():
-            values = {
-                t: (src.parametrizations[t].original if original else getattr(src, t)).detach().clone()
-                for t in src.parametrizations.keys()
-            }
-        module.__class__ = type(module).__bases__[0]  # the plain class the parametrized one derives from
-        del module._modules["parametrizations"]
-        for t, value in values.items():
-            module._parameters[t] = nn.Parameter(value, requires_grad=False)
-    return clone
 
 
 def check_same_architecture(dense: nn.Module, pruned: nn.Module) -> None:

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..masks import fold_parametrizations
 from .core import certify
-from .inputs import Batch, fold_parametrizations
+from .inputs import Batch
 from .result import Certificate
 
 __all__ = ["certify_sparsifier"]
