@@ -12,8 +12,9 @@ Where a weight lands in ONNX (torch 2.14, dynamo exporter, checked by the tests)
   the k:n groups run along **axis 0** of B. The initializer is renamed (``val_N``).
 * a classifier ``nn.Linear`` on a 2-D input → ``Gemm(transB=1)`` with B = W (out, in):
   groups along **axis 1**.
-* ``nn.Conv2d`` → ``Conv`` W (out, in/groups, kh, kw); groups run along the flattened
-  in·kh·kw of each output row. Eval-mode BatchNorm is folded into W (each output row
+* ``nn.Conv2d`` → ``Conv`` W (out, in/groups, kh, kw); groups run along the input
+  channels at each kernel position (TensorRT's conv layout, ``mp_plugin.layout``).
+  Eval-mode BatchNorm is folded into W (each output row
   is rescaled, so zeros stay zeros and the pattern survives).
 
 Initializers are matched to torch layers by name, else by value up to a per-row
@@ -202,18 +203,22 @@ def nm_violations(array: np.ndarray, k: int, n: int, axis: int) -> tuple[int, in
     """Count n-groups along ``axis`` holding more than k non-zeros.
 
     Args:
-        array: any-rank array; for rank > 2 with axis=1 (a Conv weight) the trailing
-            axes are flattened into the row, giving the (out, in·kh·kw) layout.
+        array: any-rank array; for rank > 2 with axis=1 (a Conv weight) groups run
+            along the input channels at each kernel position (the k:n layout of
+            ``mp_plugin.layout``: the array is read as (out, kh·kw·in)).
         k, n: the pattern. axis: 0 or 1, the reduction axis of the stored matrix.
 
     Returns:
         (bad_groups, groups). groups is 0 when the axis length is not a multiple of n.
     """
+    width = array.shape[1] if axis == 1 else array.shape[0]
+    if array.ndim > 2:
+        array = np.moveaxis(array, 1, -1)
     mat = array.reshape(array.shape[0], -1) if array.ndim != 2 else array
     if axis == 0:
         mat = mat.T
     rows, cols = mat.shape
-    if cols % n or cols == 0:
+    if width % n or cols == 0:
         return 0, 0
     nonzero = (mat != 0).reshape(rows, cols // n, n).sum(axis=-1)
     return int((nonzero > k).sum()), int(nonzero.size)
@@ -296,7 +301,7 @@ def _expected_layers(
     if not pat.is_kn:
         return out
     for t in targets:
-        if pat.eligible(t.shape):
+        if pat.eligible(tuple(t.weight.shape)):
             out[t.name] = (t.module, pat)
     return out
 

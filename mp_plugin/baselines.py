@@ -24,6 +24,10 @@ Notes on the framework implementations, as installed:
   *mask selection*, but writes only the mask: the kept weights are not updated
   (``create_sgpt_mask`` compensates on a copy). It needs out and in sizes
   divisible by 4 and supports only 2:4. Layers it skips fall back to magnitude 2:4.
+  For k×k convs it groups the flattened C_in·kh·kw row, not the input channels
+  at each kernel position that TensorRT accelerates (``mp_plugin.layout``; its
+  own magnitude mode uses the channel layout); such masks fail our k:n check
+  and those layers fall back to magnitude 2:4 too.
 * torchao's ``WandaSparsifier`` scores |W|·Σx² (its observer keeps the *squared*
   norm) and compares over the whole layer, not per output row; it handles
   Linear layers only.
@@ -43,7 +47,7 @@ from torch import nn
 
 from .calibration import layer_input_rows, run_batches
 from .errors import MPPluginError, PatternError
-from .masks import assert_kn_exact, nm_mask
+from .masks import assert_kn_exact, check_nm, nm_mask
 from .patterns import Pattern
 from .plan import PlanConfig, PrunePlan, plan
 from .pruning import apply
@@ -242,8 +246,9 @@ def sparsegpt_modelopt(
 
     ModelOpt sparsifies every Linear/Conv2d whose sizes are divisible by 4; layers
     outside the plan's 2:4 targets get their dense weights back, and 2:4 targets
-    ModelOpt skips fall back to magnitude 2:4. The result is an ordinary model
-    (``mts.export``).
+    ModelOpt skips, or whose mask is not 2:4 along the input channels (k×k convs,
+    see the module notes), fall back to magnitude 2:4 of the dense weights. The
+    result is an ordinary model (``mts.export``).
     """
     pat = Pattern.parse(pattern)
     if not (pat.is_kn and pat.k == 2 and pat.n == 4):
@@ -252,10 +257,10 @@ def sparsegpt_modelopt(
 
     p = _target_plan(model, 0.5, "2:4", config)
     targets = {lp.name for lp in p.layers if Pattern.parse(lp.pattern).is_kn}
-    keep_dense = {
+    dense = {
         name: mod.weight.detach().clone()
         for name, mod in model.named_modules()
-        if isinstance(getattr(mod, "weight", None), torch.Tensor) and name not in targets
+        if isinstance(getattr(mod, "weight", None), torch.Tensor)
     }
     device = next(model.parameters()).device
     with warnings.catch_warnings():
@@ -271,18 +276,15 @@ def sparsegpt_modelopt(
         mts.export(model)
     modules = dict(model.named_modules())
     with torch.no_grad():
-        for name, w in keep_dense.items():
-            modules[name].weight.copy_(w)
+        for name, w in dense.items():
+            if name not in targets:
+                modules[name].weight.copy_(w)
         for name in targets:
             weight = modules[name].weight
-            if not bool((_group_nonzeros(weight, 4) <= 2).all()):
-                weight.mul_(nm_mask(weight.detach(), 2, 4).to(weight.dtype))
+            if not check_nm(weight, 2, 4):
+                w = dense[name]
+                weight.copy_(w * nm_mask(w, 2, 4).to(w.dtype))
     return model
-
-
-def _group_nonzeros(weight: torch.Tensor, n: int) -> torch.Tensor:
-    w2 = weight.detach().reshape(weight.shape[0], -1)
-    return (w2.reshape(w2.shape[0], -1, n) != 0).sum(-1)
 
 
 # --------------------------------------------------------------------------- torchao WandaSparsifier

@@ -171,7 +171,7 @@ def prune_24_(model: nn.Module) -> list[str]:
     names = []
     with torch.no_grad():
         for t in targets:
-            if t.shape[1] % 4 == 0:
+            if t.weight.shape[1] % 4 == 0:
                 t.module.weight.mul_(nm_mask(t.module.weight, 2, 4))
                 names.append(t.name)
     return names

@@ -1,7 +1,7 @@
 """Calibration statistics: per-layer input covariances captured with forward hooks.
 
-CAST (``mp_plugin.cast``) needs, for every k:n group g of n consecutive inputs
-of a layer, the uncentred second moment C_g = E[h_g h_gᵀ] (n×n) of that
+CAST (``mp_plugin.cast``) needs, for every k:n group g of a layer (n
+consecutive input channels at one kernel position, ``mp_plugin.layout``), the uncentred second moment C_g = E[h_g h_gᵀ] (n×n) of that
 layer's input slice. This module runs a calibration batch through the model
 with forward hooks and keeps only those (G, n, n) blocks, so memory stays at
 C_in·kh·kw·n numbers per layer however large the batch is.
@@ -10,9 +10,11 @@ Input rows:
 
 * Linear: every token is a row (B·T rows of ``in_features``).
 * Conv1d/Conv2d: every output position is a row of the unfolded input
-  (``torch.nn.functional.unfold``), laid out as C_in·kh·kw, which matches
-  ``weight.reshape(C_out, -1)``. Grouped convs give the full C_in·kh·kw row;
-  conv group q's weights read columns [q·C_in/G·kh·kw, (q+1)·C_in/G·kh·kw).
+  (``torch.nn.functional.unfold``). :func:`layer_input_rows` returns it
+  channel-major (C_in·kh·kw, matching ``weight.reshape(C_out, -1)``); the
+  covariances are kept in the k:n layout (:func:`mp_plugin.layout.kn_input_columns`,
+  matching :func:`mp_plugin.layout.kn_matrix`). Grouped convs give the full
+  row; conv group q's weights read the q-th contiguous block of it.
 
 At most ``max_rows`` rows per layer are used (random rows, fixed seed).
 """
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import MPPluginError, PatternError
+from .layout import kn_input_columns, kn_matrix, kn_width
 
 __all__ = [
     "GroupCovariance",
@@ -45,7 +48,7 @@ class GroupCovariance:
 
     Attributes:
         cov: (G, n, n) float64, C_g = mean over rows of h_g h_gᵀ (input units²);
-            G = C_in·kh·kw / n over the full unfolded input.
+            G = C_in·kh·kw / n over the full unfolded input, in the k:n layout.
         rows: number of input rows averaged.
         n: group size.
     """
@@ -61,7 +64,7 @@ class GroupCovariance:
 
     @property
     def second_moment(self) -> torch.Tensor:
-        """E[h²] per input column: (G·n,) float64."""
+        """E[h²] per input column, in the k:n layout: (G·n,) float64."""
         return torch.diagonal(self.cov, dim1=-2, dim2=-1).reshape(-1)
 
 
@@ -129,8 +132,10 @@ class _Accumulator:
         if room <= 0 or not inputs or not isinstance(inputs[0], torch.Tensor):
             return
         rows = layer_input_rows(module, inputs[0].detach())
-        if rows.shape[1] % self.n:
-            raise PatternError(f"layer input width {rows.shape[1]} is not divisible by n={self.n}")
+        if kn_width(module.weight.shape) % self.n:
+            raise PatternError(f"layer input channels {kn_width(module.weight.shape)} are not divisible by n={self.n}")
+        if module.weight.dim() > 2:
+            rows = kn_input_columns(rows, int(module.in_channels), int(module.groups))
         if rows.shape[0] > room:
             pick = torch.randperm(rows.shape[0], generator=self.generator)[:room].to(rows.device)
             rows = rows.index_select(0, pick)
@@ -196,7 +201,7 @@ def calibration_loss(weight_change: torch.Tensor, stats: GroupCovariance, conv_g
     Returns:
         A float64 scalar (input units² × weight units²).
     """
-    r = weight_change.detach().reshape(weight_change.shape[0], -1).to(torch.float64)
+    r = kn_matrix(weight_change.detach()).to(torch.float64)
     rg = r.reshape(r.shape[0], -1, stats.n)
     cov = stats.cov.to(r.device)
     idx = group_index(r.shape[0], rg.shape[1], conv_groups, stats.groups, device=r.device)

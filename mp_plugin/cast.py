@@ -1,6 +1,7 @@
 """CAST: covariance-aware k:n projection (ALGORITHM.md §2.7).
 
-For every output row i and group g of n consecutive inputs, CAST picks the
+For every output row i and k:n group g (n consecutive input channels at one
+kernel position, ``mp_plugin.layout``), CAST picks the
 keep pattern m ∈ {0,1}ⁿ with |m| = k that minimises
 
     c(m) = rᵀ C_g r  +  α · c̄ · |m − M_prior|₁,      r = (1 − m) ⊙ u,
@@ -29,6 +30,7 @@ import torch
 
 from .calibration import GroupCovariance, group_index
 from .errors import MPPluginError, PatternError
+from .layout import from_kn_matrix, kn_matrix, kn_width
 from .masks import assert_kn_exact
 
 __all__ = ["CastConfig", "kn_patterns", "cast_source", "cast_project"]
@@ -124,12 +126,12 @@ def cast_project(
     config: CastConfig | None = None,
     conv_groups: int = 1,
 ) -> torch.Tensor:
-    """Choose, per output row and group, the k:n keep pattern minimising rᵀC_g r (+ prior).
+    """Choose, per output row and k:n group, the keep pattern minimising rᵀC_g r (+ prior).
 
     Args:
         u: source weight (C_out, C_in/groups, *kernel) or (C_out, in); any float dtype/device.
         stats: the layer's calibration covariances, with ``stats.n == n``.
-        k, n: keep k of every n consecutive inputs (1 ≤ k < n ≤ 16).
+        k, n: keep k of every n consecutive input channels (1 ≤ k < n ≤ 16).
         prior_mask: unstructured mask (bool, shaped like ``u``) for the Hamming prior.
         config: :class:`CastConfig` (``prior_alpha`` > 0 needs ``prior_mask``).
         conv_groups: the conv's ``groups`` (1 for Linear).
@@ -142,15 +144,15 @@ def cast_project(
     if stats.n != n:
         raise PatternError(f"covariance was captured for groups of {stats.n}, not {n}")
     rows = u.shape[0]
+    if kn_width(u.shape) % n:
+        raise PatternError(f"input channels {kn_width(u.shape)} are not divisible by n={n}")
     width = u[0].numel()
-    if width % n:
-        raise PatternError(f"input size {width} is not divisible by n={n}")
     if cfg.prior_alpha > 0 and prior_mask is None:
         raise MPPluginError("prior_alpha > 0 needs a prior mask")
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     dev = u.device
     G = width // n
-    ug_all = u.detach().reshape(rows, G, n).to(dtype)
+    ug_all = kn_matrix(u.detach()).reshape(rows, G, n).to(dtype)
     cov = stats.cov.to(device=dev, dtype=dtype)
     idx_all = group_index(rows, G, conv_groups, stats.groups, device=dev)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -158,7 +160,7 @@ def cast_project(
     drop = (~pats).to(dtype)  # (K, n): 1 where removed
     drop_outer = (drop[:, :, None] * drop[:, None, :]).reshape(len(pats), n * n)  # (K, n²)
     use_prior = cfg.prior_alpha > 0
-    prior_all = prior_mask.reshape(rows, G, n).to(device=dev, dtype=dtype) if use_prior else None
+    prior_all = kn_matrix(prior_mask).reshape(rows, G, n).to(device=dev, dtype=dtype) if use_prior else None
     cbar_esm = None
     if use_prior and cfg.prior_scale == "esm":
         diag = torch.diagonal(cov, dim1=-2, dim2=-1)[idx_all]  # (R, G, n)
@@ -189,6 +191,6 @@ def cast_project(
         best = total.argmin(dim=-1)  # (r, G)
         chosen = pats[best.clamp_max(len(pats) - 1)]
         out[sl] = torch.where((best == len(pats))[..., None], mag, chosen)
-    mask = out.reshape(u.shape)
+    mask = from_kn_matrix(out.reshape(rows, -1), u.shape).contiguous()
     assert_kn_exact(mask, k, n, name="CAST mask")
     return mask

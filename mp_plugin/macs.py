@@ -102,7 +102,7 @@ def sparse_factor(weight: torch.Tensor, pattern: str | Pattern) -> tuple[str, fl
     best = ("dense", 1.0)
     for text in candidates:
         pat = Pattern.parse(text)
-        if not pat.is_kn or weight[0].numel() % pat.n:
+        if not pat.is_kn or not pat.eligible(tuple(weight.shape)):
             continue
         if check_nm(weight, pat.k, pat.n) and pat.k / pat.n < best[1]:
             best = (str(pat), pat.k / pat.n)

@@ -1,8 +1,10 @@
 """Pruning masks: unstructured (exact count), k:n along the input axis, and keeping them.
 
-Masks are boolean tensors of the weight's own shape; ``True`` = kept. A conv
-weight (C_out, C_in, kh, kw) is read in the unfolded C_out × (C_in·kh·kw)
-layout, so a k:n group is n consecutive entries of a flattened row.
+Masks are boolean tensors of the weight's own shape; ``True`` = kept. A k:n
+group is n consecutive input channels of one output row at one kernel position
+(``mp_plugin.layout``): for a Linear, n consecutive inputs; for a conv
+(C_out, C_in, kh, kw), n consecutive input channels at one (r, s), the layout
+TensorRT and cuSPARSELt accelerate.
 
 * :func:`unstructured_mask`, :func:`global_unstructured_masks` — exact counts,
   per layer or by global (SEB-weighted) |W|/w_ℓ thresholding.
@@ -23,6 +25,7 @@ from torch.nn.utils import parametrize
 
 from .budget import global_prune_counts
 from .errors import PatternError, PlanMismatchError
+from .layout import from_kn_matrix, kn_matrix, kn_width
 
 __all__ = [
     "nm_mask",
@@ -37,15 +40,16 @@ __all__ = [
 
 
 def _as_groups(weight: torch.Tensor, n: int) -> torch.Tensor:
-    rows = weight.shape[0]
-    cols = weight[0].numel()
-    if cols % n:
-        raise PatternError(f"input size {cols} is not divisible by n={n}")
-    return weight.reshape(rows, cols // n, n)
+    """(C_out, G, n) view of ``weight`` in the k:n layout (G = kh·kw·C_in / n)."""
+    width = kn_width(weight.shape)
+    if width % n:
+        raise PatternError(f"input channels {width} are not divisible by n={n}")
+    mat = kn_matrix(weight)
+    return mat.reshape(mat.shape[0], -1, n)
 
 
 def nm_mask(weight: torch.Tensor, k: int = 2, n: int = 4, score: torch.Tensor | None = None) -> torch.Tensor:
-    """Keep the k largest-|score| entries in every group of n consecutive inputs.
+    """Keep the k largest-|score| entries in every group of n consecutive input channels.
 
     Args:
         weight: (C_out, C_in) or (C_out, C_in, *kernel).
@@ -61,7 +65,7 @@ def nm_mask(weight: torch.Tensor, k: int = 2, n: int = 4, score: torch.Tensor | 
     groups = _as_groups(sc, n)
     idx = groups.topk(k, dim=-1).indices
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True)
-    return mask.reshape(weight.shape)
+    return from_kn_matrix(mask.reshape(groups.shape[0], -1), weight.shape).contiguous()
 
 
 def check_nm(tensor: torch.Tensor, k: int, n: int) -> bool:
@@ -96,7 +100,7 @@ def unstructured_mask(weight: torch.Tensor, n_prune: int, score: torch.Tensor | 
 
 
 def kn_group_counts(mask: torch.Tensor, n: int) -> torch.Tensor:
-    """Number of ``True``/non-zero entries in every k:n group: (C_out, C_in·kh·kw / n) int64."""
+    """Number of ``True``/non-zero entries in every k:n group: (C_out, kh·kw·C_in / n) int64."""
     return (_as_groups(mask.detach(), n) != 0).sum(-1)
 
 

@@ -71,8 +71,13 @@ class Pattern:
         """True only for 2:4, the one k:n pattern with sparse tensor-core kernels."""
         return self.is_kn and (self.k, self.n) == (2, 4)
 
-    def eligible(self, shape: tuple[int, int]) -> bool:
-        """Whether a (rows, cols) matrix can take this pattern (cols % n == 0 for k:n)."""
+    def eligible(self, shape: tuple[int, ...]) -> bool:
+        """Whether a weight of ``shape`` can take this pattern.
+
+        ``shape`` is the weight's own shape, (C_out, C_in) or (C_out, C_in/groups, *kernel):
+        k:n groups run along the input channels (``mp_plugin.layout``), so k:n needs
+        ``shape[1] % n == 0``. Dense and unstructured fit every shape.
+        """
         return not self.is_kn or shape[1] % self.n == 0
 
     def __str__(self) -> str:
@@ -80,12 +85,13 @@ class Pattern:
 
 
 def round_budget_to_pattern(
-    budget: float, shape: tuple[int, int], candidates: tuple[str, ...] = ("dense", "12:16", "2:4")
+    budget: float, shape: tuple[int, ...], candidates: tuple[str, ...] = ("dense", "12:16", "2:4")
 ) -> Pattern:
     """Round an unstructured per-layer budget to the nearest deployable pattern.
 
     The candidate whose fixed sparsity is closest to ``budget`` wins among those
-    eligible for ``shape``; ``dense`` is always eligible.
+    eligible for ``shape`` (the weight's own shape, see :meth:`Pattern.eligible`);
+    ``dense`` is always eligible.
     """
     best = Pattern("dense")
     best_gap = abs(budget)

@@ -380,10 +380,12 @@ def plan(
         numel = int(t.weight.numel())
         budget = c / numel
         if pat is None:
-            lp_pat = round_budget_to_pattern(budget, t.shape, cfg.auto_patterns)
-        elif pat.is_kn and not pat.eligible(t.shape):
+            lp_pat = round_budget_to_pattern(budget, tuple(t.weight.shape), cfg.auto_patterns)
+        elif pat.is_kn and not pat.eligible(tuple(t.weight.shape)):
             lp_pat = Pattern("dense")
-            note = (note + "; " if note else "") + f"in_features {t.shape[1]} not divisible by {pat.n}: kept dense"
+            note = (
+                note + "; " if note else ""
+            ) + f"input channels {t.weight.shape[1]} not divisible by {pat.n}: kept dense"
         else:
             lp_pat = pat
         sparsity_l = budget if lp_pat.kind == "unstructured" else float(lp_pat.sparsity)

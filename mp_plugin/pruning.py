@@ -116,9 +116,9 @@ def apply(
     patterns = {lp.name: Pattern.parse(lp.pattern) for lp in plan.layers}
     for lp in plan.layers:
         pat = patterns[lp.name]
-        if pat.is_kn and modules[lp.name].weight[0].numel() % pat.n:
+        if not pat.eligible(tuple(modules[lp.name].weight.shape)):
             raise PatternError(
-                f"layer {lp.name!r}: input size {modules[lp.name].weight[0].numel()} is not divisible by n={pat.n}"
+                f"layer {lp.name!r}: input channels {modules[lp.name].weight.shape[1]} are not divisible by n={pat.n}"
             )
     cfg = cast_config or CastConfig()
     if prior_alpha:

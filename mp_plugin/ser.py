@@ -612,7 +612,7 @@ def ser_to_kn(
         raise MPPluginError(f"ser_to_kn needs a k:n pattern, got {pattern!r}")
     modules = dict(model.named_modules())
     dense_modules = dict(dense.named_modules())
-    eligible = {name: pat.n for name in masks if modules[name].weight[0].numel() % pat.n == 0}
+    eligible = {name: pat.n for name in masks if pat.eligible(tuple(modules[name].weight.shape))}
     cfg = cast_config or CastConfig(prior_alpha=prior_alpha, source="ser", free_restoration=free_restoration)
     stats = capture_covariances(model, eligible, calibration, max_rows=max_rows) if calibration is not None else {}
     out = dict(masks)

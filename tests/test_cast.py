@@ -129,11 +129,21 @@ def _output_energy(delta_out: torch.Tensor, channel_dim: int) -> float:
     ],
 )
 def test_group_covariance_layout_matches_conv_output_error(conv: torch.nn.Module) -> None:
-    """With one group per conv group, Σ rᵀCr equals the true mean squared output change."""
+    """k:n groups are the input channels at one kernel position: with n = C_in/groups and a
+    weight change at a single kernel position, Σ rᵀCr equals the true mean squared output change."""
     x = torch.randn(3, conv.in_channels, *([9, 7] if isinstance(conv, torch.nn.Conv2d) else [11]))
-    width = conv.weight[0].numel()
-    stats = capture_covariances(torch.nn.Sequential(conv), {"0": width}, x, max_rows=10_000)["0"]
-    delta = torch.randn_like(conv.weight)
+    n = conv.weight.shape[1]
+    stats = capture_covariances(torch.nn.Sequential(conv), {"0": n}, x, max_rows=10_000)["0"]
+    assert stats.groups == conv.groups * conv.weight[0, 0].numel()
+    g = torch.Generator().manual_seed(conv.weight[0, 0].numel())
+    for _ in range(3):
+        pos = int(torch.randint(conv.weight[0, 0].numel(), (1,), generator=g))
+        delta = torch.zeros_like(conv.weight)
+        delta.view(*delta.shape[:2], -1)[..., pos] = torch.randn(*delta.shape[:2], generator=g)
+        _check_conv_error(conv, x, stats, delta)
+
+
+def _check_conv_error(conv: torch.nn.Module, x: torch.Tensor, stats, delta: torch.Tensor) -> None:
     conv_delta = type(conv)(**_conv_kwargs(conv))
     with torch.no_grad():
         conv_delta.weight.copy_(delta)

@@ -32,11 +32,31 @@ def test_nm_mask_every_group_exact(k: int, n: int) -> None:
     assert bool((kept_min >= dropped_max).all())
 
 
-def test_nm_mask_conv_uses_unfolded_layout() -> None:
-    w = torch.randn(8, 4, 3, 3)  # 36 inputs per row = 9 groups of 4 across channel/kernel boundaries
+def test_nm_mask_conv_groups_run_along_input_channels() -> None:
+    w = torch.randn(8, 8, 3, 3)
     mask = nm_mask(w, 2, 4)
     assert mask.shape == w.shape
-    assert bool((kn_group_counts(mask.reshape(8, -1), 4) == 2).all())
+    # TensorRT's conv layout: at every (out, r, s), each run of 4 input channels keeps exactly 2
+    per_position = mask.permute(0, 2, 3, 1).reshape(8, 3, 3, 2, 4).sum(-1)
+    assert bool((per_position == 2).all())
+    assert bool((kn_group_counts(mask, 4) == 2).all())
+    # ... and not the flattened C_in·kh·kw row (which would mix kernel positions)
+    flat = mask.reshape(8, -1, 4).sum(-1)
+    assert not bool((flat == 2).all())
+
+
+@pytest.mark.parametrize("shape", [(16, 8, 3, 3), (16, 12, 5), (16, 8, 1, 1), (8, 16)])
+def test_nm_mask_matches_modelopt_magnitude_mask(shape: tuple[int, ...]) -> None:
+    """Independent reference: ModelOpt's own ASP-style 2:4 mask (apex layout) for Linear, Conv1d, Conv2d."""
+    magnitude = pytest.importorskip("modelopt.torch.sparsity.weight_sparsity.magnitude")
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    ref = magnitude.create_asp_mask(torch.nn.Parameter(w.clone()), magnitude.BaseSparseSearcher._pattern_2_4)
+    assert torch.equal(nm_mask(w, 2, 4), ref)
+
+
+def test_nm_mask_refuses_channels_not_divisible_by_n() -> None:
+    with pytest.raises(PatternError):
+        nm_mask(torch.randn(8, 6, 2, 2), 2, 4)  # 24 flattened inputs would split into 4s, 6 channels do not
 
 
 def test_assert_kn_exact_catches_bad_groups() -> None:

@@ -186,3 +186,17 @@ def test_nm_violations_counts_groups():
     arr[0, :3] = 1.0
     assert nm_violations(arr, 2, 4, axis=1) == (1, 4)
     assert nm_violations(arr, 2, 4, axis=0) == (0, 0)  # 2 rows: axis 0 is not a multiple of 4
+
+
+def test_nm_violations_reads_conv_weights_along_input_channels():
+    """A Conv weight passes only with 2:4 along the input channels at each kernel position."""
+    from mp_plugin.masks import nm_mask
+
+    w = torch.randn(8, 8, 3, 3)
+    good = (w * nm_mask(w, 2, 4)).numpy()
+    assert nm_violations(good, 2, 4, axis=1) == (0, 8 * 9 * 2)
+    flat = w.reshape(8, -1, 4)  # 2:4 over the flattened C_in·kh·kw row: not what TensorRT runs
+    keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, flat.abs().topk(2, dim=-1).indices, True)
+    bad = (flat * keep).reshape(8, 8, 3, 3).numpy()
+    assert nm_violations(bad, 2, 4, axis=1)[0] > 0
+    assert nm_violations(np.zeros((8, 6, 2, 2), np.float32), 2, 4, axis=1) == (0, 0)  # 6 channels: not eligible

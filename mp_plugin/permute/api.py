@@ -15,7 +15,7 @@ from ..layers import find_target_layers
 from ..patterns import Pattern
 from ..progress import progress
 from .attention import AttentionSite, find_attention_sites, fold_attention
-from .fold import consumer_block, consumer_matrix, fold_coupling
+from .fold import consumer_matrix, fold_coupling
 from .graph import Coupling, find_couplings, shared_modules
 from .links import link_partials
 from .report import PermutationReport, PermutedLayer, SkippedPermutation
@@ -118,12 +118,12 @@ def _activation_energy(model: nn.Module, names: list[str], example: Any) -> dict
 
 
 def _search(
-    mats: list[torch.Tensor], k: int, n: int, block: int, method: str, importance: torch.Tensor | None, seconds: float
+    mats: list[torch.Tensor], k: int, n: int, method: str, importance: torch.Tensor | None, seconds: float
 ) -> torch.Tensor:
     stacked = torch.cat(mats, 0)
     if method == "interleave":
-        return interleave_permutation(stacked, n, block, importance)
-    return swap_permutation(stacked, k, n, block, max_seconds=seconds)
+        return interleave_permutation(stacked, n, importance)
+    return swap_permutation(stacked, k, n, max_seconds=seconds)
 
 
 def permute_channels(
@@ -140,7 +140,8 @@ def permute_channels(
     For every coupling found in the module graph (producer rows and bias → per-channel
     ops → consumer input channels; fused-qkv attention V rows → proj columns within
     each head) an input-channel order is searched that keeps more magnitude under the
-    k:n mask of the consumer (conv weights in the unfolded C_in·kh·kw layout), and it
+    k:n mask of the consumer (conv groups run along input channels at each kernel
+    position, ``mp_plugin.layout``), and it
     is folded into all tensors of the coupling so the function is unchanged. No hooks,
     buffers or state_dict keys are added. Couplings the graph walk does not understand
     (residual streams, reshapes, unknown modules, shared weights, grouped convs) are
@@ -241,9 +242,11 @@ def permute_channels(
         if name not in target_names:
             return False, f"not a pruning target ({not_target.get(name, 'excluded')})"
         mod = model.get_submodule(name)
+        if getattr(mod, "groups", 1) != 1:
+            return False, f"grouped conv (groups={mod.groups}): channels cannot move between its groups"
         cols = consumer_matrix(mod).shape[1]
         if cols % n:
-            return False, f"input size {cols} is not divisible by n={n}"
+            return False, f"input channels {cols} are not divisible by n={n}"
         return True, ""
 
     sites: list[Coupling | AttentionSite] = [*couplings, *attn_sites]
@@ -257,27 +260,13 @@ def permute_channels(
                 for c, _, why in ok:
                     report.skipped.append(SkippedPermutation(c, why))
                 continue
-            blocks = {consumer_block(model.get_submodule(c)) for c in use}
-            if len(blocks) != 1:
-                for c in names:
-                    report.skipped.append(SkippedPermutation(c, "consumers of one coupling have different kernels"))
-                continue
-            block = blocks.pop()
-            if block % n == 0:
-                for c in names:
-                    report.skipped.append(
-                        SkippedPermutation(
-                            c, f"kernel area {block} is a multiple of n={n}: channel order cannot change the k:n groups"
-                        )
-                    )
-                continue
             mats = [consumer_matrix(model.get_submodule(c)) for c in use]
             imp = None
             if importance == "activation":
-                imp = sum(channel_importance(m, block, energy[c]) for m, c in zip(mats, use))
-            perm = _search(mats, k, n, block, method, imp, max_seconds_per_layer)
-            before = [kept_magnitude(m, k, n, None, block) for m in mats]
-            after = [kept_magnitude(m, k, n, perm, block) for m in mats]
+                imp = sum(channel_importance(m, energy[c]) for m, c in zip(mats, use))
+            perm = _search(mats, k, n, method, imp, max_seconds_per_layer)
+            before = [kept_magnitude(m, k, n, None) for m in mats]
+            after = [kept_magnitude(m, k, n, perm) for m in mats]
             if any(a < b for a, b in zip(after, before)) or torch.equal(perm, torch.arange(site.channels)):
                 why = "identity is best: no order found that keeps more magnitude on every consumer"
                 for c in names:
@@ -333,8 +322,8 @@ def permute_channels(
             sub = w[:, h * d : (h + 1) * d]
             imp = None
             if importance == "activation":
-                imp = channel_importance(sub, 1, energy[site.proj][h * d : (h + 1) * d])
-            parts.append(h * d + _search([sub], k, n, 1, method, imp, max_seconds_per_layer / site.num_heads))
+                imp = channel_importance(sub, energy[site.proj][h * d : (h + 1) * d])
+            parts.append(h * d + _search([sub], k, n, method, imp, max_seconds_per_layer / site.num_heads))
         perm = torch.cat(parts)
         before, after = kept_magnitude(w, k, n), kept_magnitude(w, k, n, perm)
         if after <= before:

@@ -8,17 +8,19 @@ from torch import nn
 from .graph import Coupling, tensor_by_name
 from .ops import permute_tensor_
 
-__all__ = ["fold_coupling", "consumer_block", "consumer_matrix"]
-
-
-def consumer_block(module: nn.Module) -> int:
-    """Columns per input channel in the unfolded layout: kh·kw for convs, 1 for Linear."""
-    return int(module.weight[0, 0].numel()) if module.weight.dim() > 2 else 1
+__all__ = ["fold_coupling", "consumer_matrix"]
 
 
 def consumer_matrix(module: nn.Module) -> torch.Tensor:
-    """The consumer's weight as a 2-D (C_out, C_in·kh·kw) view, detached."""
-    return module.weight.detach().reshape(module.weight.shape[0], -1)
+    """The consumer's weight as a 2-D (rows, C_in) matrix whose columns are input channels, detached.
+
+    Linear: the weight itself. Conv (C_out, C_in, kh, kw): (C_out·kh·kw, C_in), one
+    row per output channel and kernel position — k:n groups run along the input
+    channels at each position (``mp_plugin.layout``), so a channel permutation
+    moves the same columns in every row.
+    """
+    w = module.weight.detach()
+    return w if w.dim() == 2 else w.movedim(1, -1).reshape(-1, w.shape[1])
 
 
 def fold_coupling(model: nn.Module, coupling: Coupling, perm: torch.Tensor) -> None:

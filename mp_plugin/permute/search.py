@@ -1,10 +1,13 @@
 """Permutation searches for k:n sparsity on one 2-D weight.
 
-Conventions (all functions): ``weight`` is rows = outputs, cols = inputs. For a
-conv the columns are the unfolded C_in·kh·kw layout, so input channel ``c``
-owns the ``block = kh·kw`` consecutive columns ``c·block … c·block+block−1``.
-A permutation ``perm`` is a LongTensor of length C_in: new slot ``s`` holds old
-channel ``perm[s]``, i.e. the permuted weight is ``W.view(rows, C, block)[:, perm]``.
+Conventions (all functions): ``weight`` is a 2-D (rows, C) matrix whose columns
+are input channels and whose k:n groups are n consecutive columns. A Linear
+weight is used as is; a conv weight (C_out, C, kh, kw) as the (C_out·kh·kw, C)
+matrix of :func:`mp_plugin.permute.fold.consumer_matrix`, because its groups
+run along the input channels at each kernel position (``mp_plugin.layout``), so
+every kernel position is one more row sharing the channel order.
+A permutation ``perm`` is a LongTensor of length C: new slot ``s`` holds old
+channel ``perm[s]``, i.e. the permuted weight is ``W[:, perm]``.
 Magnitudes are sums of |w| in the weight's own units.
 """
 
@@ -26,42 +29,38 @@ __all__ = [
 ]
 
 
-def _check(weight: torch.Tensor, k: int, n: int, block: int) -> tuple[int, int]:
+def _check(weight: torch.Tensor, k: int, n: int) -> tuple[int, int]:
     if weight.dim() != 2:
-        raise PatternError(f"expected a 2-D weight (rows=out, cols=in), got shape {tuple(weight.shape)}")
+        raise PatternError(f"expected a 2-D weight (rows, channels), got shape {tuple(weight.shape)}")
     if not 1 <= k < n <= 16:
         raise PatternError(f"need 1 ≤ k < n ≤ 16, got {k}:{n}")
     rows, cols = weight.shape
-    if block < 1 or cols % block:
-        raise PatternError(f"{cols} columns are not a whole number of channel blocks of size {block}")
     if cols % n:
-        raise PatternError(f"input size {cols} is not divisible by n={n}")
-    return rows, cols // block
+        raise PatternError(f"input channels {cols} are not divisible by n={n}")
+    return rows, cols
 
 
-def apply_column_permutation(weight: torch.Tensor, perm: torch.Tensor, block: int = 1) -> torch.Tensor:
-    """Return ``weight`` (rows, C·block) with its channel blocks reordered by ``perm`` (length C)."""
-    rows = weight.shape[0]
-    return weight.reshape(rows, -1, block)[:, perm].reshape(rows, -1)
+def apply_column_permutation(weight: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Return ``weight`` (rows, C) with its columns (channels) reordered by ``perm`` (length C)."""
+    return weight[:, perm]
 
 
-def kept_magnitude(weight: torch.Tensor, k: int, n: int, perm: torch.Tensor | None = None, block: int = 1) -> float:
-    """Σ|w| kept by the magnitude k:n mask of ``weight`` (rows, C·block), optionally after ``perm``."""
-    _check(weight, k, n, block)
+def kept_magnitude(weight: torch.Tensor, k: int, n: int, perm: torch.Tensor | None = None) -> float:
+    """Σ|w| kept by the magnitude k:n mask of ``weight`` (rows, C), optionally after ``perm``."""
+    _check(weight, k, n)
     a = weight.detach().abs().double()
     if perm is not None:
-        a = apply_column_permutation(a, perm, block)
+        a = apply_column_permutation(a, perm)
     return float(a.reshape(a.shape[0], -1, n).topk(k, dim=-1).values.sum())
 
 
-def channel_importance(weight: torch.Tensor, block: int = 1, activation_sq: torch.Tensor | None = None) -> torch.Tensor:
+def channel_importance(weight: torch.Tensor, activation_sq: torch.Tensor | None = None) -> torch.Tensor:
     """Importance of each input channel, shape (C,).
 
-    Default Σ_i Σ_p W[i, c·block+p]² (weights only, as in the spec's code); with
+    Default Σ_i W[i, c]² (weights only, as in the spec's code); with
     ``activation_sq`` (C,) = E‖h_c‖² it becomes ‖W[:, c]‖²·E‖h_c‖² (activation-weighted).
     """
-    rows = weight.shape[0]
-    imp = weight.detach().double().reshape(rows, -1, block).pow(2).sum(dim=(0, 2))
+    imp = weight.detach().double().pow(2).sum(dim=0)
     if activation_sq is not None:
         if activation_sq.numel() != imp.numel():
             raise PatternError(f"activation_sq has {activation_sq.numel()} entries, expected {imp.numel()}")
@@ -72,7 +71,6 @@ def channel_importance(weight: torch.Tensor, block: int = 1, activation_sq: torc
 def interleave_permutation(
     weight: torch.Tensor,
     n: int,
-    block: int = 1,
     importance: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Importance-stratified interleave (spec §2 item 8).
@@ -82,26 +80,24 @@ def interleave_permutation(
     holds one channel from each stratum. Returns the identity when C % n ≠ 0.
 
     Args:
-        weight: (rows, C·block).
+        weight: (rows, C).
         n: group size.
-        block: kh·kw for convs, 1 for Linear.
         importance: (C,) per-channel score; default :func:`channel_importance`.
 
     Returns:
         LongTensor (C,) permutation.
     """
-    rows, cols = weight.shape
-    c = cols // block
+    c = weight.shape[1]
     if c % n:
         return torch.arange(c)
-    imp = channel_importance(weight, block) if importance is None else importance.double().reshape(-1).cpu()
+    imp = channel_importance(weight) if importance is None else importance.double().reshape(-1).cpu()
     order = torch.argsort(imp.cpu(), descending=True, stable=True)
     groups = c // n
     return order.reshape(n, groups).t().reshape(-1).clone()
 
 
 # ----------------------------------------------------------------------------------------------
-# Exact swap search, block = 1 (Linear and 1×1 convs): windowed gain matrix, updated incrementally.
+# Exact swap search: windowed gain matrix, updated incrementally.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -227,80 +223,10 @@ def _swap_search_columns(
     return perm
 
 
-# ----------------------------------------------------------------------------------------------
-# Exact swap search, block > 1 (k×k convs): batched random proposals, each evaluated exactly.
-# ----------------------------------------------------------------------------------------------
-
-
-def _swap_search_blocks(
-    a: torch.Tensor,
-    k: int,
-    n: int,
-    block: int,
-    perm: torch.Tensor,
-    proposals: int,
-    max_rounds: int,
-    gen: torch.Generator,
-    deadline: float,
-) -> torch.Tensor:
-    rows, cols = a.shape
-    c = cols // block
-    g_total = cols // n
-    a3 = torch.cat([a.reshape(rows, c, block), a.new_zeros(rows, 1, block)], 1)  # channel c = zeros
-    span = (block - 1) // n + 2
-    ch = torch.arange(c)
-    g0 = ch * block // n
-    glist = g0[:, None] + torch.arange(span)
-    g1 = (ch * block + block - 1) // n
-    glist = torch.where(glist <= g1[:, None], glist, g_total)  # pad with a dummy all-zero group
-    pos = torch.arange(n)
-    idle = 0
-    for _ in range(max_rounds):
-        p1 = torch.randint(0, c, (proposals,), generator=gen)
-        p2 = torch.randint(0, c, (proposals,), generator=gen)
-        lo, hi = torch.minimum(p1, p2), torch.maximum(p1, p2)
-        keep = g1[lo] < g0[hi]
-        lo, hi = lo[keep], hi[keep]
-        if lo.numel() == 0:
-            break
-        gs = torch.cat([glist[lo], glist[hi]], 1)  # (B, 2·span)
-        colidx = gs[..., None] * n + pos  # (B, 2span, n)
-        slot = torch.div(colidx, block, rounding_mode="floor")
-        off = colidx % block
-        dummy = gs[..., None].expand_as(colidx) == g_total
-        permx = torch.cat([perm, torch.tensor([c])])
-        slot_c = torch.where(dummy, c, slot)
-        chan_old = permx[slot_c]
-        chan_new = torch.where(slot_c == lo[:, None, None], perm[hi][:, None, None], chan_old)
-        chan_new = torch.where(slot_c == hi[:, None, None], perm[lo][:, None, None], chan_new)
-        old = a3[:, chan_old, off].topk(k, dim=-1).values.sum(dim=(0, 2, 3))
-        new = a3[:, chan_new, off].topk(k, dim=-1).values.sum(dim=(0, 2, 3))
-        gain = new - old
-        order = torch.argsort(gain, descending=True)
-        used_g: set[int] = set()
-        applied = 0
-        tol = float(a.sum()) * 1e-12
-        for q in order.tolist():
-            if float(gain[q]) <= tol:
-                break
-            touched = set(gs[q].tolist()) - {g_total}
-            if touched & used_g:
-                continue
-            used_g |= touched
-            i, j = int(lo[q]), int(hi[q])
-            perm[i], perm[j] = perm[j].clone(), perm[i].clone()
-            applied += 1
-        idle = idle + 1 if applied == 0 else 0
-        if idle >= 3 or time.perf_counter() > deadline:
-            break
-    return perm
-
-
 def swap_permutation(
     weight: torch.Tensor,
     k: int,
     n: int,
-    block: int = 1,
     init: torch.Tensor | str | None = "best",
     window_groups: int = 16,
     max_rounds: int = 12,
@@ -311,7 +237,7 @@ def swap_permutation(
 ) -> torch.Tensor:
     """Exact channel-swap search maximising Σ|w| kept under the k:n mask (Pool & Yu objective).
 
-    Block = 1 (Linear, 1×1 conv): for a window of columns, the gain of swapping
+    For a window of columns, the gain of swapping
     columns i and j (in different groups) is computed exactly for all pairs at
     once: removing i from its group leaves, per row, the top-(k−1) sum S and the
     k-th largest t of the rest, so the group's new kept magnitude with j added is
@@ -319,17 +245,14 @@ def swap_permutation(
     two touched groups' rows of the gain matrix are recomputed; this repeats
     until no swap improves. Windows (``window_groups`` groups each; one window
     when the layer has fewer groups) are re-drawn at random between rounds.
-    Block > 1 (k×k convs): batches of random channel-pair swaps are scored
-    exactly on the unfolded groups they touch and the best disjoint ones applied.
 
     Args:
-        weight: (rows, C·block).
-        k, n: keep k of every n consecutive inputs.
-        block: kh·kw for convs, 1 for Linear.
+        weight: (rows, C); a conv as (C_out·kh·kw, C) (module docstring).
+        k, n: keep k of every n consecutive input channels.
         init: start permutation (C,), ``"identity"``, ``"interleave"`` or ``"best"``
             (whichever of the two keeps more).
-        window_groups: groups per search window (block = 1).
-        max_rounds: window re-draws (block = 1) or proposal batches (block > 1).
+        window_groups: groups per search window.
+        max_rounds: window re-draws.
         restarts: extra runs from a randomly perturbed copy of the best permutation.
         perturb: fraction of channels shuffled by each restart's perturbation.
         seed: random seed (the result is deterministic for a given seed).
@@ -338,7 +261,7 @@ def swap_permutation(
     Returns:
         LongTensor (C,): never keeps less than ``init`` does.
     """
-    rows, c = _check(weight, k, n, block)
+    rows, c = _check(weight, k, n)
     a = weight.detach().abs().double().cpu()
     gen = torch.Generator().manual_seed(seed)
     deadline = time.perf_counter() + max_seconds
@@ -347,20 +270,18 @@ def swap_permutation(
     elif init == "identity" or init is None:
         start = torch.arange(c)
     elif init in ("interleave", "best"):
-        inter = interleave_permutation(a, n, block)
+        inter = interleave_permutation(a, n)
         start = inter
-        if init == "best" and kept_magnitude(a, k, n, None, block) >= kept_magnitude(a, k, n, inter, block):
+        if init == "best" and kept_magnitude(a, k, n, None) >= kept_magnitude(a, k, n, inter):
             start = torch.arange(c)
     else:
         raise ValueError(f"unknown init {init!r}")
 
     def run(p: torch.Tensor) -> torch.Tensor:
-        if block == 1:
-            return _swap_search_columns(a, k, n, p, window_groups, max_rounds, gen, deadline)
-        return _swap_search_blocks(a, k, n, block, p, 256, max_rounds * 4, gen, deadline)
+        return _swap_search_columns(a, k, n, p, window_groups, max_rounds, gen, deadline)
 
     best = run(start.clone())
-    best_val = kept_magnitude(a, k, n, best, block)
+    best_val = kept_magnitude(a, k, n, best)
     for _ in range(restarts):
         if time.perf_counter() > deadline:
             break
@@ -369,9 +290,9 @@ def swap_permutation(
         idx = torch.randperm(c, generator=gen)[:m]
         cand[idx] = cand[idx[torch.randperm(m, generator=gen)]]
         cand = run(cand)
-        val = kept_magnitude(a, k, n, cand, block)
+        val = kept_magnitude(a, k, n, cand)
         if val > best_val:
             best, best_val = cand, val
-    if best_val < kept_magnitude(a, k, n, start, block):
+    if best_val < kept_magnitude(a, k, n, start):
         return start
     return best
