@@ -107,12 +107,12 @@ def test_broken_initializer_fails_the_check(exported, arch, tmp_path):
     target = report.checks[1]
     init = next(i for i in proto.graph.initializer if i.name == target.name)
     arr = numpy_helper.to_array(init).copy()
-    flat = arr.reshape(arr.shape[0], -1)
     if target.axis == 0:
-        flat[:4, 0] = 1.0  # one full group along the input axis of a MatMul B
+        arr[:4, 0] = 1.0  # one full group along the input axis of a MatMul B
     else:
-        flat[0, :4] = 1.0  # one full group in the first output row of a Conv
-    init.CopyFrom(numpy_helper.from_array(flat.reshape(arr.shape), target.name))
+        # one full group: the first 4 input channels of output row 0 at the first kernel position
+        arr[(0, slice(0, 4)) + (0,) * (arr.ndim - 2)] = 1.0
+    init.CopyFrom(numpy_helper.from_array(arr, target.name))
     broken = tmp_path / "broken.onnx"
     onnx.save(proto, str(broken))
     checks = {c.name: c for c in check_onnx_nm(broken, report.expected)}
