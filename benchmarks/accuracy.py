@@ -175,7 +175,7 @@ def run_ours(task: Task, setting: str, budget: str, direction: float, kn_method:
     s = float(setting[:-1]) / 100 if setting.endswith("%") else 0.5
     cfg = PlanConfig(seb=SEBConfig(direction=direction))
     p = plan(m, s, pattern, budget, cfg)
-    calib = task.calibration if kn_method == "cast" else None
+    calib = task.calibration if kn_method == "cast" or permute != "none" else None  # permutation verifies on it
     return apply(m, p, calibration=calib, method=kn_method, permute=permute)
 
 

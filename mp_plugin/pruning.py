@@ -54,7 +54,14 @@ def _already_done(weight: torch.Tensor, pattern: Pattern, n_prune: int) -> bool:
     return int((weight == 0).sum()) >= n_prune
 
 
-def _permute(model: nn.Module, plan: PrunePlan, method: str) -> Any:
+def _first_batch(calibration: Any) -> Any:
+    """The first calibration batch (tensor, tuple or dict), or None."""
+    if isinstance(calibration, list):
+        return calibration[0] if calibration else None
+    return calibration
+
+
+def _permute(model: nn.Module, plan: PrunePlan, method: str, example: Any = None) -> Any:
     try:
         mod = import_module("mp_plugin.permute")
     except ModuleNotFoundError as exc:
@@ -68,7 +75,7 @@ def _permute(model: nn.Module, plan: PrunePlan, method: str) -> Any:
     if not kn:
         raise PatternError("permutation only helps k:n patterns; the plan has no k:n layer")
     pattern = max(set(kn), key=kn.count)
-    return permute_channels(model, pattern=str(pattern), method=method)
+    return permute_channels(model, pattern=str(pattern), method=method, example_input=example)
 
 
 def apply(
@@ -96,7 +103,9 @@ def apply(
         show_progress: tqdm bar over layers.
         permute: ``False``/``"none"``, ``True`` (= ``"swap"``), ``"swap"`` or
             ``"interleave"``: permute input channels (folded into the weights) with
-            ``mp_plugin.permute_channels`` before masking.
+            ``mp_plugin.permute_channels`` before masking. The first calibration batch,
+            when given, is its example input: it lets the search verify couplings
+            across modules fx cannot trace (e.g. Hugging Face BERT's FFN).
         cast_config: further CAST settings (:class:`~mp_plugin.cast.CastConfig`).
         max_calibration_rows: input rows per layer for CAST covariances.
 
@@ -126,7 +135,7 @@ def apply(
 
     perm_method = "swap" if permute is True else (permute or "none")
     if perm_method != "none":
-        _permute(model, plan, perm_method)
+        _permute(model, plan, perm_method, _first_batch(calibration))
 
     todo = {
         lp.name
