@@ -55,7 +55,9 @@ SEB_VARIANTS: tuple[tuple[str, str, float], ...] = (
     ("seb-sigma (σ̂, shape-free)", "seb-sigma", 1.0),
     ("seb-sigma direction −1", "seb-sigma", -1.0),
     ("seb-bulk-energy", "seb-bulk-energy", 1.0),
+    ("seb-bulk-energy direction −1", "seb-bulk-energy", -1.0),
     ("seb-bulk-fraction", "seb-bulk-fraction", 1.0),
+    ("seb-bulk-fraction direction −1", "seb-bulk-fraction", -1.0),
 )
 
 
