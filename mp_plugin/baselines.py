@@ -24,6 +24,11 @@ Notes on the framework implementations, as installed:
   *mask selection*, but writes only the mask: the kept weights are not updated
   (``create_sgpt_mask`` compensates on a copy). It needs out and in sizes
   divisible by 4 and supports only 2:4. Layers it skips fall back to magnitude 2:4.
+  It converts only exact ``nn.Linear``/``nn.Conv2d`` (or subclasses keeping their
+  ``forward``); other subclasses among the targets (EfficientNet's
+  ``Conv2dStaticSamePadding``) are registered for the call when its Hessian is
+  exact for them (checked on the calibration input), else they fall back too.
+  Every fallback and its reason is in the attached :class:`SparseGPTReport`.
   For k×k convs it groups the flattened C_in·kh·kw row, not the input channels
   at each kernel position that TensorRT accelerates (``mp_plugin.layout``; its
   own magnitude mode uses the channel layout); such masks fail our k:n check
@@ -37,12 +42,16 @@ Imports of modelopt and torchao happen inside the functions.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .calibration import layer_input_rows, run_batches
@@ -56,6 +65,8 @@ __all__ = [
     "BASELINES",
     "Baseline",
     "BaselineNotApplicable",
+    "SparseGPTReport",
+    "baseline_report",
     "register_baseline",
     "prune_baseline",
     "input_norms",
@@ -238,42 +249,188 @@ def wanda_prune(
 
 # --------------------------------------------------------------------------- SparseGPT (ModelOpt)
 
+REPORT_ATTR = "mp_baseline_report"
+
+
+@dataclass
+class SparseGPTReport:
+    """What :func:`sparsegpt_modelopt` did with each 2:4 target layer (attached to the pruned model).
+
+    Attributes:
+        modelopt: targets that kept ModelOpt's SparseGPT mask.
+        fallback: ``{target: reason}`` for targets pruned by magnitude 2:4 instead.
+        registered: registry keys (``"mp_plugin:<module>.<qualname>"``) of the nn.Conv2d/nn.Linear
+            subclasses registered with ModelOpt's sparsity registry for this call only.
+    """
+
+    modelopt: list[str] = field(default_factory=list)
+    fallback: dict[str, str] = field(default_factory=dict)
+    registered: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready copy."""
+        return {"modelopt": list(self.modelopt), "fallback": dict(self.fallback), "registered": list(self.registered)}
+
+
+def baseline_report(model: nn.Module) -> SparseGPTReport | None:
+    """The report a baseline attached to ``model`` (today only ``sparsegpt`` attaches one), else ``None``."""
+    return getattr(model, REPORT_ATTR, None)
+
+
+def _fnmatch_literal(name: str) -> str:
+    """``name`` as an fnmatch pattern that matches only itself (ModelOpt's rules are fnmatch patterns)."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _subclass_refusal(module: nn.Module) -> str | None:
+    """Why ModelOpt's SparseGPT Hessian hook cannot be trusted on this subclass, statically (None = no reason)."""
+    cls = type(module)
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            return f"{cls.__name__} is a grouped conv (groups={module.groups}); ModelOpt's Hessian assumes groups=1"
+        return None
+    if isinstance(module, nn.Linear):
+        if "Linear" not in cls.__name__:
+            # the hook transposes the input only when the dynamic class name contains "Linear"
+            return f"ModelOpt's Hessian hook treats a module as Linear by class name; {cls.__name__!r} lacks it"
+        return None
+    return f"{cls.__name__} is not an nn.Conv2d/nn.Linear subclass; ModelOpt's sparsity registry cannot convert it"
+
+
+@torch.no_grad()
+def _hook_input_refusals(model: nn.Module, modules: dict[str, nn.Module], calibration: Any) -> dict[str, str]:
+    """Targets whose output is not the plain op of their hook input, on the first calibration batch.
+
+    ModelOpt's SparseGPT Hessian is the Gram matrix of the forward hook's input,
+    unfolded with the module's kernel size, dilation and stride and *no padding*
+    (``SparseGPTSearcher._hook_compute_hessian``). That is exact only when the
+    module computes ``conv2d(x, W, b, stride, padding=0, dilation)`` (or
+    ``linear(x, W, b)``) of that very input. A subclass that pads inside
+    ``forward`` (TF "same" padding with a k×k kernel) fails this check; a 1×1
+    same-padding conv (zero padding) passes it. Returns ``{name: reason}``.
+    """
+    seen: dict[str, str | None] = {}
+    handles = []
+
+    def hook(name: str) -> Callable:
+        def fn(module: nn.Module, inputs: tuple, output: Any) -> None:
+            if name in seen:
+                return
+            x = inputs[0]
+            if isinstance(module, nn.Conv2d):
+                ref = F.conv2d(x, module.weight, module.bias, module.stride, 0, module.dilation, module.groups)
+                what = "conv2d(hook input, padding=0)"
+            else:
+                ref = F.linear(x, module.weight, module.bias)
+                what = "linear(hook input)"
+            if not isinstance(output, torch.Tensor) or output.shape != ref.shape:
+                shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+                seen[name] = f"output {shape} ≠ {what} {tuple(ref.shape)}: forward pads or reshapes its input"
+                return
+            err = float((output - ref).abs().max())
+            scale = max(1.0, float(ref.abs().max()))
+            seen[name] = None if err <= 1e-5 * scale else f"output differs from {what} by {err:.3g}"
+
+        return fn
+
+    was_training = model.training
+    try:
+        model.eval()
+        for name, module in modules.items():
+            handles.append(module.register_forward_hook(hook(name)))
+        first = calibration[0] if isinstance(calibration, list) else calibration
+        run_batches(model, first)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    out = {name: reason for name, reason in seen.items() if reason is not None}
+    out.update({name: "the calibration forward never reached it" for name in modules if name not in seen})
+    return out
+
+
+def _modelopt_miss(weight: torch.Tensor, dense: torch.Tensor) -> str:
+    """Why ModelOpt's result on an accepted target is not usable as 2:4 along the input channels."""
+    shape = tuple(weight.shape)
+    if torch.equal(weight, dense):
+        size = " (out or in size not divisible by 4)" if shape[0] % 4 or shape[1] % 4 else ""
+        return f"ModelOpt left {shape} dense{size}"
+    why = " (ModelOpt groups the flattened C_in·kh·kw row of a k×k conv)" if weight[0, 0].numel() > 1 else ""
+    return f"ModelOpt's mask on {shape} is not 2:4 along input channels at each kernel position{why}"
+
 
 def sparsegpt_modelopt(
     model: nn.Module, sparsity: float, pattern: str, calibration: Any, config: PlanConfig | None = None
 ) -> nn.Module:
     """SparseGPT 2:4 through ModelOpt's own ``sparsegpt`` mode, restricted to the plan's target layers.
 
-    ModelOpt sparsifies every Linear/Conv2d whose sizes are divisible by 4; layers
-    outside the plan's 2:4 targets get their dense weights back, and 2:4 targets
-    ModelOpt skips, or whose mask is not 2:4 along the input channels (k×k convs,
-    see the module notes), fall back to magnitude 2:4 of the dense weights. The
-    result is an ordinary model (``mts.export``).
+    ModelOpt converts exact ``nn.Linear``/``nn.Conv2d`` modules (and subclasses
+    that keep their ``forward``). A target whose class is a subclass with its own
+    ``forward`` (e.g. EfficientNet's ``Conv2dStaticSamePadding``) is registered
+    with ModelOpt's sparsity registry for this call (the registry's intended
+    extension point: ``SpDMRegistry.register({cls: key})(SparseModule)``), but
+    only when its Hessian is exact: not grouped, and its output equals the plain
+    op of its hook input on the first calibration batch (see
+    :func:`_hook_input_refusals`). The mode's rules sparsify the 2:4 targets only.
+
+    Targets that are refused, that ModelOpt skips (out/in size not divisible by 4),
+    or whose mask is not 2:4 along the input channels (k×k convs, see the module
+    notes) get magnitude 2:4 of the dense weights. The model is exported
+    (``mts.export``) back to its ordinary classes, the registration undone, and a
+    :class:`SparseGPTReport` attached as ``model.mp_baseline_report``
+    (:func:`baseline_report`); a warning names the fallbacks.
     """
     pat = Pattern.parse(pattern)
     if not (pat.is_kn and pat.k == 2 and pat.n == 4):
         raise BaselineNotApplicable(f"ModelOpt's sparsegpt mode supports only 2:4, not {pattern!r}")
     import modelopt.torch.sparsity as mts
+    from modelopt.torch.sparsity.weight_sparsity.module import SparseModule, SpDMRegistry
 
     p = _target_plan(model, 0.5, "2:4", config)
-    targets = {lp.name for lp in p.layers if Pattern.parse(lp.pattern).is_kn}
+    modules = p.check_model(model)
+    targets = [lp.name for lp in p.layers if Pattern.parse(lp.pattern).is_kn]
+    report = SparseGPTReport()
+    candidates: dict[str, nn.Module] = {}
+    for name in targets:
+        module = modules[name]
+        if module in SpDMRegistry:
+            continue
+        reason = _subclass_refusal(module)
+        if reason is None:
+            candidates[name] = module
+        else:
+            report.fallback[name] = reason
+    report.fallback.update(_hook_input_refusals(model, candidates, calibration) if candidates else {})
+    accepted = [n for n in targets if n not in report.fallback]
+    new_classes = {type(modules[n]) for n in accepted if modules[n] not in SpDMRegistry}
+    keys = {cls: f"mp_plugin:{cls.__module__}.{cls.__qualname__}" for cls in sorted(new_classes, key=str)}
+    report.registered = sorted(keys.values())
+
     dense = {
         name: mod.weight.detach().clone()
         for name, mod in model.named_modules()
         if isinstance(getattr(mod, "weight", None), torch.Tensor)
     }
     device = next(model.parameters()).device
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mts.sparsify(
-            model,
-            mode="sparsegpt",
-            config={
-                "forward_loop": lambda m: run_batches(m, calibration),
-                "device": str(device.type),
-            },
-        )
-        mts.export(model)
+    if keys:
+        SpDMRegistry.register(keys)(SparseModule)
+    try:
+        # every key the model's convertible classes map to: freeze all ("*": None) but the accepted targets
+        rule: dict[str, dict | None] = {"*": None, **{_fnmatch_literal(n): {} for n in accepted}}
+        found = {SpDMRegistry.get_key(type(m)) for m in model.modules() if m in SpDMRegistry}
+        rules = {key: rule for key in sorted(found | {"nn.Linear", "nn.Conv2d"})}
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            mts.sparsify(
+                model,
+                mode=[("sparsegpt", rules)],
+                config={"forward_loop": lambda m: run_batches(m, calibration), "device": str(device.type)},
+            )
+            mts.export(model)
+    finally:
+        for cls in keys:
+            SpDMRegistry.unregister(cls)
+
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name, w in dense.items():
@@ -281,9 +438,22 @@ def sparsegpt_modelopt(
                 modules[name].weight.copy_(w)
         for name in targets:
             weight = modules[name].weight
-            if not check_nm(weight, 2, 4):
-                w = dense[name]
-                weight.copy_(w * nm_mask(w, 2, 4).to(w.dtype))
+            if name in accepted and check_nm(weight, 2, 4):
+                report.modelopt.append(name)
+                continue
+            w = dense[name]
+            if name not in report.fallback:
+                report.fallback[name] = _modelopt_miss(weight, w)
+            weight.copy_(w * nm_mask(w, 2, 4).to(w.dtype))
+    setattr(model, REPORT_ATTR, report)
+    if report.fallback:
+        shown = "; ".join(f"{n}: {r}" for n, r in list(report.fallback.items())[:3])
+        more = f" (+{len(report.fallback) - 3} more)" if len(report.fallback) > 3 else ""
+        warnings.warn(
+            f"sparsegpt: {len(report.fallback)} of {len(targets)} 2:4 targets fell back to magnitude 2:4 — "
+            f"{shown}{more}",
+            stacklevel=2,
+        )
     return model
 
 

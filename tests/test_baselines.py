@@ -13,9 +13,10 @@ import torch
 from conftest import make_mlp
 from torch import nn
 
-from mp_plugin.baselines import BASELINES, BaselineNotApplicable, input_norms, prune_baseline
+from mp_plugin.baselines import BASELINES, BaselineNotApplicable, baseline_report, input_norms, prune_baseline
 from mp_plugin.evaluate import embedding_retention, linear_probe_accuracy, output_fidelity
 from mp_plugin.masks import check_nm, nm_mask
+from mp_plugin.plan import plan
 from mp_plugin.pruning import sparsity_report
 
 
@@ -123,6 +124,80 @@ def test_sparsegpt_modelopt_beats_magnitude_reconstruction_on_calibration_data()
     e_sgpt, e_mag = _reconstruction_error(sgpt, dense, x), _reconstruction_error(mag, dense, x)
     # ModelOpt keeps the original values of the kept weights (mask selection only), so the gain is modest
     assert e_sgpt < 0.98 * e_mag, (e_sgpt, e_mag)
+
+
+class _SamePadConv(nn.Conv2d):
+    """A conv that pads in ``forward`` (TF "same"), like EfficientNet's ``Conv2dStaticSamePadding``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.kernel_size[0]
+        return nn.functional.conv2d(
+            nn.functional.pad(x, [(k - 1) // 2, k // 2] * 2), self.weight, self.bias, self.stride, 0, self.dilation
+        )
+
+
+def test_sparsegpt_registers_conv_subclasses_only_where_modelopt_hessian_is_exact() -> None:
+    from modelopt.torch.sparsity.weight_sparsity.module import SpDMRegistry
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        _SamePadConv(8, 16, 1),
+        nn.ReLU(),
+        _SamePadConv(16, 16, 3),
+        nn.ReLU(),
+        _SamePadConv(16, 32, 1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1),
+    )
+    dense = copy.deepcopy(model)
+    x = torch.randn(4, 8, 12, 12) * torch.logspace(-1, 0.5, 8)[None, :, None, None]
+    with pytest.warns(UserWarning, match="2 of 4 2:4 targets fell back"):
+        _run("sparsegpt", model, 0.5, "2:4", x)
+    report = baseline_report(model)
+    assert report is not None and report.modelopt == ["0", "4"]
+    # the 3×3 subclass pads inside forward: the hook input is not what it convolves
+    assert sorted(report.fallback) == ["2", "6"] and "pads" in report.fallback["2"]
+    # the plain 3×3 conv is ModelOpt's own, but its mask groups the flattened C_in·kh·kw row
+    assert "not 2:4 along input channels" in report.fallback["6"]
+    assert len(report.registered) == 1 and "_SamePadConv" in report.registered[0]
+    for i in (0, 2, 4):
+        w, d = model[i].weight, dense[i].weight
+        assert type(model[i]) is _SamePadConv and check_nm(w, 2, 4)
+        assert torch.equal(w[w != 0], d[w != 0])  # ModelOpt selects a mask, it does not update kept weights
+    for i in (2, 6):
+        assert torch.equal(model[i].weight, dense[i].weight * nm_mask(dense[i].weight, 2, 4))
+    assert type(model[6]) is nn.Conv2d
+    assert model[0] not in SpDMRegistry  # registration undone
+
+
+def test_sparsegpt_is_real_on_pretrained_efficientnet_lite0(efficientnet_lite0) -> None:
+    from mp_plugin.photos import real_photo_crops
+
+    x = real_photo_crops(4, 224, seed=2)
+    sgpt, mag = efficientnet_lite0, copy.deepcopy(efficientnet_lite0)
+    dense = {n: p.detach().clone() for n, p in sgpt.named_parameters()}
+    targets = [lp.name for lp in plan(sgpt, 0.5, "2:4", "uniform").layers if lp.pattern == "2:4"]
+    assert len(targets) >= 30
+    prune_baseline("sparsegpt", sgpt, 0.5, "2:4", x)
+    prune_baseline("uniform-magnitude", mag, 0.5, "2:4", x)
+    report = baseline_report(sgpt)
+    assert report is not None and report.fallback == {} and report.modelopt == targets
+    ms, mm = dict(sgpt.named_modules()), dict(mag.named_modules())
+    differing = 0
+    for name in targets:
+        w = ms[name].weight
+        assert type(ms[name]).__name__ == "Conv2dStaticSamePadding" and not ms[name]._forward_hooks
+        # at most 2 of every 4 input channels kept; a few more zeros where the dense weight is already 0 or
+        # (SparseGPT's own rule) the input channel is dead on the calibration crops
+        assert check_nm(w, 2, 4) and int((w == 0).sum()) >= w.numel() // 2
+        differing += float(((w != 0) != (mm[name].weight != 0)).float().mean()) > 0.02
+    # a broken baseline that silently degenerates to magnitude 2:4 would differ nowhere
+    assert differing >= 0.9 * len(targets), (differing, len(targets))
+    for name, p in sgpt.named_parameters():  # non-targets untouched, kept target weights unchanged
+        kept = p != 0
+        assert torch.equal(p[kept], dense[name][kept]), name
+        if name.removesuffix(".weight") not in targets:
+            assert torch.equal(p, dense[name]), name
 
 
 def test_torchao_wanda_prunes_low_norm_inputs_more_than_magnitude() -> None:
