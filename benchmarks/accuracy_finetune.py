@@ -371,6 +371,48 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def summarise_seeds(names: list[str], out: str) -> Path:
+    """Mean ± sample sd over runs (one per seed) of the rows every run has; writes ``<out>.md``.
+
+    Args:
+        names: result names in ``benchmarks/results`` (e.g. one per ``--seed``).
+        out: name of the markdown file written next to them.
+    """
+    import json
+    import statistics
+
+    results_dir = Path(__file__).resolve().parent / "results"
+    runs = [json.loads((results_dir / f"{n}.json").read_text()) for n in names]
+    keys = [(r["setting"], r["method"]) for r in runs[0]["rows"] if "skipped" not in r]
+    metrics = [key for _, key in MODELS[runs[0]["model"]].columns]
+    lines = [
+        f"### {runs[0]['model']}: after the fixed distillation budget, mean ± sd over seeds "
+        f"{[r['config']['seed'] for r in runs]} ({', '.join(names)})",
+        "",
+        "Each seed re-draws the probe split, the calibration texts and the distillation data order.",
+        "",
+        "| setting | method | n | " + " | ".join(f"{m} before → after" for m in metrics) + " |",
+        "|---|---|---|" + "---|" * len(metrics),
+    ]
+    for setting, method in keys:
+        rows = [
+            r
+            for run in runs
+            for r in run["rows"]
+            if (r["setting"], r["method"]) == (setting, method) and "skipped" not in r
+        ]
+        cells = []
+        for m in metrics:
+            b = [r["before"][m] for r in rows]
+            a = [r["after"][m] for r in rows]
+            sd = statistics.stdev(a) if len(a) > 1 else float("nan")
+            cells.append(f"{statistics.mean(b):.3f} → {statistics.mean(a):.3f} ± {sd:.3f}")
+        lines.append(f"| {setting} | {method} | {len(rows)} | " + " | ".join(cells) + " |")
+    path = results_dir / f"{out}.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     """CLI entry: writes benchmarks/results/accuracy-<model>-finetune.{json,md}."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -385,7 +427,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", nargs="*", default=None, help="method labels to run (default: all)")
     ap.add_argument("--name", default=None, help="result name (default: accuracy-<model>-finetune)")
+    ap.add_argument(
+        "--summarise",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="only summarise these runs over seeds (no training)",
+    )
     args = ap.parse_args(argv)
+    if args.summarise:
+        print(summarise_seeds(args.summarise, (args.name or f"accuracy-{args.model}-finetune") + "-seeds"))
+        return
     spec = MODELS[args.model]
     for key, value in spec.defaults.items():
         if getattr(args, key) is None:

@@ -133,15 +133,16 @@ def diagnose(task: Task) -> dict:
 def to_markdown(res: list[dict]) -> str:
     """One row per model: correlations and the 50 % comparison."""
     lines = [
-        "| model | ρ(σ₊, sens.) | ρ(σ̂, sens.) | ρ(size, sens.) | ρ(SEB budget, sens.) | ρ(global-mag. budget, sens.) "
-        "| 50 %: global mag. | SEB | SEB reversed | oracle |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | ρ(σ₊, sens.) | ρ(σ̂, sens.) | ρ(spike energy, sens.) | ρ(size, sens.) | ρ(SEB budget, sens.) "
+        "| ρ(global-mag. budget, sens.) | 50 %: global mag. | SEB | SEB reversed | oracle |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res:
         s, b, a = r["spearman_signal_vs_sensitivity"], r["spearman_budget_vs_sensitivity"], r["at_50_percent"]
         key = "embedding_cosine" if r["model"] == "minilm" else "kl"
         lines.append(
-            f"| {r['model']} | {s['sigma_plus']:+.2f} | {s['sigma']:+.2f} | {s['numel']:+.2f} | {b['seb']:+.2f} | "
+            f"| {r['model']} | {s['sigma_plus']:+.2f} | {s['sigma']:+.2f} | {s['spike_energy_fraction']:+.2f} | "
+            f"{s['numel']:+.2f} | {b['seb']:+.2f} | "
             f"{b['global_magnitude']:+.2f} | {a['global_magnitude'][key]:.3f} | {a['seb'][key]:.3f} | "
             f"{a['seb_reversed'][key]:.3f} | {a['oracle'][key]:.3f} |"
         )
