@@ -23,16 +23,25 @@ The teacher's outputs are computed once and shared by all methods.
   agreement, KL and logit cosine to the dense model on the 48 held-out crops.
   Caveat: training and evaluation crops are different crops of the same 9
   source photos.
+* ``--model fmnist_cnn``: the CNN trained here on Fashion-MNIST (mp_plugin.zoo).
+  Same KD loss on the first training images (the calibration uses the last 256).
+  Reported: test accuracy plus fidelity on 2000 test images.
+
+On the classifiers, SER+CAST (2:4) and Hybrid Magnitude–SER (50 %) run too; their
+SER selection phase takes its steps out of the same budget (``--ser-steps``).
 
 Usage::
 
     python benchmarks/accuracy_finetune.py --threads 2 --steps 200
     python benchmarks/accuracy_finetune.py --model efficientnet_lite0 --threads 1
+    python benchmarks/accuracy_finetune.py --model fmnist_cnn --threads 1
+    python benchmarks/accuracy_finetune.py --summarise accuracy-minilm-finetune accuracy-minilm-finetune-seed1
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import random
 import sys
@@ -46,7 +55,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import Task, efficientnet_task, minilm_task, run_baseline, run_ours, wordnet_glosses  # noqa: E402
+from accuracy import (  # noqa: E402
+    Task,
+    efficientnet_task,
+    fmnist_task,
+    minilm_task,
+    run_baseline,
+    run_ours,
+    wordnet_glosses,
+)
 from common import write_result  # noqa: E402
 
 from mp_plugin.baselines import baseline_report  # noqa: E402
@@ -77,7 +94,7 @@ UNSTRUCTURED: tuple[tuple[str, str, Runner], ...] = (
     ("50%", "seb (σ₊, paper)", lambda t: run_ours(t, "50%", "seb", 1.0, "magnitude", "none")),
 )
 METHODS: tuple[tuple[str, str, Runner], ...] = (MAGNITUDE_KN, SPARSEGPT, WANDA_KN, SEB_CAST, *UNSTRUCTURED)
-METHODS_EFFICIENTNET: tuple[tuple[str, str, Runner], ...] = (
+METHODS_CLASSIFIERS: tuple[tuple[str, str, Runner], ...] = (
     MAGNITUDE_KN,
     SPARSEGPT,
     WANDA_KN,
@@ -85,7 +102,36 @@ METHODS_EFFICIENTNET: tuple[tuple[str, str, Runner], ...] = (
     SEB_CAST_PERM,
     *UNSTRUCTURED,
 )
-MP_METHODS = {"seb+cast", "seb+cast+perm(swap)", "seb (σ₊, paper)"}
+MP_METHODS = {"seb+cast", "seb+cast+perm(swap)", "seb (σ₊, paper)", "ser+cast", "hybrid magnitude–ser"}
+
+# Methods that train while they prune (ALGORITHM.md §2 items 5–6, 9). Their selection phase takes its
+# steps from the SAME budget: the first ``--ser-steps`` distillation batches, the rest are distilled
+# as for every other method, so every method sees the same number of optimiser steps in total.
+SER_METHODS: tuple[tuple[str, str], ...] = (("2:4", "ser+cast"), ("50%", "hybrid magnitude–ser"))
+
+
+def ser_prune(task: Task, setting: str, label: str, batches: list[dict], lr: float) -> torch.nn.Module:
+    """SER (+CAST to 2:4) or Hybrid Magnitude–SER (global magnitude to 0.20, SER to 0.50) on a fresh copy.
+
+    The selection phase is pure distillation (α = 1) towards the dense model on ``batches``
+    (labels = the teacher's argmax, unused at α = 1), one optimiser step per batch.
+    """
+    from mp_plugin.distill import DistillConfig
+    from mp_plugin.ser import HybridConfig, SERConfig, hybrid_magnitude_ser, ser_to_kn
+
+    model = copy.deepcopy(task.model)
+    loader = [(b["x"], b["target"].argmax(-1)) for b in batches]
+    selection = DistillConfig(
+        epochs=1, max_steps=len(batches), lr=lr, min_lr_ratio=0.25, weight_decay=0.0, alpha=1.0, warmup_steps=0
+    )
+    ser = SERConfig(extra=0.03, selection=selection, finetune=None)
+    schedule = (0.5,) if label == "ser+cast" else (0.2, 0.5)
+    result = hybrid_magnitude_ser(
+        model, loader, teacher=task.model, config=HybridConfig(schedule=schedule, finetune=None, ser=ser)
+    )
+    if setting != "50%":
+        ser_to_kn(model, task.model, result.masks, setting, calibration=task.calibration, prior_alpha=0.1)
+    return model
 
 
 # --------------------------------------------------------------------------- MiniLM data and loss
@@ -212,6 +258,43 @@ def efficientnet_dense_line(dense: dict[str, float], cfg: dict[str, Any]) -> str
     )
 
 
+# --------------------------------------------------------------------------- Fashion-MNIST CNN (trained here)
+
+
+def fmnist_batches(task: Task, args: argparse.Namespace) -> tuple[list[dict], dict[str, Any]]:
+    """Distillation batches on Fashion-MNIST training images (the calibration uses the last 256; these the first)."""
+    from mp_plugin.data.fashion_mnist import load_fashion_mnist
+
+    n = args.steps * args.batch
+    x = load_fashion_mnist("train").images[:n]
+    if len(x) < n or n > 60000 - 256:
+        raise SystemExit(f"need {n} training images disjoint from the 256 calibration images")
+    task.model.eval()
+    with torch.no_grad():
+        batches = [
+            {"x": x[i : i + args.batch], "target": task.model(x[i : i + args.batch])} for i in range(0, n, args.batch)
+        ]
+    config = {
+        "loss": f"tau^2 * KL(softmax(teacher/tau) || softmax(student/tau)) on logits, tau={args.tau}",
+        "tau": args.tau,
+        "train_images": n,
+        "eval_images": 2000,
+        "frozen": [],
+        "dropout": "off (eval mode)",
+        "data_caveat": "distillation uses training images (labels unused); accuracy is on the first 2000 test images",
+    }
+    return batches, config
+
+
+def fmnist_dense_line(dense: dict[str, float], cfg: dict[str, Any]) -> str:
+    """The markdown lines describing the dense reference and the data."""
+    return (
+        f"Dense: test accuracy {dense['test_accuracy']:.4f} on {cfg['eval_images']} test images (fidelity to itself 1). "
+        f"Training: the first {cfg['train_images']} Fashion-MNIST training images; {cfg['loss']}. "
+        f"Note: {cfg['data_caveat']}."
+    )
+
+
 # --------------------------------------------------------------------------- per-model setup
 
 
@@ -229,6 +312,7 @@ class FinetuneModel:
     dense_line: Callable[[dict[str, float], dict[str, Any]], str]
     packages: tuple[str, ...]
     sparsity_column: bool = False
+    ser_methods: tuple[tuple[str, str], ...] = ()
     notes: tuple[str, ...] = ()
 
 
@@ -246,7 +330,7 @@ MODELS: dict[str, FinetuneModel] = {
     ),
     "efficientnet_lite0": FinetuneModel(
         task=lambda args: efficientnet_task(),
-        methods=METHODS_EFFICIENTNET,
+        methods=METHODS_CLASSIFIERS,
         batches=efficientnet_batches,
         loss=efficientnet_loss,
         frozen=lambda m: [],
@@ -255,11 +339,30 @@ MODELS: dict[str, FinetuneModel] = {
         dense_line=efficientnet_dense_line,
         packages=("nvidia-modelopt", "efficientnet-lite-pytorch"),
         sparsity_column=True,
+        ser_methods=SER_METHODS,
         notes=(
             "Default lr 1e-3 was chosen from {1e-4, 3e-4, 1e-3} by the final training loss of a 20-step pilot "
             "of the magnitude k:n baseline only; training at 160 px (the static 'same' padding is exact for "
             "multiples of 32) to afford more steps in the time budget, evaluation at 224 px.",
         ),
+    ),
+    "fmnist_cnn": FinetuneModel(
+        task=lambda args: fmnist_task("fmnist_cnn"),
+        methods=METHODS_CLASSIFIERS,
+        batches=fmnist_batches,
+        loss=efficientnet_loss,
+        frozen=lambda m: [],
+        defaults={"steps": 100, "batch": 64, "lr": 1e-3, "warmup": 10},
+        columns=(
+            ("test accuracy", "test_accuracy"),
+            ("top-1 agreement", "top1_agreement"),
+            ("KL", "kl"),
+            ("logit cosine", "logit_cosine"),
+        ),
+        dense_line=fmnist_dense_line,
+        packages=("nvidia-modelopt",),
+        sparsity_column=True,
+        ser_methods=SER_METHODS,
     ),
 }
 
@@ -354,6 +457,16 @@ def to_markdown(result: dict) -> str:
             "Sparsity = zeros / all Linear+Conv weights after pruning (held fixed by MaskKeeper); it includes "
             "weights that are already exactly zero in the dense model.",
         ]
+    ser_rows = [r for r in result["rows"] if r.get("distill", {}).get("selection_steps")]
+    if ser_rows:
+        n = ser_rows[0]["distill"]["selection_steps"]
+        lines += [
+            "",
+            f"{', '.join(r['method'] for r in ser_rows)}: the SER selection phase used the first {n} of the "
+            f"{cfg['steps']} batches (pure distillation, lr {cfg.get('ser_lr')}), and only the remaining "
+            f"{cfg['steps'] - n} were distilled afterwards: the same total number of optimiser steps as every method. "
+            "'before' is after the selection phase.",
+        ]
     for r in result["rows"]:
         rep = r.get("baseline_report")
         if rep and rep.get("fallback"):
@@ -417,13 +530,15 @@ def main(argv: list[str] | None = None) -> None:
     """CLI entry: writes benchmarks/results/accuracy-<model>-finetune.{json,md}."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=list(MODELS), default="minilm")
-    ap.add_argument("--steps", type=int, default=None, help="default: 200 (minilm), 64 (efficientnet_lite0)")
-    ap.add_argument("--batch", type=int, default=None, help="default: 32 (minilm), 16 (efficientnet_lite0)")
-    ap.add_argument("--lr", type=float, default=None, help="default: 1e-4 (minilm), 1e-3 (efficientnet_lite0)")
-    ap.add_argument("--warmup", type=int, default=None, help="default: 20 (minilm), 6 (efficientnet_lite0)")
+    ap.add_argument("--steps", type=int, default=None, help="default: 200 (minilm), 64 (efficientnet_lite0), 100 (fmnist_cnn)")
+    ap.add_argument("--batch", type=int, default=None, help="default: 32 (minilm), 16 (efficientnet_lite0), 64 (fmnist_cnn)")
+    ap.add_argument("--lr", type=float, default=None, help="default: 1e-4 (minilm), 1e-3 (efficientnet_lite0, fmnist_cnn)")
+    ap.add_argument("--warmup", type=int, default=None, help="default: 20 (minilm), 6 (efficientnet_lite0), 10 (fmnist_cnn)")
     ap.add_argument("--tau", type=float, default=2.0, help="KD temperature (efficientnet_lite0)")
     ap.add_argument("--resolution", type=int, default=None, help="training crop size (efficientnet_lite0: 160)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ser-steps", type=int, default=16, help="SER/Hybrid selection steps, taken from the budget")
+    ap.add_argument("--ser-lr", type=float, default=4e-4, help="SER/Hybrid selection-phase learning rate")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", nargs="*", default=None, help="method labels to run (default: all)")
     ap.add_argument("--name", default=None, help="result name (default: accuracy-<model>-finetune)")
@@ -451,7 +566,12 @@ def main(argv: list[str] | None = None) -> None:
     batches, data_config = spec.batches(task, args)
     print(f"dense {dense}; {len(batches)} batches ready ({time.perf_counter() - t0:.0f}s) load={os.getloadavg()}")
     rows = []
-    for setting, label, runner in spec.methods:
+    ser_methods = spec.ser_methods
+    plain = [(setting, label, runner, batches) for setting, label, runner in spec.methods]
+    selection, rest = batches[: args.ser_steps], batches[args.ser_steps :]
+    for setting, label in ser_methods:
+        plain.append((setting, label, lambda t, s=setting, lb=label: ser_prune(t, s, lb, selection, args.ser_lr), rest))
+    for setting, label, runner, train in plain:
         if args.only and label not in args.only:
             continue
         t1 = time.perf_counter()
@@ -459,8 +579,9 @@ def main(argv: list[str] | None = None) -> None:
         before = task.evaluate(pruned)
         t2 = time.perf_counter()
         log = distill(
-            pruned, batches, lambda m, b: spec.loss(m, b, args), args.lr, args.warmup, args.seed, spec.frozen(pruned)
+            pruned, train, lambda m, b: spec.loss(m, b, args), args.lr, args.warmup, args.seed, spec.frozen(pruned)
         )
+        log["selection_steps"] = len(batches) - len(train)
         t3 = time.perf_counter()
         after = task.evaluate(pruned)
         report = baseline_report(pruned)
@@ -498,6 +619,8 @@ def main(argv: list[str] | None = None) -> None:
             **({"notes": list(spec.notes)} if spec.notes else {}),
             "threads": torch.get_num_threads(),
             "seed": args.seed,
+            "ser_steps": args.ser_steps if spec.ser_methods else 0,
+            "ser_lr": args.ser_lr,
         },
         "dense": dense,
         "rows": rows,
