@@ -1,7 +1,8 @@
 """Calibration statistics: per-layer input covariances captured with forward hooks.
 
 CAST (``mp_plugin.cast``) needs, for every k:n group g of a layer (n
-consecutive input channels at one kernel position, ``mp_plugin.layout``), the uncentred second moment C_g = E[h_g h_gᵀ] (n×n) of that
+consecutive input channels at one kernel position, ``mp_plugin.layout``), the
+uncentred second moment C_g = E[h_g h_gᵀ] (n×n) of that
 layer's input slice. This module runs a calibration batch through the model
 with forward hooks and keeps only those (G, n, n) blocks, so memory stays at
 C_in·kh·kw·n numbers per layer however large the batch is.

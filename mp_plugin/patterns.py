@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import PatternError
+from .layout import kn_eligible
 
 __all__ = ["Pattern", "DEPLOYABLE_KN", "round_budget_to_pattern"]
 
@@ -78,7 +79,7 @@ class Pattern:
         k:n groups run along the input channels (``mp_plugin.layout``), so k:n needs
         ``shape[1] % n == 0``. Dense and unstructured fit every shape.
         """
-        return not self.is_kn or shape[1] % self.n == 0
+        return not self.is_kn or kn_eligible(shape, self.n)
 
     def __str__(self) -> str:
         return f"{self.k}:{self.n}" if self.is_kn else self.kind
