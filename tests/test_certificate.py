@@ -413,3 +413,31 @@ def test_modelopt_adapter_certifies_a_sparsified_copy():
     assert [layer.name for layer in cert.layers] == ["0", "2", "4"]
     assert cert.layers[0].norms["r_changed"] == 16 * 32 // 2  # 2:4 removes half of each layer
     assert cert.eta_kind == RIGOROUS and cert.violations == 0
+
+
+def test_certificate_aligns_dense_to_a_channel_permuted_pruned_model() -> None:
+    """After apply(permute=...), per-layer R compares like with like: R lives only on pruned entries."""
+    import mp_plugin
+    from mp_plugin.permute import align_to_permuted
+
+    dense = make_mlp((32, 64, 64, 12), seed=3).eval()
+    x = torch.randn(40, 32, generator=torch.Generator().manual_seed(0))
+    pruned = copy.deepcopy(dense)
+    mp_plugin.apply(pruned, mp_plugin.plan(pruned, 0.5, "2:4", "seb"), calibration=x, permute="swap")
+    assert pruned._mp_permutation_report.permuted, "the test needs at least one permuted coupling"
+
+    aligned = align_to_permuted(dense, pruned)
+    with torch.no_grad():
+        assert torch.allclose(aligned(x), dense(x), atol=1e-5)  # same function, permuted basis
+    cert = certify(dense, pruned, x, mode="bound")
+    assert any("aligned" in n for n in cert.notes)
+    for layer in cert.layers:
+        assert layer.norms["mask_case"], layer.name  # R = A − S is zero wherever S keeps a weight
+        assert layer.norms["r_fro2"] == pytest.approx(layer.norms["l2_drop"], rel=1e-9, abs=1e-12)
+    # without the alignment the permuted rows/columns would show up as a huge, meaningless R
+    plain = copy.deepcopy(pruned)
+    del plain._mp_permutation_folds
+    plain._mp_permutations = {}
+    naive = certify(dense, plain, x, mode="empirical")
+    assert not all(layer.norms["mask_case"] for layer in naive.layers)
+    assert cert.measured["agreement"] == pytest.approx(naive.measured["agreement"])

@@ -143,7 +143,10 @@ def certify(
     Args:
         dense: the model before pruning (A). Not modified; evaluated in eval mode.
         pruned: the same architecture after pruning (S). ``torch.nn.utils.parametrize``
-            parametrizations (e.g. torch.ao sparsifier masks) are folded on a copy.
+            parametrizations (e.g. torch.ao sparsifier masks) are folded on a copy. When
+            ``pruned`` was channel-permuted (``apply(..., permute=...)``), a copy of ``dense``
+            gets the same permutations (:func:`mp_plugin.permute.align_to_permuted`), so
+            per-layer R = W_A − W_S compares like with like.
         batch: |T| samples: a tensor, a tuple (``model(*batch)``) or a dict (``model(**batch)``).
             The model must return (|T|, K) logits (or an object with ``.logits``).
         labels: optional (|T|,) true classes, for Δ^true, the accuracy-change bound and CE.
@@ -173,6 +176,11 @@ def certify(
     lam = _check_lambdas(lambdas)
     if not 0 < delta < 1:
         raise CertificateInputError(f"delta must lie in (0, 1), got {delta}")
+    aligned = bool(getattr(pruned, "_mp_permutation_folds", None)) and not getattr(dense, "_mp_permutation_folds", None)
+    if aligned:  # compare layer by layer in the pruned model's (permuted) channel basis
+        from ..permute import align_to_permuted
+
+        dense = align_to_permuted(dense, pruned)
     dense_c = _eval_view(dense)
     device = model_device(dense_c)
     pruned_c = _eval_view(pruned, device)
@@ -189,6 +197,13 @@ def certify(
         if unknown:
             raise CertificateInputError(f"not Linear/Conv layers of the model: {unknown[:5]}")
     notes: list[str] = []
+    if aligned:
+        notes.append("dense model aligned to the pruned model's channel permutations (same function, permuted basis)")
+    elif getattr(pruned, "_mp_permutations", None) and not getattr(dense, "_mp_permutations", None):
+        notes.append(
+            "the pruned model was channel-permuted but carries no fold record (e.g. restored from a checkpoint): "
+            "per-layer R compares different channel orders; η and the preserved set stay exact in empirical mode"
+        )
     other = _changed_other_params(dense_c, pruned_c, list(d_layers))
     if other and layers is None:
         if mode != "empirical":

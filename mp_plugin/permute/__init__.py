@@ -15,7 +15,7 @@ at run time), ``attention`` (fused-qkv heads), ``fold`` (rewriting the tensors),
 
 from __future__ import annotations
 
-from .api import METHODS, PermutationError, permute_channels
+from .api import METHODS, PermutationError, align_to_permuted, permute_channels
 from .graph import Coupling, GraphFailure, find_couplings
 from .report import PermutationReport, PermutedLayer, SkippedPermutation
 from .search import (
@@ -33,6 +33,7 @@ __all__ = [
     "PermutationError",
     "PermutationReport",
     "PermutedLayer",
+    "align_to_permuted",
     "SkippedPermutation",
     "apply_column_permutation",
     "channel_importance",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ from .links import link_partials
 from .report import PermutationReport, PermutedLayer, SkippedPermutation
 from .search import channel_importance, interleave_permutation, kept_magnitude, swap_permutation
 
-__all__ = ["permute_channels", "PermutationError", "METHODS"]
+__all__ = ["permute_channels", "align_to_permuted", "PermutationError", "METHODS"]
 
 METHODS = ("swap", "interleave")
 
@@ -367,4 +368,38 @@ def permute_channels(
         old[name] = (torch.tensor(prev)[perm] if prev is not None else perm).tolist()
     model._mp_permutations = old
     model._mp_permutation_report = report
+    model._mp_permutation_folds = [*getattr(model, "_mp_permutation_folds", []), *undo]
     return model
+
+
+def align_to_permuted(reference: nn.Module, permuted: nn.Module) -> nn.Module:
+    """A copy of ``reference`` with ``permuted``'s channel permutations folded in, in the same order.
+
+    ``permute_channels`` records every fold it applied (``model._mp_permutation_folds``:
+    coupling or attention site, permutation). Replaying them on a copy of the dense
+    model gives the same function in the permuted basis, so weights can be compared
+    layer by layer with the permuted (and pruned) model — e.g. the certificate's
+    per-layer R = W_dense − W_pruned. ``reference`` itself is not modified.
+
+    Raises:
+        PermutationError: ``permuted`` carries permutations (``_mp_permutations``) but
+            not the fold record (e.g. it was restored from a checkpoint).
+    """
+    folds = getattr(permuted, "_mp_permutation_folds", None)
+    if not folds:
+        if getattr(permuted, "_mp_permutations", None):
+            raise PermutationError(
+                "the model was permuted but carries no fold record (_mp_permutation_folds); "
+                "align the reference by re-running permute_channels on it"
+            )
+        return copy.deepcopy(reference)
+    out = copy.deepcopy(reference)
+    with torch.no_grad():
+        for site, perm in folds:
+            if isinstance(site, Coupling):
+                fold_coupling(out, site, perm)
+            else:
+                fold_attention(out, site, perm)
+    out._mp_permutations = copy.deepcopy(getattr(permuted, "_mp_permutations", {}))
+    out._mp_permutation_folds = list(folds)
+    return out
