@@ -418,7 +418,7 @@ def test_modelopt_adapter_certifies_a_sparsified_copy():
 def test_certificate_aligns_dense_to_a_channel_permuted_pruned_model() -> None:
     """After apply(permute=...), per-layer R compares like with like: R lives only on pruned entries."""
     import mp_plugin
-    from mp_plugin.permute import align_to_permuted
+    from mp_plugin.permute import align_to_permuted, folds_from_data, folds_to_data
 
     dense = make_mlp((32, 64, 64, 12), seed=3).eval()
     x = torch.randn(40, 32, generator=torch.Generator().manual_seed(0))
@@ -434,6 +434,11 @@ def test_certificate_aligns_dense_to_a_channel_permuted_pruned_model() -> None:
     for layer in cert.layers:
         assert layer.norms["mask_case"], layer.name  # R = A − S is zero wherever S keeps a weight
         assert layer.norms["r_fro2"] == pytest.approx(layer.norms["l2_drop"], rel=1e-9, abs=1e-12)
+    # the fold record survives a round trip through plain data (what checkpoints store)
+    restored = copy.deepcopy(pruned)
+    restored._mp_permutation_folds = folds_from_data(folds_to_data(pruned._mp_permutation_folds))
+    again = align_to_permuted(dense, restored)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), aligned.state_dict().values()))
     # without the alignment the permuted rows/columns would show up as a huge, meaningless R
     plain = copy.deepcopy(pruned)
     del plain._mp_permutation_folds

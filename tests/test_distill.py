@@ -25,6 +25,7 @@ from mp_plugin.distill import (
     warmup_cosine,
 )
 from mp_plugin.errors import MPPluginError, PlanMismatchError
+from mp_plugin.permute.graph import Coupling
 
 pytest.importorskip("timm")
 pytest.importorskip("PIL")
@@ -208,6 +209,8 @@ def test_nan_loss_stops_at_once(folder):
 def test_checkpoint_resume_keeps_masks_and_refuses_another_plan(folder, tmp_path):
     student, teacher, plan = pruned_cnn(0.5)
     student._mp_permutations = {"conv2": list(range(32))[::-1]}
+    fold = Coupling(channels=32, axis=1, producers=["conv1"], ops=[], params=[("conv1.bias", 0)], consumers=["conv2"])
+    student._mp_permutation_folds = [(fold, torch.arange(32).flip(0))]
     loaders = make_loaders(folder, student, 8, NO_AUG)
     cfg = DistillConfig(epochs=2, max_steps=5, lr=1e-3)
     first = distill(student, teacher, loaders.train, cfg, plan=plan, checkpoint_dir=tmp_path, show_progress=False)
@@ -229,6 +232,8 @@ def test_checkpoint_resume_keeps_masks_and_refuses_another_plan(folder, tmp_path
     )
     assert resumed.steps == 8
     assert fresh._mp_permutations == {"conv2": list(range(32))[::-1]}
+    ((site, perm),) = fresh._mp_permutation_folds  # the fold record comes back too (certify aligns with it)
+    assert site == fold and torch.equal(perm, torch.arange(32).flip(0))
     assert all(torch.equal(state["masks"][n], m.cpu()) for n, m in _masks_kept(fresh, plan).items())
 
     # a checkpoint of a different plan is refused before anything is loaded

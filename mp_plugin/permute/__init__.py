@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from .api import METHODS, PermutationError, align_to_permuted, permute_channels
 from .graph import Coupling, GraphFailure, find_couplings
+from .record import folds_from_data, folds_to_data
 from .report import PermutationReport, PermutedLayer, SkippedPermutation
 from .search import (
     apply_column_permutation,
@@ -38,6 +39,8 @@ __all__ = [
     "apply_column_permutation",
     "channel_importance",
     "find_couplings",
+    "folds_from_data",
+    "folds_to_data",
     "interleave_permutation",
     "kept_magnitude",
     "permute_channels",

@@ -1,0 +1,46 @@
+"""The fold record of a permuted model as plain JSON-ready data (for checkpoints).
+
+``permute_channels`` leaves ``model._mp_permutation_folds``: the list of
+(:class:`~mp_plugin.permute.graph.Coupling` or
+:class:`~mp_plugin.permute.attention.AttentionSite`, permutation) it folded, in
+order. :func:`folds_to_data` turns it into lists/dicts/ints only (safe for
+``torch.load(weights_only=True)`` and JSON); :func:`folds_from_data` is the inverse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from ..errors import MPPluginError
+from .attention import AttentionSite
+from .graph import Coupling
+
+__all__ = ["folds_to_data", "folds_from_data"]
+
+
+def folds_to_data(folds: list[tuple[Coupling | AttentionSite, torch.Tensor]]) -> list[dict[str, Any]]:
+    """``[{"kind": "coupling"|"attention", "site": {...}, "perm": [int, ...]}, ...]``."""
+    out = []
+    for site, perm in folds:
+        kind = "coupling" if isinstance(site, Coupling) else "attention"
+        out.append({"kind": kind, "site": asdict(site), "perm": [int(i) for i in perm]})
+    return out
+
+
+def folds_from_data(data: list[dict[str, Any]]) -> list[tuple[Coupling | AttentionSite, torch.Tensor]]:
+    """Inverse of :func:`folds_to_data`."""
+    folds: list[tuple[Coupling | AttentionSite, torch.Tensor]] = []
+    for entry in data:
+        site = dict(entry["site"])
+        if entry["kind"] == "coupling":
+            site["ops"] = [(name, [tuple(t) for t in tensors]) for name, tensors in site["ops"]]
+            site["params"] = [tuple(p) for p in site["params"]]
+            folds.append((Coupling(**site), torch.tensor(entry["perm"], dtype=torch.long)))
+        elif entry["kind"] == "attention":
+            folds.append((AttentionSite(**site), torch.tensor(entry["perm"], dtype=torch.long)))
+        else:
+            raise MPPluginError(f"unknown fold kind {entry['kind']!r} in a permutation record")
+    return folds
