@@ -530,10 +530,18 @@ def main(argv: list[str] | None = None) -> None:
     """CLI entry: writes benchmarks/results/accuracy-<model>-finetune.{json,md}."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=list(MODELS), default="minilm")
-    ap.add_argument("--steps", type=int, default=None, help="default: 200 (minilm), 64 (efficientnet_lite0), 100 (fmnist_cnn)")
-    ap.add_argument("--batch", type=int, default=None, help="default: 32 (minilm), 16 (efficientnet_lite0), 64 (fmnist_cnn)")
-    ap.add_argument("--lr", type=float, default=None, help="default: 1e-4 (minilm), 1e-3 (efficientnet_lite0, fmnist_cnn)")
-    ap.add_argument("--warmup", type=int, default=None, help="default: 20 (minilm), 6 (efficientnet_lite0), 10 (fmnist_cnn)")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="default: 200 (minilm), 64 (efficientnet_lite0), 100 (fmnist_cnn)"
+    )
+    ap.add_argument(
+        "--batch", type=int, default=None, help="default: 32 (minilm), 16 (efficientnet_lite0), 64 (fmnist_cnn)"
+    )
+    ap.add_argument(
+        "--lr", type=float, default=None, help="default: 1e-4 (minilm), 1e-3 (efficientnet_lite0, fmnist_cnn)"
+    )
+    ap.add_argument(
+        "--warmup", type=int, default=None, help="default: 20 (minilm), 6 (efficientnet_lite0), 10 (fmnist_cnn)"
+    )
     ap.add_argument("--tau", type=float, default=2.0, help="KD temperature (efficientnet_lite0)")
     ap.add_argument("--resolution", type=int, default=None, help="training crop size (efficientnet_lite0: 160)")
     ap.add_argument("--threads", type=int, default=2)

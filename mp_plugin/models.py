@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,8 @@ from torch import nn
 from .errors import MPPluginError
 
 __all__ = ["BUILTIN_MODELS", "load_model", "register_builtin_model", "save_pruned_checkpoint"]
+
+PERMUTATION_METADATA = "mp_plugin_permutations"  # safetensors metadata key of the permutation record
 
 BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -141,10 +144,15 @@ def load_model(
     path = Path(checkpoint)
     if not path.exists():
         raise MPPluginError(f"checkpoint {path} does not exist")
+    record = None
     if path.suffix == ".safetensors":
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         obj: object = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(PERMUTATION_METADATA)
+        record = json.loads(raw) if raw else None
     else:
         obj = torch.load(str(path), map_location="cpu", weights_only=False)
     if isinstance(obj, nn.Module):
@@ -161,6 +169,11 @@ def load_model(
             f"{path} does not match {name!r}: {len(missing)} missing keys (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
+    if record is not None:
+        from .permute import folds_from_data
+
+        model._mp_permutations = record["permutations"]
+        model._mp_permutation_folds = folds_from_data(record["folds"])
     return model.eval()
 
 
@@ -170,8 +183,10 @@ from . import zoo  # noqa: E402, F401  (registers the Fashion-MNIST zoo names fm
 def save_pruned_checkpoint(model: nn.Module, directory: str | Path, plan: object | None = None) -> Path:
     """Write ``directory/model.safetensors`` (dense-with-zeros state_dict) and, if given, ``plan.json``.
 
-    Tied tensors are cloned into separate entries (safetensors refuses shared storage);
-    :func:`load_model` reads the file back. Returns the safetensors path.
+    Tied tensors are cloned into separate entries (safetensors refuses shared storage).
+    A channel-permuted model's permutations and fold record go into the file's
+    metadata, so :func:`load_model` restores them (the certificate aligns with them).
+    Returns the safetensors path.
     """
     from safetensors.torch import save_file
 
@@ -179,7 +194,17 @@ def save_pruned_checkpoint(model: nn.Module, directory: str | Path, plan: object
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     path = out / "model.safetensors"
-    save_file(state, str(path), metadata={"format": "pt", "mp_plugin_plan": "plan.json"})
+    metadata = {"format": "pt", "mp_plugin_plan": "plan.json"}
+    perms = getattr(model, "_mp_permutations", None)
+    if perms:
+        from .permute import folds_to_data
+
+        record = {
+            "permutations": {k: [int(i) for i in v] for k, v in dict(perms).items()},
+            "folds": folds_to_data(getattr(model, "_mp_permutation_folds", None) or []),
+        }
+        metadata[PERMUTATION_METADATA] = json.dumps(record)
+    save_file(state, str(path), metadata=metadata)
     if plan is not None:
         plan.save(out / "plan.json")
     return path

@@ -446,3 +446,27 @@ def test_certificate_aligns_dense_to_a_channel_permuted_pruned_model() -> None:
     naive = certify(dense, plain, x, mode="empirical")
     assert not all(layer.norms["mask_case"] for layer in naive.layers)
     assert cert.measured["agreement"] == pytest.approx(naive.measured["agreement"])
+
+
+def test_permutation_record_survives_save_pruned_checkpoint(tmp_path) -> None:
+    """A permuted, pruned model saved as safetensors loads back with its fold record; certify aligns."""
+    import mp_plugin
+    from mp_plugin.models import BUILTIN_MODELS, load_model, register_builtin_model, save_pruned_checkpoint
+
+    register_builtin_model("_test_perm_mlp")(lambda: make_mlp((32, 64, 64, 12), seed=3).eval())
+    try:
+        dense = load_model("_test_perm_mlp")
+        x = torch.randn(40, 32, generator=torch.Generator().manual_seed(0))
+        pruned = copy.deepcopy(dense)
+        mp_plugin.apply(pruned, mp_plugin.plan(pruned, 0.5, "2:4", "seb"), calibration=x, permute="swap")
+        path = save_pruned_checkpoint(pruned, tmp_path)
+        loaded = load_model("_test_perm_mlp", checkpoint=path)
+        assert loaded._mp_permutations == pruned._mp_permutations
+        assert [s for s, _ in loaded._mp_permutation_folds] == [s for s, _ in pruned._mp_permutation_folds]
+        cert = certify(dense, loaded, x, mode="bound")
+        assert any("aligned" in n for n in cert.notes)
+        assert all(layer.norms["mask_case"] for layer in cert.layers)
+        plain = load_model("_test_perm_mlp", checkpoint=save_pruned_checkpoint(dense, tmp_path / "dense"))
+        assert not hasattr(plain, "_mp_permutation_folds")  # nothing recorded for an unpermuted model
+    finally:
+        BUILTIN_MODELS.pop("_test_perm_mlp", None)
