@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import MPPluginError, PatternError
 from ..layers import find_target_layers
+from ..layout import kn_eligible
 from ..patterns import Pattern
 from ..progress import progress
 from .attention import AttentionSite, find_attention_sites, fold_attention
@@ -116,6 +117,14 @@ def _activation_energy(model: nn.Module, names: list[str], example: Any) -> dict
         for h in handles:
             h.remove()
     return stats
+
+
+def _fold(model: nn.Module, site: Coupling | AttentionSite, perm: torch.Tensor) -> None:
+    """Fold ``perm`` into ``model`` at a coupling or an attention site (in place)."""
+    if isinstance(site, Coupling):
+        fold_coupling(model, site, perm)
+    else:
+        fold_attention(model, site, perm)
 
 
 def _search(
@@ -245,9 +254,8 @@ def permute_channels(
         mod = model.get_submodule(name)
         if getattr(mod, "groups", 1) != 1:
             return False, f"grouped conv (groups={mod.groups}): channels cannot move between its groups"
-        cols = consumer_matrix(mod).shape[1]
-        if cols % n:
-            return False, f"input channels {cols} are not divisible by n={n}"
+        if not kn_eligible(mod.weight.shape, n):
+            return False, f"input channels {mod.weight.shape[1]} are not divisible by n={n}"
         return True, ""
 
     sites: list[Coupling | AttentionSite] = [*couplings, *attn_sites]
@@ -355,11 +363,7 @@ def permute_channels(
         report.verified, report.max_abs_diff = diff <= _tolerance(reference, scale), diff
         if not report.verified:
             for site, perm in reversed(undo):
-                inv = torch.argsort(perm)
-                if isinstance(site, Coupling):
-                    fold_coupling(model, site, inv)
-                else:
-                    fold_attention(model, site, inv)
+                _fold(model, site, torch.argsort(perm))
             raise PermutationError(f"folding changed the output by {diff:.3e}; all permutations were undone")
 
     old: dict[str, list[int]] = dict(getattr(model, "_mp_permutations", {}) or {})
@@ -396,10 +400,7 @@ def align_to_permuted(reference: nn.Module, permuted: nn.Module) -> nn.Module:
     out = copy.deepcopy(reference)
     with torch.no_grad():
         for site, perm in folds:
-            if isinstance(site, Coupling):
-                fold_coupling(out, site, perm)
-            else:
-                fold_attention(out, site, perm)
+            _fold(out, site, perm)
     out._mp_permutations = copy.deepcopy(getattr(permuted, "_mp_permutations", {}))
     out._mp_permutation_folds = list(folds)
     return out
