@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .calibration import layer_input_rows, run_batches
+from .calibration import first_batch, layer_input_rows, run_batches
 from .errors import MPPluginError, PatternError
 from .masks import assert_kn_exact, check_nm, nm_mask
 from .patterns import Pattern
@@ -338,8 +338,7 @@ def _hook_input_refusals(model: nn.Module, modules: dict[str, nn.Module], calibr
         model.eval()
         for name, module in modules.items():
             handles.append(module.register_forward_hook(hook(name)))
-        first = calibration[0] if isinstance(calibration, list) else calibration
-        run_batches(model, first)
+        run_batches(model, first_batch(calibration))
     finally:
         for h in handles:
             h.remove()

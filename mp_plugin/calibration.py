@@ -38,6 +38,7 @@ __all__ = [
     "capture_covariances",
     "layer_input_rows",
     "run_batches",
+    "first_batch",
     "calibration_loss",
     "group_index",
 ]
@@ -117,6 +118,14 @@ def run_batches(model: nn.Module, data: Any) -> None:
                 model(move(batch))
             else:
                 raise MPPluginError(f"calibration batch must be a tensor, tuple or dict, got {type(batch).__name__}")
+
+
+def first_batch(data: Any) -> Any:
+    """The first batch of calibration ``data`` (one batch or a list of batches, see
+    :func:`run_batches`), or None for an empty list."""
+    if isinstance(data, list):
+        return data[0] if data else None
+    return data
 
 
 class _Accumulator:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibration import capture_covariances
+from .calibration import capture_covariances, first_batch
 from .cast import CastConfig, cast_project, cast_source
 from .errors import MPPluginError, PatternError, PlanMismatchError
 from .masks import assert_kn_exact, check_nm, nm_mask, unstructured_mask
@@ -52,13 +52,6 @@ def _already_done(weight: torch.Tensor, pattern: Pattern, n_prune: int) -> bool:
     if pattern.is_kn:
         return check_nm(weight, pattern.k, pattern.n)
     return int((weight == 0).sum()) >= n_prune
-
-
-def _first_batch(calibration: Any) -> Any:
-    """The first calibration batch (tensor, tuple or dict), or None."""
-    if isinstance(calibration, list):
-        return calibration[0] if calibration else None
-    return calibration
 
 
 def _permute(model: nn.Module, plan: PrunePlan, method: str, example: Any = None) -> Any:
@@ -135,7 +128,7 @@ def apply(
 
     perm_method = "swap" if permute is True else (permute or "none")
     if perm_method != "none":
-        _permute(model, plan, perm_method, _first_batch(calibration))
+        _permute(model, plan, perm_method, first_batch(calibration))
 
     todo = {
         lp.name

@@ -243,3 +243,14 @@ def test_cast_loss_not_above_magnitude_on_efficientnet_lite0(efficientnet_lite0,
     # on real activations the covariance matters: CAST is clearly better overall
     print(f"{k}:{n} CAST/magnitude calibration loss = {total_cast / total_mag:.3f}")
     assert total_cast < 0.97 * total_mag
+
+
+def test_first_batch_of_calibration_data() -> None:
+    from mp_plugin.calibration import first_batch
+
+    x, y = torch.randn(2, 4), torch.randn(3, 4)
+    assert first_batch([x, y]) is x
+    assert first_batch(x) is x
+    batch = {"input_ids": torch.ones(1, 3)}
+    assert first_batch(batch) is batch
+    assert first_batch([]) is None
