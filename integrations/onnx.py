@@ -40,7 +40,8 @@ from torch.nn.utils import parametrize
 
 from mp_plugin.errors import MPPluginError
 from mp_plugin.layers import LayerSelection, find_target_layers
-from mp_plugin.masks import check_nm, fold_parametrizations
+from mp_plugin.layout import kn_eligible
+from mp_plugin.masks import check_nm, fold_parametrizations, kn_group_counts
 from mp_plugin.patterns import Pattern
 from mp_plugin.plan import PrunePlan
 
@@ -211,17 +212,13 @@ def nm_violations(array: np.ndarray, k: int, n: int, axis: int) -> tuple[int, in
     Returns:
         (bad_groups, groups). groups is 0 when the axis length is not a multiple of n.
     """
-    width = array.shape[1] if axis == 1 else array.shape[0]
-    if array.ndim > 2:
-        array = np.moveaxis(array, 1, -1)
-    mat = array.reshape(array.shape[0], -1) if array.ndim != 2 else array
+    nonzero = torch.from_numpy(np.ascontiguousarray(array != 0))
     if axis == 0:
-        mat = mat.T
-    rows, cols = mat.shape
-    if width % n or cols == 0:
+        nonzero = nonzero.movedim(0, 1)  # MatMul B is (in, out): put the output axis first
+    if nonzero.numel() == 0 or not kn_eligible(nonzero.shape, n):
         return 0, 0
-    nonzero = (mat != 0).reshape(rows, cols // n, n).sum(axis=-1)
-    return int((nonzero > k).sum()), int(nonzero.size)
+    counts = kn_group_counts(nonzero, n)
+    return int((counts > k).sum()), int(counts.numel())
 
 
 def find_weight_initializers(model: onnx.ModelProto) -> list[WeightUse]:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import MPPluginError, PatternError
-from .layout import kn_input_columns, kn_matrix, kn_width
+from .layout import kn_eligible, kn_input_columns, kn_matrix, kn_width
 
 __all__ = [
     "GroupCovariance",
@@ -142,7 +142,7 @@ class _Accumulator:
         if room <= 0 or not inputs or not isinstance(inputs[0], torch.Tensor):
             return
         rows = layer_input_rows(module, inputs[0].detach())
-        if kn_width(module.weight.shape) % self.n:
+        if not kn_eligible(module.weight.shape, self.n):
             raise PatternError(f"layer input channels {kn_width(module.weight.shape)} are not divisible by n={self.n}")
         if module.weight.dim() > 2:
             rows = kn_input_columns(rows, int(module.in_channels), int(module.groups))

@@ -30,7 +30,7 @@ import torch
 
 from .calibration import GroupCovariance, group_index
 from .errors import MPPluginError, PatternError
-from .layout import from_kn_matrix, kn_matrix, kn_width
+from .layout import from_kn_matrix, kn_eligible, kn_matrix, kn_width
 from .masks import assert_kn_exact
 
 __all__ = ["CastConfig", "kn_patterns", "cast_source", "cast_project"]
@@ -144,7 +144,7 @@ def cast_project(
     if stats.n != n:
         raise PatternError(f"covariance was captured for groups of {stats.n}, not {n}")
     rows = u.shape[0]
-    if kn_width(u.shape) % n:
+    if not kn_eligible(u.shape, n):
         raise PatternError(f"input channels {kn_width(u.shape)} are not divisible by n={n}")
     width = u[0].numel()
     if cfg.prior_alpha > 0 and prior_mask is None:

@@ -25,7 +25,7 @@ from torch.nn.utils import parametrize
 
 from .budget import global_prune_counts
 from .errors import PatternError, PlanMismatchError
-from .layout import from_kn_matrix, kn_matrix, kn_width
+from .layout import from_kn_matrix, kn_eligible, kn_matrix, kn_width
 
 __all__ = [
     "nm_mask",
@@ -41,9 +41,8 @@ __all__ = [
 
 def _as_groups(weight: torch.Tensor, n: int) -> torch.Tensor:
     """(C_out, G, n) view of ``weight`` in the k:n layout (G = kh·kw·C_in / n)."""
-    width = kn_width(weight.shape)
-    if width % n:
-        raise PatternError(f"input channels {width} are not divisible by n={n}")
+    if not kn_eligible(weight.shape, n):
+        raise PatternError(f"input channels {kn_width(weight.shape)} are not divisible by n={n}")
     mat = kn_matrix(weight)
     return mat.reshape(mat.shape[0], -1, n)
 
