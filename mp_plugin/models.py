@@ -170,10 +170,9 @@ def load_model(
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
     if record is not None:
-        from .permute import folds_from_data
+        from .permute import restore_permutation_record
 
-        model._mp_permutations = record["permutations"]
-        model._mp_permutation_folds = folds_from_data(record["folds"])
+        restore_permutation_record(model, record)
     return model.eval()
 
 
@@ -195,14 +194,10 @@ def save_pruned_checkpoint(model: nn.Module, directory: str | Path, plan: object
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     path = out / "model.safetensors"
     metadata = {"format": "pt", "mp_plugin_plan": "plan.json"}
-    perms = getattr(model, "_mp_permutations", None)
-    if perms:
-        from .permute import folds_to_data
+    from .permute import permutation_record
 
-        record = {
-            "permutations": {k: [int(i) for i in v] for k, v in dict(perms).items()},
-            "folds": folds_to_data(getattr(model, "_mp_permutation_folds", None) or []),
-        }
+    record = permutation_record(model)
+    if record is not None:
         metadata[PERMUTATION_METADATA] = json.dumps(record)
     save_file(state, str(path), metadata=metadata)
     if plan is not None:

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import MPPluginError, PlanMismatchError
 from ..masks import MaskKeeper
+from ..permute.record import permutation_record, restore_permutation_record
 from ..plan import PrunePlan
 
 __all__ = ["plan_fingerprint", "save_checkpoint", "read_checkpoint", "restore_checkpoint", "CHECKPOINT_VERSION"]
@@ -51,16 +52,6 @@ def _masks_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> str 
     return None
 
 
-def _fold_record(model: nn.Module) -> list[dict] | None:
-    """The permutation fold record as plain data (lets ``certify`` align after a resume), or None."""
-    folds = getattr(model, "_mp_permutation_folds", None)
-    if not folds:
-        return None
-    from ..permute import folds_to_data
-
-    return folds_to_data(folds)
-
-
 def save_checkpoint(
     path: str | Path,
     model: nn.Module,
@@ -84,7 +75,7 @@ def save_checkpoint(
         "plan_json": None if plan is None else json.dumps(plan.to_dict(), default=str),
         "plan_fingerprint": plan_fingerprint(plan),
         "permutations": None if perms is None else {k: list(map(int, v)) for k, v in dict(perms).items()},
-        "permutation_folds": _fold_record(model),
+        "permutation_record": permutation_record(model),
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "scheduler": None if scheduler is None else scheduler.state_dict(),
         "rng": torch.get_rng_state(),
@@ -157,10 +148,8 @@ def restore_checkpoint(
     keeper.apply()
     if ck_perm is not None:
         model._mp_permutations = ck_perm
-    if state.get("permutation_folds"):
-        from ..permute import folds_from_data
-
-        model._mp_permutation_folds = folds_from_data(state["permutation_folds"])
+    if state.get("permutation_record"):  # the fold record too: certify aligns after a resume
+        restore_permutation_record(model, state["permutation_record"])
     if optimizer is not None and state.get("optimizer") is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state.get("scheduler") is not None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from .api import METHODS, PermutationError, align_to_permuted, permute_channels
 from .graph import Coupling, GraphFailure, find_couplings
-from .record import folds_from_data, folds_to_data
+from .record import folds_from_data, folds_to_data, permutation_record, restore_permutation_record
 from .report import PermutationReport, PermutedLayer, SkippedPermutation
 from .search import (
     apply_column_permutation,
@@ -43,6 +43,8 @@ __all__ = [
     "folds_to_data",
     "interleave_permutation",
     "kept_magnitude",
+    "permutation_record",
     "permute_channels",
+    "restore_permutation_record",
     "swap_permutation",
 ]

@@ -5,6 +5,8 @@
 :class:`~mp_plugin.permute.attention.AttentionSite`, permutation) it folded, in
 order. :func:`folds_to_data` turns it into lists/dicts/ints only (safe for
 ``torch.load(weights_only=True)`` and JSON); :func:`folds_from_data` is the inverse.
+:func:`permutation_record` / :func:`restore_permutation_record` carry a model's
+whole record (``_mp_permutations`` + folds) through any checkpoint format.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from ..errors import MPPluginError
 from .attention import AttentionSite
 from .graph import Coupling
 
-__all__ = ["folds_to_data", "folds_from_data"]
+__all__ = ["folds_to_data", "folds_from_data", "permutation_record", "restore_permutation_record"]
 
 
 def folds_to_data(folds: list[tuple[Coupling | AttentionSite, torch.Tensor]]) -> list[dict[str, Any]]:
@@ -44,3 +46,20 @@ def folds_from_data(data: list[dict[str, Any]]) -> list[tuple[Coupling | Attenti
         else:
             raise MPPluginError(f"unknown fold kind {entry['kind']!r} in a permutation record")
     return folds
+
+
+def permutation_record(model: Any) -> dict[str, Any] | None:
+    """``{"permutations": {consumer: [int, ...]}, "folds": folds_to_data(...)}`` of a permuted model, else None."""
+    perms = getattr(model, "_mp_permutations", None)
+    if not perms:
+        return None
+    return {
+        "permutations": {k: [int(i) for i in v] for k, v in dict(perms).items()},
+        "folds": folds_to_data(getattr(model, "_mp_permutation_folds", None) or []),
+    }
+
+
+def restore_permutation_record(model: Any, record: dict[str, Any]) -> None:
+    """Inverse of :func:`permutation_record`: set ``model._mp_permutations`` and ``_mp_permutation_folds``."""
+    model._mp_permutations = record["permutations"]
+    model._mp_permutation_folds = folds_from_data(record["folds"])
