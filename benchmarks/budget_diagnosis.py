@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import sys
 import time
@@ -32,10 +33,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import TASKS, Task  # noqa: E402
-from common import write_result  # noqa: E402
+from common import RESULTS, write_result  # noqa: E402
 
 from mp_plugin.budget import SEBConfig, global_prune_counts  # noqa: E402
 from mp_plugin.masks import unstructured_mask  # noqa: E402
@@ -43,6 +45,7 @@ from mp_plugin.plan import PlanConfig, plan  # noqa: E402
 
 SPARSITY = 0.5
 SIGNALS = ("sigma_plus", "sigma", "hill_alpha", "bulk_fraction", "spike_energy_fraction")
+BUDGETS = ("seb", "seb_reversed", "global_magnitude")
 
 
 def _loss(task: Task, metrics: dict[str, float]) -> float:
@@ -53,12 +56,21 @@ def _loss(task: Task, metrics: dict[str, float]) -> float:
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman ρ over the layers where both are finite (tied values get average ranks)."""
     ok = np.isfinite(a) & np.isfinite(b)
     if ok.sum() < 3:
         return float("nan")
-    ra = np.argsort(np.argsort(a[ok])).astype(float)
-    rb = np.argsort(np.argsort(b[ok])).astype(float)
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(spearmanr(a[ok], b[ok]).statistic)
+
+
+def correlations(layers: list[dict]) -> dict[str, dict[str, float]]:
+    """Spearman ρ of each per-layer signal and each budget with the measured sensitivity."""
+    sens = np.asarray([r["sensitivity"] for r in layers])
+    col = lambda key: np.asarray([r[key] for r in layers], dtype=float)  # noqa: E731
+    return {
+        "spearman_signal_vs_sensitivity": {k: _spearman(col(k), sens) for k in (*SIGNALS, "numel")},
+        "spearman_budget_vs_sensitivity": {k: _spearman(col(f"budget_{k}"), sens) for k in BUDGETS},
+    }
 
 
 def _prune_counts(task: Task, names: list[str], counts: list[int]) -> torch.nn.Module:
@@ -107,22 +119,22 @@ def diagnose(task: Task) -> dict:
         results[label] = task.evaluate(_prune_counts(task, names, [lp.n_prune for lp in pl.layers]))
     for label, r in results.items():
         print(f"[{task.name}] 50% {label:<18} {r}", flush=True)
+    layers = [
+        {
+            "name": n,
+            "weight_shape": list(lp.weight_shape),
+            "layer_type": lp.layer_type,
+            "sensitivity": float(s),
+            **{k: float(v[i]) for k, v in signals.items()},
+            **{f"budget_{k}": float(v[i]) for k, v in budgets.items()},
+        }
+        for i, (n, lp, s) in enumerate(zip(names, p.layers, sens))
+    ]
     return {
         "model": task.name,
         "loss": "1 - embedding cosine" if task.name == "minilm" else "KL(dense || pruned)",
-        "layers": [
-            {
-                "name": n,
-                "weight_shape": list(lp.weight_shape),
-                "layer_type": lp.layer_type,
-                "sensitivity": float(s),
-                **{k: float(v[i]) for k, v in signals.items()},
-                **{f"budget_{k}": float(v[i]) for k, v in budgets.items()},
-            }
-            for i, (n, lp, s) in enumerate(zip(names, p.layers, sens))
-        ],
-        "spearman_signal_vs_sensitivity": {k: _spearman(v, sens_a) for k, v in signals.items()},
-        "spearman_budget_vs_sensitivity": {k: _spearman(v, sens_a) for k, v in budgets.items()},
+        "layers": layers,
+        **correlations(layers),
         "at_50_percent": results,
         "seconds": time.perf_counter() - t0,
         "threads": torch.get_num_threads(),
@@ -154,7 +166,21 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["minilm", "efficientnet_lite0", "fmnist_cnn"], choices=list(TASKS))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--table-only",
+        action="store_true",
+        help="recompute the correlations from the stored per-layer measurements, rewrite the JSON fields and the .md",
+    )
     args = ap.parse_args(argv)
+    if args.table_only:
+        path = RESULTS / "budget_diagnosis.json"
+        data = json.loads(path.read_text())
+        for r in data["models"]:
+            r.update(correlations(r["layers"]))
+        path.write_text(json.dumps(data, indent=1))
+        path.with_suffix(".md").write_text(to_markdown(data["models"]))
+        print(to_markdown(data["models"]))
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     res = [diagnose(TASKS[name]()) for name in args.models]
