@@ -43,8 +43,8 @@ Imports of modelopt and torchao happen inside the functions.
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
-import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -277,11 +277,6 @@ def baseline_report(model: nn.Module) -> SparseGPTReport | None:
     return getattr(model, REPORT_ATTR, None)
 
 
-def _fnmatch_literal(name: str) -> str:
-    """``name`` as an fnmatch pattern that matches only itself (ModelOpt's rules are fnmatch patterns)."""
-    return re.sub(r"([*?\[])", r"[\1]", name)
-
-
 def _subclass_refusal(module: nn.Module) -> str | None:
     """Why ModelOpt's SparseGPT Hessian hook cannot be trusted on this subclass, statically (None = no reason)."""
     cls = type(module)
@@ -415,7 +410,10 @@ def sparsegpt_modelopt(
         SpDMRegistry.register(keys)(SparseModule)
     try:
         # every key the model's convertible classes map to: freeze all ("*": None) but the accepted targets
-        rule: dict[str, dict | None] = {"*": None, **{_fnmatch_literal(n): {} for n in accepted}}
+        rule: dict[str, dict | None] = {
+            "*": None,
+            **{glob.escape(n): {} for n in accepted},
+        }  # ModelOpt rules are fnmatch patterns
         found = {SpDMRegistry.get_key(type(m)) for m in model.modules() if m in SpDMRegistry}
         rules = {key: rule for key in sorted(found | {"nn.Linear", "nn.Conv2d"})}
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
