@@ -1,0 +1,62 @@
+"""The README says only what the committed results say, and its quick start is the two run.sh commands."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _headline():
+    spec = importlib.util.spec_from_file_location("headline", ROOT / "benchmarks" / "headline.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["headline"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_headline_table_is_the_one_generated_from_the_committed_json() -> None:
+    headline = _headline()
+    block = headline.readme_block((ROOT / "README.md").read_text())
+    assert block is not None, "README.md lost its headline markers"
+    assert block == headline.render(), "README headline table differs from benchmarks/headline.py: run it with --write"
+    for spec in headline.ROWS:
+        for f in (spec.file,) if isinstance(spec.file, str) else spec.file:
+            assert (ROOT / "benchmarks" / "results" / f).is_file(), f
+
+
+def test_headline_picks_the_best_of_each_family(tmp_path: Path) -> None:
+    import json
+
+    rows = [
+        {"setting": "2:4", "method": "magnitude k:n", "kl": 3.0},
+        {"setting": "2:4", "method": "wanda", "kl": 2.0},
+        {"setting": "2:4", "method": "seb+cast", "kl": 2.5},
+        {"setting": "2:4", "method": "seb+cast+perm(swap)", "kl": 1.5},
+        {"setting": "50%", "method": "seb", "kl": 0.1},
+        {"setting": "2:4", "method": "sparsegpt", "skipped": "n/a"},
+    ]
+    (tmp_path / "r.json").write_text(json.dumps({"rows": rows}))
+    headline = _headline()
+    spec = headline.HeadlineRow("M", "2:4", "one-shot", "r.json", "kl", higher_is_better=False)
+    assert headline.best(spec, True, tmp_path) == ("seb+cast+perm(swap)", 1.5, 2)
+    assert headline.best(spec, False, tmp_path) == ("wanda", 2.0, 2)
+    assert "**seb+cast+perm(swap): 1.500**" in headline.render((spec,), tmp_path)
+
+
+def test_quick_start_is_exactly_the_two_run_sh_commands() -> None:
+    text = (ROOT / "README.md").read_text()
+    quick = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", quick, flags=re.S).group(1)
+    commands = [line.split("#")[0].strip() for line in block.splitlines() if line.split("#")[0].strip()]
+    assert commands == ["bash run.sh demo", "bash run.sh test"]
+
+
+def test_provably_only_next_to_the_bound_mode() -> None:
+    for path in (ROOT / "README.md", ROOT / "benchmarks" / "README.md"):
+        for line in path.read_text().splitlines():
+            if re.search(r"\bprovabl|\bproven\b", line, flags=re.I):
+                assert "bound" in line, f"{path.name}: a proof claim not tied to the bound mode: {line!r}"
