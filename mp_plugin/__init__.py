@@ -18,12 +18,16 @@ from importlib import import_module
 from typing import Any
 
 from .errors import (
+    CalibrationError,
+    CheckpointError,
+    ConfigError,
     InvalidSparsityError,
     InvalidWeightError,
     MPPluginError,
     NoPrunableLayersError,
     NotCertifiable,
     PatternError,
+    PlanFormatError,
     PlanMismatchError,
     SpectrumFitError,
 )
@@ -54,6 +58,9 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "CalibrationError",
+    "CheckpointError",
+    "ConfigError",
     "InvalidSparsityError",
     "InvalidWeightError",
     "LayerPlan",
@@ -64,6 +71,7 @@ __all__ = [
     "Pattern",
     "PatternError",
     "PlanConfig",
+    "PlanFormatError",
     "PlanMismatchError",
     "PrunePlan",
     "SpectralFit",

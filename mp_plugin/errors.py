@@ -55,3 +55,19 @@ class NonFiniteActivationError(MPPluginError, ValueError):
 
 class DatasetUnavailable(MPPluginError, FileNotFoundError):
     """A data set that ships offline (e.g. Debian's ``dataset-fashion-mnist``) is not installed here."""
+
+
+class ConfigError(MPPluginError, ValueError):
+    """An argument or configuration value is invalid (unknown name, out of range, wrong type)."""
+
+
+class CalibrationError(MPPluginError, ValueError):
+    """A calibration or example batch is empty, non-finite, or does not run through the model."""
+
+
+class PlanFormatError(MPPluginError, ValueError):
+    """A plan file or plan object does not follow the plan schema (missing keys, wrong types, tampered counts)."""
+
+
+class CheckpointError(MPPluginError, ValueError):
+    """A checkpoint file cannot be read, or does not fit the model architecture it is loaded into."""

@@ -14,9 +14,27 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import InvalidWeightError
+from ..errors import ConfigError, InvalidWeightError
 
-__all__ = ["as_matrix", "squared_singular_values"]
+__all__ = ["as_matrix", "resolve_gram_dtype", "squared_singular_values"]
+
+_GRAM_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def resolve_gram_dtype(gram_dtype: torch.dtype | str) -> torch.dtype:
+    """``torch.float64``/``torch.float32`` (or their names ``"float64"``/``"float32"``) as a torch dtype.
+
+    Raises:
+        ConfigError: any other value (fp16/bf16 have no eigen-solver and too little range for a Gram product).
+    """
+    if isinstance(gram_dtype, str):
+        key = gram_dtype.strip().lower().removeprefix("torch.")
+        key = {"double": "float64", "float": "float32"}.get(key, key)
+        if key in _GRAM_DTYPES:
+            return _GRAM_DTYPES[key]
+    elif gram_dtype in (torch.float64, torch.float32):
+        return gram_dtype
+    raise ConfigError(f"gram_dtype must be 'float64' or 'float32' (or torch.float64/torch.float32), got {gram_dtype!r}")
 
 
 def as_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -29,6 +47,10 @@ def as_matrix(weight: torch.Tensor) -> torch.Tensor:
         raise InvalidWeightError(f"weight must have ≥2 dims (Linear or Conv), got shape {tuple(weight.shape)}")
     if weight.numel() == 0:
         raise InvalidWeightError("weight is empty")
+    if weight.is_complex() or not weight.is_floating_point():
+        raise InvalidWeightError(
+            f"weight dtype {weight.dtype} is not a real floating-point type: convert it (e.g. .float()) before fitting"
+        )
     mat = weight.detach().reshape(weight.shape[0], -1)
     if not torch.isfinite(mat).all():
         raise InvalidWeightError("weight contains NaN or Inf values")
@@ -65,6 +87,7 @@ def squared_singular_values(
         One 1-D float64 tensor of length min(N, M) per weight: the squared
         singular values sorted ascending.
     """
+    gram_dtype = resolve_gram_dtype(gram_dtype)
     mats = [w if w.dim() == 2 and not w.requires_grad else as_matrix(w) for w in weights]
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, m in enumerate(mats):

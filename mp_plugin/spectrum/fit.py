@@ -32,8 +32,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ..errors import SpectrumFitError
-from .eigen import as_matrix, squared_singular_values
+from ..errors import ConfigError, InvalidWeightError, SpectrumFitError
+from .eigen import as_matrix, resolve_gram_dtype, squared_singular_values
 from .mp_law import mp_cdf, mp_quantile
 from .tracy_widom import tracy_widom_quantile
 
@@ -118,6 +118,63 @@ def _tw_term(n: int, gamma: float, beta: float, edge_compat: EdgeCompat) -> floa
     return tracy_widom_quantile(1.0 - beta) * n ** (-2.0 / 3.0) * gamma ** (-1.0 / 6.0) * scale
 
 
+def check_fit_options(alpha: float, beta: float, estimator: str, edge_compat: str) -> None:
+    """Raise :class:`~mp_plugin.errors.ConfigError` unless the fit options are valid.
+
+    alpha ∈ [0, 0.5), beta ∈ (0, 1) (real numbers, not bool), estimator ∈
+    {"bema", "bema-debiased"}, edge_compat ∈ {"correct", "authors"}.
+    """
+    for name, value in (("alpha", alpha), ("beta", beta)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+            raise ConfigError(f"{name} must be a real number, got {value!r}")
+    if not 0.0 <= alpha < 0.5:
+        raise ConfigError(f"alpha must lie in [0, 0.5), got {alpha}")
+    if not 0.0 < beta < 1.0:
+        raise ConfigError(f"beta must lie in (0, 1), got {beta}")
+    if estimator not in ("bema", "bema-debiased"):
+        raise ConfigError(f"unknown estimator {estimator!r}: use 'bema' or 'bema-debiased'")
+    if edge_compat not in ("correct", "authors"):
+        raise ConfigError(f"unknown edge_compat {edge_compat!r}: use 'correct' or 'authors'")
+
+
+_SAFE_EXPONENT = 30  # |W| within 2^±30 forms a Gram product far from float32 overflow or underflow
+
+
+def _power_of_two_scaled(mat: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(mat / 2^e, e) with 2^e near max|mat| when that is beyond 2^±30, else (mat, 0).
+
+    Dividing by a power of two is exact in binary floating point, so an MP fit of
+    the scaled matrix, scaled back by :func:`_rescale`, is the fit of ``mat``.
+    """
+    peak = float(mat.detach().abs().max().to(torch.float64))
+    if peak == 0.0:
+        return mat, 0
+    exp = math.frexp(peak)[1]
+    if abs(exp) <= _SAFE_EXPONENT:
+        return mat, 0
+    wide = mat.detach().to(torch.float64)
+    half = exp // 2  # two steps: 2^-e alone can overflow for subnormal peaks
+    return torch.ldexp(torch.ldexp(wide, torch.tensor(float(-half))), torch.tensor(float(half - exp))), exp
+
+
+def _rescale(fit: SpectralFit, exp: int) -> SpectralFit:
+    """``fit`` of W/2^e turned into the fit of W: σ-like fields × 2^e, eigenvalue-like × 4^e."""
+    if exp == 0:
+        return fit
+    with np.errstate(over="ignore", under="ignore"):
+        fit.sigma = float(np.ldexp(fit.sigma, exp))
+        fit.sigma_plus = float(np.ldexp(fit.sigma_plus, exp))
+        fit.lambda_plus = float(np.ldexp(fit.lambda_plus, 2 * exp))
+        fit.threshold = float(np.ldexp(fit.threshold, 2 * exp))
+        fit.singular_values = np.ldexp(fit.singular_values, exp)
+    if not all(math.isfinite(v) for v in (fit.lambda_plus, fit.threshold)):
+        raise InvalidWeightError(
+            f"weight entries up to ~1e{exp * math.log10(2):.0f} make the eigenvalues s²/n overflow float64 "
+            "(fitting needs |W| below ~1e150): rescale the weight before fitting"
+        )
+    return fit
+
+
 def fit_from_eigenvalues(
     eigs: np.ndarray | torch.Tensor,
     shape: tuple[int, int],
@@ -140,13 +197,10 @@ def fit_from_eigenvalues(
         max_iter: iterations of the spike-count fixed point (debiased only).
         zero_tol: eigenvalues below ``zero_tol``·λ_max count as exact zeros.
     """
-    if not 0.0 <= alpha < 0.5:
-        raise ValueError(f"alpha must lie in [0, 0.5), got {alpha}")
-    if not 0.0 < beta < 1.0:
-        raise ValueError(f"beta must lie in (0, 1), got {beta}")
-    if estimator not in ("bema", "bema-debiased"):
-        raise ValueError(f"unknown estimator {estimator!r}: use 'bema' or 'bema-debiased'")
+    check_fit_options(alpha, beta, estimator, edge_compat)
     sq = np.sort(np.asarray(eigs, dtype=np.float64))
+    if not np.isfinite(sq).all():
+        raise InvalidWeightError("eigenvalues are NaN or infinite: the weight's s² overflow float64")
     if len(sq) and sq[-1] > 0:  # round-off of the Gram product: exact zeros come out as ~1e-16·λ_max
         sq = np.where(sq < sq[-1] * zero_tol, 0.0, sq)
     rows, cols = int(shape[0]), int(shape[1])
@@ -241,7 +295,7 @@ def fit_marchenko_pastur(
     beta: float = 0.8,
     estimator: Estimator = "bema-debiased",
     edge_compat: EdgeCompat = "correct",
-    gram_dtype: torch.dtype = torch.float64,
+    gram_dtype: torch.dtype | str = torch.float64,
 ) -> SpectralFit:
     """Fit the MP law to one Linear (out, in) or Conv (out, in, kh, kw) weight.
 
@@ -249,9 +303,14 @@ def fit_marchenko_pastur(
     device; eigenvalues are computed on that device. See :func:`fit_from_eigenvalues`
     for the parameters.
 
+    Weights of any magnitude are fitted exactly: the matrix is scaled by a power of
+    two before the Gram product, and the fit scaled back.
+
     Raises:
-        InvalidWeightError: NaN/Inf, meta device, or fewer than 2 dims.
+        InvalidWeightError: NaN/Inf, complex or integer dtype, meta device, fewer than 2 dims,
+            or entries so large that s² overflows float64 (beyond ~1e150).
         SpectrumFitError: the matrix has a single singular value (1×n).
+        ConfigError: alpha, beta, estimator, edge_compat or gram_dtype invalid.
     """
     return fit_many([weight], alpha, beta, estimator, edge_compat, gram_dtype)[0]
 
@@ -262,16 +321,21 @@ def fit_many(
     beta: float = 0.8,
     estimator: Estimator = "bema-debiased",
     edge_compat: EdgeCompat = "correct",
-    gram_dtype: torch.dtype = torch.float64,
+    gram_dtype: torch.dtype | str = torch.float64,
 ) -> list[SpectralFit]:
     """Fit many weights at once; equal shapes share one batched eigen-solve."""
-    mats = [as_matrix(w) for w in weights]  # validates: finite, not meta, ≥2-D
+    check_fit_options(alpha, beta, estimator, edge_compat)
+    mats = [as_matrix(w) for w in weights]  # validates: finite, real float, not meta, ≥2-D
     for m in mats:
         if min(m.shape) < 2:
             raise SpectrumFitError(
                 f"a {m.shape[0]}×{m.shape[1]} matrix has a single singular value: the MP law cannot be fitted"
             )
+    gram_dtype = resolve_gram_dtype(gram_dtype)
+    scaled = [_power_of_two_scaled(m) for m in mats]  # huge/tiny weights: W/2^e, no Gram overflow
+    mats, exps = [m for m, _ in scaled], [e for _, e in scaled]
     eigs = squared_singular_values(mats, gram_dtype=gram_dtype)
     return [
-        fit_from_eigenvalues(e.numpy(), tuple(m.shape), alpha, beta, estimator, edge_compat) for e, m in zip(eigs, mats)
+        _rescale(fit_from_eigenvalues(e.numpy(), tuple(m.shape), alpha, beta, estimator, edge_compat), x)
+        for e, m, x in zip(eigs, mats, exps)
     ]
