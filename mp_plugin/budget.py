@@ -16,7 +16,7 @@ Budget methods live in :data:`BUDGET_METHODS`, a registry keyed by name:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -147,6 +147,21 @@ def seb_layer_weights(
     return w, z
 
 
+_CHUNK = 1 << 22  # entries scored at once: the workspace of global_prune_counts is a few of these
+
+
+def _score_bits(weight: torch.Tensor, layer_w: float) -> Iterator[torch.Tensor]:
+    """The float32 scores |W|/w_ℓ of one layer as int32 bit patterns, slice by slice.
+
+    For non-negative floats the bit pattern orders like the value, so counting
+    bit patterns below a threshold is counting scores below it.
+    """
+    flat = weight.detach().reshape(-1)
+    for start in range(0, flat.numel(), _CHUNK):
+        piece = flat[start : start + _CHUNK].abs().float() / float(layer_w)
+        yield piece.view(torch.int32)
+
+
 def global_prune_counts(weights: Sequence[torch.Tensor], layer_w: Sequence[float], sparsity: float) -> list[int]:
     """Exact per-layer counts for global thresholding of |W|/w_ℓ.
 
@@ -154,6 +169,13 @@ def global_prune_counts(weights: Sequence[torch.Tensor], layer_w: Sequence[float
     |W_ij|/w_ℓ across all layers (ties broken by layer order), and returns how
     many fall in each layer. Within a layer the pruned entries are then its
     smallest-|W| ones, since the score is monotone in |W| there.
+
+    The threshold is found by a two-pass radix select on the float32 scores' bit
+    patterns (high 16 bits, then low 16 bits inside the selected bin), reading the
+    weights slice by slice on their own device: the workspace is a few slices of
+    4M scores plus 64K-bin histograms, whatever the model's size, and no copy of
+    all scores is made. The counts equal those of a k-th-value selection on the
+    concatenated scores.
     """
     s = check_sparsity(sparsity)
     sizes = [int(w.numel()) for w in weights]
@@ -161,16 +183,32 @@ def global_prune_counts(weights: Sequence[torch.Tensor], layer_w: Sequence[float
     target = int(round(s * total))
     if target == 0:
         return [0] * len(sizes)
-    scores = torch.cat([w.detach().abs().reshape(-1).float().cpu() / float(lw) for w, lw in zip(weights, layer_w)])
-    thresh = torch.kthvalue(scores, target).values
-    below = [0] * len(sizes)
+    high = [torch.zeros(1 << 15, dtype=torch.int64) for _ in weights]
+    for i, (w, lw) in enumerate(zip(weights, layer_w)):
+        for bits in _score_bits(w, lw):
+            high[i] += torch.bincount(bits >> 16, minlength=1 << 15).cpu()
+    cum = torch.stack(high).sum(0).cumsum(0)
+    top = int(torch.searchsorted(cum, torch.tensor(target, dtype=torch.int64)))  # first bin reaching target
+    before = int(cum[top - 1]) if top > 0 else 0
+    low = torch.zeros(1 << 16, dtype=torch.int64)
+    low_layers: dict[int, torch.Tensor] = {}
+    for i, (w, lw) in enumerate(zip(weights, layer_w)):
+        if int(high[i][top]) == 0:
+            continue
+        hist = torch.zeros(1 << 16, dtype=torch.int64)
+        for bits in _score_bits(w, lw):
+            inside = bits[(bits >> 16) == top] & 0xFFFF
+            if inside.numel():
+                hist += torch.bincount(inside, minlength=1 << 16).cpu()
+        low_layers[i] = hist
+        low += hist
+    cum_low = low.cumsum(0) + before
+    bottom = int(torch.searchsorted(cum_low, torch.tensor(target, dtype=torch.int64)))
+    below = [int(h[:top].sum()) for h in high]
     ties = [0] * len(sizes)
-    start = 0
-    for i, size in enumerate(sizes):
-        chunk = scores[start : start + size]
-        below[i] = int((chunk < thresh).sum())
-        ties[i] = int((chunk == thresh).sum())
-        start += size
+    for i, hist in low_layers.items():
+        below[i] += int(hist[:bottom].sum())
+        ties[i] = int(hist[bottom])
     remaining = target - sum(below)
     counts = []
     for b, t in zip(below, ties):

@@ -1,7 +1,7 @@
 """Random-matrix spectra of layer weights: the MP law, Tracy–Widom edges, BEMA fits."""
 
-from .eigen import as_matrix, squared_singular_values
-from .fit import SpectralFit, fit_from_eigenvalues, fit_many, fit_marchenko_pastur
+from .eigen import as_matrix, gram_matrix, squared_singular_values
+from .fit import SpectralFit, fit_from_eigenvalues, fit_many, fit_marchenko_pastur, float32_sigma_error
 from .mp_law import mp_cdf, mp_density, mp_edges, mp_quantile
 from .tracy_widom import tracy_widom_cdf, tracy_widom_quantile
 
@@ -9,6 +9,8 @@ __all__ = [
     "SpectralFit",
     "as_matrix",
     "fit_from_eigenvalues",
+    "float32_sigma_error",
+    "gram_matrix",
     "fit_many",
     "fit_marchenko_pastur",
     "mp_cdf",

@@ -3,8 +3,10 @@
 A weight is read as a 2-D matrix in PyTorch order (rows = out, cols =
 in·kh·kw). For a p×n matrix with p ≤ n, the squared singular values are the
 eigenvalues of the p×p Gram matrix, which ``eigvalsh`` returns several times
-faster than an SVD. Matrices of one shape are stacked and solved in one
-batched call, on the device the weights live on (CUDA included).
+faster than an SVD. The Gram matrix is accumulated over slices of the long
+side (:func:`gram_matrix`), so a bf16 weight is never copied whole to a wider
+dtype. Gram matrices of one shape are stacked, up to a byte budget, and solved
+in one batched call, on the device the weights live on (CUDA included).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 from ..errors import ConfigError, InvalidWeightError
 
-__all__ = ["as_matrix", "resolve_gram_dtype", "squared_singular_values"]
+__all__ = ["as_matrix", "gram_matrix", "resolve_gram_dtype", "squared_singular_values"]
 
 _GRAM_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -57,19 +59,48 @@ def as_matrix(weight: torch.Tensor) -> torch.Tensor:
     return mat
 
 
-def _gram_eigvals(stack: torch.Tensor, gram_dtype: torch.dtype) -> torch.Tensor:
-    """Ascending eigenvalues (float64) of the smaller Gram side of a (B, N, M) stack."""
-    mats = stack.to(gram_dtype)
-    if mats.shape[-2] > mats.shape[-1]:
-        mats = mats.transpose(-2, -1)
-    gram = mats @ mats.transpose(-2, -1)
-    return torch.linalg.eigvalsh(gram).to(torch.float64).clamp_min(0.0)
+def gram_matrix(
+    mat: torch.Tensor,
+    gram_dtype: torch.dtype = torch.float64,
+    chunk_elements: int = 1 << 22,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The smaller-side Gram matrix of a 2-D ``mat`` (p × p, p = min(rows, cols)), on ``mat``'s device.
+
+    For rows ≤ cols it is M Mᵀ, otherwise Mᵀ M (squared weight units). The long
+    side is read in slices of about ``chunk_elements`` entries, each converted to
+    ``gram_dtype`` on its own, so the workspace is the p × p result plus one slice:
+    no full-size float32/float64 copy of a bf16/fp16 weight is made. ``out``
+    (p × p, ``gram_dtype``, same device) receives the result when given.
+    """
+    wide = mat.shape[0] <= mat.shape[1]
+    p, n = (mat.shape[0], mat.shape[1]) if wide else (mat.shape[1], mat.shape[0])
+    step = max(1, int(chunk_elements) // max(1, p))
+    if out is None:
+        out = torch.empty(p, p, dtype=gram_dtype, device=mat.device)
+    for start in range(0, n, step):
+        piece = (mat[:, start : start + step] if wide else mat[start : start + step].T).to(gram_dtype)
+        if start == 0:
+            torch.matmul(piece, piece.T, out=out)
+        else:
+            out.addmm_(piece, piece.T)
+    return out
+
+
+def _gram_eigvals(mats: Sequence[torch.Tensor], gram_dtype: torch.dtype) -> torch.Tensor:
+    """Ascending eigenvalues (float64, ≥ 0) of the smaller Gram side of same-shaped 2-D matrices, (B, p)."""
+    p = min(mats[0].shape)
+    grams = torch.empty(len(mats), p, p, dtype=gram_dtype, device=mats[0].device)
+    for j, m in enumerate(mats):
+        gram_matrix(m, gram_dtype, out=grams[j])
+    return torch.linalg.eigvalsh(grams).to(torch.float64).clamp_min(0.0)
 
 
 def squared_singular_values(
     weights: Sequence[torch.Tensor],
     gram_dtype: torch.dtype = torch.float64,
     batch_size: int = 16,
+    max_batch_bytes: int = 1 << 27,
 ) -> list[torch.Tensor]:
     """Return s² (ascending, float64, on CPU) for each weight, batching equal shapes.
 
@@ -77,11 +108,13 @@ def squared_singular_values(
         weights: tensors of any supported shape; each is read via :func:`as_matrix`.
         gram_dtype: dtype of the Gram product and eigen-solve. float64
             (default) is exact to ~1e-15 relative; float32 is about twice as
-            fast and exact to ~1e-6 relative to the largest eigenvalue, far
-            below the statistical error of an MP fit on bulk eigenvalues
-            (``benchmarks/analysis_speed.py`` measures both against an SVD).
-        batch_size: most matrices of one shape solved in one batched call
-            (bounds peak memory).
+            fast and exact to ~1e-7 relative to the largest eigenvalue
+            (``benchmarks/analysis_speed.py`` measures both against an SVD;
+            :func:`mp_plugin.spectrum.fit_many` decides per layer when float32 is enough).
+        batch_size: most matrices of one shape solved in one batched call.
+        max_batch_bytes: most bytes of Gram matrices held at once (a batch is cut
+            to fit; one matrix is always allowed). Peak workspace is about this
+            plus one slice of :func:`gram_matrix`, whatever the weights' size.
 
     Returns:
         One 1-D float64 tensor of length min(N, M) per weight: the squared
@@ -93,10 +126,13 @@ def squared_singular_values(
     for i, m in enumerate(mats):
         groups[(tuple(m.shape), m.device)].append(i)
     out: list[torch.Tensor | None] = [None] * len(mats)
-    for idx in groups.values():
-        for start in range(0, len(idx), batch_size):
-            chunk = idx[start : start + batch_size]
-            ev = _gram_eigvals(torch.stack([mats[i] for i in chunk]), gram_dtype).cpu()
+    itemsize = torch.empty(0, dtype=gram_dtype).element_size()
+    for (shape, _), idx in groups.items():
+        per = min(shape) ** 2 * itemsize
+        size = max(1, min(batch_size, int(max_batch_bytes) // max(1, per)))
+        for start in range(0, len(idx), size):
+            chunk = idx[start : start + size]
+            ev = _gram_eigvals([mats[i] for i in chunk], gram_dtype).cpu()
             for j, i in enumerate(chunk):
                 out[i] = ev[j]
     return out  # type: ignore[return-value]
