@@ -1,0 +1,167 @@
+"""Prune and restore a whole model, one-shot or sequentially (block by block).
+
+One-shot: every layer's Gram is captured on the dense model in one calibration
+pass, then each layer is pruned and restored. Sequential
+(``RestoreConfig(sequential=True)``): layers are taken in forward order, grouped
+into blocks (a transformer block, a conv stage: the module-name prefix up to its
+first index, e.g. ``blocks.3``, ``encoder.layer.2``, ``model.layers.5``), and
+each block's Grams are captured on the model already pruned and restored before
+it, so every layer also corrects its predecessors' error (what SparseGPT and
+llm-compressor's sequential pipeline do). Only the current block's Grams are held.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..calibration import first_batch, run_batches
+from ..cast import CastConfig
+from ..errors import MPPluginError
+from ..patterns import Pattern
+from ..progress import progress
+from .config import RestoreConfig
+from .hessian import capture_grams
+from .layer import NEEDS_GRAM, restore_layer, select_mask
+
+__all__ = ["LayerTask", "execution_order", "block_key", "forward_blocks", "prune_and_restore"]
+
+_INDEX = re.compile(r"^\d+$")
+
+
+@dataclass
+class LayerTask:
+    """One layer to prune: its module name, module, pattern and (unstructured) count."""
+
+    name: str
+    module: nn.Module
+    pattern: Pattern
+    n_prune: int
+
+
+def execution_order(model: nn.Module, names: Sequence[str], data: Any) -> list[str]:
+    """``names`` in the order the first calibration batch calls them; layers never called come last."""
+    modules = dict(model.named_modules())
+    seen: list[str] = []
+    handles = []
+
+    def hook(name: str):  # noqa: ANN202
+        def fn(module: nn.Module, inputs: tuple) -> None:
+            if name not in seen:
+                seen.append(name)
+
+        return fn
+
+    was_training = model.training
+    try:
+        model.eval()
+        for name in names:
+            handles.append(modules[name].register_forward_pre_hook(hook(name)))
+        batch = first_batch(data)
+        if batch is not None:
+            run_batches(model, [batch])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return seen + [n for n in names if n not in seen]
+
+
+def block_key(name: str) -> str:
+    """The block a layer belongs to: its name up to and including the first numeric component."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if _INDEX.match(part):
+            return ".".join(parts[: i + 1])
+    return name
+
+
+def forward_blocks(order: Sequence[str]) -> list[list[str]]:
+    """Consecutive layers (in forward order) with the same :func:`block_key`, as blocks."""
+    blocks: list[list[str]] = []
+    for name in order:
+        if blocks and block_key(blocks[-1][-1]) == block_key(name):
+            blocks[-1].append(name)
+        else:
+            blocks.append([name])
+    return blocks
+
+
+def prune_and_restore(
+    model: nn.Module,
+    tasks: Sequence[LayerTask],
+    calibration: Any,
+    projection: str = "magnitude",
+    restore: RestoreConfig | None = None,
+    cast_config: CastConfig | None = None,
+    show_progress: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Prune every task's layer with ``projection`` and, with ``restore``, re-solve its kept weights.
+
+    Args:
+        model: the model, pruned in place.
+        tasks: the layers (not yet pruned) with their patterns and counts.
+        calibration: batch(es) of model inputs (see ``mp_plugin.calibration.run_batches``).
+        projection: mask selection, a name in ``mp_plugin.restore.PROJECTIONS``.
+        restore: restore settings, or None to prune only (Gram-based projections still work).
+        cast_config: CAST settings for ``projection="cast"``.
+        show_progress: a tqdm bar over layers.
+
+    Returns:
+        ``{layer name: record}`` with ``method`` and, when restored, ``restore``
+        (see :func:`~mp_plugin.restore.restore_layer`).
+
+    Raises:
+        MPPluginError: calibration missing, or a layer's input not finite (``RestoreError``).
+    """
+    cfg = restore or RestoreConfig()
+    needs_gram = restore is not None or projection in NEEDS_GRAM
+    if needs_gram and (calibration is None or (isinstance(calibration, list) and not calibration)):
+        what = "restore" if restore is not None else f"projection {projection!r}"
+        raise MPPluginError(f"{what} needs calibration data (one batch or a list of batches of model inputs)")
+    by_name = {t.name: t for t in tasks}
+    dt = torch.float64 if cfg.dtype == "float64" else torch.float32
+    if needs_gram:
+        order = execution_order(model, list(by_name), calibration)
+        blocks = forward_blocks(order) if cfg.sequential else [order]
+    else:
+        blocks = [list(by_name)]
+    records: dict[str, dict[str, Any]] = {}
+    bar = progress(
+        total=len(tasks), desc="prune+restore" if restore else "prune", unit="layer", disable=not show_progress
+    )
+    for block in blocks:
+        grams = {}
+        if needs_gram:
+            last = block[-1] if cfg.sequential else None
+            grams = capture_grams(model, block, calibration, dtype=dt, max_rows=cfg.max_rows, stop_after=last)
+        for name in block:
+            task = by_name[name]
+            weight = task.module.weight
+            dense = weight.detach().clone()
+            gram = grams.get(name)
+            groups = int(getattr(task.module, "groups", 1))
+            entry: dict[str, Any] = {"pattern": str(task.pattern)}
+            if needs_gram and gram is None:
+                mask = select_mask(dense, task.pattern, task.n_prune, "magnitude", None, cfg, cast_config, groups)
+                entry["method"] = "magnitude (layer not reached by calibration; not restored)"
+                with torch.no_grad():
+                    weight.copy_(dense * mask)
+            else:
+                mask = select_mask(dense, task.pattern, task.n_prune, projection, gram, cfg, cast_config, groups)
+                entry["method"] = projection
+                with torch.no_grad():
+                    weight.copy_(dense * mask)
+                if restore is not None:
+                    entry["restore"] = restore_layer(weight, dense, gram, cfg, groups=groups)
+            records[name] = entry
+            del dense
+            bar.update(1)
+        del grams
+    bar.close()
+    return records

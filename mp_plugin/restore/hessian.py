@@ -1,0 +1,155 @@
+"""Input Gram matrices H₀ = XᵀX of layers, captured with forward hooks.
+
+Rows are what the weight multiplies (``mp_plugin.calibration.layer_input_rows``):
+tokens for a Linear, unfolded positions for a conv, reordered into the k:n
+layout (``mp_plugin.layout``) so that H's columns line up with
+``kn_matrix(weight)``. A conv with ``groups = Q`` gets one H per conv group
+(its weight rows q·C_out/Q … read only input block q), so depthwise and grouped
+convs are restored per group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..calibration import layer_input_rows, run_batches
+from ..errors import MPPluginError
+from ..layout import kn_input_columns
+
+__all__ = ["LayerGram", "capture_grams", "RestoreError"]
+
+
+class RestoreError(MPPluginError):
+    """Prune–restore cannot run on the given calibration data (non-finite inputs, …)."""
+
+
+class _StopForward(BaseException):
+    """Raised by a hook to end a calibration forward pass early (not an error)."""
+
+
+@dataclass
+class LayerGram:
+    """Uncentred input Gram of one layer.
+
+    Attributes:
+        gram: (Q, d, d) sum over rows of x xᵀ (input units²), Q = conv groups
+            (1 for Linear), d = (C_in/Q)·kh·kw in the k:n layout.
+        rows: number of input rows summed.
+    """
+
+    gram: torch.Tensor
+    rows: int
+
+    @property
+    def width(self) -> int:
+        """d, the input width of one conv group."""
+        return int(self.gram.shape[-1])
+
+    def block_covariance(self, n: int) -> torch.Tensor:
+        """The (Q·d/n, n, n) diagonal n×n blocks of H₀/rows: CAST's per-group covariances."""
+        q, d, _ = self.gram.shape
+        g = d // n
+        h = (self.gram / max(1, self.rows)).reshape(q, g, n, g, n)
+        idx = torch.arange(g, device=h.device)
+        return h[:, idx, :, idx, :].permute(1, 0, 2, 3).reshape(q * g, n, n)
+
+
+class _GramHook:
+    def __init__(self, name: str, module: nn.Module, dtype: torch.dtype, max_rows: int | None, gen: torch.Generator):
+        self.name = name
+        self.module = module
+        self.dtype = dtype
+        self.max_rows = max_rows
+        self.gen = gen
+        self.gram: torch.Tensor | None = None
+        self.rows = 0
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: Any) -> None:
+        if not inputs or not isinstance(inputs[0], torch.Tensor):
+            return
+        room = None if self.max_rows is None else self.max_rows - self.rows
+        if room is not None and room <= 0:
+            return
+        x = layer_input_rows(module, inputs[0].detach())
+        groups = int(getattr(module, "groups", 1))
+        if module.weight.dim() > 2:
+            x = kn_input_columns(x, int(module.in_channels), groups)
+        if room is not None and x.shape[0] > room:
+            pick = torch.randperm(x.shape[0], generator=self.gen)[:room].to(x.device)
+            x = x.index_select(0, pick)
+        x = x.to(self.dtype)
+        if not bool(torch.isfinite(x).all()):
+            raise RestoreError(
+                f"layer {self.name!r}: its calibration input holds NaN or Inf; restore needs finite activations "
+                "(check the calibration batch and the layers before this one)"
+            )
+        xq = x.reshape(x.shape[0], groups, -1).transpose(0, 1)  # (Q, rows, d)
+        g = xq.transpose(1, 2) @ xq
+        self.gram = g if self.gram is None else self.gram + g
+        self.rows += int(x.shape[0])
+
+
+def capture_grams(
+    model: nn.Module,
+    names: Sequence[str],
+    data: Any,
+    dtype: torch.dtype = torch.float64,
+    max_rows: int | None = None,
+    stop_after: str | None = None,
+    seed: int = 0,
+) -> dict[str, LayerGram]:
+    """Run calibration ``data`` through ``model`` and return each named layer's :class:`LayerGram`.
+
+    Args:
+        model: the model (run in eval mode under ``no_grad``; its mode is restored).
+        names: module names of Linear/Conv1d/Conv2d layers.
+        data: one batch or a list of batches (see ``mp_plugin.calibration.run_batches``).
+        dtype: precision of the accumulated Gram (float64 or float32).
+        max_rows: at most this many input rows per layer (random subset), None = all.
+        stop_after: end each batch's forward pass once this layer has run (the
+            layers after it are not needed), to save time in sequential restore.
+        seed: seed of the row subsampling.
+
+    Returns:
+        ``{name: LayerGram}`` for every layer the calibration reached (a layer
+        never called is missing).
+
+    Raises:
+        RestoreError: a layer's input is not finite.
+    """
+    modules = dict(model.named_modules())
+    gen = torch.Generator().manual_seed(seed)
+    hooks: dict[str, _GramHook] = {}
+    handles = []
+    batches = data if isinstance(data, list) else [data]
+    was_training = model.training
+
+    def stop(module: nn.Module, inputs: tuple, output: Any) -> None:
+        raise _StopForward
+
+    try:
+        model.eval()
+        for name in names:
+            module = modules.get(name)
+            if module is None:
+                raise MPPluginError(f"the model has no module {name!r}")
+            hook = _GramHook(name, module, dtype, max_rows, gen)
+            hooks[name] = hook
+            handles.append(module.register_forward_hook(hook))
+        if stop_after is not None:
+            handles.append(modules[stop_after].register_forward_hook(stop))
+        for batch in batches:
+            try:
+                run_batches(model, [batch])
+            except _StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {name: LayerGram(h.gram, h.rows) for name, h in hooks.items() if h.gram is not None}

@@ -1,0 +1,84 @@
+"""Restore a model that was pruned by any tool, against its dense weights."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import MPPluginError, PlanMismatchError
+from ..progress import progress
+from .config import RestoreConfig
+from .driver import execution_order, forward_blocks
+from .hessian import capture_grams
+from .layer import restore_layer
+
+__all__ = ["restore_model"]
+
+
+def restore_model(
+    pruned: nn.Module,
+    dense: nn.Module | Mapping[str, torch.Tensor],
+    calibration: Any,
+    layers: Sequence[str] | None = None,
+    config: RestoreConfig | None = None,
+    show_progress: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Re-solve the non-zero weights of ``pruned``'s layers (its masks = its non-zeros) in place.
+
+    Args:
+        pruned: a model pruned by any method (exact zeros in its weights).
+        dense: the dense model, or ``{layer name: dense weight}``.
+        calibration: batch(es) of model inputs.
+        layers: module names to restore; default every Linear/Conv1d/Conv2d of
+            ``pruned`` that has an exact zero.
+        config: restore settings (``sequential=True``: each block's inputs come from
+            ``pruned`` already restored before it; otherwise from ``pruned`` as given).
+        show_progress: a tqdm bar over layers.
+
+    Returns:
+        ``{layer name: restore record}`` (see :func:`~mp_plugin.restore.restore_layer`).
+    """
+    cfg = config or RestoreConfig()
+    if calibration is None or (isinstance(calibration, list) and not calibration):
+        raise MPPluginError("restore needs calibration data (one batch or a list of batches of model inputs)")
+    modules = dict(pruned.named_modules())
+    if layers is None:
+        layers = [
+            n
+            for n, m in modules.items()
+            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and bool((m.weight == 0).any())
+        ]
+    if isinstance(dense, nn.Module):
+        dmods = dict(dense.named_modules())
+        dense_w = {n: dmods[n].weight.detach() for n in layers if n in dmods}
+    else:
+        dense_w = {n: dense[n] for n in layers if n in dense}
+    for n in layers:
+        if n not in modules or n not in dense_w:
+            raise PlanMismatchError(f"layer {n!r} is missing from the pruned or the dense model")
+        if tuple(dense_w[n].shape) != tuple(modules[n].weight.shape):
+            raise PlanMismatchError(
+                f"layer {n!r}: dense {tuple(dense_w[n].shape)} vs pruned {tuple(modules[n].weight.shape)}"
+            )
+    dt = torch.float64 if cfg.dtype == "float64" else torch.float32
+    order = execution_order(pruned, list(layers), calibration)
+    blocks = forward_blocks(order) if cfg.sequential else [order]
+    records: dict[str, dict[str, Any]] = {}
+    bar = progress(total=len(order), desc="restore", unit="layer", disable=not show_progress)
+    for block in blocks:
+        grams = capture_grams(pruned, block, calibration, dtype=dt, max_rows=cfg.max_rows)
+        for name in block:
+            gram = grams.get(name)
+            if gram is None:
+                records[name] = {"notes": ["not reached by calibration; not restored"]}
+            else:
+                mod = modules[name]
+                records[name] = restore_layer(
+                    mod.weight, dense_w[name].to(mod.weight.device), gram, cfg, int(getattr(mod, "groups", 1))
+                )
+            bar.update(1)
+    bar.close()
+    return records

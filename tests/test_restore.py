@@ -1,0 +1,314 @@
+"""Prune–restore (ALGORITHM.md §7): the solvers against the closed form, every layer kind, every route in apply."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import mp_plugin as mp
+from mp_plugin.calibration import layer_input_rows
+from mp_plugin.errors import MPPluginError
+from mp_plugin.layout import kn_input_columns, kn_matrix
+from mp_plugin.masks import check_nm, nm_mask, unstructured_mask
+from mp_plugin.pruning import apply
+from mp_plugin.restore import (
+    RestoreConfig,
+    block_key,
+    capture_grams,
+    forward_blocks,
+    obs_sweep,
+    restore_cg,
+    restore_direct,
+    restore_layer,
+    restore_model,
+)
+from mp_plugin.restore.solve import damped
+
+
+def _all_layers() -> mp.PlanConfig:
+    from mp_plugin.layers import LayerSelection
+
+    return mp.PlanConfig(selection=LayerSelection(exclude_head=False))
+
+
+def _problem(rows: int = 24, d: int = 32, n: int = 300, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) @ torch.randn(d, d, generator=g, dtype=torch.float64)
+    w = torch.randn(rows, d, generator=g, dtype=torch.float64)
+    h0 = x.T @ x
+    h, _ = damped(h0, 0.01)
+    return w, h0, h
+
+
+def _energy(w: torch.Tensor, x: torch.Tensor, h: torch.Tensor) -> float:
+    d = x - w
+    return float(((d @ h) * d).sum())
+
+
+def test_direct_is_the_closed_form_optimum():
+    w, _, h = _problem()
+    mask = nm_mask(w, 2, 4)
+    x = restore_direct(w, mask, h)
+    hinv = torch.linalg.inv(h)
+    for i in range(w.shape[0]):
+        k, p = mask[i], ~mask[i]
+        expect_k = w[i, k] + torch.linalg.solve(h[k][:, k], h[k][:, p] @ w[i, p])
+        torch.testing.assert_close(x[i, k], expect_k, rtol=1e-9, atol=1e-9)
+        e_star = float(w[i, p] @ torch.linalg.solve(hinv[p][:, p], w[i, p]))
+        d = x[i] - w[i]
+        assert float(d @ h @ d) == pytest.approx(e_star, rel=1e-8)
+    assert bool((x[~mask] == 0).all())
+
+
+def test_cg_reaches_direct_and_obs_sweep_is_between_masked_and_optimum():
+    w, _, h = _problem(rows=40, d=64)
+    mask = unstructured_mask(w, w.numel() * 6 // 10)
+    xd = restore_direct(w, mask, h)
+    xc, iters, res = restore_cg(w, mask, h, tol=1e-10, max_iter=500)
+    assert res <= 1e-10 and iters > 0
+    torch.testing.assert_close(xc, xd, rtol=1e-6, atol=1e-7)
+    xo, kept = obs_sweep(w, h, mask=mask, blocksize=16)
+    assert torch.equal(kept, mask)
+    e_masked, e_obs, e_opt = _energy(w, w * mask, h), _energy(w, xo, h), _energy(w, xd, h)
+    assert e_opt <= e_obs * (1 + 1e-12) and e_obs < e_masked
+
+
+def test_obs_sweep_is_exact_obs_for_a_single_pruned_column():
+    # pruning only the first column: the sweep's update is the exact OBS update with all other columns free
+    w, _, h = _problem(rows=8, d=16)
+    mask = torch.ones_like(w, dtype=torch.bool)
+    mask[:, 0] = False
+    torch.testing.assert_close(obs_sweep(w, h, mask=mask)[0], restore_direct(w, mask, h), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("select", [(2, 4), (4, 8), 24 * 32 // 2])
+def test_obs_selection_counts_and_beats_its_mask_only_version(select):
+    w, _, h = _problem()
+    x, kept = obs_sweep(w, h, select=select, blocksize=16)
+    if isinstance(select, tuple):
+        assert check_nm(x, *select) and int(kept.sum()) == w.numel() * select[0] // select[1]
+    else:
+        assert int((~kept).sum()) == select
+    assert _energy(w, x, h) < _energy(w, w * kept, h)
+    # the exact restore on SparseGPT's own mask is at least as good as its sweep
+    assert _energy(w, restore_direct(w, kept, h), h) <= _energy(w, x, h) * (1 + 1e-12)
+
+
+def _layers():
+    return [
+        ("linear", nn.Linear(32, 12), torch.randn(5, 7, 32)),
+        ("conv1d", nn.Conv1d(16, 8, 3, padding=1), torch.randn(6, 16, 20)),
+        ("conv1x1", nn.Conv2d(16, 8, 1), torch.randn(4, 16, 6, 6)),
+        ("conv3x3", nn.Conv2d(8, 8, 3, padding=1, stride=2), torch.randn(4, 8, 9, 9)),
+        ("grouped", nn.Conv2d(16, 8, 3, padding=1, groups=2), torch.randn(4, 16, 7, 7)),
+        ("depthwise", nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.randn(6, 8, 7, 7)),
+    ]
+
+
+def _output_error(layer: nn.Module, weight: torch.Tensor, dense: torch.Tensor, x: torch.Tensor) -> float:
+    a, b = copy.deepcopy(layer), copy.deepcopy(layer)
+    with torch.no_grad():
+        a.weight.copy_(weight)
+        b.weight.copy_(dense)
+    return float((a(x) - b(x)).detach().double().square().sum())
+
+
+@pytest.mark.parametrize("kind,layer,x", _layers(), ids=[k for k, _, _ in _layers()])
+def test_restore_layer_on_every_layer_kind(kind, layer, x):
+    """The recorded error is the real output error, it drops, and the mask, zeros and dtype hold."""
+    model = nn.Sequential(layer)
+    dense = layer.weight.detach().clone()
+    groups = layer.groups if hasattr(layer, "groups") else 1
+    n = 4 if layer.weight.shape[1] % 4 == 0 else None
+    mask = nm_mask(dense, 2, 4) if n else unstructured_mask(dense, dense.numel() // 2)
+    with torch.no_grad():
+        layer.weight.mul_(mask)
+    gram = capture_grams(model, ["0"], x)["0"]
+    masked_err = _output_error(layer, layer.weight, dense, x)
+    rec = restore_layer(layer.weight, dense, gram, RestoreConfig(), groups=groups)
+    restored_err = _output_error(layer, layer.weight, dense, x)
+    total = _output_error(layer, torch.zeros_like(dense), dense, x)
+    assert rec["rel_error_before"] == pytest.approx(masked_err / total, rel=1e-6)
+    assert rec["rel_error_after"] == pytest.approx(restored_err / total, rel=1e-3, abs=1e-9)
+    assert restored_err < masked_err
+    assert bool((layer.weight[~mask] == 0).all())
+    if n:
+        assert check_nm(layer.weight, 2, 4)
+
+
+def test_gram_layout_matches_kn_matrix():
+    conv = nn.Conv2d(8, 4, 3, padding=1)
+    x = torch.randn(2, 8, 5, 5)
+    gram = capture_grams(nn.Sequential(conv), ["0"], x)["0"]
+    cols = kn_input_columns(layer_input_rows(conv, x), 8, 1).double()
+    torch.testing.assert_close(gram.gram[0], cols.T @ cols)
+    # W_kn · colsᵀ is the conv output without bias
+    y = (kn_matrix(conv.weight.detach()).double() @ cols.T).T
+    ref = (conv(x) - conv.bias[None, :, None, None]).permute(0, 2, 3, 1).reshape(-1, 4).double()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_restore_keeps_dtype_and_exact_zeros_of_a_bf16_layer():
+    layer = nn.Linear(32, 16).to(torch.bfloat16)
+    x = torch.randn(64, 32, dtype=torch.bfloat16)
+    dense = layer.weight.detach().clone()
+    dense[0, :4] = 0  # pre-existing zeros stay zero
+    mask = nm_mask(dense, 2, 4) & (dense != 0)
+    with torch.no_grad():
+        layer.weight.copy_(dense * mask)
+    gram = capture_grams(nn.Sequential(layer), ["0"], x)["0"]
+    rec = restore_layer(layer.weight, dense, gram, RestoreConfig())
+    assert layer.weight.dtype == torch.bfloat16
+    assert bool((layer.weight[~mask] == 0).all()) and bool((layer.weight[0, :4] == 0).all())
+    assert rec["rel_error_after"] < rec["rel_error_before"]
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32)) for _ in range(3)])
+        self.head = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = x + b(x)
+        return self.head(x)
+
+
+def _fidelity(model: nn.Module, dense: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x) - dense(x)).square().mean())
+
+
+@pytest.mark.parametrize("pattern,sparsity", [("2:4", 0.5), ("unstructured", 0.6)])
+@pytest.mark.parametrize("method", ["magnitude", "cast", "obs", "cast-obs"])
+def test_apply_restore_every_projection(pattern, sparsity, method):
+    if method == "cast" and pattern == "unstructured":
+        pytest.skip("CAST is a k:n projection")
+    torch.manual_seed(1)
+    dense = _Net().eval()
+    calib = [torch.randn(64, 32) for _ in range(4)]
+    test = torch.randn(128, 32)
+    results = {}
+    for restore in (False, True):
+        model = copy.deepcopy(dense)
+        p = mp.plan(model, sparsity=sparsity, pattern=pattern, budget="uniform", config=_all_layers())
+        apply(model, p, calibration=calib, projection=method, restore=restore)
+        report = mp.sparsity_report(model, p)
+        assert report.total_zeros == sum(lp.n_prune for lp in p.layers) or pattern != "unstructured"
+        assert report.kn_valid
+        results[restore] = _fidelity(model, dense, test)
+        if restore:
+            for lp in p.layers:
+                rec = p.applied["layers"][lp.name]["restore"]
+                assert rec["rel_error_after"] <= rec["rel_error_before"]
+            assert p.applied["restore"]["damp"] == 0.01
+    assert results[True] < results[False]
+
+
+def test_sequential_blocks_and_inputs_from_the_pruned_model():
+    assert block_key("blocks.3.attn.qkv") == "blocks.3"
+    assert block_key("model.layers.12.mlp.down_proj") == "model.layers.12"
+    assert block_key("head") == "head"
+    assert forward_blocks(["stem", "blocks.0.a", "blocks.0.b", "blocks.1.a", "head"]) == [
+        ["stem"],
+        ["blocks.0.a", "blocks.0.b"],
+        ["blocks.1.a"],
+        ["head"],
+    ]
+    torch.manual_seed(2)
+    dense = _Net().eval()
+    calib = [torch.randn(96, 32) for _ in range(3)]
+    test = torch.randn(128, 32)
+    errs = {}
+    for seq in (False, True):
+        model = copy.deepcopy(dense)
+        p = mp.plan(model, sparsity=0.5, pattern="2:4", budget="uniform", config=_all_layers())
+        apply(model, p, calibration=calib, restore=RestoreConfig(sequential=seq))
+        errs[seq] = _fidelity(model, dense, test)
+        if seq:
+            # the last block's Gram was taken on the model pruned before it: recapturing it now gives the same H
+            gram = capture_grams(model, ["head"], calib)["head"]
+            assert p.applied["layers"]["head"]["restore"]["rows"] == gram.rows
+    assert errs[True] < errs[False] * 1.05  # sequential is no worse here (it corrects predecessors' error)
+
+
+def test_restore_model_any_mask_source_and_wanda():
+    from mp_plugin.baselines import prune_baseline
+
+    torch.manual_seed(3)
+    dense = _Net().eval()
+    calib = [torch.randn(64, 32) for _ in range(2)]
+    test = torch.randn(128, 32)
+    pruned = prune_baseline("wanda", copy.deepcopy(dense), sparsity=0.5, pattern="2:4", calibration=calib)
+    before = _fidelity(pruned, dense, test)
+    recs = restore_model(pruned, dense, calib)
+    assert recs and all(r["rel_error_after"] <= r["rel_error_before"] for r in recs.values())
+    assert _fidelity(pruned, dense, test) < before
+    assert all(
+        check_nm(m.weight, 2, 4)
+        for m in pruned.modules()
+        if isinstance(m, nn.Linear) and m.weight.shape[1] % 4 == 0 and (m.weight == 0).any()
+    )
+
+
+def test_bad_inputs_give_named_errors_or_recorded_fallbacks():
+    layer = nn.Linear(32, 8)
+    model = nn.Sequential(layer)
+    p = mp.plan(model, sparsity=0.5, pattern="2:4", budget="uniform", config=_all_layers())
+    with pytest.raises(MPPluginError, match="calibration"):
+        apply(copy.deepcopy(model), p, calibration=None, restore=True)
+    bad = torch.randn(16, 32)
+    bad[3, 5] = float("nan")
+    with pytest.raises(MPPluginError, match="NaN or Inf"):
+        apply(copy.deepcopy(model), p, calibration=bad, restore=True)
+    # fewer rows than inputs: restored, and the plan says how many rows are needed
+    m2 = copy.deepcopy(model)
+    apply(m2, p, calibration=torch.randn(8, 32), restore=True)
+    rec = p.applied["layers"]["0"]["restore"]
+    assert any("at least 32 rows" in note for note in rec["notes"])
+    assert bool(torch.isfinite(m2[0].weight).all())
+    # dead inputs (always-zero columns) keep the result finite
+    x = torch.randn(64, 32)
+    x[:, :8] = 0
+    m3 = copy.deepcopy(model)
+    apply(m3, p, calibration=x, restore=True)
+    assert bool(torch.isfinite(m3[0].weight).all()) and check_nm(m3[0].weight, 2, 4)
+    with pytest.raises(MPPluginError):
+        RestoreConfig(damp=-1.0)
+    with pytest.raises(MPPluginError):
+        RestoreConfig(solver="exactly")
+
+
+def test_layer_never_reached_by_calibration_is_recorded():
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(16, 16)
+            self.unused = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.a(x)
+
+    model = TwoHeads()
+    p = mp.plan(model, sparsity=0.5, pattern="2:4", budget="uniform", config=_all_layers())
+    apply(model, p, calibration=torch.randn(64, 16), restore=True)
+    assert "not reached" in p.applied["layers"]["unused"]["method"]
+    assert check_nm(model.unused.weight, 2, 4)
+
+
+def test_restore_after_channel_permutation():
+    torch.manual_seed(4)
+    dense = _Net().eval()
+    calib = [torch.randn(512, 32) for _ in range(4)]  # well above d rows per layer, so restore does not overfit
+    test = torch.randn(128, 32)
+    model = copy.deepcopy(dense)
+    p = mp.plan(model, sparsity=0.5, pattern="2:4", budget="uniform", config=_all_layers())
+    apply(model, p, calibration=calib, projection="cast-obs", permute=True, restore=True)
+    assert mp.sparsity_report(model, p).kn_valid
+    plain = copy.deepcopy(dense)
+    apply(plain, mp.plan(plain, sparsity=0.5, pattern="2:4", budget="uniform", config=_all_layers()), permute=True)
+    assert _fidelity(model, dense, test) < _fidelity(plain, dense, test)
