@@ -15,6 +15,8 @@ uniform-magnitude   the same fraction per layer, smallest |W| (plan + apply)    
 global-magnitude    one global |W| threshold (plan + apply)                     unstructured, k:n
 wanda               |W_ij|·‖x_j‖₂ per output row (Sun et al. 2023), own code     unstructured, k:n
 sparsegpt           ModelOpt's own ``sparsegpt`` mode, then ``mts.export``       2:4
+                    ("ModelOpt sparsegpt (mask only)")
+sparsegpt-obs       SparseGPT with its OBS weight update, own code, sequential   unstructured, k:n
 torchao-wanda       torchao 0.18 ``WandaSparsifier`` (prepare/step/squash)       unstructured, k:(2k); Linear
 ==================  ==========================================================  =============================
 
@@ -58,8 +60,9 @@ from .calibration import first_batch, layer_input_rows, run_batches
 from .errors import MPPluginError, PatternError
 from .masks import assert_kn_exact, check_nm, nm_mask
 from .patterns import Pattern
-from .plan import PlanConfig, PrunePlan, plan
+from .planning import PlanConfig, PrunePlan, plan
 from .pruning import apply
+from .restore.sparsegpt import sparsegpt_obs
 
 __all__ = [
     "BASELINES",
@@ -244,6 +247,21 @@ def wanda_prune(
         else:
             mask = _per_row_mask(score, lp.n_prune).reshape(weight.shape)
         weight.mul_(mask.to(weight.dtype))
+    return model
+
+
+# --------------------------------------------------------------------------- SparseGPT (own, with update)
+
+
+def sparsegpt_obs_prune(
+    model: nn.Module, sparsity: float, pattern: str, calibration: Any, config: PlanConfig | None = None
+) -> nn.Module:
+    """SparseGPT with the OBS weight update written back (``mp_plugin.restore.sparsegpt``), sequential."""
+    p = _target_plan(model, sparsity, pattern, config)
+    layers = {
+        lp.name: (Pattern.parse(lp.pattern), lp.n_prune) for lp in p.layers if Pattern.parse(lp.pattern).kind != "dense"
+    }
+    sparsegpt_obs(model, layers, calibration)
     return model
 
 
@@ -493,5 +511,8 @@ def torchao_wanda(
 register_baseline("uniform-magnitude", _magnitude("uniform"), doc="same fraction per layer, smallest |W|")
 register_baseline("global-magnitude", _magnitude("magnitude"), doc="one global |W| threshold")
 register_baseline("wanda", wanda_prune, needs_calibration=True, doc="|W|·‖x‖₂ per output row (own implementation)")
-register_baseline("sparsegpt", sparsegpt_modelopt, needs_calibration=True, doc="ModelOpt sparsegpt mode, 2:4")
+register_baseline("sparsegpt", sparsegpt_modelopt, needs_calibration=True, doc="ModelOpt sparsegpt (mask only), 2:4")
+register_baseline(
+    "sparsegpt-obs", sparsegpt_obs_prune, needs_calibration=True, doc="SparseGPT with its weight update (own code)"
+)
 register_baseline("torchao-wanda", torchao_wanda, needs_calibration=True, doc="torchao WandaSparsifier, Linear only")

@@ -17,24 +17,26 @@ so a second call is a no-op.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
-from importlib import import_module
 from typing import Any
 
 import torch
 from torch import nn
 
+from .apply_checks import check_apply_inputs
 from .calibration import capture_covariances, first_batch
 from .cast import CastConfig, cast_project, cast_source
 from .errors import MPPluginError, PatternError, PlanMismatchError
 from .masks import assert_kn_exact, check_nm, nm_mask, unstructured_mask
 from .patterns import Pattern
-from .plan import PrunePlan
+from .planning import PrunePlan
 from .progress import progress
+from .restore import LayerTask, RestoreConfig, prune_and_restore, resolve_restore
 
 __all__ = ["apply", "sparsity_report", "SparsityReport", "LayerSparsity", "MASK_METHODS"]
 
-MASK_METHODS = ("magnitude", "cast")
+MASK_METHODS = ("magnitude", "cast", "obs", "cast-obs")
 
 
 def _check_shared(modules: dict[str, nn.Module]) -> None:
@@ -55,15 +57,8 @@ def _already_done(weight: torch.Tensor, pattern: Pattern, n_prune: int) -> bool:
 
 
 def _permute(model: nn.Module, plan: PrunePlan, method: str, example: Any = None) -> Any:
-    try:
-        mod = import_module("mp_plugin.permute")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("mp_plugin.permute",):
-            raise
-        raise MPPluginError("permute=... needs mp_plugin.permute, which this installation lacks") from exc
-    permute_channels = getattr(mod, "permute_channels", None)
-    if permute_channels is None:
-        raise MPPluginError("permute=... needs mp_plugin.permute.permute_channels, which this installation lacks")
+    from .permute import permute_channels
+
     kn = [Pattern.parse(lp.pattern) for lp in plan.layers if Pattern.parse(lp.pattern).is_kn]
     if not kn:
         raise PatternError("permutation only helps k:n patterns; the plan has no k:n layer")
@@ -75,12 +70,15 @@ def apply(
     model: nn.Module,
     plan: PrunePlan,
     calibration: Any = None,
-    method: str = "magnitude",
+    projection: str = "magnitude",
     prior_alpha: float = 0.0,
     show_progress: bool = False,
     permute: bool | str = False,
     cast_config: CastConfig | None = None,
     max_calibration_rows: int = 4096,
+    restore: bool | RestoreConfig | dict | None = False,
+    *,
+    method: str | None = None,
 ) -> nn.Module:
     """Prune ``model`` in place to ``plan`` and return it.
 
@@ -88,9 +86,12 @@ def apply(
         model: the model the plan was made for (same layer names and weight shapes).
         plan: a :class:`PrunePlan`; ``plan.applied`` is filled in.
         calibration: a batch or list of batches (tensor → ``model(x)``, tuple →
-            ``model(*x)``, dict → ``model(**x)``); needed for ``method="cast"``.
-        method: k:n projection, ``"magnitude"`` or ``"cast"``. Unstructured layers
-            always take the plan's exact smallest-|W| count.
+            ``model(*x)``, dict → ``model(**x)``); needed for ``projection="cast"``.
+        projection: mask projection: ``"magnitude"``, ``"cast"`` (CAST, k:n only), ``"obs"``
+            (SparseGPT's Hessian-aware selection inside the column sweep) or ``"cast-obs"``
+            (CAST with the compensated cost w_Pᵀ[(H⁻¹)_PP]⁻¹w_P; unstructured layers:
+            smallest w²/[H⁻¹]ⱼⱼ). ``"magnitude"`` and ``"cast"`` prune unstructured layers
+            by smallest |W|. Every projection keeps the plan's exact counts.
         prior_alpha: CAST Hamming-prior weight α towards the layer's unstructured
             mask (overrides ``cast_config.prior_alpha`` when non-zero).
         show_progress: tqdm bar over layers.
@@ -100,7 +101,15 @@ def apply(
             when given, is its example input: it lets the search verify couplings
             across modules fx cannot trace (e.g. Hugging Face BERT's FFN).
         cast_config: further CAST settings (:class:`~mp_plugin.cast.CastConfig`).
-        max_calibration_rows: input rows per layer for CAST covariances.
+        max_calibration_rows: input rows per layer for CAST covariances (without restore).
+        restore: ``True`` or a :class:`~mp_plugin.restore.RestoreConfig` (or its dict):
+            after each layer's mask is chosen, re-solve its kept weights so the layer's
+            output on ``calibration`` stays as close to the dense output as the mask
+            allows (ALGORITHM.md §7); ``RestoreConfig(sequential=True)`` takes each
+            block's inputs from the model already pruned and restored before it.
+            Each layer's relative reconstruction error before and after is recorded
+            in ``plan.applied["layers"][name]["restore"]``.
+        method: deprecated name of ``projection`` (DeprecationWarning).
 
     Returns:
         ``model`` itself, pruned (dense tensors with exact zeros).
@@ -111,8 +120,13 @@ def apply(
         PatternError: a k:n layer's input size is not divisible by n.
         MPPluginError: unknown method, or CAST without calibration data.
     """
+    if method is not None:
+        warnings.warn("apply(method=...) is deprecated: use projection=...", DeprecationWarning, stacklevel=2)
+        projection = method
+    method = projection  # the plan's budget method decided the counts; this is only the projection
     if method not in MASK_METHODS:
-        raise MPPluginError(f"unknown method {method!r}; use one of {MASK_METHODS}")
+        raise MPPluginError(f"unknown projection {method!r}; use one of {MASK_METHODS}")
+    check_apply_inputs(model, plan, calibration, prior_alpha, permute, cast_config, max_calibration_rows)
     modules = plan.check_model(model)
     _check_shared(modules)
     patterns = {lp.name: Pattern.parse(lp.pattern) for lp in plan.layers}
@@ -136,8 +150,17 @@ def apply(
         if patterns[lp.name].kind != "dense"
         and not _already_done(modules[lp.name].weight.detach(), patterns[lp.name], lp.n_prune)
     }
+    restore_cfg = resolve_restore(restore)
     stats: dict = {}
-    if method == "cast":
+    driven: dict[str, dict] = {}
+    if restore_cfg is not None or method in ("obs", "cast-obs"):
+        tasks = [
+            LayerTask(lp.name, modules[lp.name], patterns[lp.name], lp.n_prune) for lp in plan.layers if lp.name in todo
+        ]
+        driven = prune_and_restore(
+            model, tasks, calibration, method, restore_cfg, cfg if method == "cast" else None, show_progress
+        )
+    elif method == "cast":
         kn_layers = {lp.name: patterns[lp.name].n for lp in plan.layers if lp.name in todo and patterns[lp.name].is_kn}
         if kn_layers and calibration is None:
             raise MPPluginError("method='cast' needs calibration data (a batch of model inputs)")
@@ -145,7 +168,7 @@ def apply(
             stats = capture_covariances(model, kn_layers, calibration, max_rows=max_calibration_rows)
 
     layer_log: dict[str, dict] = dict(plan.applied.get("layers", {}))
-    bar = progress(plan.layers, desc="prune", unit="layer", disable=not show_progress)
+    bar = progress(plan.layers, desc="prune", unit="layer", disable=not show_progress or bool(driven))
     for lp in bar:
         pat = patterns[lp.name]
         weight = modules[lp.name].weight
@@ -154,6 +177,8 @@ def apply(
             entry["method"] = "dense"
         elif lp.name not in todo:
             entry["method"] = layer_log.get(lp.name, {}).get("method", "already pruned")
+        elif lp.name in driven:
+            entry.update(driven[lp.name])
         elif pat.kind == "unstructured":
             mask = unstructured_mask(weight, lp.n_prune)
             entry["method"] = "magnitude"
@@ -173,6 +198,7 @@ def apply(
             "method": method,
             "permute": perm_method,
             "cast": cfg.to_dict() if method == "cast" else None,
+            "restore": restore_cfg.to_dict() if restore_cfg is not None else plan.applied.get("restore"),
             "calibration_rows": {name: s.rows for name, s in stats.items()} or plan.applied.get("calibration_rows"),
             "layers": layer_log,
             "achieved_sparsity": zeros / max(1, plan.total_weights),
