@@ -22,15 +22,17 @@ At most ``max_rows`` rows per layer are used (random rows, fixed seed).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import MPPluginError, PatternError
+from .errors import CalibrationError, MPPluginError, PatternError
 from .layout import kn_eligible, kn_input_columns, kn_matrix, kn_width
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "capture_covariances",
     "layer_input_rows",
     "run_batches",
+    "call_model",
     "first_batch",
     "calibration_loss",
     "group_index",
@@ -94,30 +97,131 @@ def layer_input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     raise MPPluginError(f"cannot capture inputs of {type(module).__name__}: only Linear, Conv1d and Conv2d")
 
 
+def _describe(obj: Any) -> str:
+    """Short description of a batch: kind, shape and dtype."""
+    if isinstance(obj, torch.Tensor):
+        return f"tensor {tuple(obj.shape)} {str(obj.dtype).removeprefix('torch.')}"
+    if isinstance(obj, np.ndarray):
+        return f"numpy array {obj.shape} {obj.dtype}"
+    if isinstance(obj, Mapping):
+        return "dict {" + ", ".join(f"{k!r}: {_describe(v)}" for k, v in list(obj.items())[:6]) + "}"
+    if isinstance(obj, (tuple, list)):
+        return f"{type(obj).__name__} (" + ", ".join(_describe(v) for v in list(obj)[:6]) + ")"
+    return type(obj).__name__
+
+
+def model_expects(model: nn.Module) -> str:
+    """A sentence on what ``model`` takes: its forward signature and first layer's input."""
+    try:
+        sig = f"forward{inspect.signature(model.forward)}"
+    except (TypeError, ValueError):
+        sig = "forward(...)"
+    first = ""
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        dtype = str(w.dtype).removeprefix("torch.") if isinstance(w, torch.Tensor) else "float"
+        if isinstance(mod, nn.Embedding):
+            first = f"integer token ids (B, T) below {mod.num_embeddings}"
+        elif isinstance(mod, nn.Linear):
+            first = f"a {dtype} tensor (..., {mod.in_features})"
+        elif isinstance(mod, nn.Conv2d):
+            first = f"a {dtype} tensor (B, {mod.in_channels}, H, W)"
+        elif isinstance(mod, nn.Conv1d):
+            first = f"a {dtype} tensor (B, {mod.in_channels}, L)"
+        elif isinstance(mod, nn.Conv3d):
+            first = f"a {dtype} tensor (B, {mod.in_channels}, D, H, W)"
+        else:
+            continue
+        first = f"; its first layer in module order, {name or type(mod).__name__} ({type(mod).__name__}), takes {first}"
+        break
+    return f"{type(model).__name__}.{sig}{first}"
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    device, dtype = torch.device("cpu"), torch.get_default_dtype()
+    for i, p in enumerate(model.parameters()):
+        if i == 0:
+            device = p.device
+        if p.is_floating_point():
+            return device, p.dtype
+    return device, dtype
+
+
+def _prepare(obj: Any, device: torch.device, dtype: torch.dtype, what: str) -> Any:
+    """Numpy arrays → tensors (floats in the model's dtype), tensors → the model's device; checks finiteness."""
+    if isinstance(obj, np.ndarray):
+        if obj.dtype == object or obj.dtype.kind not in "biuf":
+            raise CalibrationError(f"{what}: numpy array of dtype {obj.dtype} cannot be a model input")
+        t = torch.from_numpy(np.ascontiguousarray(obj))
+        obj = t.to(dtype) if t.is_floating_point() else t
+    if isinstance(obj, torch.Tensor):
+        if obj.is_meta:
+            raise CalibrationError(f"{what}: a tensor on the meta device holds no data")
+        if (obj.is_floating_point() or obj.is_complex()) and obj.numel() and not torch.isfinite(obj).all():
+            raise CalibrationError(f"{what} contains NaN or Inf values: give finite inputs")
+        return obj.to(device)
+    if isinstance(obj, Mapping):
+        return {k: _prepare(v, device, dtype, what) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(_prepare(v, device, dtype, what) for v in obj)
+    if isinstance(obj, list):
+        return [_prepare(v, device, dtype, what) for v in obj]
+    return obj
+
+
+def call_model(model: nn.Module, batch: Any, what: str = "calibration batch") -> Any:
+    """Run one batch through ``model`` (tensor → ``model(x)``, tuple → ``model(*x)``, dict → ``model(**x)``).
+
+    Numpy arrays are accepted where a tensor is meant (floating arrays take the
+    model's floating dtype); tensors move to the model's device. The caller picks
+    the grad mode.
+
+    Raises:
+        CalibrationError: the batch is not a tensor/array, tuple or dict, holds
+            NaN/Inf, or the model fails on it; the message says which batch
+            (``what``), what it was, the model's error and what the model expects.
+    """
+    if not isinstance(batch, (torch.Tensor, np.ndarray, tuple, Mapping)):
+        raise CalibrationError(
+            f"{what} must be a tensor, numpy array, tuple of model arguments or dict of keyword arguments, "
+            f"got {type(batch).__name__}; {model_expects(model)}"
+        )
+    device, dtype = _model_device_dtype(model)
+    data = _prepare(batch, device, dtype, what)
+    try:
+        if isinstance(data, Mapping):
+            return model(**data)
+        if isinstance(data, tuple):
+            return model(*data)
+        return model(data)
+    except MPPluginError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's model on the user's data
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CalibrationError(
+            f"{what} ({_describe(batch)}) does not run through the model: {type(exc).__name__}: {msg}. "
+            f"Expected: {model_expects(model)}"
+        ) from exc
+
+
 def run_batches(model: nn.Module, data: Any) -> None:
     """Run calibration data through ``model`` under ``torch.no_grad()``.
 
-    ``data`` is one batch or a list of batches. A batch is a tensor
-    (``model(x)``), a tuple (``model(*args)``) or a dict (``model(**kwargs)``).
-    Tensors are moved to the model's device.
+    ``data`` is one batch or a non-empty list of batches. A batch is a tensor or
+    numpy array (``model(x)``), a tuple (``model(*args)``) or a dict
+    (``model(**kwargs)``), see :func:`call_model`.
+
+    Raises:
+        CalibrationError: an empty list, or a batch that is malformed, non-finite
+            or fails in the model (the message names the batch's index).
     """
+    if isinstance(data, list) and not data:
+        raise CalibrationError("calibration data is an empty list: give at least one batch")
     batches = data if isinstance(data, list) else [data]
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-
-    def move(obj: Any) -> Any:
-        return obj.to(device) if isinstance(obj, torch.Tensor) else obj
-
     with torch.no_grad():
-        for batch in batches:
-            if isinstance(batch, Mapping):
-                model(**{k: move(v) for k, v in batch.items()})
-            elif isinstance(batch, tuple):
-                model(*[move(v) for v in batch])
-            elif isinstance(batch, torch.Tensor):
-                model(move(batch))
-            else:
-                raise MPPluginError(f"calibration batch must be a tensor, tuple or dict, got {type(batch).__name__}")
+        for i, batch in enumerate(batches):
+            what = f"calibration batch {i}" if isinstance(data, list) else "calibration batch"
+            call_model(model, batch, what)
 
 
 def first_batch(data: Any) -> Any:
@@ -195,6 +299,12 @@ def capture_covariances(
         for h in handles:
             h.remove()
         model.train(was_training)
+    for name, acc in accs.items():
+        if acc.sum is not None and not torch.isfinite(acc.sum).all():
+            raise CalibrationError(
+                f"layer {name!r}: its inputs on the calibration data are not finite (NaN/Inf) although the data is; "
+                "check the model's weights and the scale of the calibration inputs"
+            )
     return {
         name: GroupCovariance(acc.sum / acc.rows, acc.rows, acc.n) for name, acc in accs.items() if acc.sum is not None
     }
