@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +21,22 @@ import torch
 from torch import nn
 
 from .budget import BUDGET_METHODS, SEBConfig, check_sparsity, global_prune_counts, uniform_prune_counts
-from .errors import MPPluginError, NoPrunableLayersError, PatternError, PlanMismatchError, SpectrumFitError
+from .errors import (
+    ConfigError,
+    MPPluginError,
+    NoPrunableLayersError,
+    PatternError,
+    PlanFormatError,
+    PlanMismatchError,
+    SpectrumFitError,
+)
 from .layers import LayerSelection, TargetLayer, find_target_layers
 from .patterns import Pattern, round_budget_to_pattern
+from .plan_schema import check_plan_dict
 from .progress import progress
 from .spectrum import SpectralFit, fit_many
+from .spectrum.eigen import resolve_gram_dtype
+from .spectrum.fit import check_fit_options
 
 __all__ = ["PlanConfig", "LayerPlan", "PrunePlan", "plan", "SCHEMA_VERSION"]
 
@@ -54,6 +65,19 @@ class PlanConfig:
     selection: LayerSelection = field(default_factory=LayerSelection)
     auto_patterns: tuple[str, ...] = ("dense", "12:16", "2:4")
     gram_dtype: str = "float64"
+
+    def __post_init__(self) -> None:
+        check_fit_options(self.alpha, self.beta, self.estimator, self.edge_compat)
+        self.gram_dtype = str(resolve_gram_dtype(self.gram_dtype)).removeprefix("torch.")
+        if not isinstance(self.seb, SEBConfig):
+            raise ConfigError(f"seb must be an SEBConfig, got {type(self.seb).__name__}")
+        if not isinstance(self.selection, LayerSelection):
+            raise ConfigError(f"selection must be a LayerSelection, got {type(self.selection).__name__}")
+        if isinstance(self.auto_patterns, str) or not all(isinstance(p, str) for p in self.auto_patterns):
+            raise ConfigError(f"auto_patterns must be a tuple of pattern strings, got {self.auto_patterns!r}")
+        self.auto_patterns = tuple(self.auto_patterns)
+        for text in self.auto_patterns:
+            Pattern.parse(text)
 
     def to_dict(self) -> dict:
         """JSON-ready copy."""
@@ -197,21 +221,36 @@ class PrunePlan:
 
     @classmethod
     def from_dict(cls, d: dict) -> PrunePlan:
-        """Inverse of :meth:`to_dict`; rejects unknown schema versions."""
-        version = d.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise MPPluginError(f"plan schema version {version!r} is not supported (expected {SCHEMA_VERSION})")
+        """Inverse of :meth:`to_dict`; rejects unknown schema versions and malformed plans (PlanFormatError)."""
+        return cls._from_dict(d, "plan")
+
+    @classmethod
+    def _from_dict(cls, d: Any, source: str) -> PrunePlan:
+        layer_fields = {f.name: f.default is MISSING and f.default_factory is MISSING for f in fields(LayerPlan)}
+        check_plan_dict(d, source, SCHEMA_VERSION, {f.name for f in fields(cls)}, layer_fields)
+        layers = []
+        for x in d["layers"]:
+            try:
+                layers.append(LayerPlan.from_dict(x))
+            except (TypeError, KeyError, ValueError, AttributeError) as exc:
+                raise PlanFormatError(f"{source}: layer {x.get('name')!r}: malformed 'fit' ({exc})") from exc
+        try:
+            config = PlanConfig.from_dict(d.get("config", {}))
+        except MPPluginError as exc:
+            raise PlanFormatError(f"{source}: 'config': {exc}") from exc
+        except (TypeError, KeyError, ValueError, AttributeError) as exc:
+            raise PlanFormatError(f"{source}: 'config' is malformed ({type(exc).__name__}: {exc})") from exc
         return cls(
-            sparsity=d["sparsity"],
+            sparsity=float(d["sparsity"]),
             pattern=d["pattern"],
             method=d["method"],
-            layers=[LayerPlan.from_dict(x) for x in d["layers"]],
+            layers=layers,
             skipped=list(d.get("skipped", [])),
-            config=PlanConfig.from_dict(d.get("config", {})),
+            config=config,
             model_name=d.get("model_name", ""),
             created=d.get("created", ""),
             applied=dict(d.get("applied", {})),
-            schema_version=version,
+            schema_version=d["schema_version"],
         )
 
     def save(self, path: str | Path) -> Path:
@@ -223,8 +262,29 @@ class PrunePlan:
 
     @classmethod
     def load(cls, path: str | Path) -> PrunePlan:
-        """Read a plan written by :meth:`save`."""
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a plan written by :meth:`save`.
+
+        Raises:
+            PlanFormatError: the file is missing, unreadable, not UTF-8 JSON, or does not
+                follow the plan schema; the message names the file and the field.
+        """
+        path = Path(path)
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            why = (
+                "is not UTF-8 text"
+                if isinstance(exc, UnicodeDecodeError)
+                else f"cannot be read ({exc.strerror or exc})"
+            )
+            raise PlanFormatError(f"plan file {path} {why}: give a plan written by PrunePlan.save") from exc
+        if not text.strip():
+            raise PlanFormatError(f"plan file {path} is empty: give a plan written by PrunePlan.save")
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise PlanFormatError(f"plan file {path} is not valid JSON ({exc}); is it truncated?") from exc
+        return cls._from_dict(data, f"plan file {path}")
 
     # ---------------------------------------------------------------- display
     def to_table(self, max_rows: int | None = None) -> str:
@@ -297,7 +357,7 @@ def _fit_layers(
     targets: list[TargetLayer], cfg: PlanConfig, show_progress: bool, reuse: PrunePlan | None = None
 ) -> tuple[list, list[str]]:
     """Fit every target, batching equal shapes; undefined fits become None with a note."""
-    gram = torch.float64 if cfg.gram_dtype == "float64" else torch.float32
+    gram = resolve_gram_dtype(cfg.gram_dtype)
     fits: list[SpectralFit | None] = [None] * len(targets)
     notes = [""] * len(targets)
     old = {lp.name: lp for lp in reuse.layers} if reuse is not None else {}
@@ -358,11 +418,20 @@ def plan(
     """
     cfg = config or PlanConfig()
     s = check_sparsity(sparsity)
-    if method not in BUDGET_METHODS:
-        raise MPPluginError(f"unknown method {method!r}; known: {sorted(BUDGET_METHODS)}")
+    if not isinstance(method, str) or method not in BUDGET_METHODS:
+        hint = (
+            "; 'cast' is a k:n projection, not a budget: plan with a budget method, then apply(..., projection='cast')"
+            if method in ("cast", "obs", "cast-obs")
+            else ""
+        )
+        raise ConfigError(f"unknown budget method {method!r}; known: {sorted(BUDGET_METHODS)}{hint}")
+    if not isinstance(cfg, PlanConfig):
+        raise ConfigError(f"config must be a PlanConfig, got {type(cfg).__name__}")
+    if not isinstance(pattern, (str, Pattern)):
+        raise PatternError(f"pattern must be a string ('unstructured', 'auto' or k:n such as '2:4'), got {pattern!r}")
     pat = None if pattern == "auto" else Pattern.parse(pattern)
     if pat is not None and pat.kind == "dense":
-        raise PatternError("pattern 'dense' prunes nothing; use 'unstructured', 'auto' or a k:n pattern")
+        raise PatternError(f"pattern {pattern!r} prunes nothing; use 'unstructured', 'auto' or a k:n pattern")
     targets, skipped = find_target_layers(model, cfg.selection)
     if not targets:
         raise NoPrunableLayersError(
