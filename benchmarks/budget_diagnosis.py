@@ -41,7 +41,7 @@ from common import RESULTS, write_result  # noqa: E402
 
 from mp_plugin.budget import SEBConfig, global_prune_counts  # noqa: E402
 from mp_plugin.masks import unstructured_mask  # noqa: E402
-from mp_plugin.plan import PlanConfig, plan  # noqa: E402
+from mp_plugin.planning import PlanConfig, plan  # noqa: E402
 
 SPARSITY = 0.5
 SIGNALS = ("sigma_plus", "sigma", "hill_alpha", "bulk_fraction", "spike_energy_fraction")

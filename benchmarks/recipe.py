@@ -46,7 +46,7 @@ from mp_plugin.layers import find_target_layers  # noqa: E402
 from mp_plugin.masks import MaskKeeper  # noqa: E402
 from mp_plugin.models import load_model  # noqa: E402
 from mp_plugin.photos import builtin_photo_crops, normalise_imagenet  # noqa: E402
-from mp_plugin.plan import plan  # noqa: E402
+from mp_plugin.planning import plan  # noqa: E402
 from mp_plugin.pruning import apply, sparsity_report  # noqa: E402
 from mp_plugin.ser import HybridConfig, SERConfig, hybrid_magnitude_ser, ser_to_kn  # noqa: E402
 

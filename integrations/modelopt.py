@@ -15,8 +15,9 @@ Unlike ModelOpt's own searchers it accepts unstructured and any k:n pattern.
 
 Search config keys (all optional): ``sparsity`` (0.5), ``pattern`` ("2:4";
 "unstructured", "auto", "k:n" and ModelOpt's "2:4 sparsity" spelling),
-``method`` ("seb" | "seb-hill" | "magnitude" | "uniform" | "cast"),
-``calibration`` (a batch, or a list of batches, for "cast"), ``plan_config``.
+``budget`` ("seb" | "seb-hill" | "magnitude" | "uniform"), ``projection``
+("magnitude" | "cast"), ``calibration`` (a batch, or a list of batches, for
+"cast"), ``plan_config``; ``method`` is the deprecated spelling of both.
 
 ``mto.restore`` in a fresh process needs this module imported first;
 :func:`restore` does both. With distillation, export in the order
@@ -47,7 +48,7 @@ from mp_plugin import apply as mp_apply
 from mp_plugin.errors import MPPluginError
 from mp_plugin.layers import LayerSelection
 from mp_plugin.patterns import Pattern
-from mp_plugin.plan import PlanConfig, PrunePlan, plan
+from mp_plugin.planning import PlanConfig, PrunePlan, plan, split_method
 
 __all__ = ["MODE_NAME", "MPModeDescriptor", "MPSearcher", "MPSparseConfig", "restore"]
 
@@ -76,12 +77,14 @@ class MPSearcher(BaseSparseSearcher):
 
     @property
     def default_search_config(self) -> dict[str, Any]:
-        """ModelOpt's keys plus ``sparsity``, ``pattern``, ``method``, ``calibration``, ``plan_config``."""
+        """ModelOpt's keys plus ``sparsity``, ``pattern``, ``budget``, ``projection``, ``calibration``, ``plan_config``."""
         return {
             **super().default_search_config,
             "pattern": "2:4",
             "sparsity": 0.5,
-            "method": "seb",
+            "budget": "seb",
+            "projection": "magnitude",
+            "method": None,
             "calibration": None,
             "plan_config": None,
         }
@@ -111,8 +114,7 @@ class MPSearcher(BaseSparseSearcher):
             module.set_mask(None)  # read and write the raw weights
         base = cfg["plan_config"] or PlanConfig()
         sel = LayerSelection(**{**base.selection.to_dict(), "include_only": [f"^{n}$" for n in sparse]})
-        method = cfg["method"]
-        budget_method = "seb" if method in _PROJECTIONS else method
+        budget_method, projection = split_method(cfg["budget"], cfg["projection"], cfg["method"], "mts.sparsify")
         the_plan = plan(
             self.model,
             cfg["sparsity"],
@@ -124,7 +126,7 @@ class MPSearcher(BaseSparseSearcher):
             self.model,
             the_plan,
             calibration=cfg["calibration"],
-            method="cast" if method in _PROJECTIONS else "magnitude",
+            projection=projection,
         )
         for module in sparse.values():
             mask = module.weight.detach() != 0

@@ -43,7 +43,7 @@ from mp_plugin.layers import LayerSelection, find_target_layers
 from mp_plugin.layout import kn_eligible
 from mp_plugin.masks import check_nm, fold_parametrizations, kn_group_counts
 from mp_plugin.patterns import Pattern
-from mp_plugin.plan import PrunePlan
+from mp_plugin.planning import PrunePlan
 
 __all__ = [
     "ExportError",

@@ -15,6 +15,7 @@ every forward by the mask, so pruned weights stay zero through training.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from torch.ao.pruning import BaseSparsifier
 from mp_plugin.errors import MPPluginError
 from mp_plugin.masks import nm_mask, unstructured_mask
 from mp_plugin.patterns import Pattern
-from mp_plugin.plan import PlanConfig, PrunePlan, plan
+from mp_plugin.planning import PlanConfig, PrunePlan, plan
 
 __all__ = ["MPPruningSparsifier"]
 
@@ -35,18 +36,26 @@ class MPPruningSparsifier(BaseSparsifier):
     Args:
         sparsity: global fraction of target weights to remove.
         pattern: ``"unstructured"``, ``"k:n"`` (e.g. ``"2:4"``) or ``"auto"``.
-        method: budget method (``"seb"``, ``"seb-hill"``, ``"magnitude"``, ``"uniform"``).
+        budget: budget method (``"seb"``, ``"seb-hill"``, ``"magnitude"``, ``"uniform"``).
         plan_config: :class:`mp_plugin.PlanConfig` (fit and layer-selection settings).
+        method: deprecated name of ``budget`` (DeprecationWarning).
     """
 
     def __init__(
         self,
         sparsity: float = 0.5,
         pattern: str = "unstructured",
-        method: str = "seb",
+        budget: str = "seb",
         plan_config: PlanConfig | None = None,
+        *,
+        method: str | None = None,
     ) -> None:
-        super().__init__(defaults={"sparsity": sparsity, "pattern": pattern, "method": method})
+        if method is not None:
+            warnings.warn(
+                "MPPruningSparsifier(method=...) is deprecated: use budget=...", DeprecationWarning, stacklevel=2
+            )
+            budget = method
+        super().__init__(defaults={"sparsity": sparsity, "pattern": pattern, "budget": budget})
         self.plan_config = plan_config
         self.plan: PrunePlan | None = None
 
@@ -59,7 +68,7 @@ class MPPruningSparsifier(BaseSparsifier):
                 ``None`` selects the plan's target layers.
         """
         d = self.defaults
-        self.plan = plan(model, d["sparsity"], d["pattern"], d["method"], self.plan_config)
+        self.plan = plan(model, d["sparsity"], d["pattern"], d["budget"], self.plan_config)
         planned = {lp.name: lp for lp in self.plan.layers}
         if config is None:
             config = [{"tensor_fqn": f"{name}.weight"} for name in planned]

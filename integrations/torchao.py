@@ -34,12 +34,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without torchao
 from mp_plugin import apply as mp_apply
 from mp_plugin.errors import MPPluginError
 from mp_plugin.layers import LayerSelection
-from mp_plugin.plan import PlanConfig, PrunePlan, plan
+from mp_plugin.planning import PlanConfig, PrunePlan, plan, split_method
 
 __all__ = ["MPSparsifier"]
-
-_PROJECTIONS = {"cast"}
-
 
 @dataclass
 class MPSparsifier(AOBaseConfig):
@@ -49,9 +46,7 @@ class MPSparsifier(AOBaseConfig):
         sparsity: global fraction of target weights to remove (the k:n
             projection's unstructured guide when ``pattern`` is k:n).
         pattern: ``"2:4"`` (default), another ``"k:n"``, ``"unstructured"`` or ``"auto"``.
-        method: budget method (``"seb"``, ``"seb-hill"``, ``"magnitude"``,
-            ``"uniform"``) or ``"cast"`` = SEB budgets + covariance-aware k:n
-            projection (needs ``calibration``).
+        budget: budget method (``"seb"``, ``"seb-hill"``, ``"magnitude"``, ``"uniform"``).
         permute: ``None``, ``"swap"`` or ``"interleave"``: channel permutation
             folded into the weights before k:n masking.
         calibration: an input batch (tensor, tuple or dict) for CAST.
@@ -59,19 +54,27 @@ class MPSparsifier(AOBaseConfig):
             ``torch.sparse.SparseSemiStructuredTensor`` (cuSPARSELt/CUTLASS);
             on CPU the model stays dense-with-zeros.
         plan_config: a :class:`mp_plugin.PlanConfig` (fit and selection settings).
+        projection: k:n projection, ``"magnitude"`` or ``"cast"`` (covariance-aware;
+            needs ``calibration``).
+        method: deprecated: ``"cast"`` meant ``budget="seb", projection="cast"``, any
+            other value was the budget (DeprecationWarning).
     """
 
     sparsity: float = 0.5
     pattern: str = "2:4"
-    method: str = "seb"
+    budget: str = "seb"
     permute: str | None = None
     calibration: Any = None
     accelerate: bool = False
     plan_config: PlanConfig | None = None
+    projection: str = "magnitude"
+    method: str | None = None
     _roots: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._roots = weakref.WeakKeyDictionary()
+        self.budget, self.projection = split_method(self.budget, self.projection, self.method, "MPSparsifier")
+        self.method = None
 
     # ------------------------------------------------------------------ API
     def calibrate(self, model: nn.Module, filter_fn: Any = None) -> PrunePlan:
@@ -105,13 +108,11 @@ class MPSparsifier(AOBaseConfig):
                     f"{name}: weight is a {type(w).__name__}, already converted by another tool; "
                     "MPSparsifier needs plain dense weights"
                 )
-        budget_method = "seb" if self.method in _PROJECTIONS else self.method
-        projection = "cast" if self.method in _PROJECTIONS else "magnitude"
-        if projection == "cast" and self.calibration is None:
-            raise MPPluginError("method='cast' needs calibration data: MPSparsifier(calibration=batch, ...)")
+        if self.projection == "cast" and self.calibration is None:
+            raise MPPluginError("projection='cast' needs calibration data: MPSparsifier(calibration=batch, ...)")
         cfg = self._selection(model, filter_fn)
-        the_plan = plan(model, self.sparsity, self.pattern, budget_method, cfg)
-        kwargs: dict[str, Any] = {"method": projection}
+        the_plan = plan(model, self.sparsity, self.pattern, self.budget, cfg)
+        kwargs: dict[str, Any] = {"projection": self.projection}
         if self.calibration is not None:
             kwargs["calibration"] = self.calibration
         if self.permute:

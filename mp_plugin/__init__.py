@@ -9,7 +9,8 @@ Core (framework-free: torch, numpy, scipy):
 * :func:`certify` — data-path certificate of which predictions pruning kept.
 
 Adapters for torchao, ModelOpt, ONNX and TensorRT live in
-``mp_plugin.integrations``; ``MPSparsifier`` is imported lazily from there.
+``mp_plugin.integrations``; ``MPSparsifier`` is imported lazily from there
+(``mp_plugin.MPSparsifier`` needs torchao, so ``from mp_plugin import *`` leaves it out).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from .errors import (
 )
 from .layers import LayerSelection, find_target_layers
 from .patterns import Pattern
-from .plan import LayerPlan, PlanConfig, PrunePlan, plan
+from .planning import LayerPlan, PlanConfig, PrunePlan, plan
 from .spectrum import SpectralFit, fit_marchenko_pastur
 
 __version__ = "0.1.0"
@@ -46,6 +47,8 @@ _LAZY = {
     "certify": "mp_plugin.certificate",
     "MPSparsifier": "mp_plugin.integrations.torchao",
 }
+# lazy names that need an optional framework: reachable as attributes, left out of ``import *``
+_OPTIONAL = frozenset({"MPSparsifier"})
 
 
 def __getattr__(name: str) -> Any:
@@ -79,5 +82,5 @@ __all__ = [
     "find_target_layers",
     "fit_marchenko_pastur",
     "plan",
-    *_LAZY,
+    *(name for name in _LAZY if name not in _OPTIONAL),
 ]

@@ -148,7 +148,7 @@ def _target_plan(model: nn.Module, sparsity: float, pattern: str, config: PlanCo
 
 def _magnitude(method: str) -> PruneFn:
     def fn(model: nn.Module, sparsity: float, pattern: str, calibration: Any, config: PlanConfig | None) -> nn.Module:
-        return apply(model, plan(model, sparsity, pattern, method, config), method="magnitude")
+        return apply(model, plan(model, sparsity, pattern, method, config), projection="magnitude")
 
     return fn
 

@@ -23,7 +23,7 @@ from torch import nn
 from .errors import MPPluginError
 from .evaluate import batched_outputs, output_fidelity
 from .models import load_model
-from .plan import PlanConfig, PrunePlan, plan
+from .planning import PlanConfig, PrunePlan, plan
 from .pruning import apply, sparsity_report
 
 __all__ = ["MainJobConfig", "Variant", "DEFAULT_VARIANTS", "run_main_job"]

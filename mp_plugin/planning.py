@@ -1,10 +1,14 @@
 """The prune plan: what to prune where, decided before anything is applied.
 
-``plan(model, sparsity, pattern, method)`` fits MP to every target layer,
+``plan(model, sparsity, pattern, budget)`` fits MP to every target layer,
 computes budgets, rounds them to deployable patterns and returns a
 :class:`PrunePlan`. The plan is plain data: it saves to versioned JSON, loads
 back, prints as a table and plots. Applying it (``mp_plugin.apply``),
 exporting and certifying are separate steps that read it.
+
+The module is ``mp_plugin.planning``; ``mp_plugin.plan`` is the function. The
+old module path still imports (``from mp_plugin.plan import PrunePlan``,
+``importlib.import_module("mp_plugin.plan")``): it is an alias of this module.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import sys
+import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -38,7 +44,10 @@ from .spectrum import SpectralFit, fit_many
 from .spectrum.eigen import resolve_gram_dtype
 from .spectrum.fit import check_fit_options
 
-__all__ = ["PlanConfig", "LayerPlan", "PrunePlan", "plan", "SCHEMA_VERSION"]
+# the old module path ``mp_plugin.plan`` keeps importing (the package attribute of that name is the function)
+sys.modules.setdefault(__name__.rpartition(".")[0] + ".plan", sys.modules[__name__])
+
+__all__ = ["PlanConfig", "LayerPlan", "PrunePlan", "plan", "split_method", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
 
@@ -383,15 +392,39 @@ def _fit_layers(
     return fits, notes
 
 
+PROJECTIONS = ("magnitude", "cast")  # k:n projections an adapter's old ``method`` could name
+
+
+def split_method(budget: str, projection: str, method: str | None, who: str) -> tuple[str, str]:
+    """Resolve an adapter's deprecated ``method`` into ``(budget, projection)``.
+
+    The adapters' old ``method`` meant both: ``"cast"`` was SEB budgets plus the CAST
+    projection, any other value the budget method. ``budget="cast"`` (the old value
+    passed positionally) is read the same way. Both emit a DeprecationWarning.
+    """
+    if method is None and budget != "cast":
+        return budget, projection
+    old = method if method is not None else budget
+    warnings.warn(
+        f"{who}(method=...) is deprecated: use budget=... (seb, seb-hill, magnitude, uniform) and "
+        "projection=... (magnitude, cast)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return ("seb", "cast") if old == "cast" else (old, projection)
+
+
 def plan(
     model: nn.Module,
     sparsity: float = 0.5,
     pattern: str = "unstructured",
-    method: str = "seb",
+    budget: str = "seb",
     config: PlanConfig | None = None,
     model_name: str = "",
     show_progress: bool = False,
     reuse_fits: PrunePlan | None = None,
+    *,
+    method: str | None = None,
 ) -> PrunePlan:
     """Fit MP to each target layer of ``model`` and decide per-layer budgets and patterns.
 
@@ -402,13 +435,14 @@ def plan(
         pattern: ``"unstructured"``, a k:n string such as ``"2:4"`` (every
             eligible layer takes it, the rest stay dense), or ``"auto"``
             (round each layer's budget to the nearest of ``config.auto_patterns``).
-        method: a key of ``mp_plugin.budget.BUDGET_METHODS``
+        budget: the budget method, a key of ``mp_plugin.budget.BUDGET_METHODS``
             (``"seb"``, ``"seb-hill"``, ``"magnitude"``, ``"uniform"``).
         config: :class:`PlanConfig`.
         model_name: recorded in the plan.
         show_progress: show a tqdm bar over layers.
         reuse_fits: a plan of the same, unchanged weights: its MP fits are reused for
             layers of equal name and shape instead of being recomputed.
+        method: deprecated name of ``budget`` (DeprecationWarning).
 
     Returns:
         A :class:`PrunePlan`. Nothing in ``model`` is modified.
@@ -416,6 +450,10 @@ def plan(
     Raises:
         InvalidSparsityError, PatternError, NoPrunableLayersError, InvalidWeightError.
     """
+    if method is not None:
+        warnings.warn("plan(method=...) is deprecated: use budget=...", DeprecationWarning, stacklevel=2)
+        budget = method
+    method = budget
     cfg = config or PlanConfig()
     s = check_sparsity(sparsity)
     if not isinstance(method, str) or method not in BUDGET_METHODS:

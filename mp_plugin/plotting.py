@@ -15,7 +15,7 @@ from .errors import MPPluginError
 from .spectrum import mp_density, mp_edges
 
 if TYPE_CHECKING:
-    from .plan import PrunePlan
+    from .planning import PrunePlan
 
 __all__ = ["plot_plan", "plot_esd"]
 

@@ -51,7 +51,7 @@ from .errors import MPPluginError
 from .layers import LayerSelection, find_target_layers
 from .masks import MaskKeeper, assert_kn_exact, nm_mask, unstructured_mask
 from .patterns import Pattern
-from .plan import PlanConfig, PrunePlan, plan
+from .planning import PlanConfig, PrunePlan, plan
 
 __all__ = [
     "SERConfig",

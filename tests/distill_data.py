@@ -71,7 +71,7 @@ def pruned_cnn(sparsity: float = 0.5, num_classes: int = 3, seed: int = 0, metho
     """(student, teacher, plan): a seeded SmallCNN pruned to ``sparsity`` and its dense copy."""
     import copy
 
-    from mp_plugin.plan import plan
+    from mp_plugin.planning import plan
     from mp_plugin.pruning import apply
 
     torch.manual_seed(seed)

@@ -18,7 +18,7 @@ from mp_plugin.calibration import calibration_loss, capture_covariances
 from mp_plugin.layers import LayerSelection
 from mp_plugin.masks import kn_group_counts
 from mp_plugin.patterns import Pattern
-from mp_plugin.plan import PlanConfig, PrunePlan, plan
+from mp_plugin.planning import PlanConfig, PrunePlan, plan
 
 
 def _as_unstructured(p: PrunePlan) -> PrunePlan:
@@ -242,11 +242,42 @@ def test_shared_weights_pruned_once_or_rejected() -> None:
 
 def test_method_and_calibration_errors() -> None:
     model = make_mlp()
-    p = plan(model, sparsity=0.5, pattern="2:4", method="magnitude")
-    with pytest.raises(MPPluginError, match="unknown method"):
-        mp_plugin.apply(model, p, method="wanda")
+    p = plan(model, sparsity=0.5, pattern="2:4", budget="magnitude")
+    with pytest.raises(MPPluginError, match="unknown projection"):
+        mp_plugin.apply(model, p, projection="wanda")
     with pytest.raises(MPPluginError, match="calibration"):
-        mp_plugin.apply(model, p, method="cast")
+        mp_plugin.apply(model, p, projection="cast")
+
+
+def test_old_method_keywords_warn_and_keep_working() -> None:
+    """plan(method=) is the budget, apply(method=) the projection: both still work, with a DeprecationWarning."""
+    model = make_mlp()
+    new = plan(model, sparsity=0.5, pattern="2:4", budget="uniform")
+    with pytest.warns(DeprecationWarning, match="budget="):
+        old = plan(model, sparsity=0.5, pattern="2:4", method="uniform")
+    assert old.method == new.method == "uniform"
+    assert [lp.n_prune for lp in old.layers] == [lp.n_prune for lp in new.layers]
+    a, b = make_mlp(), make_mlp()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(64, a[0].in_features)
+    mp_plugin.apply(a, plan(a, 0.5, "2:4", "seb"), calibration=x, projection="cast")
+    with pytest.warns(DeprecationWarning, match="projection="):
+        mp_plugin.apply(b, plan(b, 0.5, "2:4", "seb"), calibration=x, method="cast")
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert b is not a and any(bool((p == 0).any()) for p in b.parameters())
+
+
+def test_adapter_method_splits_into_budget_and_projection() -> None:
+    from mp_plugin.planning import split_method
+
+    assert split_method("seb-hill", "magnitude", None, "X") == ("seb-hill", "magnitude")
+    with pytest.warns(DeprecationWarning):
+        assert split_method("seb", "magnitude", "cast", "X") == ("seb", "cast")
+    with pytest.warns(DeprecationWarning):
+        assert split_method("seb", "magnitude", "uniform", "X") == ("uniform", "magnitude")
+    with pytest.warns(DeprecationWarning):  # the old value passed positionally
+        assert split_method("cast", "magnitude", None, "X") == ("seb", "cast")
 
 
 def test_permute_request() -> None:

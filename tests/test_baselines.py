@@ -16,7 +16,7 @@ from torch import nn
 from mp_plugin.baselines import BASELINES, BaselineNotApplicable, baseline_report, input_norms, prune_baseline
 from mp_plugin.evaluate import embedding_retention, linear_probe_accuracy, output_fidelity
 from mp_plugin.masks import check_nm, nm_mask
-from mp_plugin.plan import plan
+from mp_plugin.planning import plan
 from mp_plugin.pruning import sparsity_report
 
 

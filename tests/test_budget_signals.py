@@ -7,7 +7,7 @@ from torch import nn
 
 import mp_plugin.budget_signals  # noqa: F401  (registers the methods)
 from mp_plugin.budget import BUDGET_METHODS
-from mp_plugin.plan import plan
+from mp_plugin.planning import plan
 
 
 def _noise_model(seed: int = 0) -> nn.Sequential:

@@ -11,7 +11,7 @@ import torch
 from mp_plugin.cli import main
 from mp_plugin.masks import check_nm
 from mp_plugin.models import load_model
-from mp_plugin.plan import PrunePlan
+from mp_plugin.planning import PrunePlan
 
 
 def _photo_dir(tmp_path: Path) -> Path:

@@ -281,7 +281,7 @@ def test_cli_distill_end_to_end(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from mp_plugin.cli import main
-    from mp_plugin.plan import plan
+    from mp_plugin.planning import plan
     from mp_plugin.pruning import apply
 
     torch.manual_seed(0)

@@ -46,7 +46,7 @@ def test_mp_mode_kn_matches_plan(pattern: str, k: int, n: int) -> None:
 
 
 def test_mp_mode_unstructured_with_modelopt_pattern_spelling() -> None:
-    model = mts.sparsify(_vit(0), mode="mp", config={"sparsity": 0.7, "pattern": "unstructured", "method": "seb"})
+    model = mts.sparsify(_vit(0), mode="mp", config={"sparsity": 0.7, "pattern": "unstructured", "budget": "seb"})
     p = model._mp_plan
     zeros = sum(int((dict(model.named_modules())[lp.name].weight == 0).sum()) for lp in p.layers)
     assert zeros == sum(lp.n_prune for lp in p.layers)

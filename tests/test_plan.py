@@ -84,8 +84,8 @@ def test_plan_rejects_bad_input() -> None:
         mp.plan(nn.Linear(8, 8), sparsity=-0.2)
     with pytest.raises(mp.PatternError):
         mp.plan(nn.Linear(8, 8), pattern="3:2")
-    with pytest.raises(mp.MPPluginError, match="unknown method"):
-        mp.plan(nn.Linear(8, 8), method="nope")
+    with pytest.raises(mp.MPPluginError, match="unknown budget method"):
+        mp.plan(nn.Linear(8, 8), budget="nope")
     bad = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
     with torch.no_grad():
         bad[0].weight[0, 0] = float("nan")

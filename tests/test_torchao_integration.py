@@ -38,7 +38,7 @@ def test_literal_sparsify_line_gives_exact_24_and_plan_budgets(vit: nn.Module) -
 
 
 def test_budgets_match_plan_for_unstructured_seb(vit: nn.Module) -> None:
-    cfg = MPSparsifier(sparsity=0.6, pattern="unstructured", method="seb")
+    cfg = MPSparsifier(sparsity=0.6, pattern="unstructured", budget="seb")
     ref = mp.plan(copy.deepcopy(vit), 0.6, "unstructured", "seb", config=LINEAR_ONLY)
     sparsify_(vit, cfg)
     got = cfg.plan_for(vit)
@@ -95,14 +95,23 @@ def test_model_converted_by_another_tool_is_refused() -> None:
 
 def test_cast_needs_calibration(vit: nn.Module) -> None:
     with pytest.raises(mp.MPPluginError, match="calibration"):
-        sparsify_(vit, MPSparsifier(method="cast"))
+        sparsify_(vit, MPSparsifier(projection="cast"))
 
 
 def test_cast_with_calibration_runs(vit: nn.Module) -> None:
     batch = torch.randn(2, 3, 64, 64)
-    cfg = MPSparsifier(sparsity=0.5, pattern="2:4", method="cast", calibration=batch)
+    cfg = MPSparsifier(sparsity=0.5, pattern="2:4", projection="cast", calibration=batch)
     sparsify_(vit, cfg)
     assert mp.sparsity_report(vit, cfg.plan_for(vit)).kn_valid
+    assert cfg.plan_for(vit).applied["method"] == "cast"
+
+
+def test_old_method_cast_means_seb_budget_and_cast_projection() -> None:
+    with pytest.warns(DeprecationWarning, match="budget="):
+        cfg = MPSparsifier(method="cast")
+    assert (cfg.budget, cfg.projection) == ("seb", "cast")
+    with pytest.warns(DeprecationWarning):
+        assert MPSparsifier(method="seb-hill").budget == "seb-hill"
 
 
 def test_lazy_top_level_import() -> None:
@@ -152,7 +161,7 @@ def test_torch_ao_pruning_sparsifier_holds_masks_through_training() -> None:
 
 def test_torch_ao_pruning_unstructured_counts_and_bad_config() -> None:
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    sparsifier = MPPruningSparsifier(sparsity=0.7, pattern="unstructured", method="seb")
+    sparsifier = MPPruningSparsifier(sparsity=0.7, pattern="unstructured", budget="seb")
     sparsifier.prepare(model, config=None)
     sparsifier.squash_mask()
     assert [lp.name for lp in sparsifier.plan.layers] == ["0", "2", "4"]

@@ -41,7 +41,7 @@ def add_plan_args(parser: argparse.ArgumentParser) -> None:
 def plan_config_from_args(args: argparse.Namespace):
     """A :class:`PlanConfig` from :func:`add_plan_args` arguments."""
     from ..layers import LayerSelection
-    from ..plan import PlanConfig
+    from ..planning import PlanConfig
 
     sel = LayerSelection(exclude_head=not args.include_head, exclude_stem=not args.include_stem)
     return PlanConfig(selection=sel)
@@ -49,7 +49,7 @@ def plan_config_from_args(args: argparse.Namespace):
 
 def plan_from_args(args: argparse.Namespace, model):
     """``mp_plugin.plan`` for ``model`` with the :func:`add_plan_args` settings, with a progress bar."""
-    from ..plan import plan
+    from ..planning import plan
 
     return plan(
         model,

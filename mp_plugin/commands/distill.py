@@ -147,10 +147,8 @@ def _config(args: argparse.Namespace):
 
 
 def _patch_tome(model: torch.nn.Module, r: int) -> None:
-    try:
-        from ..tome import apply_patch
-    except ImportError as exc:
-        raise MPPluginError("--tome-r needs mp_plugin.tome, which this installation lacks") from exc
+    from ..tome import apply_patch
+
     apply_patch(model, r=r)
 
 
@@ -160,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         return _relaunch(args)
     from ..distill import DataConfig, distill, init_distributed, make_loaders
     from ..models import load_model, save_pruned_checkpoint
-    from ..plan import PrunePlan
+    from ..planning import PrunePlan
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, checkpoint=args.checkpoint)
     plan = None
     if args.plan:
-        from ..plan import PrunePlan
+        from ..planning import PrunePlan
 
         plan = PrunePlan.load(args.plan)
     if args.magnitude_24:

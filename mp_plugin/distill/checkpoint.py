@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import MPPluginError, PlanMismatchError
 from ..masks import MaskKeeper
 from ..permute.record import permutation_record, restore_permutation_record
-from ..plan import PrunePlan
+from ..planning import PrunePlan
 
 __all__ = ["plan_fingerprint", "save_checkpoint", "read_checkpoint", "restore_checkpoint", "CHECKPOINT_VERSION"]
 

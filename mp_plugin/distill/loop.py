@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import MPPluginError, PlanMismatchError
 from ..masks import MaskKeeper
 from ..patterns import Pattern
-from ..plan import PrunePlan
+from ..planning import PrunePlan
 from ..progress import progress
 from .checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
 from .config import DistillConfig
