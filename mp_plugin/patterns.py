@@ -40,7 +40,11 @@ class Pattern:
         """Parse ``"dense"``, ``"unstructured"`` or ``"k:n"`` (k < n ≤ 16)."""
         if isinstance(text, Pattern):
             return text
-        t = str(text).strip().lower()
+        if not isinstance(text, str):
+            raise PatternError(
+                f"pattern must be a string ('dense', 'unstructured' or 'k:n' such as '2:4'), got {text!r}"
+            )
+        t = text.strip().lower()
         if t in ("dense", "none"):
             return cls("dense")
         if t in ("unstructured", "global"):

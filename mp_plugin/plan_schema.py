@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import MPPluginError, PlanFormatError
+from .errors import MPPluginError, PatternError, PlanFormatError
 from .patterns import Pattern
 
 __all__ = ["check_plan_dict", "check_layer_values"]
@@ -78,10 +78,11 @@ def check_layer_values(
     try:
         pat = Pattern.parse(pattern)
     except MPPluginError as exc:
-        raise PlanFormatError(f"{where}: {exc}") from exc
+        raise PatternError(f"{where}: {exc}") from exc
     if not pat.eligible(ws):
-        raise PlanFormatError(
-            f"{where}: pattern {pattern} needs input channels divisible by {pat.n}, weight is {list(ws)}"
+        raise PatternError(
+            f"{where}: pattern {pattern} needs input channels divisible by {pat.n}; "
+            f"{ws[1]} (weight {list(ws)}) is not divisible"
         )
 
 
