@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import MPPluginError
+from .errors import CheckpointError, ConfigError, MPPluginError
 
 __all__ = ["BUILTIN_MODELS", "load_model", "register_builtin_model", "save_pruned_checkpoint"]
 
@@ -134,6 +134,12 @@ def load_model(
         pretrained: for timm names, download pretrained weights (needs network).
         num_classes: for timm names, the classifier size.
     """
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+    ):
+        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if name is not None and not isinstance(name, str):
+        raise ConfigError(f"model name must be a string, got {type(name).__name__}")
     model: nn.Module | None = None
     if name is not None:
         model = BUILTIN_MODELS[name]() if name in BUILTIN_MODELS else _timm(name, pretrained, num_classes)
@@ -141,38 +147,28 @@ def load_model(
         if model is None:
             raise MPPluginError("give a model name, a checkpoint, or both")
         return model
-    path = Path(checkpoint)
-    if not path.exists():
-        raise MPPluginError(f"checkpoint {path} does not exist")
-    record = None
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+    from .checkpoint_io import load_state_into, read_checkpoint
 
-        obj: object = load_file(str(path))
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(PERMUTATION_METADATA)
-        record = json.loads(raw) if raw else None
-    else:
-        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+    path = Path(checkpoint)
+    obj, record = read_checkpoint(path, PERMUTATION_METADATA)
     if isinstance(obj, nn.Module):
         return obj.eval()
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
-        raise MPPluginError(f"{path}: expected a state_dict or a saved module, got {type(obj).__name__}")
+        raise CheckpointError(f"{path}: expected a state_dict or a saved module, got {type(obj).__name__}")
     if model is None:
-        raise MPPluginError(f"{path} holds a state_dict: also give the architecture name")
-    missing, unexpected = model.load_state_dict(obj, strict=False)
-    if missing or unexpected:
-        raise MPPluginError(
-            f"{path} does not match {name!r}: {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-        )
+        raise CheckpointError(f"{path} holds a state_dict: also give the architecture name")
+    load_state_into(model, obj, path, name)
     if record is not None:
         from .permute import restore_permutation_record
 
-        restore_permutation_record(model, record)
+        try:
+            restore_permutation_record(model, record)
+        except MPPluginError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: its permutation record is malformed ({type(exc).__name__}: {exc})") from exc
     return model.eval()
 
 
