@@ -54,8 +54,10 @@ class MPSparsifier(AOBaseConfig):
             ``torch.sparse.SparseSemiStructuredTensor`` (cuSPARSELt/CUTLASS);
             on CPU the model stays dense-with-zeros.
         plan_config: a :class:`mp_plugin.PlanConfig` (fit and selection settings).
-        projection: k:n projection, ``"magnitude"`` or ``"cast"`` (covariance-aware;
-            needs ``calibration``).
+        projection: mask projection, ``"magnitude"``, ``"cast"`` (covariance-aware),
+            ``"obs"`` or ``"cast-obs"`` (Hessian-aware); all but magnitude need ``calibration``.
+        restore: ``True`` or a :class:`mp_plugin.restore.RestoreConfig`: re-solve the kept
+            weights on ``calibration`` after masking (prune–restore); needs ``calibration``.
         method: deprecated: ``"cast"`` meant ``budget="seb", projection="cast"``, any
             other value was the budget (DeprecationWarning).
     """
@@ -68,6 +70,7 @@ class MPSparsifier(AOBaseConfig):
     accelerate: bool = False
     plan_config: PlanConfig | None = None
     projection: str = "magnitude"
+    restore: Any = False
     method: str | None = None
     _roots: Any = field(default=None, init=False, repr=False, compare=False)
 
@@ -108,11 +111,15 @@ class MPSparsifier(AOBaseConfig):
                     f"{name}: weight is a {type(w).__name__}, already converted by another tool; "
                     "MPSparsifier needs plain dense weights"
                 )
-        if self.projection == "cast" and self.calibration is None:
-            raise MPPluginError("projection='cast' needs calibration data: MPSparsifier(calibration=batch, ...)")
+        if self.projection != "magnitude" and self.calibration is None:
+            raise MPPluginError(
+                f"projection={self.projection!r} needs calibration data: MPSparsifier(calibration=batch, ...)"
+            )
+        if self.restore and self.calibration is None:
+            raise MPPluginError("restore=True needs calibration data: MPSparsifier(calibration=batch, restore=True)")
         cfg = self._selection(model, filter_fn)
         the_plan = plan(model, self.sparsity, self.pattern, self.budget, cfg)
-        kwargs: dict[str, Any] = {"projection": self.projection}
+        kwargs: dict[str, Any] = {"projection": self.projection, "restore": self.restore}
         if self.calibration is not None:
             kwargs["calibration"] = self.calibration
         if self.permute:
@@ -133,7 +140,11 @@ class MPSparsifier(AOBaseConfig):
             if code.co_name in ("sparsify_", "quantize_") and "torchao" in code.co_filename:
                 model = frame.f_locals.get("model")
                 if isinstance(model, nn.Module):
-                    found = (model, frame.f_locals.get("filter_fn"))
+                    filter_fn = frame.f_locals.get("filter_fn")
+                    outer = frame.f_locals.get("config")
+                    if filter_fn is None and outer is not self and hasattr(outer, "fqn_to_config"):
+                        filter_fn = _fqn_filter(outer.fqn_to_config, self)  # FqnToConfig: only its modules
+                    found = (model, filter_fn)
             frame = frame.f_back
         del frame
         if found is None:
@@ -143,6 +154,25 @@ class MPSparsifier(AOBaseConfig):
             )
         self._prepare(*found)
         return found[0]
+
+
+def _fqn_filter(mapping: dict, config: MPSparsifier) -> Any:
+    """A ``filter_fn(module, fqn)`` true for the modules a torchao ``FqnToConfig`` maps to ``config``.
+
+    Resolution follows torchao: an exact module name first, then the first ``"re:"``
+    pattern that fully matches, then ``"_default"`` for Linear layers.
+    """
+
+    def chosen(module: nn.Module, fqn: str) -> bool:
+        if fqn in mapping:
+            return mapping[fqn] is config
+        for key, value in mapping.items():
+            if key.startswith("re:") and re.fullmatch(key[3:], fqn):
+                return value is config
+        return mapping.get("_default") is config and isinstance(module, nn.Linear)
+
+    chosen.__name__ = "fqn_to_config_filter"
+    return chosen
 
 
 def _convert_module(module: nn.Module, config: MPSparsifier) -> nn.Module:
