@@ -9,7 +9,11 @@ C_in·kh·kw·n numbers per layer however large the batch is.
 
 Input rows:
 
-* Linear: every token is a row (B·T rows of ``in_features``).
+* Linear: every token is a row (B·T rows of ``in_features``). For token batches
+  (a dict with ``input_ids`` and ``attention_mask``, as Hugging Face tokenizers
+  return them) only the real tokens are rows: while :func:`run_batches` runs a
+  batch, its ``attention_mask`` is the active token mask (:func:`active_token_mask`)
+  and a Linear input whose leading dims are (B, T) keeps the rows where it is non-zero.
 * Conv1d/Conv2d: every output position is a row of the unfolded input
   (``torch.nn.functional.unfold``). :func:`layer_input_rows` returns it
   channel-major (C_in·kh·kw, matching ``weight.reshape(C_out, -1)``); the
@@ -22,8 +26,10 @@ At most ``max_rows`` rows per layer are used (random rows, fixed seed).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +47,9 @@ __all__ = [
     "layer_input_rows",
     "run_batches",
     "call_model",
+    "token_mask",
+    "active_token_mask",
+    "real_tokens",
     "first_batch",
     "calibration_loss",
     "group_index",
@@ -73,9 +82,50 @@ class GroupCovariance:
         return torch.diagonal(self.cov, dim1=-2, dim2=-1).reshape(-1)
 
 
+_TOKEN_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("mp_plugin_token_mask", default=None)
+
+
+def token_mask(batch: Any) -> torch.Tensor | None:
+    """The real-token mask of a token batch: its ``attention_mask`` (B, T) as bool, else None.
+
+    A batch is a token batch when it is a dict with a 2-D ``attention_mask``
+    (tensor or numpy array; 1 = real token, 0 = padding).
+    """
+    if not isinstance(batch, Mapping):
+        return None
+    mask = batch.get("attention_mask")
+    if isinstance(mask, np.ndarray):
+        mask = torch.from_numpy(np.ascontiguousarray(mask))
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    return mask != 0
+
+
+def active_token_mask() -> torch.Tensor | None:
+    """The (B, T) bool mask of the token batch :func:`run_batches` is running now, or None."""
+    return _TOKEN_MASK.get()
+
+
+@contextlib.contextmanager
+def real_tokens(mask: torch.Tensor | None) -> Iterator[None]:
+    """Make ``mask`` (B, T) the active token mask inside the ``with`` block (None: every row counts)."""
+    token = _TOKEN_MASK.set(mask)
+    try:
+        yield
+    finally:
+        _TOKEN_MASK.reset(token)
+
+
 def layer_input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The rows the layer's weight multiplies: (rows, C_in·kh·kw) for conv, (B·T, in) for Linear."""
+    """The rows the layer's weight multiplies: (rows, C_in·kh·kw) for conv, (B·T, in) for Linear.
+
+    Under an active token mask (:func:`real_tokens`, set by :func:`run_batches` for
+    token batches) a Linear input shaped (B, T, in) gives only its real tokens' rows.
+    """
     if isinstance(module, nn.Linear):
+        mask = _TOKEN_MASK.get()
+        if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+            return x[mask.to(x.device)]
         return x.reshape(-1, x.shape[-1])
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         two_d = isinstance(module, nn.Conv2d)
@@ -209,7 +259,9 @@ def run_batches(model: nn.Module, data: Any) -> None:
 
     ``data`` is one batch or a non-empty list of batches. A batch is a tensor or
     numpy array (``model(x)``), a tuple (``model(*args)``) or a dict
-    (``model(**kwargs)``), see :func:`call_model`.
+    (``model(**kwargs)``), see :func:`call_model`. While a token batch (a dict
+    with an ``attention_mask``) runs, its mask is the active token mask, so hooks
+    reading :func:`layer_input_rows` count only the real tokens.
 
     Raises:
         CalibrationError: an empty list, or a batch that is malformed, non-finite
@@ -221,7 +273,8 @@ def run_batches(model: nn.Module, data: Any) -> None:
     with torch.no_grad():
         for i, batch in enumerate(batches):
             what = f"calibration batch {i}" if isinstance(data, list) else "calibration batch"
-            call_model(model, batch, what)
+            with real_tokens(token_mask(batch)):
+                call_model(model, batch, what)
 
 
 def first_batch(data: Any) -> Any:

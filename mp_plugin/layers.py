@@ -26,7 +26,7 @@ _ATTN = re.compile(r"(attn|attention|self_attn|(^|\.)(q|k|v|o)_proj$|(^|\.)qkv$|
 _MLP = re.compile(
     r"(mlp|ffn|feed_forward|intermediate|(^|\.)fc\d*$|(^|\.)output\.dense$|gate_proj|up_proj|down_proj|pwconv\d*$)"
 )
-_HEAD_NAMES = {"head", "fc", "classifier", "_fc", "lm_head", "last_linear", "logits"}
+_HEAD_NAMES = {"head", "fc", "classifier", "_fc", "lm_head", "last_linear", "logits", "score"}
 
 
 def classify_layer_type(name: str) -> LayerType:
@@ -47,8 +47,11 @@ class LayerSelection:
         include_linear / include_conv: module families to consider.
         exclude_grouped: skip convs with groups > 1 (depthwise included).
         exclude_stem: skip convs whose C_in ≤ ``stem_channels`` (the image stem).
-        exclude_head: skip the classifier head (timm ``get_classifier()``, else the
-            last Linear when its name is a usual head name).
+        exclude_head: skip the classifier head (timm ``get_classifier()``, a Hugging
+            Face model's ``get_output_embeddings()`` such as ``lm_head``, else the last
+            Linear when its name is a usual head name such as ``score``).
+        exclude_embeddings: skip a Linear whose weight is an ``nn.Embedding``'s weight
+            (tied input/output embeddings): pruning it would prune the embedding too.
         exclude: regular expressions; a matching qualified name is skipped.
         include_only: if set, only names matching one of these are kept.
         min_dim: skip matrices whose smaller side is below this.
@@ -60,6 +63,7 @@ class LayerSelection:
     exclude_stem: bool = True
     stem_channels: int = 3
     exclude_head: bool = True
+    exclude_embeddings: bool = True
     exclude: list[str] = field(default_factory=list)
     include_only: list[str] = field(default_factory=list)
     min_dim: int = 2
@@ -113,22 +117,28 @@ def _kind(module: nn.Module) -> str | None:
     return None
 
 
-def _head_module(model: nn.Module) -> nn.Module | None:
-    getter = getattr(model, "get_classifier", None)
-    if callable(getter):
+def _head_modules(model: nn.Module) -> list[nn.Module]:
+    """The model's output heads: timm's classifier, a Hugging Face output embedding, else a last Linear named like a head."""
+    heads: list[nn.Module] = []
+    for getter_name in ("get_classifier", "get_output_embeddings"):
+        getter = getattr(model, getter_name, None)
+        if not callable(getter):
+            continue
         try:
             head = getter()
         except Exception:  # noqa: BLE001 - third-party models may raise anything here
             head = None
         if isinstance(head, nn.Module) and _kind(head) is not None:
-            return head
+            heads.append(head)
+    if heads:
+        return heads
     last: tuple[str, nn.Module] | None = None
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             last = (name, module)
     if last is not None and last[0].rsplit(".", 1)[-1] in _HEAD_NAMES:
-        return last[1]
-    return None
+        return [last[1]]
+    return []
 
 
 def find_target_layers(
@@ -145,7 +155,12 @@ def find_target_layers(
         naming every Linear/Conv left out with its reason.
     """
     sel = selection or LayerSelection()
-    head = _head_module(model) if sel.exclude_head else None
+    heads = _head_modules(model) if sel.exclude_head else []
+    embeddings = {
+        id(m.weight): name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Embedding) and sel.exclude_embeddings
+    }
     excl = [re.compile(p) for p in sel.exclude]
     only = [re.compile(p) for p in sel.include_only]
     seen: dict[int, TargetLayer] = {}
@@ -173,8 +188,10 @@ def find_target_layers(
             reason = "grouped/depthwise conv" if sel.exclude_grouped else None
         if reason is None and kind != "linear" and sel.exclude_stem and module.in_channels <= sel.stem_channels:
             reason = f"stem conv (C_in={module.in_channels})"
-        if reason is None and head is not None and module is head:
+        if reason is None and any(module is h for h in heads):
             reason = "classifier head"
+        if reason is None and key in embeddings:
+            reason = f"weight tied to the input embedding {embeddings[key]}"
         if reason is None and any(p.search(name) for p in excl):
             reason = "excluded by name"
         if reason is None and only and not any(p.search(name) for p in only):

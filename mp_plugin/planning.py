@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .analysis import fit_target_layers
 from .budget import BUDGET_METHODS, SEBConfig, check_sparsity, global_prune_counts, uniform_prune_counts
 from .errors import (
     ConfigError,
@@ -34,13 +35,11 @@ from .errors import (
     PatternError,
     PlanFormatError,
     PlanMismatchError,
-    SpectrumFitError,
 )
 from .layers import LayerSelection, TargetLayer, find_target_layers
 from .patterns import Pattern, round_budget_to_pattern
 from .plan_schema import check_plan_dict
-from .progress import progress
-from .spectrum import SpectralFit, fit_many
+from .spectrum import SpectralFit
 from .spectrum.eigen import resolve_gram_dtype
 from .spectrum.fit import check_fit_options
 
@@ -63,7 +62,10 @@ class PlanConfig:
         seb: :class:`SEBConfig` for the ``seb``/``seb-hill`` methods.
         selection: :class:`LayerSelection` (which layers are targets).
         auto_patterns: candidates for ``pattern="auto"`` rounding.
-        gram_dtype: ``"float64"`` or ``"float32"`` Gram product (eigen-solve is float64).
+        gram_dtype: ``"float32"`` (default) or ``"float64"``, the precision of the Gram
+            product and eigen-solve (see :func:`mp_plugin.spectrum.fit_many`).
+        float32_sigma_rtol: with float32, a layer whose estimated σ̂ error exceeds this
+            relative tolerance is refitted in float64 (None: never).
     """
 
     alpha: float = 0.25
@@ -73,11 +75,15 @@ class PlanConfig:
     seb: SEBConfig = field(default_factory=SEBConfig)
     selection: LayerSelection = field(default_factory=LayerSelection)
     auto_patterns: tuple[str, ...] = ("dense", "12:16", "2:4")
-    gram_dtype: str = "float64"
+    gram_dtype: str = "float32"
+    float32_sigma_rtol: float | None = 1e-6
 
     def __post_init__(self) -> None:
         check_fit_options(self.alpha, self.beta, self.estimator, self.edge_compat)
         self.gram_dtype = str(resolve_gram_dtype(self.gram_dtype)).removeprefix("torch.")
+        rtol = self.float32_sigma_rtol
+        if rtol is not None and (isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 < rtol < 1):
+            raise ConfigError(f"float32_sigma_rtol must be None or a number in (0, 1), got {rtol!r}")
         if not isinstance(self.seb, SEBConfig):
             raise ConfigError(f"seb must be an SEBConfig, got {type(self.seb).__name__}")
         if not isinstance(self.selection, LayerSelection):
@@ -99,6 +105,7 @@ class PlanConfig:
             "selection": self.selection.to_dict(),
             "auto_patterns": list(self.auto_patterns),
             "gram_dtype": self.gram_dtype,
+            "float32_sigma_rtol": self.float32_sigma_rtol,
         }
 
     @classmethod
@@ -363,33 +370,31 @@ def _json_default(obj: Any) -> Any:
 
 
 def _fit_layers(
-    targets: list[TargetLayer], cfg: PlanConfig, show_progress: bool, reuse: PrunePlan | None = None
+    targets: list[TargetLayer],
+    cfg: PlanConfig,
+    show_progress: bool,
+    reuse: PrunePlan | None = None,
+    distributed: bool = False,
 ) -> tuple[list, list[str]]:
-    """Fit every target, batching equal shapes; undefined fits become None with a note."""
-    gram = resolve_gram_dtype(cfg.gram_dtype)
-    fits: list[SpectralFit | None] = [None] * len(targets)
-    notes = [""] * len(targets)
-    old = {lp.name: lp for lp in reuse.layers} if reuse is not None else {}
-    by_shape: dict[tuple, list[int]] = {}
-    for i, t in enumerate(targets):
-        prev = old.get(t.name)
-        if prev is not None and tuple(prev.weight_shape) == tuple(t.weight.shape) and prev.fit is not None:
-            fits[i] = prev.fit
-            continue
-        by_shape.setdefault((t.shape, t.weight.device), []).append(i)
-    bar = progress(total=len(targets), desc="MP fit", unit="layer", disable=not show_progress)
-    bar.update(sum(f is not None for f in fits))
-    for idx in by_shape.values():
-        try:
-            res = fit_many([targets[i].weight for i in idx], cfg.alpha, cfg.beta, cfg.estimator, cfg.edge_compat, gram)
-            for i, r in zip(idx, res):
-                fits[i] = r
-        except SpectrumFitError as exc:
-            for i in idx:
-                notes[i] = f"no MP fit: {exc}"
-        bar.update(len(idx))
-    bar.close()
-    return fits, notes
+    """Fit every target in bounded work units (``mp_plugin.analysis``); undefined fits become None with a note."""
+    kept = {t.name: tuple(t.weight.shape) for t in targets}
+    old = {
+        lp.name: lp.fit
+        for lp in (reuse.layers if reuse is not None else [])
+        if lp.fit is not None and kept.get(lp.name) == tuple(lp.weight_shape)
+    }
+    return fit_target_layers(
+        targets,
+        cfg.alpha,
+        cfg.beta,
+        cfg.estimator,
+        cfg.edge_compat,
+        cfg.gram_dtype,
+        cfg.float32_sigma_rtol,
+        show_progress=show_progress,
+        reuse=old,
+        distributed=distributed,
+    )
 
 
 PROJECTIONS = ("magnitude", "cast")  # k:n projections an adapter's old ``method`` could name
@@ -425,6 +430,7 @@ def plan(
     reuse_fits: PrunePlan | None = None,
     *,
     method: str | None = None,
+    distributed: bool = False,
 ) -> PrunePlan:
     """Fit MP to each target layer of ``model`` and decide per-layer budgets and patterns.
 
@@ -443,6 +449,10 @@ def plan(
         reuse_fits: a plan of the same, unchanged weights: its MP fits are reused for
             layers of equal name and shape instead of being recomputed.
         method: deprecated name of ``budget`` (DeprecationWarning).
+        distributed: layer-parallel analysis under ``torchrun``: every rank of the
+            initialised ``torch.distributed`` default group calls ``plan`` on its full
+            copy of the model, fits a share of the layers, and all ranks get the same
+            plan (see :mod:`mp_plugin.analysis`).
 
     Returns:
         A :class:`PrunePlan`. Nothing in ``model`` is modified.
@@ -476,7 +486,7 @@ def plan(
             f"{type(model).__name__} has no prunable Linear/Conv layer under the selection rules"
             + (f" ({len(skipped)} skipped: {skipped[0].name}: {skipped[0].reason}, …)" if skipped else "")
         )
-    fits, notes = _fit_layers(targets, cfg, show_progress, reuse_fits)
+    fits, notes = _fit_layers(targets, cfg, show_progress, reuse_fits, distributed)
     types = [t.layer_type for t in targets]
     spec = BUDGET_METHODS[method]
     w, z = spec.weights(fits, types, s, cfg.seb)

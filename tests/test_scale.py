@@ -114,3 +114,153 @@ def test_radix_select_counts_equal_kth_value_counts(dtype: torch.dtype, monkeypa
         got = global_prune_counts(ws, layer_w, s)
         assert got == _kth_value_counts(ws, layer_w, s)
         assert sum(got) == int(round(s * sum(w.numel() for w in ws)))
+
+
+# ----------------------------------------------------------------------------- Hugging Face decoders
+
+_DECODERS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+}
+
+
+def _decoder(family: str, layers: int = 2, tie: bool = False) -> torch.nn.Module:
+    """A random-init decoder of width 256 with grouped-query attention (8 query heads, 2 key/value heads)."""
+    transformers = pytest.importorskip("transformers")
+    config_cls, model_cls = (getattr(transformers, n) for n in _DECODERS[family])
+    config = config_cls(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=384,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
+    torch.manual_seed(0)
+    return model_cls(config).eval()
+
+
+@pytest.mark.parametrize("family", sorted(_DECODERS))
+def test_decoder_blocks_are_found_and_the_heads_left_out(family: str) -> None:
+    from mp_plugin import LayerSelection, find_target_layers
+
+    model = _decoder(family)
+    targets, skipped = find_target_layers(model)
+    names = [t.name for t in targets]
+    expected = [
+        f"model.layers.{i}.{part}"
+        for i in range(2)
+        for part in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    ]
+    assert names == expected
+    shapes = {t.name.split(".", 3)[-1]: t.shape for t in targets[:7]}
+    assert shapes["self_attn.k_proj"] == shapes["self_attn.v_proj"] == (64, 256)  # GQA: 2 of 8 heads
+    assert shapes["mlp.down_proj"] == (256, 688)
+    assert [t.layer_type for t in targets[:7]] == ["attn"] * 4 + ["mlp"] * 3
+    assert {s.name: s.reason for s in skipped} == {"lm_head": "classifier head"}
+    # a tied lm_head is the input embedding: left out even when heads are allowed
+    tied = _decoder(family, tie=True)
+    _, skipped = find_target_layers(tied, LayerSelection(exclude_head=False))
+    assert {s.name: s.reason for s in skipped} == {"lm_head": "weight tied to the input embedding model.embed_tokens"}
+
+
+def test_sequence_classification_score_head_is_left_out() -> None:
+    transformers = pytest.importorskip("transformers")
+    from mp_plugin import find_target_layers
+
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, vocab_size=64, num_labels=3
+    )
+    model = transformers.LlamaForSequenceClassification(config)
+    targets, skipped = find_target_layers(model)
+    assert "score" not in [t.name for t in targets]
+    assert {s.name: s.reason for s in skipped} == {"score": "classifier head"}
+
+
+def test_llama_plans_and_prunes_to_2_4_and_still_runs() -> None:
+    import mp_plugin as mp
+    from mp_plugin.masks import check_nm
+
+    model = _decoder("llama")
+    ids = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(0))
+    dense_logits = model(input_ids=ids).logits
+    p = mp.plan(model, sparsity=0.5, pattern="2:4")
+    assert len(p.layers) == 14 and all(lp.fit is not None for lp in p.layers)
+    assert {lp.fit.gram_dtype for lp in p.layers} == {"float32"}  # random init: float32 is enough everywhere
+    ref = mp.plan(model, sparsity=0.5, pattern="2:4", config=mp.PlanConfig(gram_dtype="float64"))
+    for a, b in zip(p.layers, ref.layers):
+        assert abs(a.fit.sigma / b.fit.sigma - 1) <= 1e-6 and a.n_prune == b.n_prune
+    mp.apply(model, p)
+    modules = dict(model.named_modules())
+    assert all(check_nm(modules[lp.name].weight, 2, 4) for lp in p.layers)
+    logits = model(input_ids=ids).logits
+    assert torch.isfinite(logits).all() and not torch.equal(logits, dense_logits)
+
+
+def test_token_batches_count_only_real_tokens() -> None:
+    from mp_plugin.calibration import capture_covariances
+
+    model = _decoder("llama", layers=1)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 384, (2, 10), generator=g)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 6:] = 0  # the second sequence has 6 real tokens and 4 padding tokens (right padding)
+    layers = {"model.layers.0.self_attn.q_proj": 4, "model.layers.0.mlp.down_proj": 4}
+    padded = capture_covariances(model, layers, {"input_ids": ids, "attention_mask": mask})
+    alone = capture_covariances(model, layers, [{"input_ids": ids[:1]}, {"input_ids": ids[1:, :6]}])
+    for name in layers:
+        assert padded[name].rows == alone[name].rows == 16  # 10 + 6 real tokens, padding not counted
+        torch.testing.assert_close(padded[name].cov, alone[name].cov, rtol=1e-4, atol=1e-8)
+    everything = capture_covariances(model, layers, {"input_ids": ids})  # no mask: all 20 positions are rows
+    assert everything["model.layers.0.self_attn.q_proj"].rows == 20
+
+
+# ----------------------------------------------------------------------------- torch.distributed
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_layer_parallel_plan_over_two_gloo_ranks(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(here), str(here.parent), env.get("PYTHONPATH", "")])
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(here / "plan_ddp_worker.py"), str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    assert r0["world"] == r1["world"] == 2
+    n_layers = len(r0["alone"]["layers"])
+    assert 0 < r0["fitted"] < n_layers and 0 < r1["fitted"] < n_layers  # each rank fitted a share
+    assert r0["fitted"] + r1["fitted"] == n_layers  # and no layer twice
+
+    def decisions(p: dict) -> list:
+        return [(lp["name"], lp["fit"], lp["n_prune"], lp["pattern"]) for lp in p["layers"]]
+
+    assert decisions(r0["distributed"]) == decisions(r1["distributed"])  # every rank holds the same plan
+    assert decisions(r0["distributed"]) == decisions(r0["alone"])  # identical to the single-process plan
+
+
+def test_distributed_plan_needs_an_initialised_group() -> None:
+    import mp_plugin as mp
+
+    with pytest.raises(mp.MPPluginError, match="torch.distributed"):
+        mp.plan(torch.nn.Sequential(torch.nn.Linear(16, 16)), sparsity=0.5, distributed=True)
