@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import MPPluginError, PatternError
+from ..calibration import call_model
+from ..errors import ConfigError, MPPluginError, PatternError
 from ..layers import find_target_layers
 from ..layout import kn_eligible
 from ..patterns import Pattern
@@ -65,11 +66,10 @@ def _flat(out: Any) -> list[torch.Tensor]:
 
 
 def _run(model: nn.Module, example: Any) -> Any:
-    if isinstance(example, dict):
-        return model(**example)
-    if isinstance(example, (tuple, list)):
-        return model(*example)
-    return model(example)
+    """``model`` on ``example`` (dict → kwargs, tuple/list → args); bad input → CalibrationError."""
+    if isinstance(example, list):
+        example = tuple(example)
+    return call_model(model, example, "example input")
 
 
 def _tolerance(out: Any, scale: float) -> float:
@@ -178,21 +178,22 @@ def permute_channels(
 
     Raises:
         PatternError: malformed pattern, not k:n, k ≥ n or n > 16.
-        ValueError: unknown ``method`` or ``importance``.
+        ConfigError: unknown ``method`` or ``importance`` (a ValueError).
+        CalibrationError: ``example_input`` is malformed, non-finite or does not run the model.
         PermutationError: the verification found a changed output (model restored).
     """
     pat = Pattern.parse(pattern)
     if not pat.is_kn:
         raise PatternError(f"channel permutation needs a k:n pattern, got {pat}")
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
     if importance not in ("weight", "activation"):
-        raise ValueError(f"importance must be 'weight' or 'activation', got {importance!r}")
+        raise ConfigError(f"importance must be 'weight' or 'activation', got {importance!r}")
     k, n = pat.k, pat.n
     report = PermutationReport(str(pat), method)
     example = example_input if example_input is not None else _default_input(model)
     if importance == "activation" and example is None:
-        raise ValueError("importance='activation' needs example_input")
+        raise ConfigError("importance='activation' needs example_input")
 
     targets, skipped_targets = find_target_layers(model)
     target_names = {t.name for t in targets}
@@ -241,9 +242,28 @@ def permute_channels(
             for h in handles:
                 h.remove()
 
+    if reference is not None and not all(
+        bool(torch.isfinite(t).all()) for t in _flat(reference) if t.is_floating_point()
+    ):
+        raise PermutationError(
+            "the model's output on the example input is not finite (NaN/Inf), so a permutation cannot be verified; "
+            "check the weights and the example input"
+        )
+    if example is None:  # verify or refuse: couplings of children traced on their own need a run to check
+        for cp in [cp for cp in couplings if cp.region]:
+            for c in cp.consumers:
+                report.skipped.append(
+                    SkippedPermutation(
+                        c,
+                        f"found inside {cp.region}, which traced only on its own (its parent did not trace); "
+                        "without an example_input the parent's use of it cannot be verified: pass example_input",
+                    )
+                )
+        couplings = [cp for cp in couplings if not cp.region]
+
     all_consumers = [c for cp in couplings for c in cp.consumers] + [s.proj for s in attn_sites]
     if importance == "activation" and example is None:
-        raise ValueError("importance='activation' needs an example_input that runs the model")
+        raise ConfigError("importance='activation' needs an example_input that runs the model")
     energy = _activation_energy(model, all_consumers, example) if importance == "activation" else {}
     perms: dict[str, torch.Tensor] = {}
     undo: list[tuple[Any, torch.Tensor]] = []

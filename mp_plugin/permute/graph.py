@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from .ops import (
     BINARY_FUNCTIONS,
@@ -348,6 +349,46 @@ def _is_param(root: nn.Module, target: str) -> bool:
         return False
 
 
+def _tensor_owner(model: nn.Module, qualified: str) -> tuple[nn.Module, str]:
+    owner, _, attr = qualified.rpartition(".")
+    return (model.get_submodule(owner) if owner else model), attr
+
+
+def _check_foldable(graph: fx.Graph, root: nn.Module, prefix: str, coupling: Coupling) -> None:
+    """Raise _Fail when folding ``coupling`` in place could change the function or not survive a reload.
+
+    * a tensor of a coupled module is also read directly in ``forward`` (an fx
+      ``get_attr``, e.g. ``F.linear(x, self.fc.weight)``) outside the coupling;
+    * a coupled module's weight is parametrized (``weight_norm``…) or recomputed by a hook:
+      the fold would write to a temporary;
+    * a per-channel tensor is a non-persistent buffer: a state_dict reload would not permute it.
+    """
+
+    def qual(target: str) -> str:
+        return f"{prefix}.{target}" if prefix else str(target)
+
+    legit = {name for name, _ in coupling.params}
+    reads = {qual(str(n.target)) for n in graph.nodes if n.op == "get_attr"} - legit
+    names = coupling.producers + coupling.consumers + [name for name, _ in coupling.ops]
+    for name in names:
+        mod = root.get_submodule(name[len(prefix) + 1 :] if prefix else name)
+        computed = getattr(mod, "weight", None) is not None and "weight" not in {**mod._parameters, **mod._buffers}
+        if parametrize.is_parametrized(mod) or computed:
+            raise _Fail(f"module {name} has a parametrized or recomputed weight (e.g. weight_norm)")
+        for pname, _ in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
+            if f"{name}.{pname}" in reads:
+                raise _Fail(f"{name}.{pname} is also read directly in forward, outside its module call")
+    for name, tensors in coupling.ops:
+        mod = root.get_submodule(name[len(prefix) + 1 :] if prefix else name)
+        for attr, _ in tensors:
+            if attr in mod._non_persistent_buffers_set:
+                raise _Fail(f"{name}.{attr} is a non-persistent buffer: a reloaded state_dict would not permute it")
+    for qualified, _ in coupling.params:
+        owner, attr = _tensor_owner(root, qualified[len(prefix) + 1 :] if prefix else qualified)
+        if attr in owner._non_persistent_buffers_set:
+            raise _Fail(f"{qualified} is a non-persistent buffer: a reloaded state_dict would not permute it")
+
+
 def _analyse_graph(
     graph: fx.Graph, root: nn.Module, prefix: str, shared: dict[str, str]
 ) -> tuple[list[Coupling], list[GraphFailure]]:
@@ -368,6 +409,7 @@ def _analyse_graph(
                 raise _Fail("consumer input is not a traced tensor")
             closure.run(node)
             coupling = closure.coupling()
+            _check_foldable(graph, root, prefix, coupling)
         except _Fail as exc:
             names = [closure.qual(str(c.target)) for c in closure.consumers] or [name]
             failures.append(GraphFailure([n for n in names if n not in done], str(exc)))
