@@ -40,8 +40,9 @@ from mp_plugin import budget_signals  # noqa: E402, F401  (registers seb-sigma, 
 from mp_plugin.baselines import BaselineNotApplicable, prune_baseline  # noqa: E402
 from mp_plugin.budget import SEBConfig  # noqa: E402
 from mp_plugin.evaluate import batched_outputs, linear_probe_accuracy, output_fidelity  # noqa: E402
-from mp_plugin.plan import PlanConfig, plan  # noqa: E402
+from mp_plugin.planning import PlanConfig, plan  # noqa: E402
 from mp_plugin.pruning import apply, sparsity_report  # noqa: E402
+from mp_plugin.restore import RestoreConfig  # noqa: E402
 
 UNSTRUCTURED = (0.5, 0.6, 0.7)
 KN = ("2:4", "4:8")
@@ -181,6 +182,53 @@ def run_ours(task: Task, setting: str, budget: str, direction: float, kn_method:
     return apply(m, p, calibration=calib, method=kn_method, permute=permute)
 
 
+def run_restore(
+    task: Task, setting: str, budget: str, projection: str, permute: str, restore: RestoreConfig | None
+) -> torch.nn.Module:
+    """Plan with ``budget``, then apply with a Gram-aware projection and prune–restore (fresh copy)."""
+    m = copy.deepcopy(task.model)
+    pattern = "unstructured" if setting.endswith("%") else setting
+    s = float(setting[:-1]) / 100 if setting.endswith("%") else 0.5
+    p = plan(m, s, pattern, budget, PlanConfig())
+    return apply(m, p, calibration=task.calibration, projection=projection, permute=permute, restore=restore)
+
+
+def restore_methods_for(setting: str) -> list[tuple[str, Callable[[Task], torch.nn.Module]]]:
+    """The prune–restore suite (issue 12): baselines and MP with/without restore, one-shot and sequential."""
+    one, seq = RestoreConfig(), RestoreConfig(sequential=True)
+    out: list[tuple[str, Callable]] = []
+    kn = not setting.endswith("%")
+    base = ("uniform-magnitude", "wanda", "sparsegpt", "sparsegpt-obs") if kn else (
+        "uniform-magnitude", "global-magnitude", "wanda", "sparsegpt-obs")
+    labels = {"uniform-magnitude": "magnitude k:n" if kn else "uniform-magnitude",
+              "sparsegpt": "ModelOpt sparsegpt (mask only)"}
+    for b in base:
+        out.append((labels.get(b, b), lambda t, b=b: run_baseline(t, setting, b)))
+    if kn:
+        perm = "swap"
+        out.append(("MP seb+cast+perm", lambda t: run_ours(t, setting, "seb", 1.0, "cast", perm)))
+        for label, proj, cfg in (
+            ("MP seb+cast+perm+restore", "cast", one),
+            ("MP seb+cast+perm+restore(seq)", "cast", seq),
+            ("MP cast-obs+perm+restore(seq)", "cast-obs", seq),
+            ("MP obs+perm+restore(seq)", "obs", seq),
+            ("MP obs+restore(seq)", "obs", seq),
+        ):
+            pm = "none" if "+perm" not in label else perm
+            out.append((label, lambda t, proj=proj, cfg=cfg, pm=pm: run_restore(t, setting, "seb", proj, pm, cfg)))
+    else:
+        out.append(("MP seb", lambda t: run_ours(t, setting, "seb", 1.0, "magnitude", "none")))
+        for label, budget, proj, cfg in (
+            ("MP seb+restore", "seb", "magnitude", one),
+            ("MP seb+restore(seq)", "seb", "magnitude", seq),
+            ("MP seb+obs+restore(seq)", "seb", "obs", seq),
+            ("uniform budget+obs+restore(seq)", "uniform", "obs", seq),
+            ("global budget+cast-obs+restore(seq)", "magnitude", "cast-obs", seq),
+        ):
+            out.append((label, lambda t, b=budget, p=proj, c=cfg: run_restore(t, setting, b, p, "none", c)))
+    return out
+
+
 def run_baseline(task: Task, setting: str, name: str) -> torch.nn.Module:
     """A registered baseline on a fresh copy of the dense model."""
     m = copy.deepcopy(task.model)
@@ -206,14 +254,15 @@ def methods_for(setting: str) -> list[tuple[str, Callable[[Task], torch.nn.Modul
     return out
 
 
-def bench(task: Task, settings: list[str]) -> dict:
-    """Run every method in every setting; returns a JSON-ready dict."""
+def bench(task: Task, settings: list[str], suite: str = "full") -> dict:
+    """Run every method of ``suite`` in every setting; returns a JSON-ready dict."""
+    chooser = restore_methods_for if suite == "restore" else methods_for
     t0 = time.perf_counter()
     dense = task.evaluate(task.model)
     print(f"[{task.name}] dense {dense}  load={os.getloadavg()}", flush=True)
     rows = []
     for setting in settings:
-        for label, runner in methods_for(setting):
+        for label, runner in chooser(setting):
             t1 = time.perf_counter()
             try:
                 pruned = runner(task)
@@ -284,13 +333,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", nargs="+", default=list(TASKS), choices=list(TASKS))
     ap.add_argument("--settings", nargs="+", default=[f"{int(100 * s)}%" for s in UNSTRUCTURED] + list(KN))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--minilm-calib", type=int, default=40, help="MiniLM calibration glosses (restore needs ≥ d rows)")
+    ap.add_argument("--suite", choices=("full", "restore"), default="full", help="restore: the prune–restore rows")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     for name in args.models:
-        task = TASKS[name]()
-        result = bench(task, args.settings)
-        path = write_result(f"accuracy-{name}", result, packages=("nvidia-modelopt", "torchao", "transformers"))
+        task = minilm_task(n_calib=args.minilm_calib) if name == "minilm" else TASKS[name]()
+        result = bench(task, args.settings, args.suite)
+        result["suite"] = args.suite
+        result["minilm_calibration_texts"] = args.minilm_calib if name == "minilm" else None
+        stem = f"accuracy-{name}" if args.suite == "full" else f"accuracy-restore-{name}"
+        path = write_result(stem, result, packages=("nvidia-modelopt", "torchao", "transformers"))
         path.with_suffix(".md").write_text(to_markdown(result))
         print(f"wrote {path}", flush=True)
 

@@ -16,8 +16,13 @@ Unlike ModelOpt's own searchers it accepts unstructured and any k:n pattern.
 Search config keys (all optional): ``sparsity`` (0.5), ``pattern`` ("2:4";
 "unstructured", "auto", "k:n" and ModelOpt's "2:4 sparsity" spelling),
 ``budget`` ("seb" | "seb-hill" | "magnitude" | "uniform"), ``projection``
-("magnitude" | "cast"), ``calibration`` (a batch, or a list of batches, for
-"cast"), ``plan_config``; ``method`` is the deprecated spelling of both.
+("magnitude" | "cast" | "obs" | "cast-obs"), ``restore`` (False, True or a
+``mp_plugin.restore.RestoreConfig``: re-solve the kept weights on the calibration
+data; the restored values go into the module's real parameter), ``calibration``
+(a batch, or a list of batches), ``plan_config``; ``method`` is the deprecated
+spelling of both. Instead of ``calibration``, ModelOpt's own ``forward_loop`` or
+``data_loader`` keys may supply the calibration data: the inputs they feed the
+model are recorded once and replayed as calibration batches.
 
 ``mto.restore`` in a fresh process needs this module imported first;
 :func:`restore` does both. With distillation, export in the order
@@ -84,6 +89,7 @@ class MPSearcher(BaseSparseSearcher):
             "sparsity": 0.5,
             "budget": "seb",
             "projection": "magnitude",
+            "restore": False,
             "method": None,
             "calibration": None,
             "plan_config": None,
@@ -122,11 +128,15 @@ class MPSearcher(BaseSparseSearcher):
             budget_method,
             PlanConfig(**{**base.__dict__, "selection": sel}),
         )
+        calibration = cfg["calibration"]
+        if calibration is None and self.forward_loop is not None:
+            calibration = _record_inputs(self.model, self.forward_loop)
         mp_apply(
             self.model,
             the_plan,
-            calibration=cfg["calibration"],
+            calibration=calibration,
             projection=projection,
+            restore=cfg["restore"],
         )
         for module in sparse.values():
             mask = module.weight.detach() != 0
@@ -138,6 +148,25 @@ class MPSearcher(BaseSparseSearcher):
                 module.set_mask(mask)
         self.model._mp_plan = the_plan  # not a buffer: not saved, for inspection only
         MPSearcher.plan = the_plan
+
+
+def _record_inputs(model: nn.Module, forward_loop: Any) -> list[Any]:
+    """The batches ModelOpt's ``forward_loop`` feeds ``model``, as calibration batches (tuple or dict each)."""
+    batches: list[Any] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if args and kwargs:
+            raise MPPluginError("mode 'mp' cannot replay a forward call with both positional and keyword inputs")
+        batches.append(dict(kwargs) if kwargs else tuple(args))
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        forward_loop(model)
+    finally:
+        handle.remove()
+    if not batches:
+        raise MPPluginError("mode 'mp': the forward_loop/data_loader ran no batch through the model")
+    return batches
 
 
 class MPModeDescriptor(SparseMagnitudeModeDescriptor):

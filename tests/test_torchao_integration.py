@@ -168,3 +168,25 @@ def test_torch_ao_pruning_unstructured_counts_and_bad_config() -> None:
     assert [int((model[i].weight == 0).sum()) for i in (0, 2, 4)] == [lp.n_prune for lp in sparsifier.plan.layers]
     with pytest.raises(mp.MPPluginError, match="not a planned target"):
         MPPruningSparsifier().prepare(model, config=[{"tensor_fqn": "1.weight"}])
+
+
+def test_restore_through_sparsify_matches_the_core_route_and_beats_masking(vit: nn.Module) -> None:
+    """``MPSparsifier(restore=True)`` is ``mp.apply(restore=True)``, and restore brings the output closer to dense."""
+    calib = [torch.randn(4, 3, 64, 64) for _ in range(3)]
+    test = torch.randn(4, 3, 64, 64)
+    dense = copy.deepcopy(vit)
+    masked, core = copy.deepcopy(vit), copy.deepcopy(vit)
+    sparsify_(masked, MPSparsifier(sparsity=0.5, pattern="2:4", calibration=calib))
+    cfg = MPSparsifier(sparsity=0.5, pattern="2:4", calibration=calib, projection="cast-obs", restore=True)
+    sparsify_(vit, cfg)
+    p = cfg.plan_for(vit)
+    assert mp.sparsity_report(vit, p).kn_valid and p.applied["restore"]["damp"] == 0.01
+    ref_plan = mp.plan(core, 0.5, "2:4", config=LINEAR_ONLY)
+    mp.apply(core, ref_plan, calibration=calib, projection="cast-obs", restore=True)
+    for (name, a), b in zip(vit.named_parameters(), core.parameters()):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        ref = dense(test)
+        assert (vit(test) - ref).square().mean() < (masked(test) - ref).square().mean()
+    with pytest.raises(mp.MPPluginError, match="calibration"):
+        sparsify_(copy.deepcopy(dense), MPSparsifier(restore=True))
