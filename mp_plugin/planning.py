@@ -329,7 +329,35 @@ class PrunePlan:
         )
         if self.skipped:
             rows.append(f"{len(self.skipped)} Linear/Conv layers skipped (see plan.skipped)")
-        return "\n".join(rows)
+        restore = self.restore_table(max_rows)
+        return "\n".join(rows) + ("\n\n" + restore if restore else "")
+
+    def restore_table(self, max_rows: int | None = None) -> str:
+        """Per-layer relative reconstruction error ‖(Ŵ−W)Xᵀ‖²/‖WXᵀ‖² on the calibration rows,
+        masked → restored, as recorded by ``apply(..., restore=...)`` ("" when nothing was restored)."""
+        layers = self.applied.get("layers", {}) if isinstance(self.applied, dict) else {}
+        done = [(n, e["restore"]) for n, e in layers.items() if isinstance(e, dict) and isinstance(e.get("restore"), dict)]
+        if not done:
+            return ""
+        head = f"{'restored layer':<42} {'mask':>10} {'err masked':>11} {'err restored':>13} {'solver':>8} {'rows':>7}"
+        out = [head, "-" * len(head)]
+        for name, rec in done if max_rows is None else done[:max_rows]:
+            short = name if len(name) <= 42 else "…" + name[-41:]
+            out.append(
+                f"{short:<42} {str(layers[name].get('method', ''))[:10]:>10} {rec.get('rel_error_before', 0.0):11.4g} "
+                f"{rec.get('rel_error_after', 0.0):13.4g} {rec.get('solver', ''):>8} {rec.get('rows', 0):>7}"
+            )
+            for note in rec.get("notes", []):
+                out.append(f"    note: {note}")
+        if max_rows is not None and len(done) > max_rows:
+            out.append(f"… {len(done) - max_rows} more restored layers")
+        cfg = self.applied.get("restore") or {}
+        out.append("-" * len(head))
+        out.append(
+            f"{len(done)} layers restored (damp={cfg.get('damp')}, solver={cfg.get('solver')}, "
+            f"sequential={cfg.get('sequential')}); errors are relative output errors on the calibration rows"
+        )
+        return "\n".join(out)
 
     def plot(self, directory: str | Path, max_layers: int = 24) -> list[Path]:
         """Write ESD histograms (fitted MP density and σ₊ marked) and a budget chart.

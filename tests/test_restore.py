@@ -324,7 +324,9 @@ def test_sparsegpt_obs_baseline_against_the_optimum_for_its_own_mask(pattern, sp
     model = nn.Sequential(layer)
     calib = torch.randn(512, 64) @ torch.randn(64, 64) * 0.3
     dense = layer.weight.detach().clone()
-    prune_baseline("sparsegpt-obs", model, sparsity=sparsity, pattern=pattern, calibration=calib, plan_config=_all_layers())
+    prune_baseline(
+        "sparsegpt-obs", model, sparsity=sparsity, pattern=pattern, calibration=calib, plan_config=_all_layers()
+    )
     w = layer.weight.detach().double()
     mask = w != 0
     if pattern == "2:4":
@@ -337,3 +339,15 @@ def test_sparsegpt_obs_baseline_against_the_optimum_for_its_own_mask(pattern, sp
     e_opt = _energy(dense.double(), restore_direct(dense.double(), mask, h), h)
     e_masked = _energy(dense.double(), dense.double() * mask, h)
     assert e_opt <= e_sgpt * (1 + 1e-9) < e_masked
+
+
+def test_plan_records_and_prints_restore_and_survives_save_load(tmp_path):
+    torch.manual_seed(6)
+    model = _Net().eval()
+    p = mp.plan(model, sparsity=0.5, pattern="2:4", budget="uniform", config=_all_layers())
+    apply(model, p, calibration=[torch.randn(256, 32)], restore=RestoreConfig(sequential=True))
+    table = p.to_table()
+    assert "err restored" in table and "blocks.0.0" in table and "sequential=True" in table
+    back = type(p).load(p.save(tmp_path / "plan.json"))
+    assert back.applied["restore"] == RestoreConfig(sequential=True).to_dict()
+    assert back.applied["layers"]["head"]["restore"] == p.applied["layers"]["head"]["restore"]
