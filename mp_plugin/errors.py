@@ -71,3 +71,7 @@ class PlanFormatError(MPPluginError, ValueError):
 
 class CheckpointError(MPPluginError, ValueError):
     """A checkpoint file cannot be read, or does not fit the model architecture it is loaded into."""
+
+
+class DataError(MPPluginError, ValueError):
+    """An input file or data argument cannot be used: a corrupt image, an image size ≤ 0, a non-positive count."""

@@ -186,6 +186,10 @@ def save_pruned_checkpoint(model: nn.Module, directory: str | Path, plan: object
     from safetensors.torch import save_file
 
     out = Path(directory)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"cannot write the checkpoint into {out}: it is an existing file, not a directory")
+    if any(p.exists() and not p.is_dir() for p in out.parents):
+        raise CheckpointError(f"cannot write the checkpoint into {out}: a parent path is an existing file")
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     path = out / "model.safetensors"

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import MPPluginError
+from .errors import DataError, MPPluginError
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -73,6 +73,7 @@ def real_photo_crops(n: int, size: int = 224, seed: int = 0, min_scale: float = 
     Crop i comes from photo i mod P, with the same crop rules as :func:`builtin_photo_crops`.
     """
     paths = builtin_photo_paths()
+    check_image_size(size)
     if n < 1:
         raise MPPluginError(f"need at least one crop, got n={n}")
     parts = []
@@ -90,8 +91,13 @@ def _read_rgb(path: Path) -> torch.Tensor:
         from PIL import Image
     except ImportError as exc:
         raise MPPluginError("reading images needs Pillow: pip install pillow") from exc
-    with Image.open(path) as img:
-        arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL: UnidentifiedImageError, truncated or broken files
+        raise DataError(f"image {path} cannot be read ({type(exc).__name__}: {exc}); remove or replace it") from exc
+    if arr.ndim != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise DataError(f"image {path} has no pixels (shape {arr.shape})")
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (3, H, W) in [0, 1]
 
 
@@ -110,6 +116,7 @@ def builtin_photo_crops(n: int, size: int = 224, seed: int = 0, min_scale: float
     """
     if n < 1:
         raise MPPluginError(f"need at least one crop, got n={n}")
+    check_image_size(size)
     return normalise_imagenet(_crops_of(_read_rgb(builtin_photo_path()), n, size, seed, min_scale))
 
 
@@ -143,6 +150,9 @@ def image_folder_batch(
         folder is named by an integer class index, else None.
     """
     root = Path(root)
+    check_image_size(size)
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise DataError(f"number of images must be a positive integer, got {n!r}")
     if not root.is_dir():
         raise MPPluginError(f"{root} is not a directory")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in _EXTS)
@@ -154,8 +164,16 @@ def image_folder_batch(
     return load_images(files, size), labels
 
 
+def check_image_size(size: int) -> int:
+    """``size`` as a positive int, or :class:`~mp_plugin.errors.DataError`."""
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise DataError(f"image size must be a positive number of pixels, got {size!r}")
+    return int(size)
+
+
 def load_images(files: list[Path], size: int = 224) -> torch.Tensor:
     """Resize the short side to size·8/7, centre-crop size×size, normalise: (N, 3, size, size)."""
+    size = check_image_size(size)
     out = []
     for path in files:
         img = _read_rgb(path).unsqueeze(0)

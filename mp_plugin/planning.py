@@ -272,6 +272,12 @@ class PrunePlan:
     def save(self, path: str | Path) -> Path:
         """Write the plan as JSON to ``path`` and return the path."""
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(
+                f"cannot write the plan to {path}: it is a directory (give a file name such as plan.json)"
+            )
+        if any(p.exists() and not p.is_dir() for p in path.parents):
+            raise ConfigError(f"cannot write the plan to {path}: a parent path is an existing file")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=1, default=_json_default))
         return path
@@ -304,7 +310,8 @@ class PrunePlan:
 
     # ---------------------------------------------------------------- display
     def to_table(self, max_rows: int | None = None) -> str:
-        """A fixed-width text table: one row per layer plus a total line."""
+        """A fixed-width text table: one row per layer plus a total line (``max_rows`` ≥ 0 or None = all)."""
+        _check_max_rows(max_rows)
         head = f"{'layer':<42} {'type':<5} {'shape':>11} {'σ₊':>8} {'spk':>4} {'bulk%':>6} {'μ':>6} {'w':>5} {'budget':>7} {'pattern':>12}"
         rows = [head, "-" * len(head)]
         layers = self.layers if max_rows is None else self.layers[:max_rows]
@@ -383,6 +390,11 @@ class PrunePlan:
                 )
             out[lp.name] = mod
         return out
+
+
+def _check_max_rows(max_rows: Any) -> None:
+    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 0):
+        raise ConfigError(f"max_rows must be a non-negative integer or None, got {max_rows!r}")
 
 
 def _json_default(obj: Any) -> Any:

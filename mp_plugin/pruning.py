@@ -299,7 +299,9 @@ class SparsityReport:
         }
 
     def to_table(self, max_rows: int | None = None) -> str:
-        """Fixed-width text: one row per layer plus a total line."""
+        """Fixed-width text: one row per layer plus a total line (``max_rows`` ≥ 0 or None = all)."""
+        if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 0):
+            raise MPPluginError(f"max_rows must be a non-negative integer or None, got {max_rows!r}")
         head = f"{'layer':<48} {'shape':>20} {'sparsity':>9} {'pattern':>12} {'k:n ok':>7}"
         rows = [head, "-" * len(head)]
         shown = self.layers if max_rows is None else self.layers[:max_rows]
