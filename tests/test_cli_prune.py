@@ -30,7 +30,7 @@ def _photo_dir(tmp_path: Path) -> Path:
 def test_prune_cast_efficientnet_lite0_round_trip(efficientnet_lite0, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     args = ["prune", "efficientnet_lite0", "--pattern", "2:4", "--sparsity", "0.5", "--method", "seb"]
-    args += ["--projection", "cast", "--calib-images", str(_photo_dir(tmp_path)), "--image-size", "64"]
+    args += ["--projection", "cast", "--data", str(_photo_dir(tmp_path)), "--image-size", "64"]
     assert main([*args, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "k:n valid: yes" in printed and "model.safetensors" in printed
@@ -50,11 +50,12 @@ def test_prune_cast_efficientnet_lite0_round_trip(efficientnet_lite0, tmp_path: 
     assert len(changed) == sum(lp.pattern == "2:4" for lp in plan.layers)
 
 
-def test_prune_unstructured_timm(tmp_path: Path) -> None:
+def test_prune_unstructured_timm(tmp_path: Path, capsys) -> None:
     pytest.importorskip("timm")
     out = tmp_path / "out"
-    args = ["prune", "mobilenetv3_small_100", "--sparsity", "0.4", "--method", "magnitude", "--out", str(out)]
-    assert main(args) == 0
+    args = ["prune", "mobilenetv3_small_100", "--sparsity", "0.4", "--budget", "magnitude", "--out", str(out)]
+    assert main([*args, "--random-init"]) == 0
+    assert "RANDOM weights (--random-init)" in capsys.readouterr().out
     plan = PrunePlan.load(out / "plan.json")
     model = load_model("mobilenetv3_small_100", checkpoint=out / "model.safetensors")
     modules = plan.check_model(model)
@@ -66,10 +67,29 @@ def test_prune_unstructured_timm(tmp_path: Path) -> None:
 def test_prune_errors(tmp_path: Path, capsys) -> None:
     base = ["prune", "efficientnet_lite0", "--pattern", "2:4", "--out", str(tmp_path / "o")]
     assert main([*base, "--projection", "cast"]) == 2
-    assert "--calib-images" in capsys.readouterr().err
+    assert "--data DIR" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main([*base, "--projection", "cast", "--calib-images", str(empty)]) == 2
+    assert main([*base, "--projection", "cast", "--calib-images", str(empty)]) == 2  # the old name still works
     assert "no images" in capsys.readouterr().err
     assert main(["prune", "efficientnet_lite0", "--pattern", "2:32", "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_prune_restore_efficientnet_lite0_cli(efficientnet_lite0, tmp_path: Path, capsys) -> None:
+    """``mp-plugin prune --restore``: every 2:4 layer restored (recorded and printed), pattern intact on reload."""
+    out = tmp_path / "out"
+    args = ["prune", "efficientnet_lite0", "--pattern", "2:4", "--projection", "cast-obs", "--restore"]
+    args += ["--data", "builtin-photos", "--n-calib", "4", "--image-size", "64", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "err restored" in printed and "k:n valid: yes" in printed
+    plan = PrunePlan.load(out / "plan.json")
+    assert plan.applied["restore"]["damp"] == 0.01
+    recs = {n: e["restore"] for n, e in plan.applied["layers"].items() if "restore" in e}
+    assert set(recs) == {lp.name for lp in plan.layers if lp.pattern == "2:4"}
+    assert all(r["rel_error_after"] <= r["rel_error_before"] for r in recs.values())
+    model = load_model("efficientnet_lite0", checkpoint=out / "model.safetensors")
+    modules = plan.check_model(model)
+    assert all(check_nm(modules[n].weight, 2, 4) for n in recs)
+    assert main(["prune", "efficientnet_lite0", "--pattern", "2:4", "--restore", "--out", str(tmp_path / "o")]) == 2
