@@ -22,7 +22,7 @@ from torch import nn
 
 from .errors import MPPluginError
 from .evaluate import batched_outputs, output_fidelity
-from .models import load_model
+from .model_source import load_named_model, weights_description
 from .planning import PlanConfig, PrunePlan, plan
 from .pruning import apply, sparsity_report
 
@@ -56,6 +56,9 @@ class MainJobConfig:
 
     Attributes:
         model: built-in name or timm name; checkpoint: optional weights file.
+        num_classes: classifier size for timm names.
+        random_init: timm names without a checkpoint: random weights on purpose (default:
+            timm's pretrained weights, else :class:`~mp_plugin.model_source.WeightsUnavailableError`).
         data: an ImageFolder directory; None = real built-in photographs (random crops).
         n_eval / n_calib: evaluation and calibration images (disjoint crops).
         image_size: input side in pixels.
@@ -68,6 +71,8 @@ class MainJobConfig:
 
     model: str = "efficientnet_lite0"
     checkpoint: str | None = None
+    num_classes: int | None = None
+    random_init: bool = False
     data: str | None = None
     n_eval: int = 96
     n_calib: int = 32
@@ -110,8 +115,8 @@ def run_main_job(cfg: MainJobConfig, log: Callable[[str], None] = _log) -> dict[
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    log(f"[1/6] loading {cfg.model}" + (f" from {cfg.checkpoint}" if cfg.checkpoint else ""))
-    dense = load_model(cfg.model, checkpoint=cfg.checkpoint).eval()
+    log(f"[1/6] loading {cfg.model}: {weights_description(cfg.model, cfg.checkpoint, cfg.random_init)}")
+    dense = load_named_model(cfg.model, cfg.checkpoint, cfg.num_classes, cfg.random_init).eval()
     x_eval, x_calib, labels, data_desc = _inputs(cfg)
     log(f"      data: {data_desc}: {len(x_eval)} eval + {len(x_calib)} calibration images")
     dense_out = batched_outputs(dense, x_eval, desc="dense forward", show=True)
@@ -131,7 +136,13 @@ def run_main_job(cfg: MainJobConfig, log: Callable[[str], None] = _log) -> dict[
         t0 = time.perf_counter()
         model = copy.deepcopy(dense)
         p = plan(model, cfg.sparsity, v.pattern, v.method, cfg.plan_config, cfg.model, reuse_fits=analysis)
-        apply(model, p, calibration=x_calib if v.projection == "cast" else None, method=v.projection, permute=v.permute)
+        apply(
+            model,
+            p,
+            calibration=x_calib if v.projection == "cast" else None,
+            projection=v.projection,
+            permute=v.permute,
+        )
         report = sparsity_report(model, p)
         pruned_out = batched_outputs(model, x_eval, desc=v.label, show=False)
         fid = output_fidelity(dense_out, pruned_out)
@@ -166,17 +177,20 @@ def run_main_job(cfg: MainJobConfig, log: Callable[[str], None] = _log) -> dict[
     kn_rows = [r for r in rows if r["family"] == "mp" and r["pattern"] != "unstructured"]
     best = max(kn_rows, key=lambda r: (r["top1_agreement"], -r["kl"])) if kn_rows else None
     if cfg.certify and best is not None:
-        log(f"[4/6] certificate (empirical, exact for the realised pruning) for '{best['variant']}'")
-        from .certificate import certify
+        log(f"[4/6] certificate for '{best['variant']}' (the rigorous bound where it can run)")
+        from .certificate import certify_auto
 
-        cert = certify(dense, models[best["variant"]][0], x_eval, labels=labels, mode="empirical")
+        cert = certify_auto(
+            dense, models[best["variant"]][0], x_eval, labels, log=lambda m: log(f"      {m}"), show_progress=True
+        )
         (out / "certificate.json").write_text(json.dumps(cert.to_dict(per_sample=True), indent=1, default=str))
         results["certificate"] = {
             "variant": best["variant"],
-            "mode": "empirical",
+            "mode": cert.mode,
+            "claim": cert.claim,
             "preserved_fraction": cert.preserved_fraction,
         }
-        log(f"      {cert.preserved_fraction:.1%} of eval images provably keep their dense prediction")
+        log(f"      {describe_preserved(cert.preserved_fraction, cert.claim)}")
     else:
         log("[4/6] certificate skipped")
 
@@ -209,6 +223,18 @@ def run_main_job(cfg: MainJobConfig, log: Callable[[str], None] = _log) -> dict[
     log(format_summary(results))
     log(f"      wrote {out / 'results.json'}")
     return results
+
+
+def describe_preserved(fraction: float, claim: str) -> str:
+    """One line saying which share of images is marked preserved, worded to the certificate's claim."""
+    if claim == "proven":
+        return f"{fraction:.1%} of eval images provably keep their dense prediction (proven: rigorous bound)"
+    if claim == "estimated":
+        return f"{fraction:.1%} of eval images keep their dense prediction by a first-order estimate (estimated)"
+    return (
+        f"{fraction:.1%} of eval images have a dense margin above twice their logit shift "
+        "(measured on these same images, not proven)"
+    )
 
 
 def _slug(text: str) -> str:

@@ -41,7 +41,11 @@ def test_empirical_certificate_on_pretrained_efficientnet(efficientnet_lite0, cr
     np.testing.assert_allclose(cert.eta, (zd - zp).abs().amax(1).numpy(), rtol=0, atol=1e-9)
     changed = (zd.argmax(1) != zp.argmax(1)).numpy()
     assert not (cert.preserved & changed).any()
-    assert 0.0 <= cert.preserved_fraction <= 1.0 and cert.eta.max() > 0
+    top2 = zd.topk(2, dim=1).values
+    expected = ((top2[:, 0] - top2[:, 1]).numpy() > 2 * cert.eta)  # preserved ⇔ dense margin > 2η_s
+    np.testing.assert_array_equal(cert.preserved, expected)
+    assert cert.preserved_fraction == pytest.approx(expected.mean()) and cert.eta.min() > 0
+    assert cert.claim == "measured"
     assert "preserved" in cert.summary()
 
 
@@ -57,7 +61,6 @@ def test_cli_certify_prints_summary_and_writes_json(efficientnet_lite0, tmp_path
     rc = main(
         [
             "certify",
-            "--model",
             "efficientnet_lite0",
             "--pruned",
             str(ckpt),
@@ -73,10 +76,10 @@ def test_cli_certify_prints_summary_and_writes_json(efficientnet_lite0, tmp_path
     )
     assert rc == 0
     text = capsys.readouterr().out
-    assert "mode=empirical" in text and "preserved" in text
+    assert "MEASURED (mode=empirical)" in text and "preserved (margin > 2η), measured" in text
     data = json.loads(out.read_text())
     assert data["n_samples"] == 3 and data["eta_kind"] == EXACT and len(data["layers"]) > 20
     bad = main(
-        ["certify", "--model", "efficientnet_lite0", "--pruned", str(tmp_path / "missing.pt"), "--out", str(out)]
+        ["certify", "efficientnet_lite0", "--pruned", str(tmp_path / "missing.pt"), "--out", str(out)]
     )
     assert bad == 2

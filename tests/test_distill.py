@@ -295,11 +295,10 @@ def test_cli_distill_end_to_end(tmp_path):
     out = tmp_path / "out"
     rc = main(
         [
-            "distill",
+            "distill", "test_efficientnet",
             "--checkpoint", str(tmp_path / "pruned.safetensors"),
             "--plan", str(tmp_path / "plan.json"),
             "--data", str(data),
-            "--model", "test_efficientnet",
             "--num-classes", "3",
             "--teacher-checkpoint", str(tmp_path / "dense.safetensors"),
             "--epochs", "1", "--max-steps", "3", "--lr", "1e-3", "--batch-size", "8",
@@ -316,8 +315,8 @@ def test_cli_distill_end_to_end(tmp_path):
     # an empty data directory is a clear CLI error (exit 2), not a traceback
     rc = main(
         [
-            "distill", "--checkpoint", str(tmp_path / "pruned.safetensors"), "--plan", str(tmp_path / "plan.json"),
-            "--data", str(tmp_path / "empty"), "--model", "test_efficientnet", "--num-classes", "3",
+            "distill", "test_efficientnet", "--checkpoint", str(tmp_path / "pruned.safetensors"),
+            "--plan", str(tmp_path / "plan.json"), "--data", str(tmp_path / "empty"), "--num-classes", "3",
             "--teacher-checkpoint", str(tmp_path / "dense.safetensors"), "--device", "cpu", "--out", str(out),
         ]
     )  # fmt: skip

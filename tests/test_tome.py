@@ -269,7 +269,7 @@ def test_mac_table_r0_equals_dense_and_does_not_touch_the_model() -> None:
 
 def test_cli_prints_the_table(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
     out = tmp_path / "tome.json"
-    rc = cli_main(["tome", "--model", "vit_tiny_patch16_224", "--img-size", str(IMG), "--r", "2", "--json", str(out)])
+    rc = cli_main(["tome", "vit_tiny_patch16_224", "--img-size", str(IMG), "--r", "2", "--json", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "ToMe+2:4" in text and "tokens per block: 17 15" in text

@@ -1,8 +1,9 @@
-"""The data-path certificate (ALGORITHM.md §3): which predictions pruning provably kept.
+"""The data-path certificate (ALGORITHM.md §3): which predictions pruning kept — proven, estimated or measured.
 
 * :func:`certify` — per-layer R = A − S, ψ₁ via hooks, ‖Rψ₁(s)‖∞, L_s, per-sample η_s,
   margins, B_T, accuracy-change bound, elastic-net check, sequential multi-layer form,
-  Gaussian MP-edge form; three modes (``empirical``, ``bound``, ``jacobian``).
+  Gaussian MP-edge form; three modes, each labelled by what it claims: ``bound``
+  (*proven*), ``jacobian`` (*estimated*), ``empirical`` (*measured*); see :mod:`.labels`.
 * :func:`restore_gain` — the prune–restore test for one layer.
 * :class:`CertificateCallback` — certify every N steps from a plain training loop.
 * :func:`certify_sparsifier` — certify a model prepared by a torch.ao.pruning sparsifier.
@@ -11,9 +12,10 @@
 from __future__ import annotations
 
 from ..masks import fold_parametrizations
+from .auto import certify_auto
 from .callback import CertificateCallback
 from .core import certify
-from .labels import ESTIMATE, EXACT, HIGH_PROBABILITY, LOWER, MEASURED, RIGOROUS
+from .labels import ESTIMATE, EXACT, HIGH_PROBABILITY, LOWER, MEASURED, MODE_CLAIMS, RIGOROUS, claim_of
 from .lipschitz import jacobian_estimate, sequential_bound
 from .restore import RestoreResult, restore_gain
 from .result import Certificate, LayerCertificate
@@ -28,9 +30,12 @@ __all__ = [
     "LOWER",
     "LayerCertificate",
     "MEASURED",
+    "MODE_CLAIMS",
     "RIGOROUS",
     "RestoreResult",
     "certify",
+    "certify_auto",
+    "claim_of",
     "certify_sparsifier",
     "fold_parametrizations",
     "jacobian_estimate",

@@ -13,6 +13,7 @@ from torch.nn.utils import parametrize
 
 from ..errors import CertificateInputError, NonFiniteActivationError, NotCertifiable
 from ..masks import fold_parametrizations
+from ..progress import progress
 from .gaussian import gaussian_mp_budget
 from .inputs import (
     Batch,
@@ -137,6 +138,7 @@ def certify(
     delta: float = 0.05,
     precision: torch.dtype = torch.float64,
     gaussian: bool = True,
+    show_progress: bool = False,
 ) -> Certificate:
     """Certify which samples of ``batch`` keep their prediction when ``dense`` is pruned to ``pruned``.
 
@@ -162,6 +164,7 @@ def certify(
         delta: failure probability of the Gaussian MP-edge form.
         gaussian: compute the Gaussian MP-edge form (bound/jacobian modes; fits σ₊ of each R).
         precision: dtype of the Rψ₁ products.
+        show_progress: tqdm bars over the layers bounded, estimated or measured one by one.
 
     Returns:
         A :class:`Certificate`; every number carries its kind (rigorous / estimate / exact).
@@ -237,7 +240,7 @@ def certify(
     ops: dict[str, list[str]] = {}
     if mode == "bound":
         training = {name: m.training for name, m in dense.named_modules()}
-        for name in selected:
+        for name in progress(selected, desc="certify: bound", unit="layer", disable=not show_progress):
             value, ops[name] = sequential_bound(dense_c, name, training=lambda nm: training.get(nm, False))
             lipschitz[name] = torch.full((n,), value, dtype=torch.float64, device=device)
 
@@ -257,7 +260,7 @@ def certify(
         work = copy.deepcopy(dense_c)
         w_layers = linear_layers(work)
         zs = []
-        for name in order:
+        for name in progress(order, desc=f"certify: {mode} (sequential)", unit="layer", disable=not show_progress):
             step = _Capture({name: w_layers[name]}, removed, precision, want_patch)
             zs.append(step.run(work, batch, n))
             rpsi[name] = step.rpsi.get(name, torch.zeros(n, dtype=precision, device=device))
@@ -276,7 +279,7 @@ def certify(
         with torch.no_grad():
             z_pruned = forward_logits(effective, batch, n)
         if mode == "jacobian":
-            for name in order:
+            for name in progress(order, desc="certify: jacobian", unit="layer", disable=not show_progress):
                 lipschitz[name] = jac(dense_c, name)
     for name in order:
         if name in lipschitz:

@@ -8,11 +8,30 @@
 * ``HIGH_PROBABILITY`` — holds with probability ≥ 1 − δ if R were iid Gaussian and
   independent of the inputs; a heuristic signal for a magnitude mask.
 * ``MEASURED`` — an observed quantity (accuracy, CE, agreement), no claim attached.
+
+What a certificate's "preserved" set means, in one word (:func:`claim_of`, shown in
+every summary, JSON and plot): **proven** (η_s is a rigorous bound: ``mode="bound"``),
+**estimated** (``mode="jacobian"``, or bound mode without ``sequential`` on several
+layers) or **measured** (``mode="empirical"``: the realised shift on the same samples,
+so "preserved ⇒ same prediction" holds by construction, not by proof).
 """
 
 from __future__ import annotations
 
-__all__ = ["RIGOROUS", "ESTIMATE", "EXACT", "LOWER", "HIGH_PROBABILITY", "MEASURED", "MODES"]
+__all__ = [
+    "RIGOROUS",
+    "ESTIMATE",
+    "EXACT",
+    "LOWER",
+    "HIGH_PROBABILITY",
+    "MEASURED",
+    "MODES",
+    "PROVEN",
+    "ESTIMATED",
+    "MEASURED_CLAIM",
+    "MODE_CLAIMS",
+    "claim_of",
+]
 
 RIGOROUS = "rigorous bound"
 ESTIMATE = "estimated, not certified"
@@ -22,3 +41,18 @@ HIGH_PROBABILITY = "high-probability bound if R were iid Gaussian (heuristic for
 MEASURED = "measured"
 
 MODES = ("empirical", "bound", "jacobian")
+
+PROVEN = "proven"
+ESTIMATED = "estimated"
+MEASURED_CLAIM = "measured"
+# what each mode claims at best (bound mode drops to "estimated" without sequential on several layers)
+MODE_CLAIMS = {"bound": PROVEN, "jacobian": ESTIMATED, "empirical": MEASURED_CLAIM}
+
+
+def claim_of(eta_kind: str) -> str:
+    """``"proven"``, ``"estimated"`` or ``"measured"`` for a certificate whose η_s has label ``eta_kind``."""
+    if eta_kind == RIGOROUS:
+        return PROVEN
+    if eta_kind == EXACT:
+        return MEASURED_CLAIM
+    return ESTIMATED

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import MPPluginError
+from .labels import claim_of
 
 __all__ = ["LayerCertificate", "Certificate"]
 
@@ -146,6 +147,11 @@ class Certificate:
         return float(self.preserved.mean()) if self.n_samples else 0.0
 
     @property
+    def claim(self) -> str:
+        """What "preserved" means here: ``"proven"`` (bound), ``"estimated"`` or ``"measured"`` (empirical)."""
+        return claim_of(self.eta_kind)
+
+    @property
     def agreement_change_bound(self) -> float:
         """Upper bound (under ``eta_kind``) on the fraction of T whose prediction changes: 1 − preserved."""
         return 1.0 - self.preserved_fraction
@@ -154,6 +160,7 @@ class Certificate:
         """JSON-ready dict; per-sample arrays only when ``per_sample``."""
         d = {
             "mode": self.mode,
+            "claim": self.claim,
             "sequential": self.sequential,
             "n_samples": self.n_samples,
             "eta_kind": self.eta_kind,
@@ -193,12 +200,12 @@ class Certificate:
         """Human-readable report; every number names its kind."""
         m = self.measured
         lines = [
-            f"certificate: mode={self.mode}{' (sequential)' if self.sequential else ''}, |T|={self.n_samples}, "
-            f"{len(self.layers)} pruned layer(s)",
+            f"certificate: {self.claim.upper()} (mode={self.mode}{', sequential' if self.sequential else ''}), "
+            f"|T|={self.n_samples}, {len(self.layers)} pruned layer(s)",
             f"  η_s: {self.eta_kind}; mean {self.eta.mean():.4g}, max {self.eta.max():.4g} (logits)",
             f"  B_T = {self.budget:.4g}  [{self.budget_kind}]",
-            f"  preserved (margin > 2η): {self.preserved.sum()}/{self.n_samples} = {self.preserved_fraction:.3f}"
-            f"  [{self.eta_kind}]",
+            f"  preserved (margin > 2η), {self.claim}: {self.preserved.sum()}/{self.n_samples} = "
+            f"{self.preserved_fraction:.3f}  [{self.eta_kind}]",
             f"  prediction-change bound: {self.agreement_change_bound:.3f}",
         ]
         if self.accuracy_change_bound is not None:
@@ -252,7 +259,9 @@ class Certificate:
         ax.plot([0, top], [0, top], "k--", lw=1, label="margin = 2η")
         ax.set_xlabel("2η_s (logits)")
         ax.set_ylabel("dense margin Δ^pred (logits)")
-        ax.set_title(f"{self.mode}: {self.preserved_fraction:.1%} preserved [{self.eta_kind}]", fontsize=9)
+        ax.set_title(
+            f"{self.claim} ({self.mode} mode): {self.preserved_fraction:.1%} preserved [{self.eta_kind}]", fontsize=9
+        )
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=120)

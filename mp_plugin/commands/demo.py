@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..pipeline import MainJobConfig, run_main_job
+from .common import add_model_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,18 +14,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="analyse, prune with MP and magnitude, evaluate, certify and export (offline default: EfficientNet-Lite0)",
     )
-    p.add_argument("model", nargs="?", default="efficientnet_lite0", help="built-in or timm model name")
-    p.add_argument("--checkpoint", help="state_dict or torch.save'd module")
+    add_model_args(p)
     p.add_argument("--data", help="ImageFolder directory (default: built-in real photographs)")
-    p.add_argument("--n-eval", type=int, default=96)
-    p.add_argument("--n-calib", type=int, default=32)
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--out", default="mp-plugin-out")
-    p.add_argument("--no-certify", action="store_true")
-    p.add_argument("--no-export", action="store_true")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--n-eval", type=int, default=96, help="evaluation images (default: %(default)s)")
+    p.add_argument("--n-calib", type=int, default=32, help="calibration images (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=224, help="input side in pixels (default: %(default)s)")
+    p.add_argument("--sparsity", type=float, default=0.5, help="global fraction removed (default: %(default)s)")
+    p.add_argument("--out", default="mp-plugin-out", help="output directory (default: %(default)s)")
+    p.add_argument("--no-certify", action="store_true", help="skip the certificate")
+    p.add_argument("--no-export", action="store_true", help="skip the ONNX export")
+    p.add_argument("--no-plots", action="store_true", help="skip the matplotlib figures")
     p.set_defaults(func=run)
 
 
@@ -33,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = MainJobConfig(
         model=args.model,
         checkpoint=args.checkpoint,
+        num_classes=args.num_classes,
+        random_init=args.random_init,
         data=args.data,
         n_eval=args.n_eval,
         n_calib=args.n_calib,

@@ -4,7 +4,7 @@ Reads the pruned weights (``--checkpoint``, e.g. ``model.safetensors`` from
 ``mp-plugin prune``) and its ``--plan``, builds train/val loaders from an
 ImageFolder/ImageNet-layout ``--data`` directory with timm's transforms, and runs
 :func:`mp_plugin.distill.distill`. The teacher is the dense model: the named
-model's own weights, or ``--teacher-checkpoint``. With ``--nproc N > 1`` the
+model's shipped or timm pretrained weights, or ``--teacher-checkpoint``; never random. With ``--nproc N > 1`` the
 command re-launches itself under ``torchrun`` (DDP; NCCL on GPUs, gloo on CPU).
 Writes ``OUT/model.safetensors``, ``OUT/plan.json``, ``OUT/last.pt`` (resumable)
 and ``OUT/distill.json`` (history and validation metrics) from rank 0.
@@ -27,7 +27,6 @@ _PASS_THROUGH = (
     "checkpoint",
     "plan",
     "data",
-    "model",
     "num_classes",
     "teacher_checkpoint",
     "family",
@@ -52,21 +51,27 @@ _PASS_THROUGH = (
     "seed",
     "log_every",
 )
-_FLAGS = ("bf16", "no_aug", "teacher_pretrained", "no_progress")
+_FLAGS = ("bf16", "no_aug", "no_progress")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``distill`` subcommand."""
     p = sub.add_parser("distill", help="distil the dense teacher into a pruned model (masks kept exact)")
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="architecture: built-in or timm name (omit when the checkpoint is a saved module)",
+    )
     p.add_argument("--checkpoint", required=True, help="pruned weights (.safetensors/.pt) from `mp-plugin prune`")
     p.add_argument("--plan", help="plan.json of the pruned checkpoint (masks are read from its layers)")
     p.add_argument("--data", required=True, help="ImageFolder dir: DIR/train + DIR/val, or DIR/<class>/*")
-    p.add_argument(
-        "--model", default=None, help="architecture: built-in or timm name (else the checkpoint is a module)"
-    )
     p.add_argument("--num-classes", type=int, default=None, help="classifier size for timm models")
-    p.add_argument("--teacher-checkpoint", help="dense teacher weights (default: the named model's own weights)")
-    p.add_argument("--teacher-pretrained", action="store_true", help="timm teacher: download pretrained weights")
+    p.add_argument(
+        "--teacher-checkpoint",
+        help="dense teacher weights (default: the built-in's shipped or timm's pretrained weights; never random)",
+    )
+    p.add_argument("--teacher-pretrained", action="store_true", help=argparse.SUPPRESS)  # the default now
     p.add_argument("--family", choices=("vit", "convnext", "resnet"), help="recipe defaults from the spec table")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default 3)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
@@ -97,7 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _argv(args: argparse.Namespace) -> list[str]:
     """The command line of ``args`` (without ``--nproc``), for the torchrun re-launch."""
-    out = ["distill"]
+    out = ["distill", *([args.model] if args.model else [])]
     for key in _PASS_THROUGH:
         value = getattr(args, key, None)
         if value is not None:
@@ -157,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _relaunch(args)
     from ..distill import DataConfig, distill, init_distributed, make_loaders
+    from ..model_source import load_named_model
     from ..models import load_model, save_pruned_checkpoint
     from ..planning import PrunePlan
 
@@ -167,12 +173,11 @@ def run(args: argparse.Namespace) -> int:
         if not Path(args.checkpoint).exists():
             raise MPPluginError(f"checkpoint {args.checkpoint} does not exist")
         student = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes)
-        if args.teacher_checkpoint:
-            teacher = load_model(args.model, checkpoint=args.teacher_checkpoint, num_classes=args.num_classes)
-        elif args.model:
-            teacher = load_model(args.model, pretrained=args.teacher_pretrained, num_classes=args.num_classes)
-        else:
-            raise MPPluginError("give --model (its own weights are the teacher) or --teacher-checkpoint")
+        if not args.teacher_checkpoint and not args.model:
+            raise MPPluginError("give the model name (its pretrained weights are the teacher) or --teacher-checkpoint")
+        teacher = load_named_model(
+            args.model, args.teacher_checkpoint, args.num_classes, checkpoint_flag="--teacher-checkpoint"
+        )
         pruning_plan = PrunePlan.load(args.plan) if args.plan else None
         if args.tome_r:
             _patch_tome(student, args.tome_r)

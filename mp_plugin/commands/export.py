@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..errors import MPPluginError
-from ..models import load_model
+from .common import add_model_args, model_from_args
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -23,8 +23,7 @@ def _shape(text: str) -> tuple[int, ...]:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``export`` subcommand."""
     p = sub.add_parser("export", help="export a k:n-pruned model to ONNX and verify the pattern survived")
-    p.add_argument("--model", default="efficientnet_lite0", help="built-in or timm model name (default: %(default)s)")
-    p.add_argument("--checkpoint", help="pruned weights: a state_dict or a torch.save'd module")
+    add_model_args(p)
     p.add_argument("--plan", help="plan.json giving each layer's pattern (default: --pattern for every target)")
     p.add_argument("--pattern", default="2:4", help="k:n pattern the target layers carry (default: %(default)s)")
     p.add_argument("--out", default="model.onnx", help="ONNX file to write (default: %(default)s)")
@@ -49,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         from ..integrations.onnx import export_onnx
     except ImportError as exc:
         raise MPPluginError(f"ONNX export needs onnx and onnxruntime: pip install 'mp-plugin[onnx]' ({exc})") from exc
-    model = load_model(args.model, checkpoint=args.checkpoint)
+    model = model_from_args(args)
     plan = None
     if args.plan:
         from ..planning import PrunePlan

@@ -12,7 +12,7 @@ from ..tome import format_tome_mac_table, tome_mac_table
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``tome`` subcommand."""
     p = sub.add_parser("tome", help="MAC table of a timm ViT with token merging (ToMe) and k:n sparsity")
-    p.add_argument("--model", default="vit_base_patch16_224", help="timm model name (default: %(default)s)")
+    p.add_argument("model", nargs="?", default="vit_base_patch16_224", help="timm ViT name (default: %(default)s)")
     p.add_argument("--r", type=int, default=8, help="tokens merged per block (default: %(default)s)")
     p.add_argument("--pattern", default="2:4", help="k:n pattern of the Linear layers (default: %(default)s)")
     p.add_argument("--img-size", type=int, default=224, help="input height = width (default: %(default)s)")
@@ -22,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``tome``: print the MAC table (random weights: MACs do not depend on values)."""
+    print(f"{args.model}: MACs only; they do not depend on the weights, so the architecture is built with random ones")
     table = tome_mac_table(args.model, r=args.r, pattern=args.pattern, img_size=args.img_size)
     print(format_tome_mac_table(table))
     if args.json_out:
