@@ -5,8 +5,11 @@ On a CUDA GPU, :func:`run_benchmark` times
 * ViT-B/16's Linear GEMMs — x (197·batch, in) @ Wᵀ for (in, out) = (768, 2304) qkv,
   (768, 768) proj, (768, 3072) fc1, (3072, 768) fc2 — dense vs
   ``torch.sparse.to_sparse_semi_structured`` with the cuSPARSELt and CUTLASS backends;
-* the whole timm ``vit_base_patch16_224`` forward at batch 256, dense vs 2:4, and 2:4
-  plus a token-merging patch when one is supplied;
+* the whole forward of the model it is given — a pruned model (e.g. a checkpoint from
+  ``mp-plugin prune`` with its plan: its 2:4 Linear layers are swapped for semi-structured
+  tensors, its weights are not changed), or, given only a timm name, a synthetic
+  reference (random weights, magnitude 2:4, labelled as such) — at batch 256, dense vs
+  2:4, and 2:4 plus a token-merging patch when one is supplied;
 
 in fp16 and bf16, with warmup, CUDA events and the median of many runs, and checks each
 sparse output against the dense matmul of the same zero-filled weights. The JSON records
@@ -27,7 +30,8 @@ from torch import nn
 
 from .layers import find_target_layers
 from .macs import count_macs
-from .masks import nm_mask
+from .masks import check_nm, nm_mask
+from .progress import progress
 
 __all__ = [
     "VIT_B16_LINEAR_SHAPES",
@@ -36,6 +40,7 @@ __all__ = [
     "environment_info",
     "prune_24_",
     "run_benchmark",
+    "sparse_24_linears",
     "sparsify_semi_structured_",
     "time_cuda",
 ]
@@ -192,8 +197,34 @@ def sparsify_semi_structured_(model: nn.Module, names: list[str], backend: str =
     return count
 
 
+def sparse_24_linears(model: nn.Module, names: list[str] | None = None) -> list[str]:
+    """The ``nn.Linear`` layers of ``model`` whose weights are exactly 2:4 (of ``names``, if given)."""
+    modules = dict(model.named_modules())
+    chosen = names if names is not None else [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    out = []
+    for name in chosen:
+        mod = modules.get(name)
+        if isinstance(mod, nn.Linear) and mod.weight.shape[1] % 4 == 0 and check_nm(mod.weight.detach(), 2, 4):
+            out.append(name)
+    return out
+
+
+def _resolve_model(
+    model: str | nn.Module, model_kwargs: dict | None, sparse_layers: list[str] | None
+) -> tuple[nn.Module, list[str], str, str]:
+    """``(module, its 2:4 Linear layers, name, weights description)`` for :func:`bench_model`."""
+    if isinstance(model, nn.Module):
+        names = sparse_24_linears(model, sparse_layers)
+        return model, names, type(model).__name__, "the given model's weights (not modified)"
+    import timm
+
+    base = timm.create_model(model, **(model_kwargs or {})).eval()
+    names = prune_24_(base)
+    return base, names, model, "synthetic: random init, magnitude 2:4 on every eligible target"
+
+
 def bench_model(
-    model_name: str = "vit_base_patch16_224",
+    model: str | nn.Module = "vit_base_patch16_224",
     batch: int = 256,
     dtype: str = "fp16",
     backend: str = "cusparselt",
@@ -201,31 +232,49 @@ def bench_model(
     warmup: int = 5,
     iters: int = 30,
     model_kwargs: dict | None = None,
+    sparse_layers: list[str] | None = None,
+    input_size: tuple[int, int, int] | None = None,
 ) -> dict[str, Any]:
-    """End-to-end forward latency of a timm model: dense, 2:4 semi-structured, and 2:4 + ``tome``.
+    """End-to-end forward latency: dense, 2:4 semi-structured, and 2:4 + ``tome``.
 
-    The same randomly initialised, 2:4-pruned weights are used for every variant, so the
-    dense run is the exact dense-with-zeros reference for the sparse output.
+    Args:
+        model: an ``nn.Module`` (timed as given: its exactly-2:4 ``nn.Linear`` layers, of
+            ``sparse_layers`` when given, become semi-structured tensors), or a timm name
+            (a synthetic reference: random weights, magnitude 2:4; labelled in the result).
+        batch / dtype / backend / warmup / iters: the measurement.
+        tome: optional token-merging patch applied to the sparse copy.
+        model_kwargs: ``timm.create_model`` kwargs for a name.
+        sparse_layers: layer names to make semi-structured (e.g. the plan's 2:4 layers).
+        input_size: (C, H, W); default the timm config's, else (3, 224, 224).
+
+    The dense run uses the same dense-with-zeros weights, so it is the exact reference
+    for the sparse output (``max_rel_err``).
     """
     if not torch.cuda.is_available():
         raise RuntimeError("bench_model needs a CUDA GPU")
     import copy
 
-    import timm
-
     dt = _DTYPES[dtype]
-    base = timm.create_model(model_name, **(model_kwargs or {})).eval()
-    names = prune_24_(base)
-    base = base.to("cuda", dt)
-    size = _input_size(base, model_kwargs)
+    base, names, label, weights = _resolve_model(model, model_kwargs, sparse_layers)
+    size = input_size or _input_size(base, model_kwargs)
+    base = copy.deepcopy(base).to("cuda", dt) if isinstance(model, nn.Module) else base.to("cuda", dt)
     x = torch.randn(batch, *size, device="cuda", dtype=dt)
-    result: dict[str, Any] = {"model": model_name, "batch": batch, "dtype": dtype, "backend": backend}
+    result: dict[str, Any] = {
+        "model": label,
+        "weights": weights,
+        "batch": batch,
+        "dtype": dtype,
+        "backend": backend,
+        "sparse_candidates": len(names),
+    }
     with torch.no_grad():
         ref = base(x)
         result["dense"] = time_cuda(lambda: base(x), warmup, iters)
         sparse = copy.deepcopy(base)
         try:
             result["sparse_layers"] = sparsify_semi_structured_(sparse, names, backend)
+            if not result["sparse_layers"]:
+                raise ValueError("no nn.Linear layer of this model is exactly 2:4 (prune it to 2:4 first)")
             out = sparse(x)
             result["sparse_24"] = {**time_cuda(lambda: sparse(x), warmup, iters), "max_rel_err": _rel_err(out, ref)}
             result["sparse_24"]["speedup"] = result["dense"]["median_ms"] / result["sparse_24"]["median_ms"]
@@ -244,22 +293,28 @@ def bench_model(
 
 def _input_size(model: nn.Module, model_kwargs: dict | None) -> tuple[int, int, int]:
     """(C, H, W) the timm model expects; an ``img_size`` model kwarg overrides the default config."""
-    c, h, w = model.default_cfg.get("input_size", (3, 224, 224))
+    c, h, w = (getattr(model, "default_cfg", None) or {}).get("input_size", (3, 224, 224))
     img = (model_kwargs or {}).get("img_size")
     if img is not None:
         h, w = (img, img) if isinstance(img, int) else tuple(img)
     return c, h, w
 
 
-def _macs_only(model_name: str, batch: int, model_kwargs: dict | None) -> dict[str, Any]:
-    import timm
+def _macs_only(
+    model: str | nn.Module, batch: int, model_kwargs: dict | None, input_size: tuple[int, int, int] | None = None
+) -> dict[str, Any]:
+    if isinstance(model, nn.Module):
+        name, pattern = type(model).__name__, "auto"  # each layer at the sparsest pattern its weights satisfy
+    else:
+        import timm
 
-    model = timm.create_model(model_name, **(model_kwargs or {})).eval()
-    size = _input_size(model, model_kwargs)
-    prune_24_(model)
-    mc = count_macs(model, (1, *size), "2:4")
+        name, pattern = model, "2:4"
+        model = timm.create_model(name, **(model_kwargs or {})).eval()
+        prune_24_(model)
+    size = input_size or _input_size(model, model_kwargs)
+    mc = count_macs(model, (1, *size), pattern)
     return {
-        "model": model_name,
+        "model": name,
         "batch": batch,
         "counted_at_batch": 1,
         "dense_macs": mc.dense * batch,
@@ -270,7 +325,7 @@ def _macs_only(model_name: str, batch: int, model_kwargs: dict | None) -> dict[s
 
 
 def run_benchmark(
-    model_name: str = "vit_base_patch16_224",
+    model: str | nn.Module = "vit_base_patch16_224",
     batch: int = 256,
     dtypes: tuple[str, ...] = ("fp16", "bf16"),
     backends: tuple[str, ...] = BACKENDS,
@@ -280,25 +335,46 @@ def run_benchmark(
     warmup: int = 10,
     iters: int = 50,
     model_kwargs: dict | None = None,
+    sparse_layers: list[str] | None = None,
+    input_size: tuple[int, int, int] | None = None,
+    show_progress: bool = False,
 ) -> dict[str, Any]:
     """All measurements in one JSON-ready dict (see the module docstring).
 
-    Without CUDA the result has ``"timings": None``, a ``"note"`` saying so, and MACs only.
+    ``model`` is the module to time (``sparse_layers``: the names to run as 2:4, e.g. the
+    plan's), or a timm name for the synthetic reference. Without CUDA the result has
+    ``"timings": None``, a ``"note"`` saying so, and the model's MACs only.
     """
     result: dict[str, Any] = {"environment": environment_info()}
-    result["macs"] = _macs_only(model_name, batch, model_kwargs)
+    result["macs"] = _macs_only(model, batch, model_kwargs, input_size)
     if not torch.cuda.is_available():
         result["timings"] = None
         result["note"] = "no CUDA device: 2:4 semi-structured kernels are CUDA-only, so only MACs are reported"
         return result
     timings: dict[str, Any] = {"linear": [], "end_to_end": []}
+    steps = len(dtypes) * (int(linear) + (len(backends) if end_to_end else 0))
+    bar = progress(total=steps, desc="bench", unit="run", disable=not show_progress)
     for dtype in dtypes:
         if linear:
             timings["linear"] += bench_linear_shapes(batch, 197, dtype, backends, warmup=warmup, iters=iters)
+            bar.update(1)
         if end_to_end:
             for backend in backends:
                 timings["end_to_end"].append(
-                    bench_model(model_name, batch, dtype, backend, tome, max(2, warmup // 2), iters, model_kwargs)
+                    bench_model(
+                        model,
+                        batch,
+                        dtype,
+                        backend,
+                        tome,
+                        max(2, warmup // 2),
+                        iters,
+                        model_kwargs,
+                        sparse_layers=sparse_layers,
+                        input_size=input_size,
+                    )
                 )
+                bar.update(1)
+    bar.close()
     result["timings"] = timings
     return result
