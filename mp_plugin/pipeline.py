@@ -25,6 +25,7 @@ from .evaluate import batched_outputs, output_fidelity
 from .model_source import load_named_model, weights_description
 from .planning import PlanConfig, PrunePlan, plan
 from .pruning import apply, sparsity_report
+from .restore import RestoreConfig
 
 __all__ = ["MainJobConfig", "Variant", "DEFAULT_VARIANTS", "run_main_job"]
 
@@ -39,12 +40,16 @@ class Variant:
     projection: str = "magnitude"
     permute: str = "none"
     family: str = "mp"  # "mp" or "baseline"
+    restore: bool = False  # prune–restore on the calibration images (sequential, block by block)
+    baseline: str | None = None  # a registered baseline (mp_plugin.baselines) instead of plan + apply
 
 
 DEFAULT_VARIANTS = (
     Variant("magnitude 2:4", "magnitude", "2:4", family="baseline"),
+    Variant("SparseGPT 2:4 (with update)", "uniform", "2:4", family="baseline", baseline="sparsegpt-obs"),
     Variant("MP 2:4 (SEB+CAST)", "seb", "2:4", projection="cast"),
     Variant("MP 2:4 (SEB+CAST+perm)", "seb", "2:4", projection="cast", permute="swap"),
+    Variant("MP 2:4 (CAST-OBS+perm+restore)", "seb", "2:4", projection="cast-obs", permute="swap", restore=True),
     Variant("global magnitude 50%", "magnitude", "unstructured", family="baseline"),
     Variant("MP SEB 50%", "seb", "unstructured"),
 )
@@ -136,13 +141,20 @@ def run_main_job(cfg: MainJobConfig, log: Callable[[str], None] = _log) -> dict[
         t0 = time.perf_counter()
         model = copy.deepcopy(dense)
         p = plan(model, cfg.sparsity, v.pattern, v.method, cfg.plan_config, cfg.model, reuse_fits=analysis)
-        apply(
-            model,
-            p,
-            calibration=x_calib if v.projection == "cast" else None,
-            projection=v.projection,
-            permute=v.permute,
-        )
+        if v.baseline is not None:
+            from .baselines import prune_baseline
+
+            prune_baseline(v.baseline, model, cfg.sparsity, v.pattern, [x_calib], cfg.plan_config)
+        else:
+            needs_calib = v.projection != "magnitude" or v.restore or v.permute != "none"
+            apply(
+                model,
+                p,
+                calibration=[x_calib[i : i + 8] for i in range(0, len(x_calib), 8)] if needs_calib else None,
+                projection=v.projection,
+                permute=v.permute,
+                restore=RestoreConfig(sequential=True) if v.restore else None,
+            )
         report = sparsity_report(model, p)
         pruned_out = batched_outputs(model, x_eval, desc=v.label, show=False)
         fid = output_fidelity(dense_out, pruned_out)
