@@ -159,26 +159,33 @@ class MPSparsifier(AOBaseConfig):
 def _fqn_filter(mapping: dict, config: MPSparsifier) -> Any:
     """A ``filter_fn(module, fqn)`` true for the modules a torchao ``FqnToConfig`` maps to ``config``.
 
-    Resolution follows torchao: an exact module name first, then the first ``"re:"``
-    pattern that fully matches, then ``"_default"`` for Linear layers.
+    A module is chosen when its ``weight`` gets ``config``. Resolution follows torchao:
+    the exact parameter name (``"fc.weight"``), the exact module name, the first
+    ``"re:"`` pattern that fully matches the parameter name, then the module name,
+    then ``"_default"`` for Linear layers.
     """
 
     def chosen(module: nn.Module, fqn: str) -> bool:
-        if fqn in mapping:
-            return mapping[fqn] is config
-        for key, value in mapping.items():
-            if key.startswith("re:") and re.fullmatch(key[3:], fqn):
-                return value is config
+        weight = f"{fqn}.weight" if fqn else "weight"
+        for exact in (weight, fqn):
+            if exact in mapping:
+                return mapping[exact] is config
+        for name in (weight, fqn):
+            for key, value in mapping.items():
+                if key.startswith("re:") and re.fullmatch(key[3:], name):
+                    return value is config
         return mapping.get("_default") is config and isinstance(module, nn.Linear)
 
     chosen.__name__ = "fqn_to_config_filter"
     return chosen
 
 
-def _convert_module(module: nn.Module, config: MPSparsifier) -> nn.Module:
+def _convert_module(module: nn.Module, config: MPSparsifier, parameter_name: str | None = None) -> nn.Module:
     root = config._root_for(module)
     state = config._roots[root]
     name = state["names"].get(id(module))
+    if parameter_name not in (None, "weight"):  # FqnToConfig named a bias or other parameter: nothing to prune
+        return module
     if not (config.accelerate and isinstance(module, nn.Linear) and module.weight.is_cuda):
         return module
     try:
