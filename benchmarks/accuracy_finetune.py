@@ -62,6 +62,7 @@ from accuracy import (  # noqa: E402
     minilm_task,
     run_baseline,
     run_ours,
+    run_restore,
     wordnet_glosses,
 )
 from common import write_result  # noqa: E402
@@ -71,6 +72,7 @@ from mp_plugin.distill.loss import kd_term  # noqa: E402
 from mp_plugin.distill.optim import param_groups, warmup_cosine  # noqa: E402
 from mp_plugin.masks import MaskKeeper  # noqa: E402
 from mp_plugin.pruning import sparsity_report  # noqa: E402
+from mp_plugin.restore import RestoreConfig  # noqa: E402
 
 MAX_LEN = 24
 WEIGHT_DECAY = 0.01
@@ -102,7 +104,15 @@ METHODS_CLASSIFIERS: tuple[tuple[str, str, Runner], ...] = (
     SEB_CAST_PERM,
     *UNSTRUCTURED,
 )
-MP_METHODS = {"seb+cast", "seb+cast+perm(swap)", "seb (σ₊, paper)", "ser+cast", "hybrid magnitude–ser"}
+# the prune–restore comparison (issue 12): restored MP starting points against SparseGPT with its update
+_SEQ = RestoreConfig(sequential=True)
+RESTORE_METHODS: tuple[tuple[str, str, Runner], ...] = (
+    ("2:4", "sparsegpt-obs", lambda t: run_baseline(t, "2:4", "sparsegpt-obs")),
+    ("2:4", "mp cast-obs+perm+restore(seq)", lambda t: run_restore(t, "2:4", "seb", "cast-obs", "swap", _SEQ)),
+    ("50%", "sparsegpt-obs", lambda t: run_baseline(t, "50%", "sparsegpt-obs")),
+    ("50%", "uniform budget+obs+restore(seq)", lambda t: run_restore(t, "50%", "uniform", "obs", "none", _SEQ)),
+)
+MP_METHODS = {"mp cast-obs+perm+restore(seq)", "uniform budget+obs+restore(seq)", "seb+cast", "seb+cast+perm(swap)", "seb (σ₊, paper)", "ser+cast", "hybrid magnitude–ser"}
 
 # Methods that train while they prune (ALGORITHM.md §2 items 5–6, 9). Their selection phase takes its
 # steps from the SAME budget: the first ``--ser-steps`` distillation batches, the rest are distilled
@@ -318,7 +328,7 @@ class FinetuneModel:
 
 MODELS: dict[str, FinetuneModel] = {
     "minilm": FinetuneModel(
-        task=lambda args: minilm_task(seed=args.seed),
+        task=lambda args: minilm_task(seed=args.seed, n_calib=args.minilm_calib),
         methods=METHODS,
         batches=minilm_batches,
         loss=minilm_loss,
@@ -548,6 +558,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ser-steps", type=int, default=16, help="SER/Hybrid selection steps, taken from the budget")
     ap.add_argument("--ser-lr", type=float, default=4e-4, help="SER/Hybrid selection-phase learning rate")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--suite", choices=("full", "restore"), default="full", help="restore: the prune–restore rows")
+    ap.add_argument("--minilm-calib", type=int, default=40, help="MiniLM calibration glosses (restore needs ≥ d rows)")
     ap.add_argument("--only", nargs="*", default=None, help="method labels to run (default: all)")
     ap.add_argument("--name", default=None, help="result name (default: accuracy-<model>-finetune)")
     ap.add_argument(
@@ -574,8 +586,9 @@ def main(argv: list[str] | None = None) -> None:
     batches, data_config = spec.batches(task, args)
     print(f"dense {dense}; {len(batches)} batches ready ({time.perf_counter() - t0:.0f}s) load={os.getloadavg()}")
     rows = []
-    ser_methods = spec.ser_methods
-    plain = [(setting, label, runner, batches) for setting, label, runner in spec.methods]
+    ser_methods = spec.ser_methods if args.suite == "full" else ()
+    methods = spec.methods if args.suite == "full" else RESTORE_METHODS
+    plain = [(setting, label, runner, batches) for setting, label, runner in methods]
     selection, rest = batches[: args.ser_steps], batches[args.ser_steps :]
     for setting, label in ser_methods:
         plain.append((setting, label, lambda t, s=setting, lb=label: ser_prune(t, s, lb, selection, args.ser_lr), rest))
@@ -629,6 +642,8 @@ def main(argv: list[str] | None = None) -> None:
             "seed": args.seed,
             "ser_steps": args.ser_steps if spec.ser_methods else 0,
             "ser_lr": args.ser_lr,
+            "suite": args.suite,
+            "minilm_calibration_texts": args.minilm_calib if args.model == "minilm" else None,
         },
         "dense": dense,
         "rows": rows,
