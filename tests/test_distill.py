@@ -333,3 +333,43 @@ def test_freeze_norm_stats_keeps_batchnorm_statistics(folder):
     assert torch.equal(student.norm.running_mean, stats)
     distill(student, teacher, loaders.train, DistillConfig(epochs=1), plan=plan, show_progress=False)
     assert not torch.equal(student.norm.running_mean, stats)
+
+
+def test_cli_distill_from_restored_weights_keeps_the_restored_masks(tmp_path):
+    """prune → restore → distill: the recipe starts from the restored weights and keeps their exact 2:4 masks."""
+    import timm
+    from safetensors.torch import load_file, save_file
+
+    from mp_plugin.cli import main
+    from mp_plugin.masks import check_nm
+    from mp_plugin.planning import plan
+    from mp_plugin.pruning import apply
+
+    torch.manual_seed(0)
+    dense = timm.create_model("test_efficientnet", num_classes=3).eval()
+    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(tmp_path / "dense.safetensors"))
+    pruned = copy.deepcopy(dense)
+    p = plan(pruned, 0.5, "2:4", "uniform")
+    apply(pruned, p, calibration=[torch.randn(8, 3, 32, 32) for _ in range(2)], restore=True)
+    restored = {lp.name: dict(pruned.named_modules())[lp.name].weight.detach().clone() for lp in p.layers}
+    assert any("restore" in e for e in p.applied["layers"].values())
+    save_file({k: v.contiguous() for k, v in pruned.state_dict().items()}, str(tmp_path / "pruned.safetensors"))
+    p.save(tmp_path / "plan.json")
+    data = make_image_folder(tmp_path / "data", n_classes=3, per_class=8)
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "distill", "test_efficientnet",
+            "--checkpoint", str(tmp_path / "pruned.safetensors"), "--plan", str(tmp_path / "plan.json"),
+            "--data", str(data), "--num-classes", "3", "--teacher-checkpoint", str(tmp_path / "dense.safetensors"),
+            "--epochs", "1", "--max-steps", "2", "--lr", "1e-3", "--batch-size", "8",
+            "--input-size", "32", "--no-aug", "--no-progress", "--device", "cpu", "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    state = load_file(str(out / "model.safetensors"))
+    for lp in p.layers:
+        w = state[f"{lp.name}.weight"]
+        if lp.pattern == "2:4":
+            assert check_nm(w, 2, 4), lp.name
+            assert torch.equal(w == 0, restored[lp.name] == 0), lp.name  # the restored mask, unchanged
