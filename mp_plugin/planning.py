@@ -366,7 +366,7 @@ class PrunePlan:
         )
         return "\n".join(out)
 
-    def plot(self, directory: str | Path, max_layers: int = 24) -> list[Path]:
+    def plot(self, directory: str | Path, max_layers: int = 36) -> list[Path]:
         """Write ESD histograms (fitted MP density and σ₊ marked) and a budget chart.
 
         Needs matplotlib (``pip install mp-plugin[plot]``). Returns the written paths.

@@ -29,7 +29,7 @@ def test_plan_across_timm_architectures(arch: str) -> None:
 
 
 def test_plan_on_real_pretrained_efficientnet(efficientnet_lite0: nn.Module, tmp_path) -> None:
-    p = mp.plan(efficientnet_lite0, sparsity=0.5, method="seb", model_name="efficientnet_lite0")
+    p = mp.plan(efficientnet_lite0, sparsity=0.5, budget="seb", model_name="efficientnet_lite0")
     assert len(p.layers) == 32  # 16 project + 15 expand 1×1 convs + the 1×1 head conv
     skipped = {s["reason"] for s in p.skipped}
     assert "grouped/depthwise conv" in skipped and "classifier head" in skipped
