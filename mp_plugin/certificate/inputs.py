@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ArchitectureMismatchError, CertificateInputError, NonFiniteActivationError
+from ..errors import ArchitectureMismatchError, CertificateInputError, MPPluginError, NonFiniteActivationError
 
 __all__ = [
     "Batch",
@@ -68,12 +68,22 @@ def model_device(model: nn.Module) -> torch.device:
 
 def forward_logits(model: nn.Module, batch: Batch, n: int) -> torch.Tensor:
     """Run ``model`` on ``batch`` and return its (n, K) logits; checks shape and finiteness."""
-    if isinstance(batch, torch.Tensor):
-        out = model(batch)
-    elif isinstance(batch, Mapping):
-        out = model(**batch)
-    else:
-        out = model(*batch)
+    try:
+        if isinstance(batch, torch.Tensor):
+            out = model(batch)
+        elif isinstance(batch, Mapping):
+            out = model(**batch)
+        else:
+            out = model(*batch)
+    except MPPluginError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's model failing on the user's batch
+        from ..calibration import model_expects
+
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CertificateInputError(
+            f"the batch does not run through the model: {type(exc).__name__}: {msg}. Expected: {model_expects(model)}"
+        ) from exc
     if not isinstance(out, torch.Tensor):
         logits = getattr(out, "logits", None)
         out = logits if isinstance(logits, torch.Tensor) else out[0] if isinstance(out, (tuple, list)) else out
