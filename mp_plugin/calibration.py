@@ -198,7 +198,8 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 def _prepare(obj: Any, device: torch.device, dtype: torch.dtype, what: str) -> Any:
-    """Numpy arrays → tensors (floats in the model's dtype), tensors → the model's device; checks finiteness."""
+    """Numpy arrays → tensors, floating inputs in the model's floating dtype, tensors → the model's device;
+    checks finiteness."""
     if isinstance(obj, np.ndarray):
         if obj.dtype == object or obj.dtype.kind not in "biuf":
             raise CalibrationError(f"{what}: numpy array of dtype {obj.dtype} cannot be a model input")
@@ -209,6 +210,8 @@ def _prepare(obj: Any, device: torch.device, dtype: torch.dtype, what: str) -> A
             raise CalibrationError(f"{what}: a tensor on the meta device holds no data")
         if (obj.is_floating_point() or obj.is_complex()) and obj.numel() and not torch.isfinite(obj).all():
             raise CalibrationError(f"{what} contains NaN or Inf values: give finite inputs")
+        if obj.is_floating_point() and dtype.is_floating_point and obj.dtype != dtype:
+            obj = obj.to(dtype)  # e.g. float32 images for a bf16 model
         return obj.to(device)
     if isinstance(obj, Mapping):
         return {k: _prepare(v, device, dtype, what) for k, v in obj.items()}

@@ -351,3 +351,15 @@ def test_plan_records_and_prints_restore_and_survives_save_load(tmp_path):
     back = type(p).load(p.save(tmp_path / "plan.json"))
     assert back.applied["restore"] == RestoreConfig(sequential=True).to_dict()
     assert back.applied["layers"]["head"]["restore"] == p.applied["layers"]["head"]["restore"]
+
+
+def test_bf16_model_with_float32_calibration():
+    torch.manual_seed(7)
+    dense = _Net().eval().to(torch.bfloat16)
+    model = copy.deepcopy(dense)
+    p = mp.plan(model, sparsity=0.5, pattern="2:4", budget="uniform", config=_all_layers())
+    apply(model, p, calibration=[torch.randn(256, 32)], restore=True)  # float32 batch, bf16 model
+    assert all(prm.dtype == torch.bfloat16 for prm in model.parameters())
+    assert mp.sparsity_report(model, p).kn_valid
+    recs = [p.applied["layers"][lp.name]["restore"] for lp in p.layers]
+    assert all(r["rel_error_after"] < r["rel_error_before"] for r in recs)

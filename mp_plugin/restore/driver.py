@@ -23,6 +23,7 @@ from torch import nn
 from ..calibration import first_batch, run_batches
 from ..cast import CastConfig
 from ..errors import MPPluginError
+from ..masks import check_nm
 from ..patterns import Pattern
 from ..progress import progress
 from .config import RestoreConfig
@@ -159,6 +160,8 @@ def prune_and_restore(
                     weight.copy_(dense * mask)
                 if restore is not None:
                     entry["restore"] = restore_layer(weight, dense, gram, cfg, groups=groups)
+                    if task.pattern.is_kn and not check_nm(weight.detach(), task.pattern.k, task.pattern.n):
+                        raise MPPluginError(f"layer {name!r}: restore broke the {task.pattern} pattern")
             records[name] = entry
             del dense
             bar.update(1)
