@@ -363,3 +363,21 @@ def test_bf16_model_with_float32_calibration():
     assert mp.sparsity_report(model, p).kn_valid
     recs = [p.applied["layers"][lp.name]["restore"] for lp in p.layers]
     assert all(r["rel_error_after"] < r["rel_error_before"] for r in recs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_restore_on_cuda_matches_cpu():
+    """Grams, masks and restore run on the weights' device; the CUDA result equals the CPU one."""
+    torch.manual_seed(8)
+    dense = _Net().eval()
+    calib = [torch.randn(256, 32)]
+    out = {}
+    for device in ("cpu", "cuda"):
+        model = copy.deepcopy(dense).to(device)
+        p = mp.plan(model, sparsity=0.5, pattern="2:4", budget="uniform", config=_all_layers())
+        apply(model, p, calibration=[c.to(device) for c in calib], projection="cast-obs", restore=True)
+        assert model.head.weight.is_cuda == (device == "cuda")
+        out[device] = {n: w.detach().cpu() for n, w in model.state_dict().items()}
+    for name, w in out["cpu"].items():
+        torch.testing.assert_close(out["cuda"][name], w, rtol=1e-4, atol=1e-5)
