@@ -35,7 +35,8 @@ def restore_model(
         layers: module names to restore; default every Linear/Conv1d/Conv2d of
             ``pruned`` that has an exact zero.
         config: restore settings (``sequential=True``: each block's inputs come from
-            ``pruned`` already restored before it; otherwise from ``pruned`` as given).
+            ``pruned`` already restored before it; otherwise from the dense model when
+            ``dense`` is a model, else from ``pruned`` as given).
         show_progress: a tqdm bar over layers.
 
     Returns:
@@ -68,8 +69,9 @@ def restore_model(
     blocks = forward_blocks(order) if cfg.sequential else [order]
     records: dict[str, dict[str, Any]] = {}
     bar = progress(total=len(order), desc="restore", unit="layer", disable=not show_progress)
+    source = dense if isinstance(dense, nn.Module) and not cfg.sequential else pruned
     for block in blocks:
-        grams = capture_grams(pruned, block, calibration, dtype=dt, max_rows=cfg.max_rows)
+        grams = capture_grams(source, block, calibration, dtype=dt, max_rows=cfg.max_rows)
         for name in block:
             gram = grams.get(name)
             if gram is None:
