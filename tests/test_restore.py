@@ -241,7 +241,7 @@ def test_restore_model_any_mask_source_and_wanda():
 
     torch.manual_seed(3)
     dense = _Net().eval()
-    calib = [torch.randn(64, 32) for _ in range(2)]
+    calib = [torch.randn(256, 32) for _ in range(4)]
     test = torch.randn(128, 32)
     pruned = prune_baseline("wanda", copy.deepcopy(dense), sparsity=0.5, pattern="2:4", calibration=calib)
     before = _fidelity(pruned, dense, test)
