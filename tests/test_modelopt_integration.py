@@ -85,9 +85,17 @@ def test_save_restore_in_fresh_process_is_bit_identical(tmp_path) -> None:
     assert "RESTORE_OK" in out.stdout, out.stderr[-3000:]
 
 
+def _confident_vit(seed: int) -> nn.Module:
+    """A random ViT whose head is scaled up, so its logits are spread and a KD loss is measurable."""
+    model = _vit(seed)
+    with torch.no_grad():
+        model.head.weight.mul_(50.0)
+    return model
+
+
 def test_kd_distillation_keeps_masks_then_exports() -> None:
-    teacher = _vit(0)
-    student = mts.sparsify(_vit(0), mode="mp", config={"sparsity": 0.5, "pattern": "2:4"})
+    teacher = _confident_vit(0)
+    student = mts.sparsify(_confident_vit(0), mode="mp", config={"sparsity": 0.5, "pattern": "2:4"})
     masks = {
         n: m._weight_mask.clone() for n, m in student.named_modules() if getattr(m, "_weight_mask", None) is not None
     }
@@ -104,7 +112,8 @@ def test_kd_distillation_keeps_masks_then_exports() -> None:
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < losses[0] or losses[0] < 1e-6
+    assert losses[0] > 1e-4  # the 2:4 student starts away from its teacher …
+    assert losses[-1] < losses[0]  # … and distillation brings it closer
     for name, module in distill.named_modules():
         if name in masks:
             assert torch.equal(module._weight_mask, masks[name])

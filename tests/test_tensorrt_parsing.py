@@ -123,3 +123,5 @@ def test_build_sparse_engine_reports_layers(tmp_path):  # pragma: no cover - nee
     build = build_engine(onnx_path, sparse=True)
     assert build.engine_path.exists()
     assert build.report.log_found
+    assert build.report.n_sparse >= 1, build.report  # at least one layer ran a sparse tactic
+    assert any(row.ran_sparse for row in build.report.layers)
