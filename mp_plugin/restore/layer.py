@@ -202,11 +202,16 @@ def restore_layer(
     notes: list[str] = []
     num_b = num_a = den = 0.0
     solvers, iters, lams = set(), 0, []
-    if gram.rows < config.min_rows_factor * gram.width:
-        need = math.ceil(config.min_rows_factor * gram.width)
+    need = math.ceil(config.min_rows_factor * gram.width)
+    if gram.rows < gram.width:
         notes.append(
             f"only {gram.rows} calibration rows for {gram.width} inputs: H is singular and the damping does the "
             f"work; give at least {need} rows"
+        )
+    elif gram.rows < need:
+        notes.append(
+            f"{gram.rows} calibration rows for {gram.width} inputs: restore may fit the calibration data more "
+            f"than the data it will see; give at least {need} rows"
         )
     for q, sl in enumerate(_group_views(w_all, groups)):
         w, m = w_all[sl], m_all[sl]
