@@ -212,7 +212,6 @@ def restore_methods_for(setting: str) -> list[tuple[str, Callable[[Task], torch.
             ("MP seb+cast+perm+restore(seq)", "cast", seq),
             ("MP cast-obs+perm+restore(seq)", "cast-obs", seq),
             ("MP obs+perm+restore(seq)", "obs", seq),
-            ("MP obs+restore(seq)", "obs", seq),
         ):
             pm = "none" if "+perm" not in label else perm
             out.append((label, lambda t, proj=proj, cfg=cfg, pm=pm: run_restore(t, setting, "seb", proj, pm, cfg)))
@@ -221,7 +220,6 @@ def restore_methods_for(setting: str) -> list[tuple[str, Callable[[Task], torch.
         for label, budget, proj, cfg in (
             ("MP seb+restore", "seb", "magnitude", one),
             ("MP seb+restore(seq)", "seb", "magnitude", seq),
-            ("MP seb+obs+restore(seq)", "seb", "obs", seq),
             ("uniform budget+obs+restore(seq)", "uniform", "obs", seq),
             ("global budget+cast-obs+restore(seq)", "magnitude", "cast-obs", seq),
         ):
@@ -254,8 +252,12 @@ def methods_for(setting: str) -> list[tuple[str, Callable[[Task], torch.nn.Modul
     return out
 
 
-def bench(task: Task, settings: list[str], suite: str = "full") -> dict:
-    """Run every method of ``suite`` in every setting; returns a JSON-ready dict."""
+def bench(
+    task: Task, settings: list[str], suite: str = "full", checkpoint: Callable[[dict], None] | None = None
+) -> dict:
+    """Run every method of ``suite`` in every setting; returns a JSON-ready dict.
+
+    ``checkpoint(partial_result)`` is called after each setting, so a long run keeps what it measured."""
     chooser = restore_methods_for if suite == "restore" else methods_for
     t0 = time.perf_counter()
     dense = task.evaluate(task.model)
@@ -286,12 +288,19 @@ def bench(task: Task, settings: list[str], suite: str = "full") -> dict:
                 f"({time.perf_counter() - t1:.1f}s) load={os.getloadavg()[0]:.1f}",
                 flush=True,
             )
+        if checkpoint is not None:
+            checkpoint(_result(task, dense, rows, t0, complete=False))
+    return _result(task, dense, rows, t0, complete=True)
+
+
+def _result(task: Task, dense: dict, rows: list[dict], t0: float, complete: bool) -> dict:
     return {
         "model": task.name,
         "task_metric": task.task_metric,
         "fidelity_metric": task.fidelity_metric,
         "dense": dense,
         "rows": rows,
+        "complete": complete,
         "threads": torch.get_num_threads(),
         "seconds": time.perf_counter() - t0,
         "loadavg_end": list(os.getloadavg()),
@@ -340,12 +349,16 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     for name in args.models:
         task = minilm_task(n_calib=args.minilm_calib) if name == "minilm" else TASKS[name]()
-        result = bench(task, args.settings, args.suite)
-        result["suite"] = args.suite
-        result["minilm_calibration_texts"] = args.minilm_calib if name == "minilm" else None
         stem = f"accuracy-{name}" if args.suite == "full" else f"accuracy-restore-{name}"
-        path = write_result(stem, result, packages=("nvidia-modelopt", "torchao", "transformers"))
-        path.with_suffix(".md").write_text(to_markdown(result))
+
+        def save(result: dict, name: str = name, stem: str = stem) -> Path:
+            result["suite"] = args.suite
+            result["minilm_calibration_texts"] = args.minilm_calib if name == "minilm" else None
+            path = write_result(stem, result, packages=("nvidia-modelopt", "torchao", "transformers"))
+            path.with_suffix(".md").write_text(to_markdown(result))
+            return path
+
+        path = save(bench(task, args.settings, args.suite, checkpoint=save))
         print(f"wrote {path}", flush=True)
 
 
