@@ -35,8 +35,9 @@ case "$cmd" in
     ;;
   test)
     setup
-    # install Debian's real Fashion-MNIST for the tests that use it, when apt is usable (root, CI)
-    if [ ! -d /usr/share/dataset-fashion-mnist ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    # what the tests need is installed here, never by the tests themselves:
+    # Debian's real Fashion-MNIST (/usr/share/datasets/fashion-mnist), when apt is usable (root, CI)
+    if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
       (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
        (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) || \
        echo "[run.sh] dataset-fashion-mnist not installable: tests that need it will skip"

@@ -102,3 +102,14 @@ def test_cli_lists_every_command() -> None:
     out = subprocess.run([sys.executable, "-m", "mp_plugin.cli", "--help"], capture_output=True, text=True, timeout=120)
     for cmd in ("analyze", "prune", "certify", "export", "bench", "demo"):
         assert cmd in out.stdout
+
+
+def test_tests_install_nothing_themselves() -> None:
+    """Only run.sh installs system packages; no test or test helper runs apt (a quoted command word)."""
+    import re
+
+    apt = "apt" + "-get"  # spelled so that this file does not match itself
+    command = re.compile(r"[\"']" + apt + r"[\"']")  # the quoted command word: an argv element or a which() argument
+    offenders = [p.name for p in sorted((ROOT / "tests").glob("*.py")) if command.search(p.read_text())]
+    assert not offenders, offenders
+    assert f"{apt} install" in (ROOT / "run.sh").read_text()
