@@ -11,7 +11,10 @@ recomputes the weight on every access) are refused here with a named
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -22,7 +25,13 @@ from .errors import CalibrationError, ConfigError, InvalidWeightError, PlanForma
 from .patterns import Pattern
 from .plan_schema import check_plan_object
 
-__all__ = ["PERMUTE_VALUES", "check_apply_inputs", "derived_weight_reason"]
+__all__ = [
+    "PERMUTE_VALUES",
+    "check_apply_inputs",
+    "derived_weight_reason",
+    "permutation_state",
+    "undo_permutations_on_error",
+]
 
 PERMUTE_VALUES = (False, None, True, "none", "swap", "interleave")
 
@@ -133,3 +142,43 @@ def check_apply_inputs(
             raise InvalidWeightError(
                 f"layer {lp.name!r}: weight contains NaN or Inf; a mask cannot be chosen (and NaN·0 stays NaN)"
             )
+
+
+def permutation_state(model: nn.Module) -> tuple[list, Any, Any]:
+    """The permutation record of ``model`` now, for :func:`undo_permutations_on_error`."""
+    return (
+        list(getattr(model, "_mp_permutation_folds", []) or []),
+        copy.deepcopy(getattr(model, "_mp_permutations", None)),
+        getattr(model, "_mp_permutation_report", None),
+    )
+
+
+@contextmanager
+def undo_permutations_on_error(model: nn.Module, state: tuple[list, Any, Any]) -> Iterator[None]:
+    """Undo the channel permutations folded into ``model`` since ``state`` if the block raises.
+
+    ``apply(..., permute=...)`` folds permutations before it reads calibration data;
+    when that data then fails (e.g. a later batch of the wrong shape), the folds made
+    since ``state`` are replayed backwards, so the model is left exactly as it was.
+    """
+    folds, perms, report = state
+    try:
+        yield
+    except BaseException:
+        new = list(getattr(model, "_mp_permutation_folds", []) or [])[len(folds) :]
+        if new:
+            from .permute.api import _fold
+
+            with torch.no_grad():
+                for site, perm in reversed(new):
+                    _fold(model, site, torch.argsort(perm))
+            for attr, old in (
+                ("_mp_permutation_folds", folds),
+                ("_mp_permutations", perms),
+                ("_mp_permutation_report", report),
+            ):
+                if old is None:
+                    model.__dict__.pop(attr, None)
+                else:
+                    setattr(model, attr, old)
+        raise

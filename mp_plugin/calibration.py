@@ -208,6 +208,8 @@ def _prepare(obj: Any, device: torch.device, dtype: torch.dtype, what: str) -> A
     if isinstance(obj, torch.Tensor):
         if obj.is_meta:
             raise CalibrationError(f"{what}: a tensor on the meta device holds no data")
+        if obj.ndim and obj.shape[0] == 0:
+            raise CalibrationError(f"{what} is empty: a tensor of shape {tuple(obj.shape)} holds no sample")
         if (obj.is_floating_point() or obj.is_complex()) and obj.numel() and not torch.isfinite(obj).all():
             raise CalibrationError(f"{what} contains NaN or Inf values: give finite inputs")
         if obj.is_floating_point() and dtype.is_floating_point and obj.dtype != dtype:
@@ -302,6 +304,8 @@ class _Accumulator:
         if room <= 0 or not inputs or not isinstance(inputs[0], torch.Tensor):
             return
         rows = layer_input_rows(module, inputs[0].detach())
+        if rows.shape[0] == 0:
+            return
         if not kn_eligible(module.weight.shape, self.n):
             raise PatternError(f"layer input channels {kn_width(module.weight.shape)} are not divisible by n={self.n}")
         if module.weight.dim() > 2:

@@ -140,6 +140,11 @@ def check_plan_dict(d: Any, source: str, version: int, top_fields: set[str], lay
             raise PlanFormatError(
                 f"{source}: '{key}' must be a {getattr(kind, '__name__', kind)}, got {type(d[key]).__name__}"
             )
+    log = d.get("applied", {}).get("layers", {})
+    if not isinstance(log, Mapping) or not all(isinstance(v, Mapping) for v in log.values()):
+        raise PlanFormatError(f"{source}: 'applied.layers' must map layer names to objects")
+    if not isinstance(d.get("applied", {}).get("restore") or {}, Mapping):
+        raise PlanFormatError(f"{source}: 'applied.restore' must be an object or null")
     layers = d["layers"]
     if not isinstance(layers, list):
         raise PlanFormatError(f"{source}: 'layers' must be a list, got {type(layers).__name__}")

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .apply_checks import check_apply_inputs
+from .apply_checks import check_apply_inputs, permutation_state, undo_permutations_on_error
 from .calibration import capture_covariances, first_batch
 from .cast import CastConfig, cast_project, cast_source
 from .errors import MPPluginError, PatternError, PlanMismatchError
@@ -141,6 +141,7 @@ def apply(
         cfg = CastConfig(**{**asdict(cfg), "prior_alpha": float(prior_alpha)})
 
     perm_method = "swap" if permute is True else (permute or "none")
+    before_permute = permutation_state(model)  # bad calibration after folding: undo, leave the model as it was
     if perm_method != "none":
         _permute(model, plan, perm_method, first_batch(calibration))
 
@@ -157,15 +158,17 @@ def apply(
         tasks = [
             LayerTask(lp.name, modules[lp.name], patterns[lp.name], lp.n_prune) for lp in plan.layers if lp.name in todo
         ]
-        driven = prune_and_restore(
-            model, tasks, calibration, method, restore_cfg, cfg if method == "cast" else None, show_progress
-        )
+        with undo_permutations_on_error(model, before_permute):
+            driven = prune_and_restore(
+                model, tasks, calibration, method, restore_cfg, cfg if method == "cast" else None, show_progress
+            )
     elif method == "cast":
         kn_layers = {lp.name: patterns[lp.name].n for lp in plan.layers if lp.name in todo and patterns[lp.name].is_kn}
-        if kn_layers and calibration is None:
-            raise MPPluginError("method='cast' needs calibration data (a batch of model inputs)")
-        if kn_layers:
-            stats = capture_covariances(model, kn_layers, calibration, max_rows=max_calibration_rows)
+        with undo_permutations_on_error(model, before_permute):
+            if kn_layers and calibration is None:
+                raise MPPluginError("method='cast' needs calibration data (a batch of model inputs)")
+            if kn_layers:
+                stats = capture_covariances(model, kn_layers, calibration, max_rows=max_calibration_rows)
 
     layer_log: dict[str, dict] = dict(plan.applied.get("layers", {}))
     bar = progress(plan.layers, desc="prune", unit="layer", disable=not show_progress or bool(driven))
