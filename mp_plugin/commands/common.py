@@ -55,9 +55,15 @@ def add_model_args(parser: argparse.ArgumentParser, default: str | None = "effic
 
 
 def set_threads(args: argparse.Namespace) -> None:
-    """Apply ``--threads`` when given."""
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
+    """Apply ``--threads`` when given (a positive integer, else :class:`~mp_plugin.errors.ConfigError`)."""
+    threads = getattr(args, "threads", None)
+    if threads is None:
+        return
+    if threads < 1:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"--threads must be a positive number of CPU threads, got {threads}")
+    torch.set_num_threads(threads)
 
 
 def model_from_args(args: argparse.Namespace, log: bool = True) -> nn.Module:
