@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +29,8 @@ __all__ = [
     "SEBConfig",
     "SEBRegime",
     "BUDGET_METHODS",
+    "BudgetContext",
+    "DEFAULT_BUDGET",
     "register_budget_method",
     "check_sparsity",
     "seb_layer_weights",
@@ -236,18 +239,72 @@ BudgetFn = Callable[..., tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass
+class BudgetContext:
+    """Everything a counts-returning budget method may read (see :func:`register_budget_method`).
+
+    Attributes:
+        names: target layer names, in module order.
+        weights: the target weights (parameters; read only).
+        numels: weights per layer.
+        layer_types: ``"attn"``/``"mlp"``/``"other"`` per layer.
+        fits: the MP fit per layer (None where undefined).
+        sparsity: the global target s ∈ [0, 1).
+        options: the plan's :class:`~mp_plugin.planning.PlanConfig` (``bounded``, ``seb``, …).
+        model: the model (for methods that run calibration data through it).
+        calibration: calibration batch(es), or None.
+    """
+
+    names: list[str]
+    weights: list[torch.Tensor]
+    numels: list[int]
+    layer_types: list[str]
+    fits: list
+    sparsity: float
+    options: Any = None
+    model: Any = None
+    calibration: Any = None
+
+    @property
+    def target(self) -> int:
+        """round(s · Σ numel): the exact number of weights every budget removes."""
+        return int(round(self.sparsity * sum(self.numels)))
+
+
+CountsFn = Callable[[BudgetContext], tuple[list[int], np.ndarray, np.ndarray]]
+
+
+@dataclass
 class _BudgetMethod:
     weights: BudgetFn | None
     uniform: bool = False
     doc: str = ""
+    counts: CountsFn | None = None
+    needs_calibration: bool = False
 
 
 BUDGET_METHODS: dict[str, _BudgetMethod] = {}
 
+DEFAULT_BUDGET = "seb"
+"""The budget ``plan``, the CLI and the adapters use when none is given (see benchmarks/README.md)."""
 
-def register_budget_method(name: str, fn: BudgetFn | None, uniform: bool = False, doc: str = "") -> None:
-    """Register a budget method: ``fn(fits, layer_types, sparsity, seb_config) -> (w, z)``."""
-    BUDGET_METHODS[name] = _BudgetMethod(fn, uniform, doc)
+
+def register_budget_method(
+    name: str,
+    fn: BudgetFn | None,
+    uniform: bool = False,
+    doc: str = "",
+    counts: CountsFn | None = None,
+    needs_calibration: bool = False,
+) -> None:
+    """Register a budget method.
+
+    Either ``fn(fits, layer_types, sparsity, seb_config) -> (w, z)`` (layer weights for the
+    global |W|/w_ℓ threshold), or ``counts(ctx: BudgetContext) -> (counts, w, z)``: exact
+    per-layer prune counts summing to ``ctx.target``, plus per-layer values recorded in
+    the plan as ``w`` (the layer's sparsity relative to s) and ``z`` (its signal).
+    ``needs_calibration``: ``plan`` refuses the method without ``calibration``.
+    """
+    BUDGET_METHODS[name] = _BudgetMethod(fn, uniform, doc, counts, needs_calibration)
 
 
 def _seb(signal: str) -> BudgetFn:

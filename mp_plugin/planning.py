@@ -27,7 +27,16 @@ import torch
 from torch import nn
 
 from .analysis import fit_target_layers
-from .budget import BUDGET_METHODS, SEBConfig, check_sparsity, global_prune_counts, uniform_prune_counts
+from .budget import (
+    BUDGET_METHODS,
+    DEFAULT_BUDGET,
+    BudgetContext,
+    SEBConfig,
+    check_sparsity,
+    global_prune_counts,
+    uniform_prune_counts,
+)
+from .budget_bounded import BoundedConfig  # importing it registers alpha, bounded-*, owl, noise-floor
 from .errors import (
     ConfigError,
     MPPluginError,
@@ -37,6 +46,7 @@ from .errors import (
     PlanMismatchError,
 )
 from .layers import LayerSelection, TargetLayer, find_target_layers
+from .mix import DEPLOYABLE_MIX, MIX_RULES, choose_kn_layers, mix_order
 from .patterns import Pattern, round_budget_to_pattern
 from .plan_schema import check_plan_dict
 from .spectrum import SpectralFit
@@ -66,6 +76,14 @@ class PlanConfig:
             product and eigen-solve (see :func:`mp_plugin.spectrum.fit_many`).
         float32_sigma_rtol: with float32, a layer whose estimated σ̂ error exceeds this
             relative tolerance is refitted in float64 (None: never).
+        bounded: :class:`~mp_plugin.budget_bounded.BoundedConfig` for the bounded budgets
+            (``alpha``, ``bounded-*``, ``owl``, ``noise-floor``).
+        mix_rule: with ``pattern="auto"``, ``auto_patterns=("dense", "2:4")`` and s < 0.5,
+            how the layers that take 2:4 are chosen (:data:`mp_plugin.mix.MIX_RULES`;
+            ``"round"`` = round each budget to the nearest pattern instead).
+        mix_scores: per-layer scores for ``mix_rule="scores"`` (lower → 2:4 first).
+        mix_costs: per-layer cost the mix target counts (default: weights; e.g. dense
+            MACs for equal sparse-execution MACs).
     """
 
     alpha: float = 0.25
@@ -77,8 +95,16 @@ class PlanConfig:
     auto_patterns: tuple[str, ...] = ("dense", "12:16", "2:4")
     gram_dtype: str = "float32"
     float32_sigma_rtol: float | None = 1e-6
+    bounded: BoundedConfig = field(default_factory=BoundedConfig)
+    mix_rule: str = "mp"
+    mix_scores: dict[str, float] | None = None
+    mix_costs: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.bounded, BoundedConfig):
+            raise ConfigError(f"bounded must be a BoundedConfig, got {type(self.bounded).__name__}")
+        if self.mix_rule not in MIX_RULES:
+            raise ConfigError(f"mix_rule must be one of {MIX_RULES}, got {self.mix_rule!r}")
         check_fit_options(self.alpha, self.beta, self.estimator, self.edge_compat)
         self.gram_dtype = str(resolve_gram_dtype(self.gram_dtype)).removeprefix("torch.")
         rtol = self.float32_sigma_rtol
@@ -106,6 +132,10 @@ class PlanConfig:
             "auto_patterns": list(self.auto_patterns),
             "gram_dtype": self.gram_dtype,
             "float32_sigma_rtol": self.float32_sigma_rtol,
+            "bounded": self.bounded.to_dict(),
+            "mix_rule": self.mix_rule,
+            "mix_scores": self.mix_scores,
+            "mix_costs": self.mix_costs,
         }
 
     @classmethod
@@ -115,6 +145,7 @@ class PlanConfig:
         d["seb"] = SEBConfig.from_dict(d.get("seb", {}))
         d["selection"] = LayerSelection(**d.get("selection", {}))
         d["auto_patterns"] = tuple(d.get("auto_patterns", ("dense", "12:16", "2:4")))
+        d["bounded"] = BoundedConfig.from_dict(d.get("bounded", {}))
         return cls(**d)
 
 
@@ -459,11 +490,24 @@ def split_method(budget: str, projection: str, method: str | None, who: str) -> 
     return ("seb", "cast") if old == "cast" else (old, projection)
 
 
+def _choose_mix(
+    targets: list[TargetLayer], fits: list, budgets: list[float], s: float, cfg: PlanConfig
+) -> list[bool]:
+    """The dense/2:4 mix of :mod:`mp_plugin.mix` for ``cfg.mix_rule``: True = the layer takes 2:4."""
+    names = [t.name for t in targets]
+    weights = [t.weight for t in targets]
+    keys = mix_order(cfg.mix_rule, weights, fits, names, budgets, cfg.mix_scores)
+    costs = [float((cfg.mix_costs or {}).get(n, w.numel())) for n, w in zip(names, weights)]
+    kn = Pattern.parse("2:4")
+    eligible = [kn.eligible(tuple(w.shape)) for w in weights]
+    return [bool(x) for x in choose_kn_layers(keys, costs, eligible, s)]
+
+
 def plan(
     model: nn.Module,
     sparsity: float = 0.5,
     pattern: str = "unstructured",
-    budget: str = "seb",
+    budget: str = DEFAULT_BUDGET,
     config: PlanConfig | None = None,
     model_name: str = "",
     show_progress: bool = False,
@@ -471,6 +515,7 @@ def plan(
     *,
     method: str | None = None,
     distributed: bool = False,
+    calibration: Any = None,
 ) -> PrunePlan:
     """Fit MP to each target layer of ``model`` and decide per-layer budgets and patterns.
 
@@ -480,9 +525,14 @@ def plan(
             (for k:n patterns, the unstructured budget that guides the projection).
         pattern: ``"unstructured"``, a k:n string such as ``"2:4"`` (every
             eligible layer takes it, the rest stay dense), or ``"auto"``
-            (round each layer's budget to the nearest of ``config.auto_patterns``).
+            (round each layer's budget to the nearest of ``config.auto_patterns``;
+            with ``auto_patterns=("dense", "2:4")`` and s < 0.5, the deployable mix:
+            ``config.mix_rule`` picks the layers that take 2:4, see :mod:`mp_plugin.mix`).
         budget: the budget method, a key of ``mp_plugin.budget.BUDGET_METHODS``
-            (``"seb"``, ``"seb-hill"``, ``"magnitude"``, ``"uniform"``).
+            (``"magnitude"``, ``"uniform"``, ``"seb"``, ``"seb-hill"``, ``"alpha"``,
+            ``"bounded-bulk-energy"``, ``"bounded-spikes"``, ``"bounded-edge"``, and with
+            calibration ``"owl"`` and ``"noise-floor"``); default
+            :data:`mp_plugin.budget.DEFAULT_BUDGET`.
         config: :class:`PlanConfig`.
         model_name: recorded in the plan.
         show_progress: show a tqdm bar over layers.
@@ -493,6 +543,8 @@ def plan(
             initialised ``torch.distributed`` default group calls ``plan`` on its full
             copy of the model, fits a share of the layers, and all ranks get the same
             plan (see :mod:`mp_plugin.analysis`).
+        calibration: a batch or list of batches, for budget methods that need data
+            (``"owl"``, ``"noise-floor"``); not stored in the plan.
 
     Returns:
         A :class:`PrunePlan`. Nothing in ``model`` is modified.
@@ -529,14 +581,37 @@ def plan(
     fits, notes = _fit_layers(targets, cfg, show_progress, reuse_fits, distributed)
     types = [t.layer_type for t in targets]
     spec = BUDGET_METHODS[method]
-    w, z = spec.weights(fits, types, s, cfg.seb)
     weights = [t.weight for t in targets]
-    counts = uniform_prune_counts(weights, s) if spec.uniform else global_prune_counts(weights, w, s)
+    if spec.counts is not None:
+        if spec.needs_calibration and calibration is None:
+            raise ConfigError(f"budget method {method!r} needs calibration data: plan(..., calibration=batches)")
+        ctx = BudgetContext(
+            names=[t.name for t in targets],
+            weights=weights,
+            numels=[int(t.weight.numel()) for t in targets],
+            layer_types=types,
+            fits=list(fits),
+            sparsity=s,
+            options=cfg,
+            model=model,
+            calibration=calibration,
+        )
+        counts, w, z = spec.counts(ctx)
+    else:
+        w, z = spec.weights(fits, types, s, cfg.seb)
+        counts = uniform_prune_counts(weights, s) if spec.uniform else global_prune_counts(weights, w, s)
+    mix = None
+    if pat is None and set(cfg.auto_patterns) == set(DEPLOYABLE_MIX) and s < 0.5 and cfg.mix_rule != "round":
+        mix = _choose_mix(targets, fits, [c / int(t.weight.numel()) for t, c in zip(targets, counts)], s, cfg)
     layers = []
-    for t, f, note, wl, zl, c in zip(targets, fits, notes, w, z, counts):
+    for i, (t, f, note, wl, zl, c) in enumerate(zip(targets, fits, notes, w, z, counts)):
         numel = int(t.weight.numel())
         budget = c / numel
-        if pat is None:
+        if mix is not None:
+            lp_pat = Pattern.parse("2:4") if mix[i] else Pattern("dense")
+            c = numel // 2 if mix[i] else 0
+            budget = c / numel
+        elif pat is None:
             lp_pat = round_budget_to_pattern(budget, tuple(t.weight.shape), cfg.auto_patterns)
         elif pat.is_kn and not pat.eligible(tuple(t.weight.shape)):
             lp_pat = Pattern("dense")

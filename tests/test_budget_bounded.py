@@ -1,0 +1,243 @@
+"""Bounded budgets (mp_plugin.budget_bounded) and the dense/2:4 mix (mp_plugin.mix).
+
+Every method: exact total to one weight, every layer inside its band, equal
+sparsity inside a block where the rule averages per block; the mix: only dense
+and 2:4, the count of 2:4 layers that brings the removed total closest to the
+target, and the ranking each rule states.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mp_plugin.budget import BUDGET_METHODS, BudgetContext
+from mp_plugin.budget_bounded import (
+    BoundedConfig,
+    block_mean,
+    bounded_ratios,
+    layer_blocks,
+    noise_floor_counts,
+    ratios_to_counts,
+)
+from mp_plugin.errors import ConfigError
+from mp_plugin.masks import check_nm
+from mp_plugin.mix import choose_kn_layers
+from mp_plugin.planning import PlanConfig, PrunePlan, plan
+from mp_plugin.pruning import apply
+
+BOUNDED = ("alpha", "bounded-bulk-energy", "bounded-spikes", "bounded-edge", "owl")
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int, rank: int, g: torch.Generator) -> None:
+        super().__init__()
+        self.q = nn.Linear(d, d)
+        self.up = nn.Linear(d, 2 * d)
+        self.down = nn.Linear(2 * d, d)
+        with torch.no_grad():  # low-rank structure of a block-specific rank on top of noise
+            for lin in (self.q, self.up, self.down):
+                o, i = lin.weight.shape
+                lr = torch.randn(o, rank, generator=g) @ torch.randn(rank, i, generator=g) / rank**0.5
+                lin.weight.copy_(0.05 * torch.randn(o, i, generator=g) + 0.08 * lr / i**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(torch.relu(self.q(x)))))
+
+
+class _Net(nn.Module):
+    def __init__(self, d: int = 32) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.layers = nn.ModuleList([_Block(d, r, g) for r in (1, 4, 16)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for blk in self.layers:
+            x = blk(x)
+        return x
+
+
+@pytest.fixture(scope="module")
+def net() -> _Net:
+    torch.manual_seed(0)
+    return _Net()
+
+
+@pytest.fixture(scope="module")
+def calib() -> list[torch.Tensor]:
+    return [torch.randn(256, 32, generator=torch.Generator().manual_seed(1))]
+
+
+def _band(s: float, eps: float, cap: float = 0.95) -> tuple[float, float]:
+    return max(0.0, s - eps), min(s + eps, max(s, cap))
+
+
+@pytest.mark.parametrize("method", (*BOUNDED, "noise-floor"))
+@pytest.mark.parametrize("s", (0.5, 0.7))
+def test_bounded_methods_exact_total_and_inside_the_band(net: _Net, calib: list, method: str, s: float) -> None:
+    cfg = PlanConfig()
+    p = plan(net, s, "unstructured", method, cfg, calibration=calib)
+    total = sum(lp.numel for lp in p.layers)
+    assert sum(lp.n_prune for lp in p.layers) == round(s * total)
+    eps = {"owl": cfg.bounded.owl_lambda, "noise-floor": cfg.bounded.noise_epsilon}.get(method, cfg.bounded.epsilon)
+    lo, hi = _band(s, eps)
+    for lp in p.layers:
+        assert lo * lp.numel - 1 <= lp.n_prune <= hi * lp.numel + 1, (lp.name, lp.unstructured_budget)
+    budgets = [lp.unstructured_budget for lp in p.layers]
+    assert max(budgets) - min(budgets) > 0.01  # the signal does reallocate on this model
+
+
+@pytest.mark.parametrize("method", BOUNDED)
+def test_bounded_methods_average_per_block(net: _Net, calib: list, method: str) -> None:
+    p = plan(net, 0.6, "unstructured", method, calibration=calib)
+    blocks = layer_blocks([lp.name for lp in p.layers])
+    assert blocks[:3] == ["layers.0"] * 3 and len(set(blocks)) == 3
+    for key in set(blocks):
+        ratios = [lp.unstructured_budget for lp, b in zip(p.layers, blocks) if b == key]
+        sizes = [lp.numel for lp, b in zip(p.layers, blocks) if b == key]
+        assert max(ratios) - min(ratios) <= 1.0 / min(sizes) + 1e-12
+    off = plan(
+        net, 0.6, "unstructured", method, PlanConfig(bounded=BoundedConfig(block_average=False)), calibration=calib
+    )
+    assert len({round(lp.unstructured_budget, 6) for lp in off.layers}) > 3
+
+
+def test_bounded_ratios_mean_is_exact_and_direction_follows_the_signal() -> None:
+    u = np.array([-1.0, -0.2, 0.4, 1.0])
+    n = np.array([100, 4000, 300, 50000])
+    for s in (0.3, 0.5, 0.85):
+        r = bounded_ratios(u, n, s, 0.2)
+        assert abs(float((r * n).sum() / n.sum()) - s) < 1e-12
+        lo, hi = _band(s, 0.2)
+        assert r.min() >= lo - 1e-15 and r.max() <= hi + 1e-15
+        assert np.all(np.diff(r) >= 0)  # higher u → at least as sparse
+    assert np.allclose(bounded_ratios(u, n, 0.5, 0.0), 0.5)
+
+
+def test_ratios_to_counts_hits_any_target_to_the_weight() -> None:
+    n = [7, 13, 1000, 3]
+    r = np.array([0.31, 0.77, 0.52, 0.0])
+    target = int(round(float((r * np.array(n)).sum())))
+    c = ratios_to_counts(r, n, target)
+    assert sum(c) == target and all(0 <= ci <= ni for ci, ni in zip(c, n))
+    assert all(abs(ci - ri * ni) < 1 for ci, ri, ni in zip(c, r, n))
+
+
+def test_block_mean_is_weighted_and_skips_nan() -> None:
+    v = block_mean(np.array([1.0, 3.0, np.nan, 5.0]), ["a", "a", "b", "b"], np.array([1.0, 3.0, 1.0, 1.0]))
+    assert np.allclose(v, [2.5, 2.5, 5.0, 5.0])
+
+
+def test_noise_floor_gives_the_steeper_layer_less_and_hits_the_total() -> None:
+    grid = (0.25, 0.5, 0.75, 0.95)
+    curves = {"a": np.array([0.01, 0.02, 0.04, 0.08]), "b": np.array([0.1, 0.2, 0.4, 0.8])}
+    ctx = BudgetContext(["a", "b"], [], [1000, 3000], ["mlp", "mlp"], [None, None], 0.5)
+    counts, rel, _ = noise_floor_counts(curves, np.array([0.05, 0.05]), ctx, grid, None, 0.95)
+    assert sum(counts) == 2000
+    assert counts[0] / 1000 > counts[1] / 3000  # "b" reaches the common multiple of its noise earlier
+    # a larger noise share lets a layer go further at the same error curve
+    counts2, _, _ = noise_floor_counts(
+        {"a": curves["b"], "b": curves["b"]}, np.array([0.2, 0.05]), ctx, grid, None, 0.95
+    )
+    assert counts2[0] / 1000 > counts2[1] / 3000
+
+
+def test_calibration_methods_refuse_without_data(net: _Net) -> None:
+    for method in ("owl", "noise-floor"):
+        assert BUDGET_METHODS[method].needs_calibration
+        with pytest.raises(ConfigError, match="calibration"):
+            plan(net, 0.5, "unstructured", method)
+
+
+def test_noise_floor_reuses_precomputed_curves(net: _Net, calib: list) -> None:
+    from mp_plugin.budget_bounded import noise_floor_curves
+
+    cfg = BoundedConfig()
+    names = [lp.name for lp in plan(net, 0.5, "unstructured", "magnitude").layers]
+    curves = noise_floor_curves(net, names, calib, cfg.noise_grid)
+    assert all(np.all(np.diff(c) > -1e-9) or c[-1] > c[0] for c in curves.values())
+    a = plan(net, 0.6, "unstructured", "noise-floor", calibration=calib)
+    b = plan(
+        net,
+        0.6,
+        "unstructured",
+        "noise-floor",
+        PlanConfig(bounded=BoundedConfig(noise_curves=curves)),
+        calibration=calib,
+    )
+    assert [lp.n_prune for lp in a.layers] == [lp.n_prune for lp in b.layers]
+
+
+# --------------------------------------------------------------------------- the dense/2:4 mix
+
+
+def test_choose_kn_layers_takes_the_count_closest_to_the_target() -> None:
+    costs = np.array([100.0, 200.0, 300.0, 400.0])
+    keys = np.array([3.0, 0.0, 1.0, 2.0])  # visit order 1, 2, 3, 0
+    chosen = choose_kn_layers(keys, costs, [True] * 4, 0.25)  # target 250 removed = 500 cost in 2:4
+    assert chosen.tolist() == [False, True, True, False]
+    # an ineligible layer is skipped, the next in rank order is taken instead
+    chosen = choose_kn_layers(keys, costs, [True, False, True, True], 0.25)
+    assert not chosen[1] and chosen.sum() >= 1
+    assert not choose_kn_layers(keys, costs, [True] * 4, 0.0).any()
+
+
+@pytest.mark.parametrize("rule", ("mp", "bulk-energy", "size", "budget"))
+def test_auto_mix_only_dense_and_24_near_the_target(net: _Net, rule: str) -> None:
+    cfg = PlanConfig(auto_patterns=("dense", "2:4"), mix_rule=rule)
+    for s in (0.25, 0.35, 0.45):
+        p = plan(net, s, "auto", "magnitude", cfg)
+        pats = {lp.pattern for lp in p.layers}
+        assert pats <= {"dense", "2:4"} and "2:4" in pats
+        smallest = min(lp.numel for lp in p.layers)
+        assert abs(p.planned_sparsity * p.total_weights - s * p.total_weights) <= smallest / 4 + 1
+        for lp in p.layers:
+            assert lp.n_prune == (lp.numel // 2 if lp.pattern == "2:4" else 0)
+
+
+def test_mix_size_rule_takes_the_largest_and_scores_rule_follows_scores(net: _Net) -> None:
+    p = plan(net, 0.25, "auto", "magnitude", PlanConfig(auto_patterns=("dense", "2:4"), mix_rule="size"))
+    big = max(lp.numel for lp in p.layers)
+    chosen = [lp for lp in p.layers if lp.pattern == "2:4"]
+    assert chosen and all(lp.numel == big for lp in chosen)  # 4 of the 6 largest layers reach 25 %
+    names = [lp.name for lp in p.layers]
+    scores = {n: float(i) for i, n in enumerate(reversed(names))}  # last layer first
+    q = plan(
+        net, 0.1, "auto", "magnitude", PlanConfig(auto_patterns=("dense", "2:4"), mix_rule="scores", mix_scores=scores)
+    )
+    assert q.layers[-1].pattern == "2:4" and q.layers[0].pattern == "dense"
+    # equal-cost target with given per-layer costs (e.g. MACs): a cheap layer counts for little
+    costs = {n: (1.0 if i == len(names) - 1 else 100.0) for i, n in enumerate(names)}
+    r = plan(
+        net,
+        0.1,
+        "auto",
+        "magnitude",
+        PlanConfig(auto_patterns=("dense", "2:4"), mix_rule="scores", mix_scores=scores, mix_costs=costs),
+    )
+    assert sum(lp.pattern == "2:4" for lp in r.layers) > sum(lp.pattern == "2:4" for lp in q.layers)
+
+
+def test_mix_applies_exact_24_and_round_trips(net: _Net) -> None:
+    import copy
+
+    m = copy.deepcopy(net)
+    p = plan(m, 0.35, "auto", "magnitude", PlanConfig(auto_patterns=("dense", "2:4")))
+    back = PrunePlan.from_dict(p.to_dict())
+    assert [lp.pattern for lp in back.layers] == [lp.pattern for lp in p.layers]
+    assert back.config.mix_rule == "mp" and back.config.bounded == p.config.bounded
+    apply(m, p)
+    mods = dict(m.named_modules())
+    for lp in p.layers:
+        w = mods[lp.name].weight
+        if lp.pattern == "2:4":
+            assert check_nm(w, 2, 4) and int((w == 0).sum()) == lp.numel // 2
+        else:
+            assert int((w == 0).sum()) == 0
+    # s ≥ 0.5 or mix_rule="round" keeps the old rounding
+    q = plan(net, 0.35, "auto", "magnitude", PlanConfig(auto_patterns=("dense", "2:4"), mix_rule="round"))
+    assert all(
+        lp.n_prune == lpq.n_prune for lp, lpq in zip(plan(net, 0.35, "unstructured", "magnitude").layers, q.layers)
+    )
