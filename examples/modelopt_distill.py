@@ -1,10 +1,11 @@
 """ModelOpt route: mode "mp" (2:4 with MP budgets), kd_loss distillation that keeps the masks, export.
 
 Uses the real MiniLM encoder (ModelOpt converts exact nn.Linear / nn.Conv2d classes only).
-Run: python examples/modelopt_distill.py
+Run: python examples/modelopt_distill.py   (MP_PLUGIN_EXAMPLE_QUICK=1: 2 distillation steps)
 """
 
 import copy
+import os
 
 import modelopt.torch.distill as mtd
 import modelopt.torch.opt as mto
@@ -37,7 +38,7 @@ print("2:4, before distillation:", embedding_retention(teacher.encode(texts), st
 kd = mtd.convert(student, mode=[("kd_loss", {"teacher_model": teacher, "criterion": torch.nn.MSELoss()})])
 opt = torch.optim.AdamW([p for p in kd.parameters() if p.requires_grad], lr=2e-4)
 kd.train()
-for step in range(10):
+for step in range(2 if os.environ.get("MP_PLUGIN_EXAMPLE_QUICK") == "1" else 10):
     opt.zero_grad()
     kd(*batch)
     loss = kd.compute_kd_loss()
@@ -45,7 +46,8 @@ for step in range(10):
     opt.step()
     print(f"kd step {step}: loss {loss.item():.5f}")
 kd.eval()
-mto.save(kd, "/tmp/mp_modelopt_student.pth")  # restore later with mp_plugin.integrations.modelopt.restore
+out = os.environ.get("MP_PLUGIN_EXAMPLE_OUT", "/tmp")
+mto.save(kd, os.path.join(out, "mp_modelopt_student.pth"))  # restore: mp_plugin.integrations.modelopt.restore
 plain = mts.export(mtd.export(kd))  # export order with distillation: mtd, then mts
 print("2:4, after distillation:", embedding_retention(teacher.encode(texts), plain.encode(texts)))
 print(mp.sparsity_report(plain, student._mp_plan).to_table(max_rows=4))

@@ -1,10 +1,11 @@
 """torch.ao.pruning route: MP budgets in prepare(), masks held through training, squash_mask() to finish.
 
 Fine-tunes the real EfficientNet-Lite0 for a few steps towards its own dense outputs on real photos.
-Run: python examples/torch_ao_pruning.py
+Run: python examples/torch_ao_pruning.py   (MP_PLUGIN_EXAMPLE_QUICK=1: fewer steps and crops)
 """
 
 import copy
+import os
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +19,11 @@ from mp_plugin.photos import real_photo_crops
 torch.set_num_threads(2)
 model = load_model("efficientnet_lite0")
 dense = copy.deepcopy(model)
-x_train, x_test = real_photo_crops(32, 160, seed=0), real_photo_crops(32, 160, seed=1)
+quick = os.environ.get("MP_PLUGIN_EXAMPLE_QUICK") == "1"
+n, side, steps = (8, 96, 2) if quick else (32, 160, 5)
+x_train, x_test = real_photo_crops(n, side, seed=0), real_photo_crops(n, side, seed=1)
 
-sparsifier = MPPruningSparsifier(sparsity=0.3, pattern="unstructured", method="seb")
+sparsifier = MPPruningSparsifier(sparsity=0.3, pattern="unstructured", budget="seb")
 sparsifier.prepare(model, config=None)
 print("before fine-tuning:", output_fidelity(batched_outputs(dense, x_test), batched_outputs(model, x_test)))
 
@@ -28,7 +31,7 @@ opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 with torch.no_grad():
     targets = dense(x_train).softmax(-1)
 model.train()
-for step in range(5):
+for step in range(steps):
     opt.zero_grad()
     loss = F.cross_entropy(model(x_train), targets)
     loss.backward()

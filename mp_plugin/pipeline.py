@@ -20,14 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import MPPluginError
+from .errors import ConfigError, MPPluginError
 from .evaluate import batched_outputs, output_fidelity
 from .model_source import load_named_model, weights_description
 from .planning import PlanConfig, PrunePlan, plan
 from .pruning import apply, sparsity_report
 from .restore import RestoreConfig
 
-__all__ = ["MainJobConfig", "Variant", "DEFAULT_VARIANTS", "run_main_job"]
+__all__ = ["MainJobConfig", "Variant", "DEFAULT_VARIANTS", "run_main_job", "select_variants", "variant_slug"]
 
 
 @dataclass(frozen=True)
@@ -247,6 +247,26 @@ def describe_preserved(fraction: float, claim: str) -> str:
         f"{fraction:.1%} of eval images have a dense margin above twice their logit shift "
         "(measured on these same images, not proven)"
     )
+
+
+def variant_slug(variant: Variant) -> str:
+    """The short name of a variant on the command line (``mp-plugin demo --variants``), e.g. ``mp-2-4-seb-cast``."""
+    return _slug(variant.label)
+
+
+def select_variants(slugs: list[str] | None) -> tuple[Variant, ...]:
+    """The :data:`DEFAULT_VARIANTS` named by ``slugs`` (all when None).
+
+    Raises:
+        ConfigError: an unknown slug (the message lists the known ones).
+    """
+    if not slugs:
+        return DEFAULT_VARIANTS
+    known = {variant_slug(v): v for v in DEFAULT_VARIANTS}
+    unknown = [s for s in slugs if s not in known]
+    if unknown:
+        raise ConfigError(f"unknown variant(s) {unknown}; known: {sorted(known)}")
+    return tuple(known[s] for s in slugs)
 
 
 def _slug(text: str) -> str:

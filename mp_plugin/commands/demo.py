@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..pipeline import MainJobConfig, run_main_job
+from ..pipeline import DEFAULT_VARIANTS, MainJobConfig, run_main_job, select_variants, variant_slug
 from .common import add_model_args
 
 
@@ -21,6 +21,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=224, help="input side in pixels (default: %(default)s)")
     p.add_argument("--sparsity", type=float, default=0.5, help="global fraction removed (default: %(default)s)")
     p.add_argument("--out", default="mp-plugin-out", help="output directory (default: %(default)s)")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        metavar="NAME",
+        help="run only these pruned variants: " + ", ".join(variant_slug(v) for v in DEFAULT_VARIANTS),
+    )
     p.add_argument("--no-certify", action="store_true", help="skip the certificate")
     p.add_argument("--no-export", action="store_true", help="skip the ONNX export")
     p.add_argument("--no-plots", action="store_true", help="skip the matplotlib figures")
@@ -39,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         n_calib=args.n_calib,
         image_size=args.image_size,
         sparsity=args.sparsity,
+        variants=select_variants(args.variants),
         out=args.out,
         certify=not args.no_certify,
         export=not args.no_export,
