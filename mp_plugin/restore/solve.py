@@ -188,6 +188,7 @@ def restore_cg(
     max_iter: int = 200,
     blocksize: int = 128,
     start: torch.Tensor | None = None,
+    fast_products: bool = True,
 ) -> tuple[torch.Tensor, int, float]:
     """Exact restore by preconditioned CG on all rows at once, warm-started by :func:`obs_sweep`.
 
@@ -197,6 +198,9 @@ def restore_cg(
         max_iter: iteration cap.
         blocksize: OBS sweep block for the warm start.
         start: warm start instead of the sweep (kept positions only are used).
+        fast_products: form the per-iteration products p·H in float32 (2× faster on CPU);
+            residuals, steps and the solution stay in ``w``'s dtype. float32's 1e-7
+            rounding is far below the stopping tolerance.
 
     Returns:
         (restored weights, iterations, worst relative residual).
@@ -212,8 +216,9 @@ def restore_cg(
     rz = (r * z).sum(dim=1)
     it = 0
     worst = float((r.norm(dim=1) / bnorm).max()) if len(r) else 0.0
+    h_fast = h.float() if fast_products and h.dtype == torch.float64 else h
     while it < max_iter and worst > tol:
-        ap = (p @ h) * m
+        ap = (p.to(h_fast.dtype) @ h_fast).to(w.dtype) * m
         pap = (p * ap).sum(dim=1)
         alpha = torch.where(pap > 0, rz / pap.clamp_min(torch.finfo(w.dtype).tiny), torch.zeros_like(pap))
         x = x + alpha[:, None] * p
