@@ -150,11 +150,11 @@ def check_pruned(model: nn.Module, plan, before: dict[str, torch.Tensor], permut
         w = modules[lp.name].weight.detach()
         planned.add(f"{lp.name}.weight")
         old = before[f"{lp.name}.weight"]
-        assert torch.isfinite(w).all(), f"{lp.name}: NaN/Inf after pruning"
+        assert torch.isfinite(w[torch.isfinite(old)]).all(), f"{lp.name}: NaN/Inf introduced by pruning"
         pat = Pattern.parse(lp.pattern)
         if pat.kind == "dense":
             if not permuted:
-                assert torch.equal(w, old), f"{lp.name}: dense layer changed"
+                assert same(w, old), f"{lp.name}: dense layer changed"
             continue
         if pat.is_kn:
             assert check_nm(w, pat.k, pat.n), f"{lp.name}: {pat} violated"
@@ -166,7 +166,7 @@ def check_pruned(model: nn.Module, plan, before: dict[str, torch.Tensor], permut
     if not permuted:
         for k, v in model.state_dict().items():
             if k not in planned:
-                assert torch.equal(v, before[k]), f"{k} changed although it is not a planned weight"
+                assert same(v, before[k]), f"{k} changed although it is not a planned weight"
 
 
 def function_kept(model: nn.Module, reference: torch.Tensor, x: torch.Tensor) -> None:
@@ -440,7 +440,9 @@ APPLY_FAULTS = [
     fault=st.sampled_from(["none"] * 12 + APPLY_FAULTS),
     sparsity=st.floats(0.1, 0.9),
     pattern=st.sampled_from(["unstructured", "2:4", "4:8", "auto", "1:2"]),
-    projection=st.sampled_from(["magnitude", "cast"]),
+    projection=st.sampled_from(["magnitude", "magnitude", "cast", "cast", "obs"]),
+    restore=st.sampled_from([False] * 5 + [True]),
+    dtype=st.sampled_from([torch.float32] * 5 + [torch.float64, torch.bfloat16]),
     calib=st.sampled_from(["good", "good_list", "numpy", "tuple"]),
     bad_calib=st.sampled_from(["none", "wrong_shape", "int", "nan", "empty", "dict_bad", "string", "list_bad"]),
     prior_alpha=st.sampled_from([0.0, 0.0, 0.5, 2]),
@@ -448,8 +450,11 @@ APPLY_FAULTS = [
     value=st.sampled_from(["5", 3.5, -1, 10**9, None, True, "2:3", "bogus", "2:32", "auto", -0.5, float("nan"), "x"]),
     seed=st.integers(0, 2**16),
 )
-def test_fuzz_apply(arch, fault, sparsity, pattern, projection, calib, bad_calib, prior_alpha, permute, value, seed):
+def test_fuzz_apply(
+    arch, fault, sparsity, pattern, projection, restore, dtype, calib, bad_calib, prior_alpha, permute, value, seed
+):
     model, x = make_model(arch, seed)
+    model = model.to(dtype)
     p = mp.plan(model, sparsity, pattern, "magnitude")
     projection = value if fault == "projection" else projection
     prior_alpha = value if fault == "prior_alpha" else prior_alpha
@@ -461,8 +466,18 @@ def test_fuzz_apply(arch, fault, sparsity, pattern, projection, calib, bad_calib
     calibration = calibration_of(calib, x)
 
     def run() -> None:
-        mp.apply(model, p, calibration=calibration, projection=projection, prior_alpha=prior_alpha, permute=permute)
-        check_pruned(model, p, before, permuted=permute not in (False, None, "none"))
+        mp.apply(
+            model,
+            p,
+            calibration=calibration,
+            projection=projection,
+            prior_alpha=prior_alpha,
+            permute=permute,
+            restore=restore,
+        )
+        # restore and OBS re-solve the kept weights: their values are new, counts and pattern are checked
+        changed = permute not in (False, None, "none") or restore or projection == "obs"
+        check_pruned(model, p, before, permuted=changed)
 
     if classify("apply", run) is not None:
         assert_untouched(model, before)
@@ -876,6 +891,65 @@ def test_fuzz_torchao(chosen, fault, projection, budget, calib, bad, seed):
 
     if classify("torchao FqnToConfig", run) is not None:
         assert_untouched(model, before)
+
+
+# --------------------------------------------------------------------------- 9: the CLI
+
+CLI_FAULTS = ["threads", "out_file", "max_rows", "sparsity", "pattern", "budget", "checkpoint", "num_classes"]
+
+
+@fuzz(full=60, ci=15)
+@given(
+    fault=st.sampled_from(["none"] * 4 + CLI_FAULTS),
+    pattern=st.sampled_from(["unstructured", "2:4", "auto"]),
+    budget=st.sampled_from(["seb", "magnitude", "uniform"]),
+    sparsity=st.sampled_from(["0.3", "0.5", "0.7"]),
+    bad=st.sampled_from(["-1", "0", "-3", "1.5", "nan", "abc", "2:32", "cast", "dense"]),
+    blob=st.binary(min_size=0, max_size=40),
+)
+def test_fuzz_cli(capsys, fault, pattern, budget, sparsity, bad, blob):
+    from mp_plugin.cli import main
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out"
+        argv = ["prune", "fuzz_mlp", "--pattern", pattern, "--budget", budget, "--sparsity", sparsity]
+        if fault == "threads":
+            argv += ["--threads", bad]
+        elif fault == "out_file":
+            out.write_text("taken")
+        elif fault == "max_rows":
+            argv += ["--max-rows", bad]
+        elif fault in ("sparsity", "pattern", "budget"):
+            argv[argv.index(f"--{fault}") + 1] = bad
+        elif fault == "checkpoint":
+            ckpt = Path(tmp) / "bad.safetensors"
+            ckpt.write_bytes(blob)
+            argv += ["--checkpoint", str(ckpt)]
+        elif fault == "num_classes":
+            argv += ["--num-classes", bad]
+        argv += ["--out", str(out)]
+
+        def run() -> None:
+            try:
+                code = main(argv)
+            except SystemExit as exc:  # argparse: a usage error names the option, exit 2
+                err = capsys.readouterr().err
+                assert exc.code == 2 and "error:" in err and "Traceback" not in err
+                raise mp.ConfigError(f"usage error: {err.strip().splitlines()[-1]}") from None
+            err = capsys.readouterr().err
+            assert "Traceback" not in err
+            if code != 0:
+                lines = [line for line in err.splitlines() if line.startswith("mp-plugin prune: error:")]
+                assert code == 2 and len(lines) == 1, f"exit {code} (1 = foreign exception): {err}"
+                raise mp.MPPluginError(lines[0])
+            back = mp.PrunePlan.load(out / "plan.json")
+            loaded = load_model("fuzz_mlp", checkpoint=out / "model.safetensors")
+            assert mp.sparsity_report(loaded, back).kn_valid
+            zeros = sum(int((loaded.get_submodule(lp.name).weight == 0).sum()) for lp in back.layers)
+            if back.pattern == "unstructured":
+                assert zeros >= sum(lp.n_prune for lp in back.layers)
+
+        classify("CLI (mp-plugin prune)", run)
 
 
 def test_outcome_classifier_rejects_foreign_errors() -> None:
