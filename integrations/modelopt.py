@@ -15,7 +15,7 @@ Unlike ModelOpt's own searchers it accepts unstructured and any k:n pattern.
 
 Search config keys (all optional): ``sparsity`` (0.5), ``pattern`` ("2:4";
 "unstructured", "auto", "k:n" and ModelOpt's "2:4 sparsity" spelling),
-``budget`` ("seb" | "seb-hill" | "magnitude" | "uniform"), ``projection``
+``budget`` (``mp_plugin.budget.DEFAULT_BUDGET``; any key of ``BUDGET_METHODS``), ``projection``
 ("magnitude" | "cast" | "obs" | "cast-obs"), ``restore`` (False, True or a
 ``mp_plugin.restore.RestoreConfig``: re-solve the kept weights on the calibration
 data; the restored values go into the module's real parameter), ``calibration``
@@ -50,6 +50,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without modelopt
     ) from exc
 
 from mp_plugin import apply as mp_apply
+from mp_plugin.budget import DEFAULT_BUDGET
 from mp_plugin.errors import MPPluginError
 from mp_plugin.layers import LayerSelection
 from mp_plugin.patterns import Pattern
@@ -87,7 +88,7 @@ class MPSearcher(BaseSparseSearcher):
             **super().default_search_config,
             "pattern": "2:4",
             "sparsity": 0.5,
-            "budget": "seb",
+            "budget": DEFAULT_BUDGET,
             "projection": "magnitude",
             "restore": False,
             "method": None,
@@ -121,16 +122,17 @@ class MPSearcher(BaseSparseSearcher):
         base = cfg["plan_config"] or PlanConfig()
         sel = LayerSelection(**{**base.selection.to_dict(), "include_only": [f"^{n}$" for n in sparse]})
         budget_method, projection = split_method(cfg["budget"], cfg["projection"], cfg["method"], "mts.sparsify")
+        calibration = cfg["calibration"]
+        if calibration is None and self.forward_loop is not None:
+            calibration = _record_inputs(self.model, self.forward_loop)
         the_plan = plan(
             self.model,
             cfg["sparsity"],
             cfg["pattern"],
             budget_method,
             PlanConfig(**{**base.__dict__, "selection": sel}),
+            calibration=calibration,
         )
-        calibration = cfg["calibration"]
-        if calibration is None and self.forward_loop is not None:
-            calibration = _record_inputs(self.model, self.forward_loop)
         mp_apply(
             self.model,
             the_plan,

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.ao.pruning import BaseSparsifier
 
+from mp_plugin.budget import DEFAULT_BUDGET
 from mp_plugin.errors import MPPluginError
 from mp_plugin.masks import nm_mask, unstructured_mask
 from mp_plugin.patterns import Pattern
@@ -36,7 +37,8 @@ class MPPruningSparsifier(BaseSparsifier):
     Args:
         sparsity: global fraction of target weights to remove.
         pattern: ``"unstructured"``, ``"k:n"`` (e.g. ``"2:4"``) or ``"auto"``.
-        budget: budget method (``"seb"``, ``"seb-hill"``, ``"magnitude"``, ``"uniform"``).
+        budget: budget method, a key of ``mp_plugin.budget.BUDGET_METHODS`` (default
+            ``mp_plugin.budget.DEFAULT_BUDGET``; the paper's rule is ``"seb"``).
         plan_config: :class:`mp_plugin.PlanConfig` (fit and layer-selection settings).
         method: deprecated name of ``budget`` (DeprecationWarning).
     """
@@ -45,7 +47,7 @@ class MPPruningSparsifier(BaseSparsifier):
         self,
         sparsity: float = 0.5,
         pattern: str = "unstructured",
-        budget: str = "seb",
+        budget: str = DEFAULT_BUDGET,
         plan_config: PlanConfig | None = None,
         *,
         method: str | None = None,

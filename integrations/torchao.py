@@ -32,6 +32,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without torchao
     raise ImportError("mp_plugin.integrations.torchao needs torchao: pip install 'mp-plugin[torchao]'") from exc
 
 from mp_plugin import apply as mp_apply
+from mp_plugin.budget import DEFAULT_BUDGET
 from mp_plugin.errors import MPPluginError
 from mp_plugin.layers import LayerSelection
 from mp_plugin.planning import PlanConfig, PrunePlan, plan, split_method
@@ -46,7 +47,8 @@ class MPSparsifier(AOBaseConfig):
         sparsity: global fraction of target weights to remove (the k:n
             projection's unstructured guide when ``pattern`` is k:n).
         pattern: ``"2:4"`` (default), another ``"k:n"``, ``"unstructured"`` or ``"auto"``.
-        budget: budget method (``"seb"``, ``"seb-hill"``, ``"magnitude"``, ``"uniform"``).
+        budget: budget method, a key of ``mp_plugin.budget.BUDGET_METHODS`` (default
+            ``mp_plugin.budget.DEFAULT_BUDGET``; the paper's rule is ``"seb"``).
         permute: ``None``, ``"swap"`` or ``"interleave"``: channel permutation
             folded into the weights before k:n masking.
         calibration: an input batch (tensor, tuple or dict) for CAST.
@@ -64,7 +66,7 @@ class MPSparsifier(AOBaseConfig):
 
     sparsity: float = 0.5
     pattern: str = "2:4"
-    budget: str = "seb"
+    budget: str = DEFAULT_BUDGET
     permute: str | None = None
     calibration: Any = None
     accelerate: bool = False
@@ -118,7 +120,7 @@ class MPSparsifier(AOBaseConfig):
         if self.restore and self.calibration is None:
             raise MPPluginError("restore=True needs calibration data: MPSparsifier(calibration=batch, restore=True)")
         cfg = self._selection(model, filter_fn)
-        the_plan = plan(model, self.sparsity, self.pattern, self.budget, cfg)
+        the_plan = plan(model, self.sparsity, self.pattern, self.budget, cfg, calibration=self.calibration)
         kwargs: dict[str, Any] = {"projection": self.projection, "restore": self.restore}
         if self.calibration is not None:
             kwargs["calibration"] = self.calibration

@@ -33,6 +33,11 @@ method                     signal v_ℓ                                         
 ``noise-floor``            see :func:`noise_floor_counts`                             —    calibration
 =========================  ========================================================  ===  ==============
 
+``mag-alpha``, ``mag-bulk-energy``, ``mag-spikes``, ``mag-edge`` and
+``mag-noise-floor`` apply the same rules as a bounded *correction of global
+magnitude*: the band is [g_ℓ − ε, g_ℓ + ε] around each layer's global-magnitude
+budget g_ℓ (ε = ``anchor_epsilon``) and the shift c starts from g_ℓ instead of s.
+
 Settings live in :class:`BoundedConfig` (``PlanConfig.bounded``). Importing this
 module registers the methods in :data:`mp_plugin.budget.BUDGET_METHODS`.
 """
@@ -72,6 +77,8 @@ class BoundedConfig:
 
     Attributes:
         epsilon: ε, the half-width of the band [s − ε, s + ε] (AlphaPruning: 0.2–0.3).
+        anchor_epsilon: ε of the ``mag-*`` methods, whose band is centred on each layer's
+            global-magnitude budget instead of s.
         block_average: average the signal over the layers of a block first.
         max_sparsity: no layer is pruned above this fraction.
         owl_m: OWL's outlier multiple M (an outlier scores above M × the layer mean).
@@ -85,6 +92,7 @@ class BoundedConfig:
     """
 
     epsilon: float = 0.2
+    anchor_epsilon: float = 0.1
     block_average: bool = True
     max_sparsity: float = 0.95
     owl_m: float = 5.0
@@ -95,7 +103,7 @@ class BoundedConfig:
     noise_curves: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("epsilon", "owl_lambda"):
+        for name in ("epsilon", "anchor_epsilon", "owl_lambda"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
                 raise ConfigError(f"BoundedConfig.{name} must be a number in [0, 1), got {v!r}")
@@ -112,6 +120,7 @@ class BoundedConfig:
         """JSON-ready copy (without ``noise_curves``)."""
         return {
             "epsilon": self.epsilon,
+            "anchor_epsilon": self.anchor_epsilon,
             "block_average": self.block_average,
             "max_sparsity": self.max_sparsity,
             "owl_m": self.owl_m,
@@ -170,31 +179,39 @@ def _unit(values: np.ndarray) -> np.ndarray:
 
 
 def bounded_ratios(
-    u: np.ndarray, numels: Sequence[int], sparsity: float, epsilon: float, max_sparsity: float = 0.95
+    u: np.ndarray,
+    numels: Sequence[int],
+    sparsity: float,
+    epsilon: float,
+    max_sparsity: float = 0.95,
+    center: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Per-layer sparsities r_ℓ = clip(s + c + ε·u_ℓ, lo, hi) with Σ n_ℓ r_ℓ = s Σ n_ℓ.
+    """Per-layer sparsities r_ℓ = clip(g_ℓ + c + ε·u_ℓ, lo_ℓ, hi_ℓ) with Σ n_ℓ r_ℓ = s Σ n_ℓ.
 
     Args:
         u: (L,) mapped signal, nominally in [−1, 1] (the direction already applied).
         numels: (L,) weights per layer.
         sparsity: s ∈ [0, 1).
-        epsilon: ε ≥ 0; lo = max(0, s − ε), hi = min(s + ε, max(s, max_sparsity)).
+        epsilon: ε ≥ 0; lo_ℓ = max(0, g_ℓ − ε), hi_ℓ = min(g_ℓ + ε, max(g_ℓ, max_sparsity)).
         max_sparsity: cap of any layer.
+        center: (L,) anchor g_ℓ with Σ n_ℓ g_ℓ = s Σ n_ℓ (default g_ℓ = s, AlphaPruning;
+            e.g. the global-magnitude budgets for a bounded correction of global magnitude).
 
     Returns:
-        (L,) float64 ratios inside [lo, hi] whose parameter-weighted mean is s (to
+        (L,) float64 ratios inside [lo_ℓ, hi_ℓ] whose parameter-weighted mean is s (to
         float64 precision; the shift c is found by bisection).
     """
     n = np.asarray(numels, dtype=np.float64)
     u = np.asarray(u, dtype=np.float64)
     s = float(sparsity)
-    lo, hi = max(0.0, s - epsilon), min(s + epsilon, max(s, max_sparsity))
+    g = np.full(len(n), s) if center is None else np.asarray(center, dtype=np.float64)
+    lo, hi = np.maximum(0.0, g - epsilon), np.minimum(g + epsilon, np.maximum(g, max_sparsity))
     if epsilon == 0 or s == 0:
-        return np.full(len(n), s)
+        return g.copy()
     target = s * n.sum()
 
     def total(c: float) -> float:
-        return float((n * np.clip(s + c + epsilon * u, lo, hi)).sum())
+        return float((n * np.clip(g + c + epsilon * u, lo, hi)).sum())
 
     a, b = -2.0 - 2 * epsilon, 2.0 + 2 * epsilon  # total(a) = lo·Σn ≤ target ≤ hi·Σn = total(b)
     for _ in range(200):
@@ -203,7 +220,7 @@ def bounded_ratios(
             a = mid
         else:
             b = mid
-    return np.clip(s + 0.5 * (a + b) + epsilon * u, lo, hi)
+    return np.clip(g + 0.5 * (a + b) + epsilon * u, lo, hi)
 
 
 def ratios_to_counts(ratios: np.ndarray, numels: Sequence[int], target: int) -> list[int]:
@@ -237,13 +254,14 @@ def bounded_counts(
     block_average: bool,
     max_sparsity: float,
     block_weights: np.ndarray | None = None,
+    center: np.ndarray | None = None,
 ) -> tuple[list[int], np.ndarray, np.ndarray]:
-    """Steps 1–5 of the module rule on ``values``: (counts, r_ℓ/s, u_ℓ)."""
+    """Steps 1–5 of the module rule on ``values``: (counts, r_ℓ/s, u_ℓ); ``center`` as in :func:`bounded_ratios`."""
     v = np.asarray(values, dtype=np.float64)
     if block_average:
         v = block_mean(v, layer_blocks(ctx.names), block_weights)
     u = _unit(v)
-    r = bounded_ratios(direction * u, ctx.numels, ctx.sparsity, epsilon, max_sparsity)
+    r = bounded_ratios(direction * u, ctx.numels, ctx.sparsity, epsilon, max_sparsity, center)
     counts = ratios_to_counts(r, ctx.numels, ctx.target)
     rel = r / ctx.sparsity if ctx.sparsity > 0 else np.ones_like(r)
     return counts, rel, u
@@ -275,9 +293,27 @@ def mp_signal(fits: Sequence[Any], name: str) -> np.ndarray:
     return np.asarray([fn(f) if f is not None and not f.degenerate else float("nan") for f in fits], dtype=np.float64)
 
 
-def _bounded_method(signal: str, direction: float) -> Callable[[BudgetContext], tuple]:
+def magnitude_center(ctx: BudgetContext) -> np.ndarray:
+    """The global-magnitude budgets (one |W| threshold, exact total) as per-layer fractions."""
+    from .budget import global_prune_counts
+
+    counts = global_prune_counts(ctx.weights, [1.0] * len(ctx.weights), ctx.sparsity)
+    return np.asarray(counts, dtype=np.float64) / np.asarray(ctx.numels, dtype=np.float64)
+
+
+def _bounded_method(signal: str, direction: float, anchored: bool = False) -> Callable[[BudgetContext], tuple]:
     def counts(ctx: BudgetContext) -> tuple[list[int], np.ndarray, np.ndarray]:
         cfg = _cfg(ctx)
+        if anchored:
+            return bounded_counts(
+                mp_signal(ctx.fits, signal),
+                ctx,
+                direction,
+                cfg.anchor_epsilon,
+                cfg.block_average,
+                cfg.max_sparsity,
+                center=magnitude_center(ctx),
+            )
         return bounded_counts(
             mp_signal(ctx.fits, signal), ctx, direction, cfg.epsilon, cfg.block_average, cfg.max_sparsity
         )
@@ -384,15 +420,17 @@ def noise_floor_counts(
     grid: Sequence[float],
     epsilon: float | None,
     max_sparsity: float,
+    center: np.ndarray | None = None,
 ) -> tuple[list[int], np.ndarray, np.ndarray]:
     """Noise-floor allocation: every layer stops where its error reaches one common multiple of its noise.
 
     Layer ℓ's error curve e_ℓ(g) (:func:`noise_floor_curves`, made non-decreasing,
     e_ℓ(0) = 0, linear between grid points) is inverted at c·ν_ℓ (ν_ℓ from
     :func:`noise_levels`): r_ℓ(c) = the sparsity where e_ℓ reaches c·ν_ℓ, clipped to
-    [max(0, s − ε), min(s + ε, max_sparsity)]. Σ n_ℓ r_ℓ(c) is continuous and
+    [max(0, g_ℓ − ε), min(g_ℓ + ε, max_sparsity)] with g_ℓ = ``center`` (default s).
+    Σ n_ℓ r_ℓ(c) is continuous and
     non-decreasing in c; bisection on log c makes it exactly s Σ n_ℓ, then the
-    counts are rounded to the exact total. Layers without a curve keep r_ℓ = s.
+    counts are rounded to the exact total. Layers without a curve keep r_ℓ = g_ℓ.
 
     Returns:
         (counts, r_ℓ/s, log10 c·ν_ℓ per layer).
@@ -400,7 +438,8 @@ def noise_floor_counts(
     s = ctx.sparsity
     n = np.asarray(ctx.numels, dtype=np.float64)
     eps = 1.0 if epsilon is None else epsilon
-    lo, hi = max(0.0, s - eps), min(s + eps, max(s, max_sparsity))
+    g = np.full(len(n), s) if center is None else np.asarray(center, dtype=np.float64)
+    lo, hi = np.maximum(0.0, g - eps), np.minimum(g + eps, np.maximum(g, max_sparsity))
     xs = np.concatenate([[0.0], np.asarray(grid, dtype=np.float64)])
     inv = []
     for name in ctx.names:
@@ -415,7 +454,7 @@ def noise_floor_counts(
 
     def ratios(logc: float) -> np.ndarray:
         c = 10.0**logc
-        r = np.full(len(n), s)
+        r = g.copy()
         for i, e in enumerate(inv):
             if e is not None:
                 r[i] = float(np.interp(c * levels[i], e, xs))
@@ -440,12 +479,27 @@ def noise_floor_counts(
     return counts, r / s, np.log10(10.0 ** (0.5 * (a + b)) * levels)
 
 
-def _noise_floor(ctx: BudgetContext) -> tuple[list[int], np.ndarray, np.ndarray]:
-    cfg = _cfg(ctx)
-    curves = cfg.noise_curves
-    if curves is None:
-        curves = noise_floor_curves(ctx.model, ctx.names, ctx.calibration, cfg.noise_grid, cfg.noise_rows)
-    return noise_floor_counts(curves, noise_levels(ctx.fits), ctx, cfg.noise_grid, cfg.noise_epsilon, cfg.max_sparsity)
+def _noise_floor_method(anchored: bool) -> Callable[[BudgetContext], tuple]:
+    def counts(ctx: BudgetContext) -> tuple[list[int], np.ndarray, np.ndarray]:
+        cfg = _cfg(ctx)
+        curves = cfg.noise_curves
+        if curves is None:
+            curves = noise_floor_curves(ctx.model, ctx.names, ctx.calibration, cfg.noise_grid, cfg.noise_rows)
+        if anchored:
+            return noise_floor_counts(
+                curves,
+                noise_levels(ctx.fits),
+                ctx,
+                cfg.noise_grid,
+                cfg.anchor_epsilon,
+                cfg.max_sparsity,
+                center=magnitude_center(ctx),
+            )
+        return noise_floor_counts(
+            curves, noise_levels(ctx.fits), ctx, cfg.noise_grid, cfg.noise_epsilon, cfg.max_sparsity
+        )
+
+    return counts
 
 
 register_budget_method(
@@ -480,10 +534,30 @@ register_budget_method(
     needs_calibration=True,
     doc="OWL outlier-weighted layer sparsity (baseline, calibration): more outliers → pruned less, band ±λ",
 )
+for _sig, _d, _what in (
+    ("alpha", +1.0, "Hill α"),
+    ("bulk-energy", +1.0, "MP bulk energy share"),
+    ("spikes", -1.0, "spikes per dimension"),
+    ("edge", +1.0, "σ₊ / iid edge"),
+):
+    register_budget_method(
+        f"mag-{_sig}",
+        None,
+        counts=_bounded_method(_sig, _d, anchored=True),
+        doc=f"global magnitude corrected by the bounded mapping on the {_what}: band ±anchor_epsilon around "
+        "each layer's global-magnitude budget, exact total",
+    )
+register_budget_method(
+    "mag-noise-floor",
+    None,
+    counts=_noise_floor_method(anchored=True),
+    needs_calibration=True,
+    doc="noise-floor allocation inside ±anchor_epsilon of each layer's global-magnitude budget (calibration)",
+)
 register_budget_method(
     "noise-floor",
     None,
-    counts=_noise_floor,
+    counts=_noise_floor_method(anchored=False),
     needs_calibration=True,
     doc="each layer pruned until its post-restore output error reaches one common multiple of its MP "
     "noise share (calibration); bisection for the exact total",

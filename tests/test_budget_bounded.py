@@ -89,6 +89,21 @@ def test_bounded_methods_exact_total_and_inside_the_band(net: _Net, calib: list,
     assert max(budgets) - min(budgets) > 0.01  # the signal does reallocate on this model
 
 
+@pytest.mark.parametrize("method", ("mag-alpha", "mag-bulk-energy", "mag-spikes", "mag-edge", "mag-noise-floor"))
+def test_magnitude_anchored_methods_stay_near_global_magnitude(net: _Net, calib: list, method: str) -> None:
+    cfg = PlanConfig()
+    s = 0.6
+    glob = plan(net, s, "unstructured", "magnitude")
+    p = plan(net, s, "unstructured", method, cfg, calibration=calib)
+    assert sum(lp.n_prune for lp in p.layers) == sum(lp.n_prune for lp in glob.layers)
+    eps = cfg.bounded.anchor_epsilon
+    moved = 0
+    for lp, g in zip(p.layers, glob.layers):
+        assert abs(lp.n_prune - g.n_prune) <= eps * lp.numel + 1, lp.name
+        moved += lp.n_prune != g.n_prune
+    assert moved >= 2
+
+
 @pytest.mark.parametrize("method", BOUNDED)
 def test_bounded_methods_average_per_block(net: _Net, calib: list, method: str) -> None:
     p = plan(net, 0.6, "unstructured", method, calibration=calib)

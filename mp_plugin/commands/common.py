@@ -13,6 +13,7 @@ import argparse
 import torch
 from torch import nn
 
+from ..budget import DEFAULT_BUDGET
 from ..model_source import load_named_model, weights_description
 
 MODEL_HELP = "built-in name (efficientnet_lite0, minilm, fmnist_cnn, …) or a timm model name"
@@ -83,7 +84,12 @@ def add_plan_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sparsity", type=float, default=0.5, help="global fraction of weights to remove")
     parser.add_argument("--pattern", default="unstructured", help="unstructured | auto | k:n such as 2:4")
     parser.add_argument(
-        "--budget", "--method", dest="budget", default="seb", help="budget method: seb | seb-hill | magnitude | uniform"
+        "--budget",
+        "--method",
+        dest="budget",
+        default=DEFAULT_BUDGET,
+        help=f"budget method (default {DEFAULT_BUDGET}): magnitude | uniform | seb (the paper's rule) | seb-hill | "
+        "alpha | bounded-bulk-energy | bounded-spikes | bounded-edge",
     )
     parser.add_argument("--include-head", action="store_true", help="also prune the classifier head")
     parser.add_argument("--include-stem", action="store_true", help="also prune the stem conv (C_in=3)")
