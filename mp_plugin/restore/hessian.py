@@ -82,14 +82,16 @@ class _GramHook:
         if room is not None and x.shape[0] > room:
             pick = torch.randperm(x.shape[0], generator=self.gen)[:room].to(x.device)
             x = x.index_select(0, pick)
-        x = x.to(self.dtype)
+        # products in float32 (fast BLAS), summed over batches in self.dtype: the per-batch
+        # rounding (~1e-7 relative) is far below the damping λ = 0.01·mean diag H
+        x = x.to(torch.float32 if self.dtype == torch.float64 else self.dtype)
         if not bool(torch.isfinite(x).all()):
             raise RestoreError(
                 f"layer {self.name!r}: its calibration input holds NaN or Inf; restore needs finite activations "
                 "(check the calibration batch and the layers before this one)"
             )
         xq = x.reshape(x.shape[0], groups, -1).transpose(0, 1)  # (Q, rows, d)
-        g = xq.transpose(1, 2) @ xq
+        g = (xq.transpose(1, 2) @ xq).to(self.dtype)
         self.gram = g if self.gram is None else self.gram + g
         self.rows += int(x.shape[0])
 
@@ -109,7 +111,8 @@ def capture_grams(
         model: the model (run in eval mode under ``no_grad``; its mode is restored).
         names: module names of Linear/Conv1d/Conv2d layers.
         data: one batch or a list of batches (see ``mp_plugin.calibration.run_batches``).
-        dtype: precision of the accumulated Gram (float64 or float32).
+        dtype: precision of the accumulated Gram (float64 or float32); each batch's product
+            XᵀX is formed in float32 and added in ``dtype``.
         max_rows: at most this many input rows per layer (random subset), None = all.
         stop_after: end each batch's forward pass once this layer has run (the
             layers after it are not needed), to save time in sequential restore.
