@@ -12,13 +12,22 @@ Layer parallelism: with ``distributed=True`` under an initialised
 share of the units, balanced by their Gram + eigen-solve cost, and the fits are
 gathered with ``all_gather_object``, so every rank returns the same list. Every
 rank must hold the full model (as DDP does) and call this together.
+
+Offloading: a model dispatched by Hugging Face ``accelerate`` (``device_map`` with
+CPU or disk offload, ``cpu_offload``, ``disk_offload``) keeps offloaded weights on
+the meta device behind an ``AlignDevicesHook``. Each work unit's weights are
+brought in with accelerate's own ``align_module_device`` for the fit and released
+after it (:func:`onloaded`), and :class:`LayerWeights` does the same one layer at a
+time for the budget, so a model larger than memory can be planned.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
+from torch import nn
 
 from .errors import MPPluginError, SpectrumFitError
 from .layers import TargetLayer
@@ -26,9 +35,50 @@ from .progress import progress
 from .spectrum import SpectralFit, fit_many
 from .spectrum.eigen import resolve_gram_dtype
 
-__all__ = ["WorkUnit", "work_units", "fit_target_layers"]
+__all__ = ["WorkUnit", "work_units", "fit_target_layers", "onloaded", "LayerWeights"]
 
 WorkUnit = list[int]
+
+
+def _offloaded(module: nn.Module) -> bool:
+    """True for a module whose weight accelerate offloaded (meta tensor behind an ``_hf_hook``)."""
+    weight = getattr(module, "weight", None)
+    return getattr(module, "_hf_hook", None) is not None and isinstance(weight, torch.Tensor) and weight.is_meta
+
+
+@contextlib.contextmanager
+def onloaded(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Inside the block, accelerate-offloaded ``modules`` hold their weights on their execution device.
+
+    Uses ``accelerate.utils.align_module_device``; modules that are not offloaded are untouched.
+    """
+    with contextlib.ExitStack() as stack:
+        for module in modules:
+            if _offloaded(module):
+                from accelerate.utils import align_module_device  # optional: only offloaded models need it
+
+                stack.enter_context(align_module_device(module))
+        yield
+
+
+class LayerWeights(Sequence[torch.Tensor]):
+    """The target layers' weights as a sequence; an offloaded weight is brought in (a copy) as it is read.
+
+    ``len`` and shapes never load anything; iterating loads one layer at a time.
+    """
+
+    def __init__(self, targets: Sequence[TargetLayer]) -> None:
+        self.targets = list(targets)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> torch.Tensor:  # type: ignore[override]
+        module = self.targets[i].module
+        if not _offloaded(module):
+            return module.weight
+        with onloaded([module]):
+            return module.weight.detach().clone()
 
 
 def work_units(
@@ -123,9 +173,10 @@ def fit_target_layers(
     bar = progress(total=sum(len(u) for u in mine), desc="MP fit", unit="layer", disable=not show_progress)
     for unit in mine:
         try:
-            res = fit_many(
-                [targets[i].weight for i in unit], alpha, beta, estimator, edge_compat, dtype, float32_sigma_rtol
-            )
+            with onloaded([targets[i].module for i in unit]):
+                res = fit_many(
+                    [targets[i].weight for i in unit], alpha, beta, estimator, edge_compat, dtype, float32_sigma_rtol
+                )
             local.update({i: (r, "") for i, r in zip(unit, res)})
         except SpectrumFitError as exc:
             local.update({i: (None, f"no MP fit: {exc}") for i in unit})

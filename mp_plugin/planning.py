@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .analysis import fit_target_layers
+from .analysis import LayerWeights, fit_target_layers
 from .budget import (
     BUDGET_METHODS,
     DEFAULT_BUDGET,
@@ -599,7 +599,8 @@ def plan(
         counts, w, z = spec.counts(ctx)
     else:
         w, z = spec.weights(fits, types, s, cfg.seb)
-        counts = uniform_prune_counts(weights, s) if spec.uniform else global_prune_counts(weights, w, s)
+        layer_weights = LayerWeights(targets)  # accelerate-offloaded weights are read one layer at a time
+        counts = uniform_prune_counts(weights, s) if spec.uniform else global_prune_counts(layer_weights, w, s)
     mix = None
     if pat is None and set(cfg.auto_patterns) == set(DEPLOYABLE_MIX) and s < 0.5 and cfg.mix_rule != "round":
         mix = _choose_mix(targets, fits, [c / int(t.weight.numel()) for t, c in zip(targets, counts)], s, cfg)

@@ -302,3 +302,25 @@ def test_llama_restore_runs_one_decoder_layer_at_a_time() -> None:
         err_res = float((restored(input_ids=held_out).logits - ref).norm())
     print(f"logit error vs dense: magnitude {err_mag:.3f}, restored {err_res:.3f}")
     assert err_res < err_mag  # restoring the kept weights brings the pruned decoder closer to the dense one
+
+
+# ----------------------------------------------------------------------------- accelerate offloading
+
+
+def test_plan_of_a_disk_offloaded_llama_equals_the_in_memory_plan(tmp_path) -> None:
+    pytest.importorskip("accelerate")
+    import copy
+
+    from accelerate import disk_offload
+
+    import mp_plugin as mp
+
+    model = _decoder("llama")
+    in_memory = mp.plan(copy.deepcopy(model), sparsity=0.6, pattern="unstructured")
+    disk_offload(model, str(tmp_path / "offload"), execution_device="cpu")
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.weight.is_meta  # the weights live on disk; accelerate's hooks bring them in
+    offloaded = mp.plan(model, sparsity=0.6, pattern="unstructured")
+    assert q.weight.is_meta  # and plan gave them back
+    for a, b in zip(offloaded.layers, in_memory.layers):
+        assert (a.name, a.n_prune, a.fit.sigma, a.fit.n_spikes) == (b.name, b.n_prune, b.fit.sigma, b.fit.n_spikes)
