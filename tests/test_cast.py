@@ -190,7 +190,7 @@ def test_capture_rejects_unknown_layers_and_bad_batches() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(8, 4))
     with pytest.raises(MPPluginError, match="no module"):
         capture_covariances(model, {"7": 4}, torch.randn(2, 8))
-    with pytest.raises(MPPluginError, match="tensor, tuple or dict"):
+    with pytest.raises(MPPluginError, match="tensor, numpy array, tuple"):
         capture_covariances(model, {"0": 4}, "text")
     with pytest.raises(PatternError, match="not divisible"):
         capture_covariances(model, {"0": 3}, torch.randn(2, 8))
