@@ -46,6 +46,8 @@ _LAZY = {
     "MaskKeeper": "mp_plugin.masks",
     "permute_channels": "mp_plugin.permute",
     "certify": "mp_plugin.certificate",
+    "RestoreConfig": "mp_plugin.restore",
+    "restore_model": "mp_plugin.restore",
     "MPSparsifier": "mp_plugin.integrations.torchao",
 }
 # lazy names that need an optional framework: reachable as attributes, left out of ``import *``
