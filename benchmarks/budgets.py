@@ -313,6 +313,67 @@ def bench(task: Task, restore_cfg: RestoreConfig, parts: tuple[str, ...]) -> dic
     }
 
 
+DATA_FREE = (
+    "seb",
+    "alpha",
+    "bounded-bulk-energy",
+    "bounded-spikes",
+    "bounded-edge",
+    "mag-alpha",
+    "mag-bulk-energy",
+    "mag-spikes",
+    "mag-edge",
+)
+
+
+def default_verdict(results: list[dict], restore: bool = False) -> dict[str, dict]:
+    """For each budget: on how many (model, sparsity) it is not worse / better than global magnitude.
+
+    Not worse: Δ ≤ SE (the loss difference to global magnitude within one standard error
+    of the paired evaluation-sample difference); better: Δ < −2·SE.
+    """
+    out: dict[str, dict] = {}
+    for res in results:
+        for r in res["rows"]:
+            if r["part"] != "unstr" or r["restore"] != restore or "delta_vs_reference" not in r:
+                continue
+            v = out.setdefault(
+                r["budget"], {"cases": 0, "not_worse": 0, "better": 0, "worse_in": [], "models_better": []}
+            )
+            v["cases"] += 1
+            d, se = r["delta_vs_reference"], r["se_delta"]
+            if d <= se:
+                v["not_worse"] += 1
+            else:
+                v["worse_in"].append(f"{res['model']} {r['setting']}")
+            if d < -2 * se:
+                v["better"] += 1
+                if res["model"] not in v["models_better"]:
+                    v["models_better"].append(res["model"])
+    for v in out.values():
+        v["qualifies"] = v["not_worse"] == v["cases"] and v["better"] > v["cases"] / 2 and len(v["models_better"]) >= 2
+    return out
+
+
+def verdict_markdown(results: list[dict]) -> str:
+    """The qualification table of the default budget (without restore and with restore)."""
+    lines = [
+        "| budget | data | not worse than global magnitude (no restore) | better | better on models "
+        "| not worse (+restore) | better (+restore) | qualifies as default |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    plain, rest = default_verdict(results, False), default_verdict(results, True)
+    for budget, v in plain.items():
+        w = rest.get(budget, {})
+        data = "data-free" if budget in DATA_FREE or budget in ("uniform",) else "calibration"
+        lines.append(
+            f"| {budget} | {data} | {v['not_worse']}/{v['cases']} | {v['better']}/{v['cases']} | "
+            f"{', '.join(v['models_better']) or '-'} | {w.get('not_worse', 0)}/{w.get('cases', 0)} | "
+            f"{w.get('better', 0)}/{w.get('cases', 0)} | {'yes' if v['qualifies'] and data == 'data-free' else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def to_markdown(results: list[dict]) -> str:
     """Tables: unstructured (loss per setting, without / with restore) and the mix."""
     out = []
@@ -395,15 +456,16 @@ def main(argv: list[str] | None = None) -> None:
                 "evaluation sets of accuracy.py"
             )
             if args.quick:
-                print(to_markdown([res]))
+                print(to_markdown([res]) + verdict_markdown([res]))
                 continue
             path = write_result(f"budgets-{name}", res, packages=("transformers",))
             print(f"wrote {path}", flush=True)
     if args.quick:
         return
     results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("budgets-*.json"))]
-    (RESULTS / "budgets.md").write_text(to_markdown(results))
-    print(to_markdown(results))
+    text = to_markdown(results) + "\n### Which budget qualifies as the default\n\n" + verdict_markdown(results)
+    (RESULTS / "budgets.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -7,18 +7,21 @@ per-layer ranking; ``plan(model, s, "auto", config=PlanConfig(auto_patterns=("de
 "2:4")))`` uses it for s < 0.5 with the rule ``PlanConfig.mix_rule``:
 
 ==============  =============================================================  ==============
-rule            layers take 2:4 first when …                                   data
+rule            damage estimate d_ℓ of putting 2:4 on the layer                data
 ==============  =============================================================  ==============
-``mp``          the energy 2:4 removes is small against the layer's MP noise   data-free
-                energy: ‖W − P₂:₄(W)‖²_F / (σ̂²·N·M) lowest first
-``bulk-energy`` the MP bulk holds the largest share of ‖W‖²                   data-free
-``size``        the layer is largest (fewest layers for the target)            data-free
-``budget``      the plan's budget method gives it the largest sparsity         per budget
-``scores``      ``PlanConfig.mix_scores[name]`` is lowest (e.g. measured       user scores
-                sensitivity)
+``mp``          the energy 2:4 removes against the layer's MP noise energy,    data-free
+                ‖W − P₂:₄(W)‖²_F / (σ̂²·N·M)
+``bulk-energy`` the share of ‖W‖² in the MP spikes, Σ_spikes s² / Σ s²         data-free
+``scores``      ``PlanConfig.mix_scores[name]`` (e.g. measured sensitivity)    user scores
+``size``        (no damage) largest layer first                                data-free
+``budget``      (no damage) largest sparsity of the plan's budget first        per budget
 ``round``       (no selection) each layer's budget rounded to the nearest      —
                 auto pattern, the rule for s ≥ 0.5 and other candidates
 ==============  =============================================================  ==============
+
+The damage rules are a greedy knapsack: layers go by damage per unit of cost,
+d_ℓ / cost_ℓ, lowest first, so a large layer that is barely hurt comes before a
+small one that is barely hurt.
 
 The target is s · Σ cost over the eligible and ineligible target layers, cost =
 weights (default) or ``PlanConfig.mix_costs`` (e.g. each layer's dense MACs from
@@ -37,9 +40,10 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["MIX_RULES", "DEPLOYABLE_MIX", "choose_kn_layers", "kn_noise_ratio", "mix_order"]
+__all__ = ["MIX_RULES", "DAMAGE_RULES", "DEPLOYABLE_MIX", "choose_kn_layers", "kn_noise_ratio", "mix_order"]
 
 MIX_RULES = ("mp", "bulk-energy", "size", "budget", "scores", "round")
+DAMAGE_RULES = ("mp", "bulk-energy", "scores")
 DEPLOYABLE_MIX = ("dense", "2:4")
 
 
@@ -64,14 +68,17 @@ def mix_order(
     names: Sequence[str],
     budgets: Sequence[float] | None = None,
     scores: dict[str, float] | None = None,
+    costs: Sequence[float] | None = None,
 ) -> np.ndarray:
-    """Per-layer rank keys for ``rule`` (lower → takes 2:4 first); NaN keys go last."""
+    """Per-layer rank keys for ``rule`` (lower → takes 2:4 first); NaN keys go last.
+
+    Damage rules (:data:`DAMAGE_RULES`) return d_ℓ / cost_ℓ (cost default: weights).
+    """
+    c = np.asarray([w.numel() for w in weights] if costs is None else costs, dtype=np.float64)
     if rule == "mp":
-        return np.asarray([kn_noise_ratio(w, f) for w, f in zip(weights, fits)], dtype=np.float64)
+        return np.asarray([kn_noise_ratio(w, f) for w, f in zip(weights, fits)], dtype=np.float64) / c
     if rule == "bulk-energy":
-        return np.asarray(
-            [-(1.0 - f.spike_energy_fraction) if f is not None else np.nan for f in fits], dtype=np.float64
-        )
+        return np.asarray([f.spike_energy_fraction if f is not None else np.nan for f in fits], dtype=np.float64) / c
     if rule == "size":
         return -np.asarray([w.numel() for w in weights], dtype=np.float64)
     if rule == "budget":
@@ -81,7 +88,7 @@ def mix_order(
     if rule == "scores":
         if not scores:
             raise ConfigError("mix rule 'scores' needs PlanConfig.mix_scores {layer name: score}")
-        return np.asarray([scores.get(nm, np.nan) for nm in names], dtype=np.float64)
+        return np.asarray([scores.get(nm, np.nan) for nm in names], dtype=np.float64) / c
     raise ConfigError(f"unknown mix rule {rule!r}; use one of {MIX_RULES}")
 
 

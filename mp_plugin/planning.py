@@ -496,8 +496,8 @@ def _choose_mix(
     """The dense/2:4 mix of :mod:`mp_plugin.mix` for ``cfg.mix_rule``: True = the layer takes 2:4."""
     names = [t.name for t in targets]
     weights = [t.weight for t in targets]
-    keys = mix_order(cfg.mix_rule, weights, fits, names, budgets, cfg.mix_scores)
     costs = [float((cfg.mix_costs or {}).get(n, w.numel())) for n, w in zip(names, weights)]
+    keys = mix_order(cfg.mix_rule, weights, fits, names, budgets, cfg.mix_scores, costs)
     kn = Pattern.parse("2:4")
     eligible = [kn.eligible(tuple(w.shape)) for w in weights]
     return [bool(x) for x in choose_kn_layers(keys, costs, eligible, s)]
