@@ -263,11 +263,11 @@ def test_damage_rules_rank_by_damage_per_cost() -> None:
 
     weights = [torch.zeros(8, 8), torch.zeros(32, 8), torch.zeros(4, 8)]
     names = ["a", "b", "c"]
-    keys = mix_order("scores", weights, [None] * 3, names, scores={"a": 1.0, "b": 1.0, "c": 0.5})
+    keys = mix_order("scores", weights, [None] * 3, names, scores={"a": 1.0, "b": 1.0, "c": 0.6})
     assert np.argsort(keys).tolist() == [
         1,
         0,
         2,
     ]  # equal damage: the larger layer first; c's damage per weight is highest
-    keys = mix_order("scores", weights, [None] * 3, names, scores={"a": 1.0, "b": 1.0, "c": 0.5}, costs=[1, 1, 1])
+    keys = mix_order("scores", weights, [None] * 3, names, scores={"a": 1.0, "b": 1.0, "c": 0.6}, costs=[1, 1, 1])
     assert np.argsort(keys, kind="stable").tolist() == [2, 0, 1]
