@@ -16,6 +16,7 @@ Budget methods live in :data:`BUDGET_METHODS`, a registry keyed by name:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -135,9 +136,11 @@ def seb_layer_weights(
     finite = np.isfinite(sig)
     z = np.zeros_like(sig)
     if finite.sum() >= 2:
-        mu, sd = sig[finite].mean(), sig[finite].std()
+        peak = np.abs(sig[finite]).max()
+        unit = sig[finite] / peak if peak > 0 else sig[finite]  # z is scale-free: no under/overflow for 1e-200 signals
+        mu, sd = unit.mean(), unit.std()
         if sd > 0:
-            z[finite] = (sig[finite] - mu) / sd
+            z[finite] = (unit - mu) / sd
     row = cfg.regime(s)
     if row is None:
         return np.ones_like(sig), z
@@ -153,16 +156,36 @@ def seb_layer_weights(
 _CHUNK = 1 << 22  # entries scored at once: the workspace of global_prune_counts is a few of these
 
 
-def _score_bits(weight: torch.Tensor, layer_w: float) -> Iterator[torch.Tensor]:
-    """The float32 scores |W|/w_ℓ of one layer as int32 bit patterns, slice by slice.
+def _score_bits(weight: torch.Tensor, layer_w: float, shift: int = 0) -> Iterator[torch.Tensor]:
+    """The float32 scores |W|/w_ℓ·2^-shift of one layer as int32 bit patterns, slice by slice.
 
     For non-negative floats the bit pattern orders like the value, so counting
-    bit patterns below a threshold is counting scores below it.
+    bit patterns below a threshold is counting scores below it. ``shift`` (the same
+    for every layer, see :func:`_score_shift`) keeps float64 weights far outside
+    float32's range (|W| ~ 1e100) from all becoming inf or 0.
     """
     flat = weight.detach().reshape(-1)
     for start in range(0, flat.numel(), _CHUNK):
-        piece = flat[start : start + _CHUNK].abs().float() / float(layer_w)
-        yield piece.view(torch.int32)
+        piece = flat[start : start + _CHUNK].abs()
+        if shift:
+            scaled = torch.ldexp(piece.double(), torch.tensor(float(-shift), dtype=torch.float64)) / float(layer_w)
+            yield scaled.float().view(torch.int32)
+        else:
+            yield (piece.float() / float(layer_w)).view(torch.int32)
+
+
+def _score_shift(weights: Sequence[torch.Tensor], layer_w: Sequence[float]) -> int:
+    """A power-of-two exponent putting the largest score near 1 when the scores leave float32's safe range."""
+    peaks = []
+    for w, lw in zip(weights, layer_w):
+        if w.numel():
+            lo, hi = torch.aminmax(w.detach())  # no |W| copy of the layer
+            peaks.append(max(abs(float(lo)), abs(float(hi))) / float(lw))
+    peak = max(peaks, default=0.0)
+    if not (0.0 < peak < math.inf):
+        return 0
+    exp = math.frexp(peak)[1]
+    return exp if abs(exp) > 60 else 0
 
 
 def global_prune_counts(weights: Sequence[torch.Tensor], layer_w: Sequence[float], sparsity: float) -> list[int]:
@@ -186,9 +209,10 @@ def global_prune_counts(weights: Sequence[torch.Tensor], layer_w: Sequence[float
     target = int(round(s * total))
     if target == 0:
         return [0] * len(sizes)
+    shift = _score_shift(weights, layer_w)
     high = [torch.zeros(1 << 15, dtype=torch.int64) for _ in weights]
     for i, (w, lw) in enumerate(zip(weights, layer_w)):
-        for bits in _score_bits(w, lw):
+        for bits in _score_bits(w, lw, shift):
             high[i] += torch.bincount(bits >> 16, minlength=1 << 15).cpu()
     cum = torch.stack(high).sum(0).cumsum(0)
     top = int(torch.searchsorted(cum, torch.tensor(target, dtype=torch.int64)))  # first bin reaching target
@@ -199,7 +223,7 @@ def global_prune_counts(weights: Sequence[torch.Tensor], layer_w: Sequence[float
         if int(high[i][top]) == 0:
             continue
         hist = torch.zeros(1 << 16, dtype=torch.int64)
-        for bits in _score_bits(w, lw):
+        for bits in _score_bits(w, lw, shift):
             inside = bits[(bits >> 16) == top] & 0xFFFF
             if inside.numel():
                 hist += torch.bincount(inside, minlength=1 << 16).cpu()

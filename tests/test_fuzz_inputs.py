@@ -298,6 +298,7 @@ PATTERNS = [
     budget=st.sampled_from(["seb", "seb-hill", "magnitude", "uniform"]),
     gram=st.sampled_from(["float64", "float32", torch.float32]),
     alpha=st.floats(0.0, 0.49),
+    exponent=st.sampled_from([0] * 6 + [-600, -100, 100, 400]),
     bad=st.sampled_from(
         [
             -0.1,
@@ -323,13 +324,19 @@ PATTERNS = [
     ),
     seed=st.integers(0, 2**16),
 )
-def test_fuzz_plan(arch, fault, sparsity, pattern, budget, gram, alpha, bad, seed):
+def test_fuzz_plan(arch, fault, sparsity, pattern, budget, gram, alpha, exponent, bad, seed):
     sparsity = bad if fault == "sparsity" else sparsity
     pattern = bad if fault == "pattern" else pattern
     budget = bad if fault == "budget" else budget
     gram = bad if fault == "gram" else gram
     alpha = bad if fault == "alpha" else alpha
     model, _ = make_model(arch, seed)
+    unscaled = copy.deepcopy(model).double()
+    if exponent:  # a float64 model scaled by 2^e: the plan must be the unscaled model's (scale-free budgets)
+        model = model.double()
+        with torch.no_grad():
+            for t in model.parameters():
+                t.copy_(torch.ldexp(t, torch.tensor(float(exponent), dtype=torch.float64)))
     before = snapshot(model)
 
     def run() -> None:
@@ -345,6 +352,9 @@ def test_fuzz_plan(arch, fault, sparsity, pattern, budget, gram, alpha, bad, see
         with tempfile.TemporaryDirectory() as tmp:
             back = mp.PrunePlan.load(p.save(Path(tmp) / "plan.json"))
         assert json.dumps(back.to_dict(), sort_keys=True) == json.dumps(p.to_dict(), sort_keys=True)
+        if exponent:
+            ref = mp.plan(unscaled, sparsity, pattern, budget, cfg)
+            assert [(lp.n_prune, lp.pattern) for lp in p.layers] == [(lp.n_prune, lp.pattern) for lp in ref.layers]
 
     classify("plan", run)
     assert_untouched(model, before)
