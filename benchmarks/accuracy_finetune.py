@@ -560,6 +560,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--suite", choices=("full", "restore"), default="full", help="restore: the prune–restore rows")
     ap.add_argument("--minilm-calib", type=int, default=40, help="MiniLM calibration glosses (restore needs ≥ d rows)")
+    ap.add_argument("--only-settings", nargs="*", default=None, help="settings to run, e.g. 2:4 (default: all)")
     ap.add_argument("--only", nargs="*", default=None, help="method labels to run (default: all)")
     ap.add_argument("--name", default=None, help="result name (default: accuracy-<model>-finetune)")
     ap.add_argument(
@@ -593,7 +594,7 @@ def main(argv: list[str] | None = None) -> None:
     for setting, label in ser_methods:
         plain.append((setting, label, lambda t, s=setting, lb=label: ser_prune(t, s, lb, selection, args.ser_lr), rest))
     for setting, label, runner, train in plain:
-        if args.only and label not in args.only:
+        if (args.only and label not in args.only) or (args.only_settings and setting not in args.only_settings):
             continue
         t1 = time.perf_counter()
         pruned = runner(task)
