@@ -11,7 +11,12 @@ signal means a larger w_ℓ, so a higher threshold: more pruning in that layer.
 magnitude. :func:`global_prune_counts` hits the requested count exactly.
 
 Budget methods live in :data:`BUDGET_METHODS`, a registry keyed by name:
-``"seb"``, ``"seb-hill"``, ``"magnitude"`` (global magnitude) and ``"uniform"``.
+``"seb"``, ``"seb-hill"``, ``"magnitude"`` (global magnitude) and ``"uniform"``
+here; the bounded budgets of :mod:`mp_plugin.budget_bounded` (``"alpha"``,
+``"bounded-*"``, ``"mag-*"``, ``"owl"``, ``"noise-floor"``) and the SEB signal
+variants of :mod:`mp_plugin.budget_signals`. :data:`DEFAULT_BUDGET` is what
+``plan``, the CLI and the adapters use when no budget is named; it follows the
+measurement in ``benchmarks/budgets.py`` (benchmarks/README.md).
 """
 
 from __future__ import annotations
