@@ -48,6 +48,7 @@ from mp_plugin.budget import global_prune_counts  # noqa: E402
 from mp_plugin.budget_bounded import BoundedConfig, noise_floor_curves  # noqa: E402
 from mp_plugin.macs import count_macs  # noqa: E402
 from mp_plugin.masks import nm_mask, unstructured_mask  # noqa: E402
+from mp_plugin.patterns import Pattern  # noqa: E402
 from mp_plugin.planning import PlanConfig, PrunePlan, plan  # noqa: E402
 from mp_plugin.pruning import apply  # noqa: E402
 from mp_plugin.restore import RestoreConfig  # noqa: E402
@@ -129,7 +130,7 @@ def sensitivities(task: Task, names: list[str], dense_out: torch.Tensor, kn: boo
     """Loss when only that layer is pruned to 50 % (smallest |W|) or to magnitude 2:4."""
     out = {}
     for name in names:
-        if kn and dict(task.model.named_modules())[name].weight.shape[1] % 4:
+        if kn and not Pattern.parse("2:4").eligible(tuple(dict(task.model.named_modules())[name].weight.shape)):
             continue
         _, o = evaluate(task, _prune_alone(task, name, kn))
         out[name] = float(per_sample_loss(task, dense_out, o).mean())
