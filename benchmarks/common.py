@@ -50,3 +50,26 @@ def write_result(name: str, payload: dict, packages: tuple[str, ...] = ()) -> Pa
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=1))
     return path
+
+
+def read_marked_block(text: str, start: str, end: str) -> str | None:
+    """The text between the marker lines ``start`` and ``end`` (without the newline before ``end``), or None."""
+    import re
+
+    m = re.search(re.escape(start) + r"\n(.*?)\n?" + re.escape(end), text, flags=re.S)
+    return m.group(1) if m else None
+
+
+def write_marked_block(path: Path, start: str, end: str, block: str) -> None:
+    """Replace the text between the marker lines in ``path`` by ``block``.
+
+    Raises:
+        SystemExit: the markers are missing.
+    """
+    import re
+
+    text = path.read_text()
+    if read_marked_block(text, start, end) is None:
+        raise SystemExit(f"{path}: markers {start!r} … {end!r} not found")
+    pattern = re.escape(start) + r"\n.*?\n?" + re.escape(end)
+    path.write_text(re.sub(pattern, lambda _: f"{start}\n{block}\n{end}", text, flags=re.S))

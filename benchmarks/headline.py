@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import read_marked_block, write_marked_block  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -138,8 +141,7 @@ def render(rows: tuple[HeadlineRow, ...] = ROWS, results: Path = RESULTS) -> str
 
 def readme_block(text: str) -> str | None:
     """The text between the headline markers of a README, or None if the markers are missing."""
-    m = re.search(re.escape(START) + r"\n(.*?)\n?" + re.escape(END), text, flags=re.S)
-    return m.group(1) if m else None
+    return read_marked_block(text, START, END)
 
 
 def main() -> None:
@@ -150,11 +152,7 @@ def main() -> None:
     if not args.write:
         print(table)
         return
-    text = README.read_text()
-    if readme_block(text) is None:
-        raise SystemExit(f"{README}: headline markers not found")
-    new = re.sub(re.escape(START) + r"\n.*?\n?" + re.escape(END), lambda _: f"{START}\n{table}\n{END}", text, flags=re.S)
-    README.write_text(new)
+    write_marked_block(README, START, END, table)
     print(f"wrote the headline table into {README}")
 
 

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import read_marked_block  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -119,13 +122,12 @@ def render() -> str:
     for model in MODELS:
         lines += one_shot(model)
     lines += finetune()
-    return "\n".join(lines).rstrip() + "\n"
+    return "\n".join(lines).rstrip()
 
 
 def readme_block(text: str) -> str | None:
     """The text between the markers, or None."""
-    m = re.search(re.escape(START) + r"\n(.*?)" + re.escape(END), text, flags=re.S)
-    return m.group(1) if m else None
+    return read_marked_block(text, START, END)
 
 
 def main() -> None:
@@ -137,12 +139,7 @@ def main() -> None:
     if not args.write:
         print(block)
         return
-    text = README.read_text()
-    if readme_block(text) is None:
-        raise SystemExit(f"{README}: restore markers not found")
-    README.write_text(
-        re.sub(re.escape(START) + r"\n.*?" + re.escape(END), lambda _: f"{START}\n{block}{END}", text, flags=re.S)
-    )
+    write_marked_block(README, START, END, block)
     print(f"wrote {README}")
 
 
