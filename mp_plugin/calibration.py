@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import inspect
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,7 @@ from torch import nn
 
 from .errors import CalibrationError, MPPluginError, PatternError
 from .layout import kn_eligible, kn_input_columns, kn_matrix, kn_width
+from .progress import progress
 
 __all__ = [
     "GroupCovariance",
@@ -65,11 +67,15 @@ class GroupCovariance:
             G = C_in·kh·kw / n over the full unfolded input, in the k:n layout.
         rows: number of input rows averaged.
         n: group size.
+        scale_exp: the true second moments are ``cov · 4**scale_exp``. 0 unless the
+            layer's inputs are so large or small (beyond 2^±250) that their squares
+            would over- or underflow float64; CAST's choices do not depend on it.
     """
 
     cov: torch.Tensor
     rows: int
     n: int
+    scale_exp: int = 0
 
     @property
     def groups(self) -> int:
@@ -79,7 +85,16 @@ class GroupCovariance:
     @property
     def second_moment(self) -> torch.Tensor:
         """E[h²] per input column, in the k:n layout: (G·n,) float64."""
-        return torch.diagonal(self.cov, dim1=-2, dim2=-1).reshape(-1)
+        diag = torch.diagonal(self.cov, dim1=-2, dim2=-1).reshape(-1)
+        return diag if not self.scale_exp else _ldexp(diag, 2 * self.scale_exp)
+
+
+def _ldexp(t: torch.Tensor, exp: int) -> torch.Tensor:
+    """t · 2^exp in two steps (one step overflows 2^exp for |exp| > 1023)."""
+    half = exp // 2
+    for step in (half, exp - half):
+        t = torch.ldexp(t, torch.tensor(float(step), dtype=t.dtype, device=t.device))
+    return t
 
 
 _TOKEN_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("mp_plugin_token_mask", default=None)
@@ -259,7 +274,7 @@ def call_model(model: nn.Module, batch: Any, what: str = "calibration batch") ->
         ) from exc
 
 
-def run_batches(model: nn.Module, data: Any) -> None:
+def run_batches(model: nn.Module, data: Any, show_progress: bool = False, desc: str = "calibration") -> None:
     """Run calibration data through ``model`` under ``torch.no_grad()``.
 
     ``data`` is one batch or a non-empty list of batches. A batch is a tensor or
@@ -276,7 +291,7 @@ def run_batches(model: nn.Module, data: Any) -> None:
         raise CalibrationError("calibration data is an empty list: give at least one batch")
     batches = data if isinstance(data, list) else [data]
     with torch.no_grad():
-        for i, batch in enumerate(batches):
+        for i, batch in enumerate(progress(batches, desc=desc, unit="batch", disable=not show_progress)):
             what = f"calibration batch {i}" if isinstance(data, list) else "calibration batch"
             with real_tokens(token_mask(batch)):
                 call_model(model, batch, what)
@@ -298,6 +313,7 @@ class _Accumulator:
         self.generator = generator
         self.sum: torch.Tensor | None = None
         self.rows = 0
+        self.shift: int | None = None  # rows are divided by 2^shift (0 unless they are beyond 2^±250)
 
     def __call__(self, module: nn.Module, inputs: tuple, output: Any) -> None:
         room = self.max_rows - self.rows
@@ -314,6 +330,12 @@ class _Accumulator:
             pick = torch.randperm(rows.shape[0], generator=self.generator)[:room].to(rows.device)
             rows = rows.index_select(0, pick)
         g = rows.to(torch.float64).reshape(rows.shape[0], -1, self.n)
+        if self.shift is None:
+            peak = float(g.abs().max())
+            exp = math.frexp(peak)[1] if 0.0 < peak < math.inf else 0
+            self.shift = exp if abs(exp) > 250 else 0
+        if self.shift:
+            g = _ldexp(g, -self.shift)
         block = torch.einsum("rgi,rgj->gij", g, g)
         self.sum = block if self.sum is None else self.sum + block
         self.rows += int(rows.shape[0])
@@ -325,6 +347,7 @@ def capture_covariances(
     data: Any,
     max_rows: int = 4096,
     seed: int = 0,
+    show_progress: bool = False,
 ) -> dict[str, GroupCovariance]:
     """Capture the (G, n, n) input covariances of the named layers in one calibration pass.
 
@@ -335,6 +358,7 @@ def capture_covariances(
         data: calibration batch(es), see :func:`run_batches`.
         max_rows: at most this many input rows per layer (random subset).
         seed: seed of the row subsampling.
+        show_progress: a tqdm bar over the calibration batches.
 
     Returns:
         ``{name: GroupCovariance}`` for every layer the forward pass reached
@@ -354,7 +378,7 @@ def capture_covariances(
             acc = _Accumulator(module, n, max_rows, gen)
             accs[name] = acc
             handles.append(module.register_forward_hook(acc))
-        run_batches(model, data)
+        run_batches(model, data, show_progress=show_progress, desc="covariance capture")
     finally:
         for h in handles:
             h.remove()
@@ -366,7 +390,9 @@ def capture_covariances(
                 "check the model's weights and the scale of the calibration inputs"
             )
     return {
-        name: GroupCovariance(acc.sum / acc.rows, acc.rows, acc.n) for name, acc in accs.items() if acc.sum is not None
+        name: GroupCovariance(acc.sum / acc.rows, acc.rows, acc.n, acc.shift or 0)
+        for name, acc in accs.items()
+        if acc.sum is not None
     }
 
 
@@ -385,7 +411,8 @@ def calibration_loss(weight_change: torch.Tensor, stats: GroupCovariance, conv_g
     rg = r.reshape(r.shape[0], -1, stats.n)
     cov = stats.cov.to(r.device)
     idx = group_index(r.shape[0], rg.shape[1], conv_groups, stats.groups, device=r.device)
-    return torch.einsum("rga,rgab,rgb->", rg, cov[idx], rg)
+    loss = torch.einsum("rga,rgab,rgb->", rg, cov[idx], rg)
+    return loss if not stats.scale_exp else _ldexp(loss, 2 * stats.scale_exp)
 
 
 def group_index(

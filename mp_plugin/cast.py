@@ -117,6 +117,18 @@ def cast_source(
     return torch.where(prior_mask, kept, fill)
 
 
+def _unit_scale(t: torch.Tensor) -> torch.Tensor:
+    """``t`` divided by a power of two near its largest |entry| (exact), or ``t`` when it is all zero/non-finite."""
+    peak = float(t.abs().max()) if t.numel() else 0.0
+    if not (0.0 < peak < math.inf):
+        return t
+    exp = math.frexp(peak)[1]
+    half = exp // 2  # two steps: 2^-exp alone overflows for subnormal peaks
+    for step in (-half, half - exp):
+        t = torch.ldexp(t, torch.tensor(float(step), dtype=t.dtype, device=t.device))
+    return t
+
+
 def cast_project(
     u: torch.Tensor,
     stats: GroupCovariance,
@@ -152,8 +164,10 @@ def cast_project(
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     dev = u.device
     G = width // n
-    ug_all = kn_matrix(u.detach()).reshape(rows, G, n).to(dtype)
-    cov = stats.cov.to(device=dev, dtype=dtype)
+    # positive power-of-two scalings of u and C leave every argmin unchanged; they keep the
+    # products u²·C of very large or very small weights and inputs from over/underflowing
+    ug_all = _unit_scale(kn_matrix(u.detach()).reshape(rows, G, n).to(torch.float64)).to(dtype)
+    cov = _unit_scale(stats.cov.to(device=dev, dtype=torch.float64)).to(dtype)
     idx_all = group_index(rows, G, conv_groups, stats.groups, device=dev)
     gen = torch.Generator().manual_seed(cfg.seed)
     pats = kn_patterns(k, n, cfg.max_enumerate, cfg.n_samples, gen).to(dev)
@@ -179,18 +193,18 @@ def cast_project(
         mag = torch.zeros_like(ug, dtype=torch.bool).scatter_(-1, ug.abs().topk(k, dim=-1).indices, True)
         d_mag = (~mag).to(dtype)
         cost_mag = torch.einsum("rgab,rga,rgb->rg", q, d_mag, d_mag)
-        total = torch.cat([cost, cost_mag[..., None]], dim=-1)  # (r, G, K+1)
+        total = torch.cat([cost_mag[..., None], cost], dim=-1)  # (r, G, 1+K): ties go to magnitude
         if use_prior:
             p = prior_all[sl]
             base = k + p.sum(-1, keepdim=True)
             ham = torch.cat(
-                [base - 2 * p @ pats.to(dtype).T, base - 2 * (p * mag.to(dtype)).sum(-1, keepdim=True)], dim=-1
+                [base - 2 * (p * mag.to(dtype)).sum(-1, keepdim=True), base - 2 * p @ pats.to(dtype).T], dim=-1
             )
             cbar = cost.mean(-1, keepdim=True) if cbar_esm is None else cbar_esm[None, :, None]
             total = total + cfg.prior_alpha * cbar * ham
         best = total.argmin(dim=-1)  # (r, G)
-        chosen = pats[best.clamp_max(len(pats) - 1)]
-        out[sl] = torch.where((best == len(pats))[..., None], mag, chosen)
+        chosen = pats[(best - 1).clamp_min(0)]
+        out[sl] = torch.where((best == 0)[..., None], mag, chosen)
     mask = from_kn_matrix(out.reshape(rows, -1), u.shape).contiguous()
     assert_kn_exact(mask, k, n, name="CAST mask")
     return mask
