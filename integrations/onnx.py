@@ -44,6 +44,7 @@ from mp_plugin.layout import kn_eligible
 from mp_plugin.masks import check_nm, fold_parametrizations, kn_group_counts
 from mp_plugin.patterns import Pattern
 from mp_plugin.planning import PrunePlan
+from mp_plugin.progress import progress
 
 __all__ = [
     "ExportError",
@@ -469,6 +470,7 @@ def export_onnx(
     fold: bool = False,
     selection: LayerSelection | None = None,
     parity_tol: float | None = None,
+    show_progress: bool = False,
 ) -> ExportReport:
     """Export a k:n-pruned model to ONNX and verify the pattern and the numerics.
 
@@ -488,6 +490,7 @@ def export_onnx(
         selection: which layers are targets (default :class:`LayerSelection`).
         parity_tol: max |ORT − torch| allowed; default 1e-4 for fp32 and
             0.02·max(1, max|y|) for fp16 (compared with the fp32 torch output).
+        show_progress: a tqdm bar over the stages (export, k:n check, onnxruntime parity).
 
     Returns:
         An :class:`ExportReport`.
@@ -522,9 +525,12 @@ def export_onnx(
         reference = model(x32)
     reference = (reference[0] if isinstance(reference, (tuple, list)) else reference).float().numpy()
     export_model, x = (model.half(), x32.half()) if dtype == "fp16" else (model, x32)
+    bar = progress(total=3 if verify else 2, desc="ONNX export", unit="stage", disable=not show_progress)
     t0 = time.perf_counter()
     exporter = _torch_export(export_model, x, path, opset)
     seconds = time.perf_counter() - t0
+    bar.update(1)
+    bar.set_description("ONNX k:n check")
     onnx.checker.check_model(str(path))
     proto = onnx.load(str(path))
     rewrites = 0
@@ -541,12 +547,17 @@ def export_onnx(
     for c in checks:
         c.layer = names.get(c.name, "")
     report.checks = checks
+    bar.update(1)
     if not verify:
+        bar.close()
         return report
+    bar.set_description("onnxruntime parity")
     if parity_tol is None:
         parity_tol = _FP32_TOL if dtype == "fp32" else 0.02 * max(1.0, float(np.abs(reference).max()))
     report.parity_tol = parity_tol
     report.max_abs_diff = onnx_parity(path, x.numpy(), reference)
+    bar.update(1)
+    bar.close()
     if not report.pattern_ok:
         bad = [c.layer or c.name for c in checks if not c.ok]
         raise ExportError(

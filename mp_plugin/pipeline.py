@@ -154,6 +154,7 @@ def run_main_job(cfg: MainJobConfig, log: Callable[[str], None] = _log) -> dict[
                 projection=v.projection,
                 permute=v.permute,
                 restore=RestoreConfig(sequential=True) if v.restore else None,
+                show_progress=True,
             )
         report = sparsity_report(model, p)
         pruned_out = batched_outputs(model, x_eval, desc=v.label, show=False)
@@ -214,7 +215,7 @@ def run_main_job(cfg: MainJobConfig, log: Callable[[str], None] = _log) -> dict[
             log(f"      skipped: {exc}")
         else:
             model, p = models[best["variant"]]
-            rep = export_onnx(model, out / "model-2of4.onnx", (1, 3, cfg.image_size, cfg.image_size), plan=p)
+            rep = export_onnx(model, out / "model-2of4.onnx", (1, 3, cfg.image_size, cfg.image_size), plan=p, show_progress=True)
             results["onnx"] = {
                 "path": str(rep.path),
                 "pattern_ok": rep.pattern_ok,

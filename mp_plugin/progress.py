@@ -20,6 +20,9 @@ class _Silent:
     def set_postfix(self, *_: Any, **__: Any) -> None:
         """No-op."""
 
+    def set_description(self, *_: Any, **__: Any) -> None:
+        """No-op."""
+
     def close(self) -> None:
         """No-op."""
 

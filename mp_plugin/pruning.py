@@ -56,14 +56,18 @@ def _already_done(weight: torch.Tensor, pattern: Pattern, n_prune: int) -> bool:
     return int((weight == 0).sum()) >= n_prune
 
 
-def _permute(model: nn.Module, plan: PrunePlan, method: str, example: Any = None) -> Any:
+def _permute(
+    model: nn.Module, plan: PrunePlan, method: str, example: Any = None, show_progress: bool = False
+) -> Any:
     from .permute import permute_channels
 
     kn = [Pattern.parse(lp.pattern) for lp in plan.layers if Pattern.parse(lp.pattern).is_kn]
     if not kn:
         raise PatternError("permutation only helps k:n patterns; the plan has no k:n layer")
     pattern = max(set(kn), key=kn.count)
-    return permute_channels(model, pattern=str(pattern), method=method, example_input=example)
+    return permute_channels(
+        model, pattern=str(pattern), method=method, example_input=example, show_progress=show_progress
+    )
 
 
 def apply(
@@ -143,7 +147,7 @@ def apply(
     perm_method = "swap" if permute is True else (permute or "none")
     before_permute = permutation_state(model)  # bad calibration after folding: undo, leave the model as it was
     if perm_method != "none":
-        _permute(model, plan, perm_method, first_batch(calibration))
+        _permute(model, plan, perm_method, first_batch(calibration), show_progress)
 
     todo = {
         lp.name
@@ -168,7 +172,9 @@ def apply(
             if kn_layers and calibration is None:
                 raise MPPluginError("method='cast' needs calibration data (a batch of model inputs)")
             if kn_layers:
-                stats = capture_covariances(model, kn_layers, calibration, max_rows=max_calibration_rows)
+                stats = capture_covariances(
+                    model, kn_layers, calibration, max_rows=max_calibration_rows, show_progress=show_progress
+                )
 
     layer_log: dict[str, dict] = dict(plan.applied.get("layers", {}))
     bar = progress(plan.layers, desc="prune", unit="layer", disable=not show_progress or bool(driven))

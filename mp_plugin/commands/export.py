@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         opset=args.opset,
         gemm_rewrite=args.gemm_rewrite,
         fold=args.fold,
+        show_progress=True,
     )
     print(f"wrote {report.path} ({report.exporter} exporter, opset {report.opset}, {report.export_seconds:.1f} s)")
     print(report.to_text())
