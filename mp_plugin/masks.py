@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .budget import global_prune_counts
-from .errors import PatternError, PlanMismatchError
+from .errors import ConfigError, PatternError, PlanMismatchError
 from .layout import from_kn_matrix, kn_eligible, kn_matrix, kn_width
 
 __all__ = [
@@ -81,7 +81,7 @@ def unstructured_mask(weight: torch.Tensor, n_prune: int, score: torch.Tensor | 
     """
     numel = weight.numel()
     if not 0 <= n_prune <= numel:
-        raise ValueError(f"n_prune must lie in [0, {numel}], got {n_prune}")
+        raise ConfigError(f"n_prune must lie in [0, {numel}], got {n_prune}")
     if n_prune == 0:
         return torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
     sc = (weight if score is None else score).detach().abs().reshape(-1)
@@ -133,7 +133,7 @@ def global_unstructured_masks(
     """
     lw = [1.0] * len(weights) if layer_w is None else list(layer_w)
     if len(lw) != len(weights):
-        raise ValueError(f"{len(weights)} weights but {len(lw)} layer weights")
+        raise ConfigError(f"{len(weights)} weights but {len(lw)} layer weights")
     counts = global_prune_counts(list(weights), lw, sparsity)
     return [unstructured_mask(w, c) for w, c in zip(weights, counts)]
 

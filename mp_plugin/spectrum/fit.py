@@ -208,7 +208,7 @@ def fit_from_eigenvalues(
     rows, cols = int(shape[0]), int(shape[1])
     p, n = min(rows, cols), max(rows, cols)
     if len(sq) != p:
-        raise ValueError(f"expected {p} eigenvalues for shape {shape}, got {len(sq)}")
+        raise ConfigError(f"expected {p} eigenvalues for shape {shape}, got {len(sq)}")
     if p < 2:
         raise SpectrumFitError(f"a {rows}×{cols} matrix has a single singular value: the MP law cannot be fitted")
     gamma = p / n

@@ -20,14 +20,16 @@ from functools import lru_cache
 
 import numpy as np
 
+from ..errors import ConfigError
+
 __all__ = ["mp_edges", "mp_density", "mp_cdf", "mp_quantile"]
 
 
 def _check(ratio: float, sigma2: float) -> None:
     if not (np.isfinite(ratio) and ratio > 0):
-        raise ValueError(f"MP ratio must be a positive finite number, got {ratio!r}")
+        raise ConfigError(f"MP ratio must be a positive finite number, got {ratio!r}")
     if not (np.isfinite(sigma2) and sigma2 > 0):
-        raise ValueError(f"MP variance must be a positive finite number, got {sigma2!r}")
+        raise ConfigError(f"MP variance must be a positive finite number, got {sigma2!r}")
 
 
 def mp_edges(ratio: float, sigma2: float = 1.0) -> tuple[float, float]:
@@ -97,6 +99,6 @@ def mp_quantile(prob: np.ndarray | float, ratio: float, sigma2: float = 1.0) -> 
     _check(ratio, sigma2)
     p = np.asarray(prob, dtype=np.float64)
     if np.any((p < 0) | (p > 1)) or not np.all(np.isfinite(p)):
-        raise ValueError("probabilities must lie in [0, 1]")
+        raise ConfigError("probabilities must lie in [0, 1]")
     flat = tuple(float(v) for v in p.ravel())
     return sigma2 * _quantile_cached(flat, float(ratio)).reshape(p.shape)

@@ -15,6 +15,8 @@ import numpy as np
 from scipy.optimize import brentq
 from scipy.special import airy
 
+from ..errors import ConfigError
+
 __all__ = ["tracy_widom_cdf", "tracy_widom_quantile"]
 
 _NODES, _WEIGHTS = np.polynomial.legendre.leggauss(80)
@@ -41,5 +43,5 @@ def tracy_widom_quantile(q: float) -> float:
     """The q-quantile t_q of TW₁, e.g. t_0.5 ≈ −1.2686, t_0.95 ≈ 0.9793 (dimensionless)."""
     q = float(q)
     if not 0.0 < q < 1.0:
-        raise ValueError(f"quantile level must lie in (0, 1), got {q}")
+        raise ConfigError(f"quantile level must lie in (0, 1), got {q}")
     return float(brentq(lambda s: tracy_widom_cdf(s) - q, -10.0, 8.0, xtol=1e-10))
