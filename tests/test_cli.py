@@ -54,9 +54,12 @@ def test_same_options_have_the_same_names() -> None:
     opts = {cmd: {s for a in p._actions for s in a.option_strings} for cmd, p in subs.items()}
     for cmd in ("analyze", "prune"):
         assert "--budget" in opts[cmd] and "--random-init" in opts[cmd]
-    for cmd in ("prune", "demo", "certify"):
-        assert "--data" in opts[cmd] and "--image-size" in opts[cmd]
+    for cmd in ("prune", "demo", "certify", "distill"):
+        assert "--data" in opts[cmd], cmd
+    for cmd in ("prune", "demo", "certify", "distill", "bench", "tome"):
+        assert "--image-size" in opts[cmd], cmd
     assert "--n-calib" in opts["prune"] and "--n-calib" in opts["demo"]
+    assert "--n-eval" in opts["demo"] and "--n-eval" in opts["certify"]
     for cmd in COMMANDS:
         assert "--model" not in opts[cmd], cmd  # the model is positional everywhere
 

@@ -29,7 +29,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="time a random-init timm architecture magnitude-pruned to 2:4 (kernel reference) instead",
     )
-    p.add_argument("--input-size", type=int, default=None, help="square input side (default: the model's)")
+    p.add_argument(
+        "--image-size",
+        "--input-size",
+        dest="input_size",
+        type=int,
+        default=None,
+        help="input side (default: the model's)",
+    )
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--dtype", nargs="+", choices=("fp16", "bf16"), default=["fp16", "bf16"])
     p.add_argument("--backend", nargs="+", choices=BACKENDS, default=list(BACKENDS))

@@ -35,7 +35,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data", default="builtin-photos", help="an ImageFolder directory, or builtin-photos (default: %(default)s)"
     )
-    p.add_argument("--n-images", type=int, default=32, help="images in the set T (default: %(default)s)")
+    p.add_argument(
+        "--n-eval",
+        "--n-images",
+        dest="n_images",
+        type=int,
+        default=32,
+        help="images in the set T (default: %(default)s)",
+    )
     p.add_argument("--image-size", type=int, default=224, help="input resolution (default: %(default)s)")
     p.add_argument(
         "--mode",

@@ -15,7 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", nargs="?", default="vit_base_patch16_224", help="timm ViT name (default: %(default)s)")
     p.add_argument("--r", type=int, default=8, help="tokens merged per block (default: %(default)s)")
     p.add_argument("--pattern", default="2:4", help="k:n pattern of the Linear layers (default: %(default)s)")
-    p.add_argument("--img-size", type=int, default=224, help="input height = width (default: %(default)s)")
+    p.add_argument(
+        "--image-size", "--img-size", dest="img_size", type=int, default=224, help="input side (default: %(default)s)"
+    )
     p.add_argument("--json", dest="json_out", help="also write the table as JSON here")
     p.set_defaults(func=run)
 
