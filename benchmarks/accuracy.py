@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import sys
 import time
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS as RESULTS_DIR  # noqa: E402
 from common import write_result  # noqa: E402
 
 from mp_plugin import budget_signals  # noqa: E402, F401  (registers seb-sigma, seb-bulk-energy, seb-bulk-fraction)
@@ -343,6 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--settings", nargs="+", default=[f"{int(100 * s)}%" for s in UNSTRUCTURED] + list(KN))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--minilm-calib", type=int, default=40, help="MiniLM calibration glosses (restore needs ≥ d rows)")
+    ap.add_argument("--append", action="store_true", help="merge into an existing results file (other settings kept)")
     ap.add_argument("--suite", choices=("full", "restore"), default="full", help="restore: the prune–restore rows")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -352,6 +355,10 @@ def main(argv: list[str] | None = None) -> None:
         stem = f"accuracy-{name}" if args.suite == "full" else f"accuracy-restore-{name}"
 
         def save(result: dict, name: str = name, stem: str = stem) -> Path:
+            old = RESULTS_DIR / f"{stem}.json"
+            if args.append and old.is_file():  # keep the other settings' rows of an earlier run
+                kept = [r for r in json.loads(old.read_text())["rows"] if r["setting"] not in args.settings]
+                result = {**result, "rows": kept + result["rows"]}
             result["suite"] = args.suite
             result["minilm_calibration_texts"] = args.minilm_calib if name == "minilm" else None
             path = write_result(stem, result, packages=("nvidia-modelopt", "torchao", "transformers"))
