@@ -100,6 +100,24 @@ def make_model(arch: str, seed: int) -> tuple[nn.Module, torch.Tensor]:
     elif arch == "mlp_odd":  # one layer whose input width is not divisible by 4
         model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 3))
         x = torch.randn(6, 10)
+    elif arch == "conv1d":  # Conv1d with a grouped conv in the middle
+        model = nn.Sequential(
+            nn.Conv1d(4, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(16, 16, 3, padding=1, groups=4),
+            nn.ReLU(),
+            nn.Conv1d(16, 8, 1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool1d(1),
+            nn.Flatten(),
+            nn.Linear(8, 3),
+        )
+        x = torch.randn(3, 4, 12)
+    elif arch == "tied":  # two modules sharing one weight
+        first, second = nn.Linear(32, 32), nn.Linear(32, 32)
+        second.weight = first.weight
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), first, nn.ReLU(), second, nn.ReLU(), nn.Linear(32, 4))
+        x = torch.randn(6, 16)
     else:  # cnn
         model = nn.Sequential(
             nn.Conv2d(3, 8, 3, padding=1),
@@ -164,8 +182,9 @@ def check_pruned(model: nn.Module, plan, before: dict[str, torch.Tensor], permut
             kept = w != 0
             assert torch.equal(w[kept], old[kept].to(w.dtype)), f"{lp.name}: kept weights changed"
     if not permuted:
+        pointers = {modules[lp.name].weight.data_ptr() for lp in plan.layers}
         for k, v in model.state_dict().items():
-            if k not in planned:
+            if k not in planned and v.data_ptr() not in pointers:  # tied copies of a planned weight are planned
                 assert same(v, before[k]), f"{k} changed although it is not a planned weight"
 
 
@@ -291,7 +310,7 @@ PATTERNS = [
 
 @fuzz(full=150, ci=50)
 @given(
-    arch=st.sampled_from(["mlp", "mlp_odd", "cnn"]),
+    arch=st.sampled_from(["mlp", "mlp_odd", "cnn", "conv1d", "tied"]),
     fault=st.sampled_from(["none"] * 5 + ["sparsity", "pattern", "budget", "gram", "alpha"]),
     sparsity=st.floats(0.0, 0.95),
     pattern=st.sampled_from(["unstructured", "2:4", "4:8", "auto", "12:16", " 2 : 4 ", "1:2"]),
@@ -446,7 +465,7 @@ APPLY_FAULTS = [
 
 @fuzz(full=300, ci=100)
 @given(
-    arch=st.sampled_from(["mlp", "mlp_odd", "cnn"]),
+    arch=st.sampled_from(["mlp", "mlp_odd", "cnn", "conv1d", "tied"]),
     fault=st.sampled_from(["none"] * 12 + APPLY_FAULTS),
     sparsity=st.floats(0.1, 0.9),
     pattern=st.sampled_from(["unstructured", "2:4", "4:8", "auto", "1:2"]),
@@ -533,7 +552,7 @@ class Untraceable(nn.Module):
 
 def permute_model(arch: str, seed: int) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(seed)
-    if arch in ("mlp", "cnn"):
+    if arch in ("mlp", "cnn", "conv1d", "tied"):
         return make_model(arch, seed)
     x = torch.randn(5, 16)
     if arch == "functional":
@@ -549,7 +568,9 @@ def permute_model(arch: str, seed: int) -> tuple[nn.Module, torch.Tensor]:
 
 @fuzz(full=150, ci=50)
 @given(
-    arch=st.sampled_from(["mlp", "mlp", "cnn", "cnn", "functional", "weight_norm", "nonpersistent", "untraceable"]),
+    arch=st.sampled_from(
+        ["mlp", "mlp", "cnn", "cnn", "conv1d", "tied", "functional", "weight_norm", "nonpersistent", "untraceable"]
+    ),
     fault=st.sampled_from(["none"] * 6 + ["example", "pattern", "method", "importance"]),
     example=st.sampled_from(["none", "good", "numpy", "list"]),
     bad_example=st.sampled_from(["wrong_shape", "nan", "int"]),
