@@ -24,6 +24,7 @@ from .inputs import (
     linear_layers,
     model_device,
     move_batch,
+    numpy_to_torch,
 )
 from .labels import ESTIMATE, EXACT, LOWER, MEASURED, MODES, RIGOROUS
 from .lipschitz import jacobian_estimate, sequential_bound
@@ -188,6 +189,7 @@ def certify(
     device = model_device(dense_c)
     pruned_c = _eval_view(pruned, device)
     check_same_architecture(dense_c, pruned_c)
+    batch = numpy_to_torch(batch, next((p.dtype for p in dense_c.parameters() if p.is_floating_point()), None))
     n = batch_size(batch)
     batch = move_batch(batch, device)
     d_layers, p_layers = linear_layers(dense_c), linear_layers(pruned_c)

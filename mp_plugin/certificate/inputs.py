@@ -13,6 +13,7 @@ from ..errors import ArchitectureMismatchError, CertificateInputError, MPPluginE
 __all__ = [
     "Batch",
     "batch_size",
+    "numpy_to_torch",
     "move_batch",
     "forward_logits",
     "check_labels",
@@ -39,6 +40,28 @@ def _first_tensor(batch: Batch) -> torch.Tensor:
     raise CertificateInputError(
         f"batch must be a tensor, a tuple/list or a dict of tensors, got {type(batch).__name__}"
     )
+
+
+def numpy_to_torch(batch: Batch, dtype: torch.dtype | None = None) -> Batch:
+    """``batch`` with numpy arrays (top level, or inside a tuple/list/dict) turned into tensors.
+
+    Floating arrays take ``dtype`` (the model's floating dtype; default: torch's default).
+    """
+    import numpy as np
+
+    dtype = dtype or torch.get_default_dtype()
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, np.ndarray) and v.dtype.kind in "biuf":
+            t = torch.from_numpy(np.ascontiguousarray(v))
+            return t.to(dtype) if t.is_floating_point() else t
+        return v
+
+    if isinstance(batch, Mapping):
+        return {k: conv(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(conv(v) for v in batch)
+    return conv(batch)
 
 
 def batch_size(batch: Batch) -> int:
