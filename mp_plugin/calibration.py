@@ -314,8 +314,10 @@ class _Accumulator:
         self.sum: torch.Tensor | None = None
         self.rows = 0
         self.shift: int | None = None  # rows are divided by 2^shift (0 unless they are beyond 2^±250)
+        self.calls = 0
 
     def __call__(self, module: nn.Module, inputs: tuple, output: Any) -> None:
+        self.calls += 1
         room = self.max_rows - self.rows
         if room <= 0 or not inputs or not isinstance(inputs[0], torch.Tensor):
             return
@@ -384,6 +386,11 @@ def capture_covariances(
             h.remove()
         model.train(was_training)
     for name, acc in accs.items():
+        if acc.calls and acc.sum is None:
+            raise CalibrationError(
+                f"layer {name!r} ran on the calibration data but received no input rows "
+                "(an all-zero attention_mask, or empty inputs): give batches with real tokens"
+            )
         if acc.sum is not None and not torch.isfinite(acc.sum).all():
             raise CalibrationError(
                 f"layer {name!r}: its inputs on the calibration data are not finite (NaN/Inf) although the data is; "

@@ -924,6 +924,84 @@ def test_fuzz_torchao(chosen, fault, projection, budget, calib, bad, seed):
         assert_untouched(model, before)
 
 
+# --------------------------------------------------------------------------- 8b: token batches
+
+
+class TinyEncoder(nn.Module):
+    """Token ids and an attention mask in, (B, 3) logits out, like a Hugging Face encoder with a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.ff = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)
+        h = h + self.ff(h)
+        mask = attention_mask.unsqueeze(-1).to(h.dtype)
+        return self.head((h * mask).sum(1) / mask.sum(1).clamp_min(1.0))
+
+
+TOKEN_BATCHES = [
+    "good",
+    "good",
+    "good_list",
+    "padded",
+    "zero_mask",
+    "mask_shape",
+    "ids_range",
+    "float_ids",
+    "no_mask",
+    "extra_key",
+    "numpy_ids",
+    "empty",
+]
+
+
+@fuzz(full=80, ci=20)
+@given(
+    batch=st.sampled_from(TOKEN_BATCHES),
+    projection=st.sampled_from(["magnitude", "cast", "cast"]),
+    permute=st.sampled_from([False, False, "swap"]),
+    seed=st.integers(0, 2**16),
+)
+def test_fuzz_token_batches(batch, projection, permute, seed):
+    torch.manual_seed(seed)
+    model = TinyEncoder().eval()
+    ids = torch.randint(0, 50, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    data: Any = {
+        "good": {"input_ids": ids, "attention_mask": mask},
+        "good_list": [
+            {"input_ids": ids[:2], "attention_mask": mask[:2]},
+            {"input_ids": ids[2:], "attention_mask": mask[2:]},
+        ],
+        "padded": {"input_ids": ids, "attention_mask": torch.zeros_like(mask).index_fill_(1, torch.tensor([0]), 1)},
+        "zero_mask": {"input_ids": ids, "attention_mask": torch.zeros_like(mask)},
+        "mask_shape": {"input_ids": ids, "attention_mask": mask[:, :4]},
+        "ids_range": {"input_ids": ids + 100, "attention_mask": mask},
+        "float_ids": {"input_ids": ids.float(), "attention_mask": mask},
+        "no_mask": {"input_ids": ids},
+        "extra_key": {"input_ids": ids, "attention_mask": mask, "token_type_ids": ids * 0},
+        "numpy_ids": {"input_ids": ids.numpy(), "attention_mask": mask.numpy()},
+        "empty": {"input_ids": ids[:0], "attention_mask": mask[:0]},
+    }[batch]
+    p = mp.plan(model, 0.5, "2:4", "magnitude")
+    before = snapshot(model)
+
+    def run() -> None:
+        mp.apply(model, p, calibration=data, projection=projection, permute=permute)
+        check_pruned(model, p, before, permuted=permute is not False)
+        if projection == "cast":
+            methods = {e["method"] for e in p.applied["layers"].values()}
+            assert "cast" in methods, f"CAST requested but every layer fell back: {methods}"
+
+    if classify("token batches (apply with CAST)", run) is not None:
+        assert_untouched(model, before)
+
+
 # --------------------------------------------------------------------------- 9: the CLI
 
 CLI_FAULTS = ["threads", "out_file", "max_rows", "sparsity", "pattern", "budget", "checkpoint", "num_classes"]
