@@ -60,3 +60,12 @@ def test_provably_only_next_to_the_bound_mode() -> None:
         for line in path.read_text().splitlines():
             if re.search(r"\bprovabl|\bproven\b", line, flags=re.I):
                 assert "bound" in line, f"{path.name}: a proof claim not tied to the bound mode: {line!r}"
+
+
+def test_main_job_table_is_the_one_generated_from_results_main_job_json() -> None:
+    headline = _headline()
+    text = (ROOT / "benchmarks" / "README.md").read_text()
+    block = headline.read_marked_block(text, headline.MAIN_START, headline.MAIN_END)
+    assert block is not None, "benchmarks/README.md lost its main-job markers"
+    assert block == headline.render_main_job(), "main-job table differs from results/main_job.json: run headline.py"
+    assert "measured (empirical mode)" in block  # the main job's certificate is labelled as measured
