@@ -59,7 +59,6 @@ def one_shot(model: str) -> list[str]:
     dense = data["dense"].get(metric)
     out = [
         f"### {model}: {metric} {arrow} (dense {dense:.4g}; `benchmarks/results/accuracy-restore-{model}.json`"
-        + ("" if data.get("complete", True) else ", run incomplete: settings not listed were not reached")
         + ")",
         "",
         "| method | " + " | ".join(settings) + " |",

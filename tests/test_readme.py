@@ -69,3 +69,12 @@ def test_main_job_table_is_the_one_generated_from_results_main_job_json() -> Non
     assert block is not None, "benchmarks/README.md lost its main-job markers"
     assert block == headline.render_main_job(), "main-job table differs from results/main_job.json: run headline.py"
     assert "measured (empirical mode)" in block  # the main job's certificate is labelled as measured
+
+
+def test_restore_section_of_benchmarks_readme_is_generated_from_the_json() -> None:
+    spec = importlib.util.spec_from_file_location("restore_report", ROOT / "benchmarks" / "restore_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    block = module.readme_block((ROOT / "benchmarks" / "README.md").read_text())
+    assert block is not None, "benchmarks/README.md lost its restore markers"
+    assert block == module.render(), "restore section differs: run python benchmarks/restore_report.py --write"
