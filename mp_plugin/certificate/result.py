@@ -92,7 +92,7 @@ class LayerCertificate:
 
 @dataclass
 class Certificate:
-    """Which samples of T provably (or measurably) keep their prediction after pruning.
+    """Which samples of T keep their prediction after pruning: proven (bound), estimated or measured (see ``claim``).
 
     Per-sample arrays have length |T|; logit-valued numbers are in logit units.
 
