@@ -215,7 +215,9 @@ def run_main_job(cfg: MainJobConfig, log: Callable[[str], None] = _log) -> dict[
             log(f"      skipped: {exc}")
         else:
             model, p = models[best["variant"]]
-            rep = export_onnx(model, out / "model-2of4.onnx", (1, 3, cfg.image_size, cfg.image_size), plan=p, show_progress=True)
+            rep = export_onnx(
+                model, out / "model-2of4.onnx", (1, 3, cfg.image_size, cfg.image_size), plan=p, show_progress=True
+            )
             results["onnx"] = {
                 "path": str(rep.path),
                 "pattern_ok": rep.pattern_ok,

@@ -20,7 +20,11 @@ EXPECT = {
     "modelopt_distill.py": ["2:4, after distillation", "k:n valid: yes"],
     "torch_ao_pruning.py": ["after:", "layers"],
 }
-NEEDS = {"torchao_sparsify.py": "torchao", "modelopt_distill.py": "modelopt", "python_api.py": "efficientnet_lite_pytorch"}
+NEEDS = {
+    "torchao_sparsify.py": "torchao",
+    "modelopt_distill.py": "modelopt",
+    "python_api.py": "efficientnet_lite_pytorch",
+}
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
