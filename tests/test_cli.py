@@ -155,3 +155,33 @@ def test_certify_refuses_a_text_encoder_in_one_line(minilm, tmp_path, capsys) ->
     err = capsys.readouterr().err.strip().splitlines()  # transformers draws its own loading bar first
     assert [line for line in err if "error" in line] == err[-1:] and "needs an image classifier" in err[-1]
     assert err[-1].startswith("mp-plugin certify: error:") and "Traceback" not in "\n".join(err)
+
+
+def test_num_classes_reaches_the_model_when_a_checkpoint_is_read(tmp_path, capsys) -> None:
+    pytest.importorskip("timm")
+    from mp_plugin.planning import PrunePlan
+
+    out = tmp_path / "p"
+    prune = ["prune", "test_vit", "--random-init", "--num-classes", "7", "--include-head", "--out", str(out)]
+    assert main(prune) == 0
+    head = PrunePlan.load(out / "plan.json").layer("head")
+    assert head.weight_shape[0] == 7
+    ckpt = str(out / "model.safetensors")
+    assert (
+        main(
+            [
+                "analyze",
+                "test_vit",
+                "--checkpoint",
+                ckpt,
+                "--num-classes",
+                "7",
+                "--no-plots",
+                "--out",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 0
+    )
+    assert main(["analyze", "test_vit", "--checkpoint", ckpt, "--no-plots", "--out", str(tmp_path / "b")]) == 2
+    assert "does not match" in capsys.readouterr().err.strip().splitlines()[-1]  # 1000-class head vs 7: one line
