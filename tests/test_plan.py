@@ -124,7 +124,7 @@ def test_plan_check_model_detects_mismatch() -> None:
 
 def test_cli_analyze_timm_and_checkpoint(tmp_path, capsys) -> None:
     out = tmp_path / "a"
-    assert cli_main(["analyze", "resnet18", "--out", str(out), "--sparsity", "0.6", "--no-plots"]) == 0
+    assert cli_main(["analyze", "resnet18", "--random-init", "--out", str(out), "--sparsity", "0.6", "--no-plots"]) == 0
     text = capsys.readouterr().out
     assert "layer1.0.conv1" in text and "planned s=0.6000" in text
     assert mp.PrunePlan.load(out / "plan.json").sparsity == 0.6
@@ -133,7 +133,7 @@ def test_cli_analyze_timm_and_checkpoint(tmp_path, capsys) -> None:
     torch.save(model, ckpt)
     assert cli_main(["analyze", "--checkpoint", str(ckpt), "--out", str(tmp_path / "b")]) == 0
     assert (tmp_path / "b" / "budgets.png").exists()
-    assert cli_main(["analyze", "resnet18", "--sparsity", "1.5", "--out", str(tmp_path / "c")]) == 2
+    assert cli_main(["analyze", "resnet18", "--random-init", "--sparsity", "1.5", "--out", str(tmp_path / "c")]) == 2
     assert "sparsity must lie in [0, 1)" in capsys.readouterr().err
 
 
