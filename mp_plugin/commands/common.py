@@ -74,7 +74,7 @@ def model_from_args(args: argparse.Namespace, log: bool = True) -> nn.Module:
     model = load_named_model(args.model, args.checkpoint, args.num_classes, random_init)
     if log:
         print(
-            f"loaded {args.model or type(model).__name__}: {weights_description(args.model, args.checkpoint, random_init)}"
+            f"loaded {args.model} ({type(model).__name__}): {weights_description(args.model, args.checkpoint, random_init)}"
         )
     return model
 
