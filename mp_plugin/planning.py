@@ -379,17 +379,23 @@ class PrunePlan:
             return ""
         head = f"{'restored layer':<42} {'mask':>10} {'err masked':>11} {'err restored':>13} {'solver':>8} {'rows':>7}"
         out = [head, "-" * len(head)]
+        def num(value: Any) -> str:
+            return f"{value:.4g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
         for name, rec in done if max_rows is None else done[:max_rows]:
             short = name if len(name) <= 42 else "…" + name[-41:]
+            method = str(layers[name].get("method", ""))[:10]
             out.append(
-                f"{short:<42} {str(layers[name].get('method', ''))[:10]:>10} {rec.get('rel_error_before', 0.0):11.4g} "
-                f"{rec.get('rel_error_after', 0.0):13.4g} {rec.get('solver', ''):>8} {rec.get('rows', 0):>7}"
+                f"{short:<42} {method:>10} {num(rec.get('rel_error_before', '-')):>11} "
+                f"{num(rec.get('rel_error_after', '-')):>13} {str(rec.get('solver', '')):>8} {str(rec.get('rows', '')):>7}"
             )
-            for note in rec.get("notes", []):
+            notes = rec.get("notes", [])
+            for note in notes if isinstance(notes, list) else [notes]:
                 out.append(f"    note: {note}")
         if max_rows is not None and len(done) > max_rows:
             out.append(f"… {len(done) - max_rows} more restored layers")
-        cfg = self.applied.get("restore") or {}
+        cfg = self.applied.get("restore")
+        cfg = cfg if isinstance(cfg, dict) else {}
         out.append("-" * len(head))
         out.append(
             f"{len(done)} layers restored (damp={cfg.get('damp')}, solver={cfg.get('solver')}, "

@@ -384,3 +384,13 @@ def test_restore_on_cuda_matches_cpu():
         out[device] = {n: w.detach().cpu() for n, w in model.state_dict().items()}
     for name, w in out["cpu"].items():
         torch.testing.assert_close(out["cuda"][name], w, rtol=1e-4, atol=1e-5)
+
+
+def test_restore_table_survives_a_hand_edited_record():
+    model = _Net().eval()
+    p = mp.plan(model, sparsity=0.5, pattern="2:4", budget="uniform", config=_all_layers())
+    apply(model, p, calibration=[torch.randn(256, 32)], restore=True)
+    p.applied["layers"]["head"]["restore"] = {"rel_error_before": "x", "notes": "one note", "rows": None}
+    p.applied["restore"] = "tampered"
+    table = p.restore_table()
+    assert "one note" in table and "head" in table
