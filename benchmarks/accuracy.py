@@ -222,6 +222,8 @@ def restore_methods_for(setting: str) -> list[tuple[str, Callable[[Task], torch.
         for label, budget, proj, cfg in (
             ("MP seb+restore", "seb", "magnitude", one),
             ("MP seb+restore(seq)", "seb", "magnitude", seq),
+            ("MP bounded-bulk-energy+obs+restore(seq)", "bounded-bulk-energy", "obs", seq),
+            ("MP mag-bulk-energy+obs+restore(seq)", "mag-bulk-energy", "obs", seq),
             ("uniform budget+obs+restore(seq)", "uniform", "obs", seq),
             ("global budget+cast-obs+restore(seq)", "magnitude", "cast-obs", seq),
         ):
