@@ -74,7 +74,7 @@ def apply(
     model: nn.Module,
     plan: PrunePlan,
     calibration: Any = None,
-    projection: str = "magnitude",
+    projection: str | None = None,
     prior_alpha: float = 0.0,
     show_progress: bool = False,
     permute: bool | str = False,
@@ -95,7 +95,9 @@ def apply(
             (SparseGPT's Hessian-aware selection inside the column sweep) or ``"cast-obs"``
             (CAST with the compensated cost w_Pᵀ[(H⁻¹)_PP]⁻¹w_P; unstructured layers:
             smallest w²/[H⁻¹]ⱼⱼ). ``"magnitude"`` and ``"cast"`` prune unstructured layers
-            by smallest |W|. Every projection keeps the plan's exact counts.
+            by smallest |W|. Every projection keeps the plan's exact counts. Default:
+            ``"magnitude"``, or ``"cast-obs"`` with ``restore`` (with restore it was best or
+            second best at 2:4 on every model measured, ``benchmarks/README.md``).
         prior_alpha: CAST Hamming-prior weight α towards the layer's unstructured
             mask (overrides ``cast_config.prior_alpha`` when non-zero).
         show_progress: tqdm bar over layers.
@@ -127,6 +129,8 @@ def apply(
     if method is not None:
         warnings.warn("apply(method=...) is deprecated: use projection=...", DeprecationWarning, stacklevel=2)
         projection = method
+    if projection is None:
+        projection = "cast-obs" if resolve_restore(restore) is not None else "magnitude"
     method = projection  # the plan's budget method decided the counts; this is only the projection
     if method not in MASK_METHODS:
         raise MPPluginError(f"unknown projection {method!r}; use one of {MASK_METHODS}")
