@@ -112,7 +112,7 @@ RESTORE_METHODS: tuple[tuple[str, str, Runner], ...] = (
     ("50%", "sparsegpt-obs", lambda t: run_baseline(t, "50%", "sparsegpt-obs")),
     ("50%", "uniform budget+obs+restore(seq)", lambda t: run_restore(t, "50%", "uniform", "obs", "none", _SEQ)),
 )
-MP_METHODS = {"mp cast-obs+perm+restore(seq)", "uniform budget+obs+restore(seq)", "seb+cast", "seb+cast+perm(swap)", "seb (σ₊, paper)", "ser+cast", "hybrid magnitude–ser"}
+MP_METHODS = {"mp cast-obs+perm+restore(seq)", "seb+cast", "seb+cast+perm(swap)", "seb (σ₊, paper)", "ser+cast", "hybrid magnitude–ser"}
 
 # Methods that train while they prune (ALGORITHM.md §2 items 5–6, 9). Their selection phase takes its
 # steps from the SAME budget: the first ``--ser-steps`` distillation batches, the rest are distilled
