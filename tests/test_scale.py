@@ -37,6 +37,8 @@ def test_chunked_gram_equals_the_direct_product(shape: tuple[int, int], dtype: t
         scale = float(direct.abs().max())  # float32 entries near zero cancel: compare against the largest
         tol = 1e-6 if dtype == torch.float32 else 1e-14
         torch.testing.assert_close(got, direct, rtol=0.0, atol=tol * scale)
+        lower = gram_matrix(w, dtype, chunk_elements=chunk, out=torch.full_like(direct, 7.0), lower_only=True)
+        torch.testing.assert_close(lower.tril(), direct.tril(), rtol=0.0, atol=tol * scale)
 
 
 def test_byte_bounded_batches_give_the_same_eigenvalues() -> None:

@@ -54,9 +54,13 @@ def as_matrix(weight: torch.Tensor) -> torch.Tensor:
             f"weight dtype {weight.dtype} is not a real floating-point type: convert it (e.g. .float()) before fitting"
         )
     mat = weight.detach().reshape(weight.shape[0], -1)
-    if not torch.isfinite(mat).all():
+    lo, hi = torch.aminmax(mat)  # NaN propagates to both; one pass, no mask tensor
+    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
         raise InvalidWeightError("weight contains NaN or Inf values")
     return mat
+
+
+_LOWER_BLOCKS = 8  # row blocks of the lower-triangle Gram: (k+1)/2k of the full product's flops
 
 
 def gram_matrix(
@@ -64,6 +68,7 @@ def gram_matrix(
     gram_dtype: torch.dtype = torch.float64,
     chunk_elements: int = 1 << 22,
     out: torch.Tensor | None = None,
+    lower_only: bool = False,
 ) -> torch.Tensor:
     """The smaller-side Gram matrix of a 2-D ``mat`` (p × p, p = min(rows, cols)), on ``mat``'s device.
 
@@ -72,28 +77,36 @@ def gram_matrix(
     ``gram_dtype`` on its own, so the workspace is the p × p result plus one slice:
     no full-size float32/float64 copy of a bf16/fp16 weight is made. ``out``
     (p × p, ``gram_dtype``, same device) receives the result when given.
+
+    With ``lower_only`` only the lower triangle (diagonal included) is computed, in
+    row blocks, for about 0.56× the flops; the entries above the diagonal are then
+    unspecified. ``torch.linalg.eigvalsh(..., UPLO="L")`` reads only the lower triangle.
     """
     wide = mat.shape[0] <= mat.shape[1]
     p, n = (mat.shape[0], mat.shape[1]) if wide else (mat.shape[1], mat.shape[0])
     step = max(1, int(chunk_elements) // max(1, p))
     if out is None:
         out = torch.empty(p, p, dtype=gram_dtype, device=mat.device)
+    block = -(-p // _LOWER_BLOCKS) if lower_only else p
     for start in range(0, n, step):
         piece = (mat[:, start : start + step] if wide else mat[start : start + step].T).to(gram_dtype)
-        if start == 0:
-            torch.matmul(piece, piece.T, out=out)
-        else:
-            out.addmm_(piece, piece.T)
+        for row in range(0, p, block):
+            stop = min(p, row + block)
+            target = out[row:stop, :stop]
+            if start == 0:
+                torch.matmul(piece[row:stop], piece[:stop].T, out=target)
+            else:
+                target.addmm_(piece[row:stop], piece[:stop].T)
     return out
 
 
 def _gram_eigvals(mats: Sequence[torch.Tensor], gram_dtype: torch.dtype) -> torch.Tensor:
     """Ascending eigenvalues (float64, ≥ 0) of the smaller Gram side of same-shaped 2-D matrices, (B, p)."""
     p = min(mats[0].shape)
-    grams = torch.empty(len(mats), p, p, dtype=gram_dtype, device=mats[0].device)
+    grams = torch.zeros(len(mats), p, p, dtype=gram_dtype, device=mats[0].device)
     for j, m in enumerate(mats):
-        gram_matrix(m, gram_dtype, out=grams[j])
-    return torch.linalg.eigvalsh(grams).to(torch.float64).clamp_min(0.0)
+        gram_matrix(m, gram_dtype, out=grams[j], lower_only=True)
+    return torch.linalg.eigvalsh(grams, UPLO="L").to(torch.float64).clamp_min(0.0)
 
 
 def squared_singular_values(
