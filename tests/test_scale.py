@@ -326,3 +326,23 @@ def test_plan_of_a_disk_offloaded_llama_equals_the_in_memory_plan(tmp_path) -> N
     assert q.weight.is_meta  # and plan gave them back
     for a, b in zip(offloaded.layers, in_memory.layers):
         assert (a.name, a.n_prune, a.fit.sigma, a.fit.n_spikes) == (b.name, b.n_prune, b.fit.sigma, b.fit.n_spikes)
+
+
+# ----------------------------------------------------------------------------- the benchmark's README section
+
+
+def test_scale_section_of_benchmarks_readme_is_generated_from_the_json() -> None:
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("scale_benchmark", root / "benchmarks" / "scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    block = module.readme_block((root / "benchmarks" / "README.md").read_text())
+    assert block is not None, "benchmarks/README.md lost its scale markers"
+    result = json.loads((root / "benchmarks" / "results" / "scale.json").read_text())
+    assert block == module.table(result), "scale section differs: run python benchmarks/scale.py --table-only"
+    plan = result["summary"]["1.1b"]["plan"]
+    assert plan["peak_rss_gib"] < 18.4 - 2  # the run of the old code peaked at 18.4 GB
