@@ -4,7 +4,7 @@
   TensorRT Python API (strongly typed network where the TensorRT version has it, so
   an fp16 ONNX gives fp16 kernels; the FP16 flag otherwise). Needs ``tensorrt`` and a GPU.
 * :func:`trtexec_command` — the equivalent ``trtexec`` line.
-* :func:`parse_build_log` / :func:`parse_layer_info` / :func:`sparsity_report` — read the
+* :func:`parse_build_log` / :func:`parse_layer_info` / :func:`engine_sparsity_report` — read the
   builder log's ``(Sparsity)`` lines and the engine inspector's per-layer JSON into one
   row per layer: eligible for sparse math, ran a sparse kernel, and why not.
 * :func:`compare_dense_sparse` — build both engines and time them.
@@ -34,8 +34,8 @@ from mp_plugin.patterns import Pattern
 
 __all__ = [
     "EngineBuild",
-    "LayerSparsity",
-    "SparsityReport",
+    "EngineLayerSparsity",
+    "EngineSparsityReport",
     "TensorRTError",
     "TensorRTNotInstalled",
     "build_engine",
@@ -43,7 +43,7 @@ __all__ = [
     "compare_dense_sparse",
     "parse_build_log",
     "parse_layer_info",
-    "sparsity_report",
+    "engine_sparsity_report",
     "time_engine",
     "trtexec_command",
 ]
@@ -174,7 +174,7 @@ def parse_layer_info(info: str | dict) -> list[dict[str, Any]]:
 
 
 @dataclass
-class LayerSparsity:
+class EngineLayerSparsity:
     """One TensorRT layer's sparsity outcome.
 
     Attributes:
@@ -193,16 +193,16 @@ class LayerSparsity:
 
 
 @dataclass
-class SparsityReport:
+class EngineSparsityReport:
     """Per-layer sparse/dense outcome of one engine build.
 
     Attributes:
-        layers: one :class:`LayerSparsity` per eligible or compute layer.
+        layers: one :class:`EngineLayerSparsity` per eligible or compute layer.
         log_found: the build log carried the ``(Sparsity)`` lines (needs INFO-level logging
             and a sparse build).
     """
 
-    layers: list[LayerSparsity] = field(default_factory=list)
+    layers: list[EngineLayerSparsity] = field(default_factory=list)
     log_found: bool = False
 
     @property
@@ -247,7 +247,7 @@ _WHY_NOT_ELIGIBLE = (
 _WHY_DENSE = "eligible, but a dense kernel timed faster (TensorRT keeps the fastest tactic; small or thin layers)"
 
 
-def sparsity_report(log_text: str = "", layer_info: str | dict | None = None) -> SparsityReport:
+def engine_sparsity_report(log_text: str = "", layer_info: str | dict | None = None) -> EngineSparsityReport:
     """Merge the build log and the layer info into one "eligible / ran sparse / why not" row per layer.
 
     Args:
@@ -262,15 +262,15 @@ def sparsity_report(log_text: str = "", layer_info: str | dict | None = None) ->
     eligible, picked = parse_build_log(log_text)
     info = parse_layer_info(layer_info) if layer_info is not None else []
     by_name = {entry["name"]: entry for entry in info}
-    rows: dict[str, LayerSparsity] = {}
+    rows: dict[str, EngineLayerSparsity] = {}
     for name in eligible:
-        rows[name] = LayerSparsity(name, eligible=True, ran_sparse=name in picked)
+        rows[name] = EngineLayerSparsity(name, eligible=True, ran_sparse=name in picked)
     for name in picked:
-        rows.setdefault(name, LayerSparsity(name, eligible=True, ran_sparse=True))
+        rows.setdefault(name, EngineLayerSparsity(name, eligible=True, ran_sparse=True))
     for entry in info:
         compute = any(t in entry["layer_type"].lower() for t in _COMPUTE_TYPES) or entry["has_sparse_weights"]
         if compute and entry["name"] not in rows:
-            rows[entry["name"]] = LayerSparsity(
+            rows[entry["name"]] = EngineLayerSparsity(
                 entry["name"], eligible=bool(entry["has_sparse_weights"]), ran_sparse=False
             )
     for row in rows.values():
@@ -281,7 +281,7 @@ def sparsity_report(log_text: str = "", layer_info: str | dict | None = None) ->
             row.eligible = row.eligible or row.ran_sparse
         if not row.ran_sparse:
             row.why_not = _WHY_DENSE if row.eligible else _WHY_NOT_ELIGIBLE
-    return SparsityReport(list(rows.values()), log_found="(Sparsity)" in log_text)
+    return EngineSparsityReport(list(rows.values()), log_found="(Sparsity)" in log_text)
 
 
 # ---------------------------------------------------------- building (needs TensorRT)
@@ -292,7 +292,7 @@ class EngineBuild:
     Attributes:
         engine_path: the serialized engine file. sparse / fp16: the build settings.
         build_seconds: wall time of the build. log: the captured builder log.
-        layer_info: the engine inspector's JSON. report: the merged :class:`SparsityReport`.
+        layer_info: the engine inspector's JSON. report: the merged :class:`EngineSparsityReport`.
     """
 
     engine_path: Path
@@ -301,7 +301,7 @@ class EngineBuild:
     build_seconds: float
     log: str
     layer_info: str
-    report: SparsityReport
+    report: EngineSparsityReport
 
 
 def _capturing_logger(trt: Any) -> tuple[Any, list[str]]:
@@ -373,7 +373,7 @@ def build_engine(
     engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
     info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
     log = "\n".join(lines)
-    return EngineBuild(engine_path, sparse, fp16, seconds, log, info, sparsity_report(log, info))
+    return EngineBuild(engine_path, sparse, fp16, seconds, log, info, engine_sparsity_report(log, info))
 
 
 def time_engine(engine_path: str | Path, iters: int = 200, warmup: int = 20) -> float:

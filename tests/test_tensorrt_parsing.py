@@ -16,9 +16,9 @@ from mp_plugin.integrations.tensorrt import (
     TensorRTNotInstalled,
     build_engine,
     check_engine_pattern,
+    engine_sparsity_report,
     parse_build_log,
     parse_layer_info,
-    sparsity_report,
     trtexec_command,
 )
 
@@ -58,7 +58,7 @@ def test_parse_layer_info_fields():
 
 
 def test_sparsity_report_merges_log_and_layer_info():
-    report = sparsity_report(
+    report = engine_sparsity_report(
         (DATA / "trt_build_log_sample.txt").read_text(), (DATA / "trt_layer_info_sample.json").read_text()
     )
     rows = {r.name: r for r in report.layers}
@@ -74,7 +74,7 @@ def test_sparsity_report_merges_log_and_layer_info():
 
 
 def test_sparsity_report_from_layer_info_alone_uses_tactic_names():
-    report = sparsity_report("", (DATA / "trt_layer_info_sample.json").read_text())
+    report = engine_sparsity_report("", (DATA / "trt_layer_info_sample.json").read_text())
     assert not report.log_found
     assert {r.name for r in report.layers if r.ran_sparse} == {
         "Conv_12 + Relu_13",
