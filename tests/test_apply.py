@@ -321,8 +321,9 @@ def test_cast_apply_on_minilm_with_token_batches(minilm) -> None:
     mp_plugin.apply(mag, p_mag, method="magnitude")
     assert sparsity_report(model, p).kn_valid
     rows = p.applied["calibration_rows"]
-    n_tokens = tok["input_ids"].numel()
-    for name, r in rows.items():  # B·T token rows per Linear; the pooler sees only the B [CLS] tokens
+    n_tokens = int(tok["attention_mask"].sum())
+    assert n_tokens < tok["input_ids"].numel()  # the batch is padded
+    for name, r in rows.items():  # one row per real token (padding not counted); the pooler sees the B [CLS] tokens
         assert r == (len(texts) if "pooler" in name else n_tokens), name
     with torch.no_grad():
         ref = minilm(**batch)
