@@ -28,9 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import find_target_layers
 from .macs import count_macs
-from .masks import check_nm, nm_mask
+from .masks import check_nm, magnitude_kn_, nm_mask
 from .progress import progress
 
 __all__ = [
@@ -172,14 +171,7 @@ def bench_linear_shapes(
 
 def prune_24_(model: nn.Module) -> list[str]:
     """Zero every eligible target layer of ``model`` to 2:4 in place (magnitude); returns their names."""
-    targets, _ = find_target_layers(model)
-    names = []
-    with torch.no_grad():
-        for t in targets:
-            if t.weight.shape[1] % 4 == 0:
-                t.module.weight.mul_(nm_mask(t.module.weight, 2, 4))
-                names.append(t.name)
-    return names
+    return magnitude_kn_(model, 2, 4)
 
 
 def sparsify_semi_structured_(model: nn.Module, names: list[str], backend: str = "cusparselt") -> int:

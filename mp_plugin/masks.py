@@ -35,6 +35,7 @@ __all__ = [
     "assert_kn_exact",
     "global_unstructured_masks",
     "MaskKeeper",
+    "magnitude_kn_",
     "fold_parametrizations",
 ]
 
@@ -268,3 +269,25 @@ def fold_parametrizations(model: nn.Module, original: bool = False) -> nn.Module
         for t, value in values.items():
             module._parameters[t] = nn.Parameter(value, requires_grad=False)
     return clone
+
+
+def magnitude_kn_(
+    model: nn.Module, k: int = 2, n: int = 4, selection: Any = None, limit: int | None = None
+) -> list[str]:
+    """Zero every eligible target layer of ``model`` to magnitude k:n in place; returns their names.
+
+    The reference pruning of speed and MAC measurements (no plan, no budget): the target
+    layers of :func:`mp_plugin.layers.find_target_layers` under ``selection`` (a
+    :class:`~mp_plugin.layers.LayerSelection`; default: Linear and Conv), the first
+    ``limit`` of them when given, each whose input width is divisible by ``n``.
+    """
+    from .layers import find_target_layers
+
+    targets, _ = find_target_layers(model, selection) if selection is not None else find_target_layers(model)
+    names = []
+    with torch.no_grad():
+        for t in targets[:limit]:
+            if kn_eligible(t.module.weight.shape, n):
+                t.module.weight.mul_(nm_mask(t.module.weight, k, n))
+                names.append(t.name)
+    return names

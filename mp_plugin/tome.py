@@ -370,14 +370,10 @@ def _build(model_or_name: nn.Module | str, img_size: int) -> nn.Module:
 
 def _prune_linear_nm(model: nn.Module, k: int, n: int) -> int:
     from .layers import LayerSelection, find_target_layers
-    from .masks import nm_mask
+    from .masks import magnitude_kn_
 
-    targets, _ = find_target_layers(model, LayerSelection(include_conv=False))
-    with torch.no_grad():
-        for t in targets:
-            if t.weight.shape[1] % n == 0:
-                t.weight.mul_(nm_mask(t.weight, k, n))
-    return len(targets)
+    magnitude_kn_(model, k, n, LayerSelection(include_conv=False))
+    return len(find_target_layers(model, LayerSelection(include_conv=False))[0])
 
 
 def tome_mac_table(

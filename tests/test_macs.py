@@ -6,19 +6,12 @@ import pytest
 import torch
 from conftest import make_mlp
 
-from mp_plugin.layers import find_target_layers
 from mp_plugin.macs import count_macs, mac_table, sparse_factor
-from mp_plugin.masks import nm_mask
+from mp_plugin.masks import magnitude_kn_
 
 
 def _prune(model: torch.nn.Module, k: int = 2, n: int = 4, only: int | None = None) -> list[str]:
-    targets, _ = find_target_layers(model)
-    names = []
-    with torch.no_grad():
-        for t in targets[:only]:
-            t.module.weight.mul_(nm_mask(t.module.weight, k, n))
-            names.append(t.name)
-    return names
+    return magnitude_kn_(model, k, n, limit=only)
 
 
 def test_linear_macs_exact():
