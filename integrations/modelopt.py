@@ -32,6 +32,7 @@ model are recorded once and replayed as calibration batches.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,6 @@ from mp_plugin.planning import PlanConfig, PrunePlan, plan, split_method
 __all__ = ["MODE_NAME", "MPModeDescriptor", "MPSearcher", "MPSparseConfig", "restore"]
 
 MODE_NAME = "mp"
-_PROJECTIONS = {"cast"}
 
 MPSparseConfig = create_model(
     "MPSparseConfig",
@@ -120,7 +120,7 @@ class MPSearcher(BaseSparseSearcher):
         for module in sparse.values():
             module.set_mask(None)  # read and write the raw weights
         base = cfg["plan_config"] or PlanConfig()
-        sel = LayerSelection(**{**base.selection.to_dict(), "include_only": [f"^{n}$" for n in sparse]})
+        sel = LayerSelection(**{**base.selection.to_dict(), "include_only": [f"^{re.escape(n)}$" for n in sparse]})
         budget_method, projection = split_method(cfg["budget"], cfg["projection"], cfg["method"], "mts.sparsify")
         calibration = cfg["calibration"]
         if calibration is None and self.forward_loop is not None:
