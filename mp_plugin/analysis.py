@@ -170,6 +170,7 @@ def fit_target_layers(
     owner = _assign([_unit_cost(targets, u) for u in units], world) if world > 1 else [0] * len(units)
     mine = [u for u, r in zip(units, owner) if r == rank]
     local: dict[int, tuple[SpectralFit | None, str]] = {}
+    failure: MPPluginError | None = None
     bar = progress(total=sum(len(u) for u in mine), desc="MP fit", unit="layer", disable=not show_progress)
     for unit in mine:
         try:
@@ -180,14 +181,22 @@ def fit_target_layers(
             local.update({i: (r, "") for i, r in zip(unit, res)})
         except SpectrumFitError as exc:
             local.update({i: (None, f"no MP fit: {exc}") for i in unit})
+        except MPPluginError as exc:  # e.g. a NaN weight: every rank must hear of it, not wait in the gather
+            if world == 1:
+                raise
+            failure = exc
+            break
         bar.update(len(unit))
     bar.close()
     if world > 1:
         import torch.distributed as dist
 
-        gathered: list[dict | None] = [None] * world
-        dist.all_gather_object(gathered, local, group=process_group)
-        local = {i: v for part in gathered for i, v in (part or {}).items()}
+        gathered: list[tuple[dict, MPPluginError | None] | None] = [None] * world
+        dist.all_gather_object(gathered, (local, failure), group=process_group)
+        errors = [part[1] for part in gathered if part is not None and part[1] is not None]
+        if errors:
+            raise errors[0]
+        local = {i: v for part in gathered if part is not None for i, v in part[0].items()}
     for i, (fit, note) in local.items():
         fits[i], notes[i] = fit, note
     return fits, notes

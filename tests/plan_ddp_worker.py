@@ -1,8 +1,9 @@
 """Run under ``torchrun --nproc_per_node 2``: layer-parallel ``plan(..., distributed=True)`` on gloo (CPU).
 
-Usage: ``python -m torch.distributed.run --standalone --nproc_per_node 2 tests/plan_ddp_worker.py OUT``.
+Usage: ``python -m torch.distributed.run --standalone --nproc_per_node 2 tests/plan_ddp_worker.py OUT LAYER``.
 Every rank writes ``OUT/rank<r>.pt``: the distributed plan, a single-process plan of the same model,
-and how many layers this rank fitted itself during the distributed plan.
+how many layers this rank fitted itself during the distributed plan, and the error every rank got
+from a distributed plan after layer LAYER's weight was given a NaN.
 """
 
 from __future__ import annotations
@@ -40,12 +41,20 @@ def main(out: str) -> None:
     shared = mp.plan(net, sparsity=0.6, pattern="unstructured", distributed=True)
     analysis.fit_many = real_fit_many
     alone = mp.plan(net, sparsity=0.6, pattern="unstructured")
+    with torch.no_grad():
+        net[int(sys.argv[2])].weight[0, 0] = float("nan")  # a layer only one rank fits
+    try:
+        mp.plan(net, sparsity=0.6, pattern="unstructured", distributed=True)
+        error = None
+    except mp.MPPluginError as exc:  # raised on every rank, not only on the one that fitted the layer
+        error = type(exc).__name__
     torch.save(
         {
             "distributed": shared.to_dict(),
             "alone": alone.to_dict(),
             "fitted": sum(fitted),
             "world": dist.get_world_size(),
+            "error": error,
         },
         f"{out}/rank{rank}.pt",
     )

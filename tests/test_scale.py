@@ -243,7 +243,7 @@ def test_layer_parallel_plan_over_two_gloo_ranks(tmp_path) -> None:
     env["PYTHONPATH"] = os.pathsep.join([str(here), str(here.parent), env.get("PYTHONPATH", "")])
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(here / "plan_ddp_worker.py"), str(tmp_path),
+        str(here / "plan_ddp_worker.py"), str(tmp_path), "7",
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -259,6 +259,7 @@ def test_layer_parallel_plan_over_two_gloo_ranks(tmp_path) -> None:
 
     assert decisions(r0["distributed"]) == decisions(r1["distributed"])  # every rank holds the same plan
     assert decisions(r0["distributed"]) == decisions(r0["alone"])  # identical to the single-process plan
+    assert r0["error"] == r1["error"] == "InvalidWeightError"  # a NaN on one rank fails all ranks, no hang
 
 
 def test_distributed_plan_needs_an_initialised_group() -> None:
