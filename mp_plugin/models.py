@@ -172,7 +172,20 @@ def load_model(
     return model.eval()
 
 
-from . import zoo  # noqa: E402, F401  (registers the Fashion-MNIST zoo names fmnist_mlp/cnn/vit)
+ZOO_NAMES = ("fmnist_mlp", "fmnist_cnn", "fmnist_vit")  # mp_plugin.zoo.ZOO's keys (checked by a test)
+
+
+def _zoo_factory(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from .zoo import trained_model  # the trainer and the data reader load only when a zoo model is asked for
+
+        return trained_model(name)
+
+    return build
+
+
+for _zoo_name in ZOO_NAMES:
+    BUILTIN_MODELS[_zoo_name] = _zoo_factory(_zoo_name)
 
 
 def save_pruned_checkpoint(model: nn.Module, directory: str | Path, plan: object | None = None) -> Path:

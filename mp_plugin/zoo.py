@@ -13,9 +13,10 @@ fmnist_vit     4×4 patches (49 tokens + cls), width 64, depth 4, 4 heads    ~4 
 
 :func:`trained_model` trains a network on first use and caches its state_dict in
 ``$MP_PLUGIN_CACHE`` (default ``~/.cache/mp-plugin``) under ``zoo/``, keyed by a
-hash of the recipe, so a changed recipe retrains. Importing this module
-registers the three names with :func:`mp_plugin.models.register_builtin_model`,
-so ``load_model("fmnist_mlp")`` works (``mp_plugin.models`` imports this module).
+hash of the recipe, so a changed recipe retrains. ``mp_plugin.models`` registers
+the three names (``ZOO_NAMES``) with factories that import this module only when
+``load_model("fmnist_mlp")`` etc. is called, so loading any other model does not
+pull in the trainer or the data reader.
 Inputs are (B, 1, 28, 28) floats in [0, 1]; outputs are (B, 10) logits.
 """
 
@@ -36,7 +37,6 @@ from torch import nn
 from .classifier_training import TrainConfig, accuracy, train_classifier
 from .data.fashion_mnist import load_fashion_mnist
 from .errors import MPPluginError
-from .models import register_builtin_model
 
 __all__ = ["ZOO", "TinyViT", "build_model", "cache_dir", "trained_model", "zoo_record"]
 
@@ -198,11 +198,3 @@ def trained_model(
     tmp.replace(weights)
     meta.write_text(json.dumps(record, indent=1))
     return model.eval()
-
-
-def _register(name: str) -> None:
-    register_builtin_model(name)(lambda: trained_model(name))
-
-
-for _name in ZOO:
-    _register(_name)

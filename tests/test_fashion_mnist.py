@@ -123,3 +123,16 @@ def test_trained_mlp_spectrum_has_spikes_that_init_lacks(fmnist):
         n_init = fit_marchenko_pastur(init[idx].weight.detach()).n_spikes
         n_trained = fit_marchenko_pastur(trained[idx].weight.detach()).n_spikes
         assert n_init <= 2 and n_trained >= 10, (idx, n_init, n_trained)
+
+
+def test_zoo_names_match_and_load_model_does_not_import_the_trainer():
+    import subprocess
+    import sys
+
+    from mp_plugin.models import ZOO_NAMES
+    from mp_plugin.zoo import ZOO
+
+    assert tuple(ZOO) == ZOO_NAMES
+    code = "import sys, mp_plugin.models; print('mp_plugin.classifier_training' in sys.modules, 'mp_plugin.zoo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
