@@ -79,6 +79,8 @@ class _GramHook:
         groups = int(getattr(module, "groups", 1))
         if module.weight.dim() > 2:
             x = kn_input_columns(x, int(module.in_channels), groups)
+        if x.shape[0] == 0:  # e.g. a batch whose attention_mask has no real token
+            return
         if room is not None and x.shape[0] > room:
             pick = torch.randperm(x.shape[0], generator=self.gen)[:room].to(x.device)
             x = x.index_select(0, pick)
