@@ -115,12 +115,38 @@ def finetune() -> list[str]:
     return out
 
 
+def speed() -> list[str]:
+    """Restore time and peak memory per layer for ViT-B/16 shapes (``restore_speed.json``)."""
+    data = _load("restore_speed.json")
+    if data is None:
+        return ["### Restore speed: not measured", ""]
+    load = [r["loadavg_1min_before"] for r in data["rows"]]
+    out = [
+        f"### Restore speed per layer, ViT-B/16 shapes, 2:4, {data['calibration_rows']} calibration rows, CPU, "
+        f"{data['threads']} thread(s), load average {min(load):.1f}–{max(load):.1f} "
+        "(`benchmarks/results/restore_speed.json`)",
+        "",
+        "| shape (out × in) | solver | Gram s | solve s | rel. error masked → after | peak RSS above start MiB "
+        "| weights MiB | one d×d float64 MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        out.append(
+            f"| {r['shape'][0]}×{r['shape'][1]} | {r['solver']} | {r['gram_seconds']:.2f} | {r['solve_seconds']:.2f} "
+            f"| {r['rel_error_masked']:.4f} → {r['rel_error_after']:.4f} | {r['peak_rss_above_start_mib']:.0f} "
+            f"| {r['weights_mib']:.0f} | {r['dxd_float64_mib']:.0f} |"
+        )
+    out.append("")
+    return out
+
+
 def render() -> str:
     """The whole generated block."""
     lines: list[str] = []
     for model in MODELS:
         lines += one_shot(model)
     lines += finetune()
+    lines += speed()
     return "\n".join(lines).rstrip()
 
 
