@@ -87,23 +87,27 @@ def one_shot(model: str) -> list[str]:
     return out
 
 
-def finetune() -> list[str]:
-    """MiniLM after the fixed distillation budget, mean ± sd over the seeds found."""
-    runs = [d for k in range(5) if (d := _load(f"accuracy-minilm-finetune-restore-seed{k}.json")) is not None]
+def finetune(model: str = "minilm", metric: str = "embedding_cosine") -> list[str]:
+    """One model after the fixed distillation budget, mean ± sd over the seeds found."""
+    names = [f"accuracy-{model}-finetune-restore-seed{k}.json" for k in range(5)]
+    names.append(f"accuracy-{model}-finetune-restore.json")
+    found = [(n, d) for n in names if (d := _load(n)) is not None]
+    runs = [d for _, d in found]
     if not runs:
-        return ["### MiniLM after the fixed distillation budget: not measured", ""]
+        return [f"### {model} after the fixed distillation budget: not measured", ""]
     by: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for d in runs:
         for r in d["rows"]:
             key = (r["setting"], r["method"])
-            by.setdefault(key, []).append((r["before"]["embedding_cosine"], r["after"]["embedding_cosine"]))
+            by.setdefault(key, []).append((r["before"][metric], r["after"][metric]))
     cfg = runs[0]["config"]
     out = [
-        f"### MiniLM after the fixed distillation budget ({cfg['steps']} steps, lr {cfg['lr']}, batch {cfg['batch']}; "
+        f"### {model} after the fixed distillation budget ({cfg['steps']} steps, lr {cfg['lr']}, batch {cfg['batch']}; "
         f"seeds: {', '.join(str(d['config']['seed']) for d in runs)}; "
-        f"`benchmarks/results/accuracy-minilm-finetune-restore-seed*.json`)",
+        + ", ".join(f"`benchmarks/results/{n}`" for n, _ in found)
+        + ")",
         "",
-        "| setting | method | seeds | embedding cosine before | after (mean ± sd) |",
+        f"| setting | method | seeds | {metric} before | after (mean ± sd) |",
         "|---|---|---|---|---|",
     ]
     for (s, m), vals in sorted(by.items()):
@@ -145,7 +149,8 @@ def render() -> str:
     lines: list[str] = []
     for model in MODELS:
         lines += one_shot(model)
-    lines += finetune()
+    lines += finetune("minilm", "embedding_cosine")
+    lines += finetune("efficientnet_lite0", "kl")
     lines += speed()
     return "\n".join(lines).rstrip()
 
