@@ -313,8 +313,17 @@ class _BudgetMethod:
 
 BUDGET_METHODS: dict[str, _BudgetMethod] = {}
 
-DEFAULT_BUDGET = "seb"
-"""The budget ``plan``, the CLI and the adapters use when none is given (see benchmarks/README.md)."""
+DEFAULT_BUDGET = "magnitude"
+"""The budget ``plan``, the CLI and the adapters use when none is given: global magnitude.
+
+It follows the measurement (``benchmarks/budgets.py``, benchmarks/README.md "Layer
+budgets"): no MP-derived rule (SEB, the AlphaPruning mapping on our Hill α, the bounded
+mappings on bulk energy, spikes per dimension or σ₊ over the iid edge, their
+magnitude-anchored versions, the noise-floor allocation) was at least as good as one
+global |W| threshold on every model and sparsity tested, so the default is global
+magnitude. ``plan`` still fits MP to every layer and reports σ₊, spikes, bulk share and
+fit error; the paper's rule stays available as ``budget="seb"``.
+"""
 
 
 def register_budget_method(

@@ -1,4 +1,4 @@
-"""Opt-in SEB variants on other per-layer spectral signals (the default ``"seb"`` is unchanged).
+"""Opt-in SEB variants on other per-layer spectral signals (the paper's ``"seb"`` rule is unchanged).
 
 The paper's SEB z-scores the fitted edge σ₊ across layers. For a noise matrix
 with entry scale σ, σ₊ ≈ σ(√N + √M), so across layers of different shapes the
