@@ -36,6 +36,9 @@ def test_two_process_gloo_ddp_keeps_ranks_identical(tmp_path):
         str(HERE / "ddp_worker.py"), str(data), str(out),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        # gloo's known abort while a process tears down its threads (seen once in ~20 runs): run once more
+        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r0 = torch.load(out / "rank0.pt", weights_only=False)
     r1 = torch.load(out / "rank1.pt", weights_only=False)
