@@ -201,7 +201,8 @@ def test_apply_restore_every_projection(pattern, sparsity, method):
         p = mp.plan(model, sparsity=sparsity, pattern=pattern, budget="uniform", config=_all_layers())
         apply(model, p, calibration=calib, projection=method, restore=restore)
         report = mp.sparsity_report(model, p)
-        assert report.total_zeros == sum(lp.n_prune for lp in p.layers) or pattern != "unstructured"
+        if pattern == "unstructured":
+            assert report.total_zeros == sum(lp.n_prune for lp in p.layers)
         assert report.kn_valid
         results[restore] = _fidelity(model, dense, test)
         if restore:
