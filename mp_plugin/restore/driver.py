@@ -13,7 +13,7 @@ llm-compressor's sequential pipeline do). Only the current block's Grams are hel
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +27,10 @@ from ..masks import check_nm
 from ..patterns import Pattern
 from ..progress import progress
 from .config import RestoreConfig
-from .hessian import capture_grams
+from .hessian import LayerGram, capture_grams
 from .layer import NEEDS_GRAM, restore_layer, select_mask
 
-__all__ = ["LayerTask", "execution_order", "block_key", "forward_blocks", "prune_and_restore"]
+__all__ = ["LayerTask", "execution_order", "block_key", "forward_blocks", "block_grams", "prune_and_restore"]
 
 _INDEX = re.compile(r"^\d+$")
 
@@ -93,6 +93,36 @@ def forward_blocks(order: Sequence[str]) -> list[list[str]]:
     return blocks
 
 
+def block_grams(
+    model: nn.Module,
+    names: Sequence[str],
+    calibration: Any,
+    config: RestoreConfig,
+    sequential: bool,
+    source: nn.Module | None = None,
+) -> Iterator[tuple[list[str], dict[str, LayerGram]]]:
+    """Yield ``(block, {name: LayerGram})`` in forward order, the Grams captured just before the block is used.
+
+    Sequential: one block at a time (:func:`forward_blocks`), each captured on ``model`` as the
+    caller has changed it so far, the forward pass stopping after the block's last layer.
+    One-shot: a single block of every layer, captured on ``source`` (default ``model``)
+    before anything is changed. Only the yielded block's Grams are held.
+    """
+    dt = torch.float64 if config.dtype == "float64" else torch.float32
+    order = execution_order(model, list(names), calibration)
+    for block in forward_blocks(order) if sequential else [order]:
+        grams = capture_grams(
+            model if sequential or source is None else source,
+            block,
+            calibration,
+            dtype=dt,
+            max_rows=config.max_rows,
+            stop_after=block[-1] if sequential else None,
+        )
+        yield block, grams
+        del grams
+
+
 def prune_and_restore(
     model: nn.Module,
     tasks: Sequence[LayerTask],
@@ -126,21 +156,15 @@ def prune_and_restore(
         what = "restore" if restore is not None else f"projection {projection!r}"
         raise MPPluginError(f"{what} needs calibration data (one batch or a list of batches of model inputs)")
     by_name = {t.name: t for t in tasks}
-    dt = torch.float64 if cfg.dtype == "float64" else torch.float32
     if needs_gram:
-        order = execution_order(model, list(by_name), calibration)
-        blocks = forward_blocks(order) if cfg.sequential else [order]
+        blocks = block_grams(model, list(by_name), calibration, cfg, cfg.sequential)
     else:
-        blocks = [list(by_name)]
+        blocks = iter([(list(by_name), {})])
     records: dict[str, dict[str, Any]] = {}
     bar = progress(
         total=len(tasks), desc="prune+restore" if restore else "prune", unit="layer", disable=not show_progress
     )
-    for block in blocks:
-        grams = {}
-        if needs_gram:
-            last = block[-1] if cfg.sequential else None
-            grams = capture_grams(model, block, calibration, dtype=dt, max_rows=cfg.max_rows, stop_after=last)
+    for block, grams in blocks:
         for name in block:
             task = by_name[name]
             weight = task.module.weight
@@ -165,6 +189,5 @@ def prune_and_restore(
             records[name] = entry
             del dense
             bar.update(1)
-        del grams
     bar.close()
     return records

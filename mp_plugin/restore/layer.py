@@ -25,7 +25,7 @@ from ..patterns import Pattern
 from .config import RestoreConfig
 from .hessian import LayerGram
 from .select import compensated_kn_mask, compensated_unstructured_mask
-from .solve import damped, direct_cost, obs_sweep, restore_cg, restore_direct
+from .solve import damped, direct_cost, obs_sweep, output_energy, restore_cg, restore_direct
 
 __all__ = ["restore_layer", "select_mask", "PROJECTIONS", "register_projection", "NEEDS_GRAM"]
 
@@ -235,11 +235,9 @@ def restore_layer(
         if x is None:
             notes.append(f"group {q}: restore failed (ill-conditioned H); kept the masked weights")
             x = masked
-        ww = w.to(torch.float64)
-        h64 = h0.to(torch.float64)
-        den += float(((ww @ h64) * ww).sum())
-        num_b += float((((masked - w).to(torch.float64) @ h64) * (masked - w).to(torch.float64)).sum())
-        num_a += float((((x - w).to(torch.float64) @ h64) * (x - w).to(torch.float64)).sum())
+        den += output_energy(w, h0)
+        num_b += output_energy(masked - w, h0)
+        num_a += output_energy(x - w, h0)
         out[sl] = torch.where(m, x, torch.zeros((), dtype=dt))
     if num_a > num_b:  # never make the calibration error worse (damping trades it for ‖Ŵ − W‖)
         notes.append("restored error above the masked error; kept the masked weights")

@@ -11,8 +11,7 @@ from torch import nn
 from ..errors import MPPluginError, PlanMismatchError
 from ..progress import progress
 from .config import RestoreConfig
-from .driver import execution_order, forward_blocks
-from .hessian import capture_grams
+from .driver import block_grams
 from .layer import restore_layer
 
 __all__ = ["restore_model"]
@@ -64,23 +63,18 @@ def restore_model(
             raise PlanMismatchError(
                 f"layer {n!r}: dense {tuple(dense_w[n].shape)} vs pruned {tuple(modules[n].weight.shape)}"
             )
-    dt = torch.float64 if cfg.dtype == "float64" else torch.float32
-    order = execution_order(pruned, list(layers), calibration)
-    blocks = forward_blocks(order) if cfg.sequential else [order]
     records: dict[str, dict[str, Any]] = {}
-    bar = progress(total=len(order), desc="restore", unit="layer", disable=not show_progress)
-    source = dense if isinstance(dense, nn.Module) and not cfg.sequential else pruned
-    for block in blocks:
-        grams = capture_grams(source, block, calibration, dtype=dt, max_rows=cfg.max_rows)
+    bar = progress(total=len(layers), desc="restore", unit="layer", disable=not show_progress)
+    source = dense if isinstance(dense, nn.Module) else None
+    for block, grams in block_grams(pruned, layers, calibration, cfg, cfg.sequential, source=source):
         for name in block:
             gram = grams.get(name)
             if gram is None:
                 records[name] = {"notes": ["not reached by calibration; not restored"]}
             else:
                 mod = modules[name]
-                records[name] = restore_layer(
-                    mod.weight, dense_w[name].to(mod.weight.device), gram, cfg, int(getattr(mod, "groups", 1))
-                )
+                weight = dense_w[name].to(mod.weight.device)
+                records[name] = restore_layer(mod.weight, weight, gram, cfg, int(getattr(mod, "groups", 1)))
             bar.update(1)
     bar.close()
     return records

@@ -34,6 +34,7 @@ __all__ = [
     "restore_cg",
     "obs_sweep",
     "relative_error",
+    "output_energy",
     "direct_cost",
     "upper_cholesky_inverse",
 ]
@@ -53,13 +54,16 @@ def damped(h0: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     return h, lam
 
 
+def output_energy(delta: torch.Tensor, h0: torch.Tensor) -> float:
+    """‖Δ Xᵀ‖² = Σ_rows δᵀ H₀ δ for Δ (rows × d) and the Gram H₀ = XᵀX (d × d), in float64."""
+    d64 = delta.to(torch.float64)
+    return float(((d64 @ h0.to(torch.float64)) * d64).sum())
+
+
 def relative_error(w: torch.Tensor, w_new: torch.Tensor, h0: torch.Tensor) -> float:
     """‖(Ŵ − W)Xᵀ‖² / ‖W Xᵀ‖² from the undamped Gram H₀ = XᵀX (0 when W Xᵀ = 0)."""
-    delta = (w_new - w).to(h0.dtype)
-    num = float(((delta @ h0) * delta).sum())
-    ww = w.to(h0.dtype)
-    den = float(((ww @ h0) * ww).sum())
-    return num / den if den > 0 else 0.0
+    den = output_energy(w, h0)
+    return output_energy(w_new - w, h0) / den if den > 0 else 0.0
 
 
 def direct_cost(mask: torch.Tensor) -> float:

@@ -21,10 +21,9 @@ from ..layout import from_kn_matrix, kn_matrix
 from ..patterns import Pattern
 from ..progress import progress
 from .config import RestoreConfig
-from .driver import execution_order, forward_blocks
-from .hessian import capture_grams
+from .driver import block_grams
 from .layer import _group_views, _split_rows
-from .solve import damped, obs_sweep, relative_error
+from .solve import damped, obs_sweep, output_energy
 
 __all__ = ["sparsegpt_layer", "sparsegpt_obs"]
 
@@ -55,10 +54,8 @@ def sparsegpt_layer(
         select = (pattern.k, pattern.n) if pattern.is_kn else quota[q]
         x, _ = obs_sweep(w_all[sl], h, select=select, blocksize=config.blocksize)
         out[sl] = x
-        ww = w_all[sl].to(torch.float64)
-        e = relative_error(ww, x.to(torch.float64), h0.to(torch.float64))
-        d = float(((ww @ h0.to(torch.float64)) * ww).sum())
-        num, den = num + e * d, den + d
+        num += output_energy(x - w_all[sl], h0)
+        den += output_energy(w_all[sl], h0)
     with torch.no_grad():
         weight.copy_(from_kn_matrix(out, weight.shape).to(weight.dtype))
     return {"rel_error_after": num / den if den > 0 else 0.0, "rows": gram.rows}
@@ -90,21 +87,16 @@ def sparsegpt_obs(
     if calibration is None or (isinstance(calibration, list) and not calibration):
         raise MPPluginError("sparsegpt-obs needs calibration data")
     modules = dict(model.named_modules())
-    order = execution_order(model, list(layers), calibration)
-    blocks = forward_blocks(order) if sequential else [order]
-    dt = torch.float64 if cfg.dtype == "float64" else torch.float32
     records: dict[str, dict[str, Any]] = {}
-    bar = progress(total=len(order), desc="sparsegpt", unit="layer", disable=not show_progress)
-    for block in blocks:
-        grams = capture_grams(model, block, calibration, dtype=dt, max_rows=cfg.max_rows)
+    bar = progress(total=len(layers), desc="sparsegpt", unit="layer", disable=not show_progress)
+    for block, grams in block_grams(model, list(layers), calibration, cfg, sequential):
         for name in block:
             pattern, n_prune = layers[name]
             mod = modules[name]
             if name not in grams:
                 raise MPPluginError(f"calibration never reached layer {name!r}")
-            records[name] = sparsegpt_layer(
-                mod.weight, grams[name], pattern, n_prune, cfg, int(getattr(mod, "groups", 1))
-            )
+            groups = int(getattr(mod, "groups", 1))
+            records[name] = sparsegpt_layer(mod.weight, grams[name], pattern, n_prune, cfg, groups)
             bar.update(1)
     bar.close()
     return records
