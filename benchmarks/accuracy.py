@@ -9,12 +9,12 @@ output fidelity to the dense model.
   features); fidelity = mean embedding cosine. Calibration = other glosses.
 * ``efficientnet_lite0``: real ImageNet EfficientNet-Lite0. Fidelity (top-1
   agreement, KL, logit cosine) on held-out real photo crops; calibration = other crops.
-* ``fmnist_mlp`` / ``fmnist_cnn``: networks trained here on Fashion-MNIST (mp_plugin.zoo).
+* ``fmnist_mlp`` / ``fmnist_cnn``: networks trained here on Fashion-MNIST (mp_plugin.evaluation.zoo).
   Task = test accuracy; fidelity as above.
 
 Settings: 50/60/70 % unstructured, 2:4 and 4:8. SEB variants investigate why SEB
 loses to global magnitude (direction, Hill α, shape-free signals from
-``mp_plugin.budget_signals``). Usage::
+``mp_plugin.budget.signals``). Usage::
 
     python benchmarks/accuracy.py --models minilm efficientnet_lite0 fmnist_mlp --threads 1
 """
@@ -38,12 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS as RESULTS_DIR  # noqa: E402
 from common import write_result  # noqa: E402
 
-from mp_plugin import budget_signals  # noqa: E402, F401  (registers seb-sigma, seb-bulk-energy, seb-bulk-fraction)
-from mp_plugin.baselines import BaselineNotApplicable, prune_baseline  # noqa: E402
-from mp_plugin.budget import SEBConfig  # noqa: E402
-from mp_plugin.evaluate import batched_outputs, linear_probe_accuracy, output_fidelity  # noqa: E402
-from mp_plugin.planning import PlanConfig, plan  # noqa: E402
-from mp_plugin.pruning import apply, sparsity_report  # noqa: E402
+from mp_plugin.budget import signals as budget_signals  # noqa: E402, F401  (registers seb-sigma, seb-bulk-energy, seb-bulk-fraction)
+from mp_plugin.budget.rules import SEBConfig  # noqa: E402
+from mp_plugin.evaluation.baselines import BaselineNotApplicable, prune_baseline  # noqa: E402
+from mp_plugin.evaluation.metrics import batched_outputs, linear_probe_accuracy, output_fidelity  # noqa: E402
+from mp_plugin.planning.build import PlanConfig, plan  # noqa: E402
+from mp_plugin.pruning.apply_plan import apply, sparsity_report  # noqa: E402
 from mp_plugin.restore import RestoreConfig  # noqa: E402
 
 UNSTRUCTURED = (0.5, 0.6, 0.7)
@@ -99,7 +99,7 @@ def wordnet_glosses(root: Path = Path("/usr/share/wordnet")) -> list[tuple[str, 
 
 def minilm_task(classes: int = 20, per_class: int = 20, n_calib: int = 40, seed: int = 0) -> Task:
     """MiniLM with a balanced supersense probe set and separate calibration glosses."""
-    from mp_plugin.models import load_model
+    from mp_plugin.evaluation.models import load_model
 
     model = load_model("minilm")
     glosses = wordnet_glosses()
@@ -149,8 +149,8 @@ def _classifier_task(name: str, model: torch.nn.Module, x_eval: torch.Tensor, y:
 
 def efficientnet_task(n_eval: int = 48, n_calib: int = 32) -> Task:
     """EfficientNet-Lite0 on real photo crops (fidelity only: no labels ship offline)."""
-    from mp_plugin.models import load_model
-    from mp_plugin.photos import real_photo_crops
+    from mp_plugin.evaluation.models import load_model
+    from mp_plugin.evaluation.photos import real_photo_crops
 
     model = load_model("efficientnet_lite0")
     x_eval = real_photo_crops(n_eval, 224, seed=1)
@@ -160,8 +160,8 @@ def efficientnet_task(n_eval: int = 48, n_calib: int = 32) -> Task:
 
 def fmnist_task(name: str, n_eval: int = 2000, n_calib: int = 256) -> Task:
     """A zoo network trained here on Fashion-MNIST: test accuracy + fidelity."""
-    from mp_plugin.data.fashion_mnist import load_fashion_mnist
-    from mp_plugin.zoo import trained_model
+    from mp_plugin.evaluation.fashion_mnist import load_fashion_mnist
+    from mp_plugin.evaluation.zoo import trained_model
 
     model = trained_model(name)
     test = load_fashion_mnist("test")
@@ -200,10 +200,15 @@ def restore_methods_for(setting: str) -> list[tuple[str, Callable[[Task], torch.
     one, seq = RestoreConfig(), RestoreConfig(sequential=True)
     out: list[tuple[str, Callable]] = []
     kn = not setting.endswith("%")
-    base = ("uniform-magnitude", "wanda", "sparsegpt", "sparsegpt-obs") if kn else (
-        "uniform-magnitude", "global-magnitude", "wanda", "sparsegpt-obs")
-    labels = {"uniform-magnitude": "magnitude k:n" if kn else "uniform-magnitude",
-              "sparsegpt": "ModelOpt sparsegpt (mask only)"}
+    base = (
+        ("uniform-magnitude", "wanda", "sparsegpt", "sparsegpt-obs")
+        if kn
+        else ("uniform-magnitude", "global-magnitude", "wanda", "sparsegpt-obs")
+    )
+    labels = {
+        "uniform-magnitude": "magnitude k:n" if kn else "uniform-magnitude",
+        "sparsegpt": "ModelOpt sparsegpt (mask only)",
+    }
     for b in base:
         out.append((labels.get(b, b), lambda t, b=b: run_baseline(t, setting, b)))
     if kn:

@@ -4,8 +4,8 @@ Every method prunes a fresh copy of the dense model exactly as in
 ``benchmarks/accuracy.py`` (same calibration data), then gets the SAME
 fine-tuning budget: distillation of the pruned student towards the dense
 teacher, one pass over fixed batches in a fixed order, AdamW with
-:func:`mp_plugin.distill.optim.param_groups` (no decay on biases/norms), linear
-warmup + cosine (:func:`warmup_cosine`), :class:`mp_plugin.masks.MaskKeeper`
+:func:`mp_plugin.recover.distill.optim.param_groups` (no decay on biases/norms), linear
+warmup + cosine (:func:`warmup_cosine`), :class:`mp_plugin.masks.select.MaskKeeper`
 attached (sparsity is asserted unchanged and pruned weights zero afterwards),
 the student in eval mode (dropout off, BatchNorm statistics frozen), fixed seed.
 The teacher's outputs are computed once and shared by all methods.
@@ -16,14 +16,14 @@ The teacher's outputs are computed once and shared by all methods.
   pruned). Reported: probe accuracy (probe re-fitted on the pruned features)
   and embedding cosine to the dense model, before → after.
 * ``--model efficientnet_lite0``: real ImageNet EfficientNet-Lite0. Loss =
-  τ²·KL(teacher/τ ‖ student/τ) on the logits (:func:`mp_plugin.distill.loss.kd_term`)
+  τ²·KL(teacher/τ ‖ student/τ) on the logits (:func:`mp_plugin.recover.distill.loss.kd_term`)
   of unlabelled real photo crops (``real_photo_crops`` seed 3, 160 px by default,
   random horizontal flips; evaluation crops are seed 1, calibration crops seed 2,
   both 224 px). Reported: top-1
   agreement, KL and logit cosine to the dense model on the 48 held-out crops.
   Caveat: training and evaluation crops are different crops of the same 9
   source photos.
-* ``--model fmnist_cnn``: the CNN trained here on Fashion-MNIST (mp_plugin.zoo).
+* ``--model fmnist_cnn``: the CNN trained here on Fashion-MNIST (mp_plugin.evaluation.zoo).
   Same KD loss on the first training images (the calibration uses the last 256).
   Reported: test accuracy plus fidelity on 2000 test images.
 
@@ -67,11 +67,11 @@ from accuracy import (  # noqa: E402
 )
 from common import write_result  # noqa: E402
 
-from mp_plugin.baselines import baseline_report  # noqa: E402
-from mp_plugin.distill.loss import kd_term  # noqa: E402
-from mp_plugin.distill.optim import param_groups, warmup_cosine  # noqa: E402
-from mp_plugin.masks import MaskKeeper  # noqa: E402
-from mp_plugin.pruning import sparsity_report  # noqa: E402
+from mp_plugin.evaluation.baselines import baseline_report  # noqa: E402
+from mp_plugin.masks.select import MaskKeeper  # noqa: E402
+from mp_plugin.pruning.apply_plan import sparsity_report  # noqa: E402
+from mp_plugin.recover.distill.loss import kd_term  # noqa: E402
+from mp_plugin.recover.distill.optim import param_groups, warmup_cosine  # noqa: E402
 from mp_plugin.restore import RestoreConfig  # noqa: E402
 
 MAX_LEN = 24
@@ -112,7 +112,14 @@ RESTORE_METHODS: tuple[tuple[str, str, Runner], ...] = (
     ("50%", "sparsegpt-obs", lambda t: run_baseline(t, "50%", "sparsegpt-obs")),
     ("50%", "uniform budget+obs+restore(seq)", lambda t: run_restore(t, "50%", "uniform", "obs", "none", _SEQ)),
 )
-MP_METHODS = {"mp cast-obs+perm+restore(seq)", "seb+cast", "seb+cast+perm(swap)", "seb (σ₊, paper)", "ser+cast", "hybrid magnitude–ser"}
+MP_METHODS = {
+    "mp cast-obs+perm+restore(seq)",
+    "seb+cast",
+    "seb+cast+perm(swap)",
+    "seb (σ₊, paper)",
+    "ser+cast",
+    "hybrid magnitude–ser",
+}
 
 # Methods that train while they prune (ALGORITHM.md §2 items 5–6, 9). Their selection phase takes its
 # steps from the SAME budget: the first ``--ser-steps`` distillation batches, the rest are distilled
@@ -126,8 +133,8 @@ def ser_prune(task: Task, setting: str, label: str, batches: list[dict], lr: flo
     The selection phase is pure distillation (α = 1) towards the dense model on ``batches``
     (labels = the teacher's argmax, unused at α = 1), one optimiser step per batch.
     """
-    from mp_plugin.distill import DistillConfig
-    from mp_plugin.ser import HybridConfig, SERConfig, hybrid_magnitude_ser, ser_to_kn
+    from mp_plugin.recover.distill import DistillConfig
+    from mp_plugin.recover.ser import HybridConfig, SERConfig, hybrid_magnitude_ser, ser_to_kn
 
     model = copy.deepcopy(task.model)
     loader = [(b["x"], b["target"].argmax(-1)) for b in batches]
@@ -211,7 +218,7 @@ def photo_batches(
     Every crop is used once, in a fixed order; horizontal flips are drawn from a
     generator seeded with ``seed``. Returns the batches and the number of flipped crops.
     """
-    from mp_plugin.photos import real_photo_crops
+    from mp_plugin.evaluation.photos import real_photo_crops
 
     x = real_photo_crops(steps * batch, size, seed=seed)
     flip = torch.rand(len(x), generator=torch.Generator().manual_seed(seed)) < 0.5
@@ -246,7 +253,7 @@ def efficientnet_batches(task: Task, args: argparse.Namespace) -> tuple[list[dic
         "batchnorm": "eval mode: running statistics frozen, affine parameters trained",
         "data_caveat": (
             "training, calibration and evaluation crops are different random crops of the SAME 9 source photos "
-            "(mp_plugin.photos.builtin_photo_paths); no labels ship offline, so quality is fidelity to the dense model"
+            "(mp_plugin.evaluation.photos.builtin_photo_paths); no labels ship offline, so quality is fidelity to the dense model"
         ),
     }
     return batches, config
@@ -273,7 +280,7 @@ def efficientnet_dense_line(dense: dict[str, float], cfg: dict[str, Any]) -> str
 
 def fmnist_batches(task: Task, args: argparse.Namespace) -> tuple[list[dict], dict[str, Any]]:
     """Distillation batches on Fashion-MNIST training images (the calibration uses the last 256; these the first)."""
-    from mp_plugin.data.fashion_mnist import load_fashion_mnist
+    from mp_plugin.evaluation.fashion_mnist import load_fashion_mnist
 
     n = args.steps * args.batch
     x = load_fashion_mnist("train").images[:n]

@@ -39,9 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import TASKS, Task  # noqa: E402
 from common import RESULTS, write_result  # noqa: E402
 
-from mp_plugin.budget import SEBConfig, global_prune_counts  # noqa: E402
-from mp_plugin.masks import unstructured_mask  # noqa: E402
-from mp_plugin.planning import PlanConfig, plan  # noqa: E402
+from mp_plugin.budget.rules import SEBConfig  # noqa: E402
+from mp_plugin.masks.counts import global_prune_counts  # noqa: E402
+from mp_plugin.masks.select import unstructured_mask  # noqa: E402
+from mp_plugin.planning.build import PlanConfig, plan  # noqa: E402
 
 SPARSITY = 0.5
 SIGNALS = ("sigma_plus", "sigma", "hill_alpha", "bulk_fraction", "spike_energy_fraction")

@@ -18,7 +18,7 @@ each without and with prune–restore (one-shot).
 Dense/2:4 mix 25/35/45 %: the layers that take 2:4 are chosen by the MP rule
 (2:4 removed energy over MP noise energy), bulk energy, size, the global-magnitude
 budget, and measured single-layer 2:4 sensitivity, at equal removed weights and
-at equal sparse-execution MACs (``mp_plugin.macs``), without and with restore.
+at equal sparse-execution MACs (``mp_plugin.masks.macs``), without and with restore.
 
 Usage::
 
@@ -44,13 +44,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import TASKS, Task, minilm_task  # noqa: E402
 from common import RESULTS, write_result  # noqa: E402
 
-from mp_plugin.budget import global_prune_counts  # noqa: E402
-from mp_plugin.budget_bounded import BoundedConfig, noise_floor_curves  # noqa: E402
-from mp_plugin.macs import count_macs  # noqa: E402
-from mp_plugin.masks import nm_mask, unstructured_mask  # noqa: E402
-from mp_plugin.patterns import Pattern  # noqa: E402
-from mp_plugin.planning import PlanConfig, PrunePlan, plan  # noqa: E402
-from mp_plugin.pruning import apply  # noqa: E402
+from mp_plugin.budget.bounded import BoundedConfig, noise_floor_curves  # noqa: E402
+from mp_plugin.layers.patterns import Pattern  # noqa: E402
+from mp_plugin.masks.counts import global_prune_counts  # noqa: E402
+from mp_plugin.masks.macs import count_macs  # noqa: E402
+from mp_plugin.masks.select import nm_mask, unstructured_mask  # noqa: E402
+from mp_plugin.planning.build import PlanConfig, PrunePlan, plan  # noqa: E402
+from mp_plugin.pruning.apply_plan import apply  # noqa: E402
 from mp_plugin.restore import RestoreConfig  # noqa: E402
 
 UNSTRUCTURED = (0.5, 0.6, 0.7)

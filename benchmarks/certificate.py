@@ -29,8 +29,8 @@ from common import machine, write_result  # noqa: E402
 
 from mp_plugin import apply, plan  # noqa: E402
 from mp_plugin.certificate import certify  # noqa: E402
-from mp_plugin.models import load_model  # noqa: E402
-from mp_plugin.photos import builtin_photo_crops  # noqa: E402
+from mp_plugin.evaluation.models import load_model  # noqa: E402
+from mp_plugin.evaluation.photos import builtin_photo_crops  # noqa: E402
 
 SPARSITIES = (0.05, 0.1, 0.2, 0.3, 0.4)
 N_CALIB = 24

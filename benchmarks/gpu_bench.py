@@ -4,7 +4,7 @@
 
 Runs the ViT-B/16 Linear GEMMs and the end-to-end vit_base_patch16_224 forward, dense vs
 2:4 semi-structured (cuSPARSELt and CUTLASS), fp16 and bf16, plus 2:4 + ToMe r=8 when
-``mp_plugin.tome.apply_patch`` exists. On a machine without CUDA it prints why and exits 0
+``mp_plugin.recover.tome.apply_patch`` exists. On a machine without CUDA it prints why and exits 0
 without writing timings.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 def _tome_patch():
     try:
-        from mp_plugin.tome import apply_patch  # provided by the token-merging issue, when present
+        from mp_plugin.recover.tome import apply_patch  # provided by the token-merging issue, when present
     except ImportError:
         return None
     return lambda model: apply_patch(model, r=8)
@@ -41,12 +41,14 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_bench: no CUDA device here; 2:4 semi-structured kernels are CUDA-only, nothing was timed.")
         print("           run `mp-plugin bench` for the CPU MAC counts.")
         return 0
-    from mp_plugin.bench import run_benchmark
+    from mp_plugin.evaluation.latency import run_benchmark
 
     tome = _tome_patch()
     result = run_benchmark(batch=args.batch, tome=tome, warmup=args.warmup, iters=args.iters)
     result["tome"] = (
-        "r=8 via mp_plugin.tome.apply_patch" if tome else "not measured: mp_plugin.tome.apply_patch not found"
+        "r=8 via mp_plugin.recover.tome.apply_patch"
+        if tome
+        else "not measured: mp_plugin.recover.tome.apply_patch not found"
     )
     result["date"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", result["environment"]["gpu"] or "gpu").strip("-").lower()

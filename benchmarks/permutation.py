@@ -3,7 +3,7 @@
 Runs on one CPU thread. Reports, for 2:4 and 4:8:
 
 * real pretrained layers: EfficientNet-Lite0's 1×1 convs and MiniLM's Linear
-  layers (``mp_plugin.models.load_model``);
+  layers (``mp_plugin.evaluation.models.load_model``);
 * a heavy-tailed synthetic 768×3072 matrix (Student-t, 3 degrees of freedom);
 * an apex-ASP-style reference search (re-implemented below: exhaustive greedy
   pairwise channel swaps, each pair scored one at a time in Python) on a small
@@ -122,8 +122,8 @@ def _summary(rows: list[dict]) -> dict:
 
 def real_layers(quick: bool) -> dict[str, list[tuple[str, torch.Tensor]]]:
     """2-D weights of EfficientNet-Lite0's 1×1 convs and MiniLM's Linear layers."""
-    from mp_plugin.layers import find_target_layers
-    from mp_plugin.models import load_model
+    from mp_plugin.evaluation.models import load_model
+    from mp_plugin.layers.discovery import find_target_layers
 
     out: dict[str, list[tuple[str, torch.Tensor]]] = {}
     eff = load_model("efficientnet_lite0")

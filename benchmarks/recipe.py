@@ -6,7 +6,7 @@ a short fixed distillation budget, on the real pretrained EfficientNet-Lite0 wit
   classes, so training is pure distillation, α = 1: teacher logits are the targets, labels unused).
   Images are replicated to 3 channels, upsampled bilinearly and ImageNet-normalised.
 * Metrics, against the dense model: top-1 agreement and mean KL(dense ‖ pruned) on real photo crops
-  (``mp_plugin.photos.builtin_photo_crops``, 224 px) and on held-out Fashion-MNIST images.
+  (``mp_plugin.evaluation.photos.builtin_photo_crops``, 224 px) and on held-out Fashion-MNIST images.
 * Fixed budget: every method gets the same distillation run (same images, order, steps, optimiser).
   SER additionally spends ``ser_selection_steps`` selection-phase steps; this is reported.
 
@@ -40,15 +40,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import RESULTS, write_result  # noqa: E402
 
-from mp_plugin.data.fashion_mnist import load_fashion_mnist  # noqa: E402
-from mp_plugin.distill import DistillConfig, distill  # noqa: E402
-from mp_plugin.layers import find_target_layers  # noqa: E402
-from mp_plugin.masks import MaskKeeper  # noqa: E402
-from mp_plugin.models import load_model  # noqa: E402
-from mp_plugin.photos import builtin_photo_crops, normalise_imagenet  # noqa: E402
-from mp_plugin.planning import plan  # noqa: E402
-from mp_plugin.pruning import apply, sparsity_report  # noqa: E402
-from mp_plugin.ser import HybridConfig, SERConfig, hybrid_magnitude_ser, ser_to_kn  # noqa: E402
+from mp_plugin.evaluation.fashion_mnist import load_fashion_mnist  # noqa: E402
+from mp_plugin.evaluation.models import load_model  # noqa: E402
+from mp_plugin.evaluation.photos import builtin_photo_crops, normalise_imagenet  # noqa: E402
+from mp_plugin.layers.discovery import find_target_layers  # noqa: E402
+from mp_plugin.masks.select import MaskKeeper  # noqa: E402
+from mp_plugin.planning.build import plan  # noqa: E402
+from mp_plugin.pruning.apply_plan import apply, sparsity_report  # noqa: E402
+from mp_plugin.recover.distill import DistillConfig, distill  # noqa: E402
+from mp_plugin.recover.ser import HybridConfig, SERConfig, hybrid_magnitude_ser, ser_to_kn  # noqa: E402
 
 
 @dataclass

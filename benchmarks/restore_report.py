@@ -58,8 +58,7 @@ def one_shot(model: str) -> list[str]:
     arrow = "↑" if higher else "↓"
     dense = data["dense"].get(metric)
     out = [
-        f"### {model}: {metric} {arrow} (dense {dense:.4g}; `benchmarks/results/accuracy-restore-{model}.json`"
-        + ")",
+        f"### {model}: {metric} {arrow} (dense {dense:.4g}; `benchmarks/results/accuracy-restore-{model}.json`" + ")",
         "",
         "| method | " + " | ".join(settings) + " |",
         "|---|" + "---|" * len(settings),

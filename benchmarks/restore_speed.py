@@ -41,7 +41,7 @@ def one(rows: int, d: int, solver: str, device: str, threads: int) -> dict:
     """Measure one (shape, solver) in this process."""
     import torch
 
-    from mp_plugin.masks import nm_mask
+    from mp_plugin.masks.select import nm_mask
     from mp_plugin.restore.solve import damped, obs_sweep, relative_error, restore_cg, restore_direct
 
     torch.set_num_threads(threads)

@@ -125,8 +125,8 @@ def child(stage: str, name: str, threads: int, plan_path: str, legacy_dir: str) 
     cpu0 = time.process_time()
     t0 = time.perf_counter()
     if stage in ("plan", "plan-float64"):
-        import mp_plugin.analysis as analysis
-        import mp_plugin.planning as planning
+        import mp_plugin.planning.build as planning
+        import mp_plugin.spectrum.analysis as analysis
 
         real_fit_many, real_counts = analysis.fit_many, planning.global_prune_counts
         phase = {"fit_s": 0.0, "budget_s": 0.0}

@@ -28,9 +28,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
 
-from mp_plugin.classifier_training import TrainConfig, accuracy, train_classifier  # noqa: E402
-from mp_plugin.data import load_fashion_mnist  # noqa: E402
-from mp_plugin.training_mp import LinearDecayKeep, MPSingularValuePruning, elastic_net_penalty  # noqa: E402
+from mp_plugin.evaluation.classifier_training import TrainConfig, accuracy, train_classifier  # noqa: E402
+from mp_plugin.evaluation.fashion_mnist import load_fashion_mnist  # noqa: E402
+from mp_plugin.recover.training_mp import LinearDecayKeep, MPSingularValuePruning, elastic_net_penalty  # noqa: E402
 
 ARMS = ("none", "mp", "l1l2", "mp+l1l2")
 

@@ -20,9 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
 
-from mp_plugin.layers import LayerSelection, find_target_layers  # noqa: E402
+from mp_plugin.evaluation.zoo import ZOO, build_model, trained_model, zoo_record  # noqa: E402
+from mp_plugin.layers.discovery import LayerSelection, find_target_layers  # noqa: E402
 from mp_plugin.spectrum import fit_marchenko_pastur  # noqa: E402
-from mp_plugin.zoo import ZOO, build_model, trained_model, zoo_record  # noqa: E402
 
 
 def main() -> None:

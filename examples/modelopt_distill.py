@@ -14,8 +14,8 @@ import mp_plugin.integrations.modelopt  # noqa: F401 - registers the "mp" mode
 import torch
 
 import mp_plugin as mp
-from mp_plugin.evaluate import embedding_retention
-from mp_plugin.models import load_model
+from mp_plugin.evaluation.metrics import embedding_retention
+from mp_plugin.evaluation.models import load_model
 
 torch.set_num_threads(2)
 teacher = load_model("minilm")

@@ -9,8 +9,8 @@ import os
 import torch
 
 import mp_plugin as mp
-from mp_plugin.models import load_model
-from mp_plugin.photos import real_photo_crops
+from mp_plugin.evaluation.models import load_model
+from mp_plugin.evaluation.photos import real_photo_crops
 
 torch.set_num_threads(2)
 model = load_model("efficientnet_lite0")

@@ -9,12 +9,12 @@ import os
 
 import torch
 import torch.nn.functional as F
-from mp_plugin.integrations.torch_ao import MPPruningSparsifier
+from mp_plugin.integrations.torch_ao_pruner import MPPruningSparsifier
 
 import mp_plugin as mp
-from mp_plugin.evaluate import batched_outputs, output_fidelity
-from mp_plugin.models import load_model
-from mp_plugin.photos import real_photo_crops
+from mp_plugin.evaluation.metrics import batched_outputs, output_fidelity
+from mp_plugin.evaluation.models import load_model
+from mp_plugin.evaluation.photos import real_photo_crops
 
 torch.set_num_threads(2)
 model = load_model("efficientnet_lite0")

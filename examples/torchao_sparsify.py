@@ -9,8 +9,8 @@ import torch
 import torchao.sparsity
 
 import mp_plugin as mp
-from mp_plugin.evaluate import embedding_retention
-from mp_plugin.models import load_model
+from mp_plugin.evaluation.metrics import embedding_retention
+from mp_plugin.evaluation.models import load_model
 
 torch.set_num_threads(2)
 model = load_model("minilm")  # real pretrained all-MiniLM-L6-v2, shipped offline

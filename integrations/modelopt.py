@@ -15,7 +15,7 @@ Unlike ModelOpt's own searchers it accepts unstructured and any k:n pattern.
 
 Search config keys (all optional): ``sparsity`` (0.5), ``pattern`` ("2:4";
 "unstructured", "auto", "k:n" and ModelOpt's "2:4 sparsity" spelling),
-``budget`` (``mp_plugin.budget.DEFAULT_BUDGET``; any key of ``BUDGET_METHODS``), ``projection``
+``budget`` (``mp_plugin.budget.rules.DEFAULT_BUDGET``; any key of ``BUDGET_METHODS``), ``projection``
 ("magnitude" | "cast" | "obs" | "cast-obs"), ``restore`` (False, True or a
 ``mp_plugin.restore.RestoreConfig``: re-solve the kept weights on the calibration
 data; the restored values go into the module's real parameter), ``calibration``
@@ -51,11 +51,11 @@ except ImportError as exc:  # pragma: no cover - exercised only without modelopt
     ) from exc
 
 from mp_plugin import apply as mp_apply
-from mp_plugin.budget import DEFAULT_BUDGET
+from mp_plugin.budget.rules import DEFAULT_BUDGET
 from mp_plugin.errors import MPPluginError
-from mp_plugin.layers import LayerSelection
-from mp_plugin.patterns import Pattern
-from mp_plugin.planning import PlanConfig, PrunePlan, plan, split_method
+from mp_plugin.layers.discovery import LayerSelection
+from mp_plugin.layers.patterns import Pattern
+from mp_plugin.planning.build import PlanConfig, PrunePlan, plan, split_method
 
 __all__ = ["MODE_NAME", "MPModeDescriptor", "MPSearcher", "MPSparseConfig", "restore"]
 

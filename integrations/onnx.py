@@ -13,7 +13,7 @@ Where a weight lands in ONNX (torch 2.14, dynamo exporter, checked by the tests)
 * a classifier ``nn.Linear`` on a 2-D input → ``Gemm(transB=1)`` with B = W (out, in):
   groups along **axis 1**.
 * ``nn.Conv2d`` → ``Conv`` W (out, in/groups, kh, kw); groups run along the input
-  channels at each kernel position (TensorRT's conv layout, ``mp_plugin.layout``).
+  channels at each kernel position (TensorRT's conv layout, ``mp_plugin.layers.layout``).
   Eval-mode BatchNorm is folded into W (each output row
   is rescaled, so zeros stay zeros and the pattern survives).
 
@@ -39,11 +39,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from mp_plugin.errors import MPPluginError
-from mp_plugin.layers import LayerSelection, find_target_layers
-from mp_plugin.layout import kn_eligible
-from mp_plugin.masks import check_nm, fold_parametrizations, kn_group_counts
-from mp_plugin.patterns import Pattern
-from mp_plugin.planning import PrunePlan
+from mp_plugin.layers.discovery import LayerSelection, find_target_layers
+from mp_plugin.layers.layout import kn_eligible
+from mp_plugin.layers.patterns import Pattern
+from mp_plugin.masks.select import check_nm, fold_parametrizations, kn_group_counts
+from mp_plugin.planning.build import PrunePlan
 from mp_plugin.progress import progress
 
 __all__ = [
@@ -207,7 +207,7 @@ def nm_violations(array: np.ndarray, k: int, n: int, axis: int) -> tuple[int, in
     Args:
         array: any-rank array; for rank > 2 with axis=1 (a Conv weight) groups run
             along the input channels at each kernel position (the k:n layout of
-            ``mp_plugin.layout``: the array is read as (out, kh·kw·in)).
+            ``mp_plugin.layers.layout``: the array is read as (out, kh·kw·in)).
         k, n: the pattern. axis: 0 or 1, the reduction axis of the stored matrix.
 
     Returns:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from mp_plugin.errors import MPPluginError, PatternError
-from mp_plugin.patterns import Pattern
+from mp_plugin.layers.patterns import Pattern
 
 __all__ = [
     "EngineBuild",

@@ -32,12 +32,13 @@ except ImportError as exc:  # pragma: no cover - exercised only without torchao
     raise ImportError("mp_plugin.integrations.torchao needs torchao: pip install 'mp-plugin[torchao]'") from exc
 
 from mp_plugin import apply as mp_apply
-from mp_plugin.budget import DEFAULT_BUDGET
+from mp_plugin.budget.rules import DEFAULT_BUDGET
 from mp_plugin.errors import MPPluginError
-from mp_plugin.layers import LayerSelection
-from mp_plugin.planning import PlanConfig, PrunePlan, plan, split_method
+from mp_plugin.layers.discovery import LayerSelection
+from mp_plugin.planning.build import PlanConfig, PrunePlan, plan, split_method
 
 __all__ = ["MPSparsifier"]
+
 
 @dataclass
 class MPSparsifier(AOBaseConfig):
@@ -47,8 +48,8 @@ class MPSparsifier(AOBaseConfig):
         sparsity: global fraction of target weights to remove (the k:n
             projection's unstructured guide when ``pattern`` is k:n).
         pattern: ``"2:4"`` (default), another ``"k:n"``, ``"unstructured"`` or ``"auto"``.
-        budget: budget method, a key of ``mp_plugin.budget.BUDGET_METHODS`` (default
-            ``mp_plugin.budget.DEFAULT_BUDGET``; the paper's rule is ``"seb"``).
+        budget: budget method, a key of ``mp_plugin.budget.rules.BUDGET_METHODS`` (default
+            ``mp_plugin.budget.rules.DEFAULT_BUDGET``; the paper's rule is ``"seb"``).
         permute: ``None``, ``"swap"`` or ``"interleave"``: channel permutation
             folded into the weights before k:n masking.
         calibration: an input batch (tensor, tuple or dict) for CAST.

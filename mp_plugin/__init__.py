@@ -18,7 +18,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from .errors import (
+from mp_plugin.errors import (
     CalibrationError,
     CheckpointError,
     ConfigError,
@@ -33,17 +33,17 @@ from .errors import (
     PlanMismatchError,
     SpectrumFitError,
 )
-from .layers import LayerSelection, find_target_layers
-from .patterns import Pattern
-from .planning import LayerPlan, PlanConfig, PrunePlan, plan
-from .spectrum import SpectralFit, fit_marchenko_pastur
+from mp_plugin.layers.discovery import LayerSelection, find_target_layers
+from mp_plugin.layers.patterns import Pattern
+from mp_plugin.planning.build import LayerPlan, PlanConfig, PrunePlan, plan
+from mp_plugin.spectrum import SpectralFit, fit_marchenko_pastur
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "apply": "mp_plugin.pruning",
-    "sparsity_report": "mp_plugin.pruning",
-    "MaskKeeper": "mp_plugin.masks",
+    "apply": "mp_plugin.pruning.apply_plan",
+    "sparsity_report": "mp_plugin.pruning.apply_plan",
+    "MaskKeeper": "mp_plugin.masks.select",
     "permute_channels": "mp_plugin.permute",
     "certify": "mp_plugin.certificate",
     "RestoreConfig": "mp_plugin.restore",

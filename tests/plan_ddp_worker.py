@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 import mp_plugin as mp
-import mp_plugin.analysis as analysis
+import mp_plugin.spectrum.analysis as analysis
 
 
 def model() -> nn.Module:

@@ -14,11 +14,11 @@ from conftest import make_mlp
 
 import mp_plugin
 from mp_plugin import MaskKeeper, MPPluginError, PatternError, PlanMismatchError, sparsity_report
-from mp_plugin.calibration import calibration_loss, capture_covariances
-from mp_plugin.layers import LayerSelection
-from mp_plugin.masks import kn_group_counts
-from mp_plugin.patterns import Pattern
-from mp_plugin.planning import PlanConfig, PrunePlan, plan
+from mp_plugin.layers.calibration import calibration_loss, capture_covariances
+from mp_plugin.layers.discovery import LayerSelection
+from mp_plugin.layers.patterns import Pattern
+from mp_plugin.masks.select import kn_group_counts
+from mp_plugin.planning.build import PlanConfig, PrunePlan, plan
 
 
 def _as_unstructured(p: PrunePlan) -> PrunePlan:
@@ -187,12 +187,12 @@ def test_sparsity_report_without_plan_and_serialisation() -> None:
 
 
 def test_apply_stays_the_function_after_submodule_import() -> None:
-    import mp_plugin.pruning  # noqa: F401 - importing the module must not shadow mp_plugin.apply
+    import mp_plugin.pruning.apply_plan  # noqa: F401 - importing the module must not shadow mp_plugin.apply
 
     model = make_mlp()
     p = plan(model, sparsity=0.5, pattern="2:4", method="magnitude")
     mp_plugin.apply(model, p)
-    assert callable(mp_plugin.apply) and mp_plugin.apply.__module__ == "mp_plugin.pruning"
+    assert callable(mp_plugin.apply) and mp_plugin.apply.__module__ == "mp_plugin.pruning.apply_plan"
     assert mp_plugin.sparsity_report(model, p).kn_valid
 
 
@@ -269,7 +269,7 @@ def test_old_method_keywords_warn_and_keep_working() -> None:
 
 
 def test_adapter_method_splits_into_budget_and_projection() -> None:
-    from mp_plugin.planning import split_method
+    from mp_plugin.planning.build import split_method
 
     assert split_method("seb-hill", "magnitude", None, "X") == ("seb-hill", "magnitude")
     with pytest.warns(DeprecationWarning):

@@ -26,8 +26,8 @@ from mp_plugin.errors import (
     PatternError,
     PlanFormatError,
 )
-from mp_plugin.masks import check_nm
-from mp_plugin.models import load_model, register_builtin_model, save_pruned_checkpoint
+from mp_plugin.evaluation.models import load_model, register_builtin_model, save_pruned_checkpoint
+from mp_plugin.masks.select import check_nm
 
 torch.set_num_threads(1)
 
@@ -211,7 +211,7 @@ def test_load_model_bad_checkpoints(tmp_path) -> None:
 
 
 def test_images_and_output_paths(tmp_path) -> None:
-    from mp_plugin.photos import image_folder_batch
+    from mp_plugin.evaluation.photos import image_folder_batch
 
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "broken.jpg").write_bytes(b"not an image")

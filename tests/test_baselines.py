@@ -1,4 +1,4 @@
-"""Baseline pruners (mp_plugin.baselines) and the evaluation helpers the accuracy benchmark relies on.
+"""Baseline pruners (mp_plugin.evaluation.baselines) and the evaluation helpers the accuracy benchmark relies on.
 
 A broken baseline or a broken metric would quietly make MP look good, so each is
 checked against an independent expectation on tiny models.
@@ -13,11 +13,17 @@ import torch
 from conftest import make_mlp
 from torch import nn
 
-from mp_plugin.baselines import BASELINES, BaselineNotApplicable, baseline_report, input_norms, prune_baseline
-from mp_plugin.evaluate import embedding_retention, linear_probe_accuracy, output_fidelity
-from mp_plugin.masks import check_nm, nm_mask
-from mp_plugin.planning import plan
-from mp_plugin.pruning import sparsity_report
+from mp_plugin.evaluation.baselines import (
+    BASELINES,
+    BaselineNotApplicable,
+    baseline_report,
+    prune_baseline,
+)
+from mp_plugin.evaluation.metrics import embedding_retention, linear_probe_accuracy, output_fidelity
+from mp_plugin.masks.scores import input_norms
+from mp_plugin.masks.select import check_nm, nm_mask
+from mp_plugin.planning.build import plan
+from mp_plugin.pruning.apply_plan import sparsity_report
 
 
 def _skewed_inputs(n: int = 512, d: int = 32, seed: int = 0) -> torch.Tensor:
@@ -171,7 +177,7 @@ def test_sparsegpt_registers_conv_subclasses_only_where_modelopt_hessian_is_exac
 
 
 def test_sparsegpt_is_real_on_pretrained_efficientnet_lite0(efficientnet_lite0) -> None:
-    from mp_plugin.photos import real_photo_crops
+    from mp_plugin.evaluation.photos import real_photo_crops
 
     x = real_photo_crops(4, 224, seed=2)
     sgpt, mag = efficientnet_lite0, copy.deepcopy(efficientnet_lite0)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from mp_plugin.bench import environment_info, prune_24_, run_benchmark
+from mp_plugin.evaluation.latency import environment_info, prune_24_, run_benchmark
 
 pytest.importorskip("timm")
 SMALL_VIT = {"img_size": 32, "patch_size": 8, "depth": 2}
@@ -41,9 +41,9 @@ def test_prune_24_prunes_vit_linears():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU path")
 def test_cli_bench_measures_the_given_checkpoint(tmp_path, capsys):
     """bench reads the pruned checkpoint and its plan; an unpruned model is reported dense, not re-pruned."""
-    from mp_plugin.cli import main
-    from mp_plugin.macs import count_macs
-    from mp_plugin.models import load_model
+    from mp_plugin.cli.main import main
+    from mp_plugin.evaluation.models import load_model
+    from mp_plugin.masks.macs import count_macs
 
     name = "resnet18"
     pruned = tmp_path / "pruned"
@@ -85,7 +85,7 @@ def test_gpu_bench_script_exits_cleanly_without_cuda(tmp_path, capsys):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_semi_structured_linear_matches_dense_with_zeros():  # pragma: no cover - GPU only
-    from mp_plugin.bench import bench_linear_shapes
+    from mp_plugin.evaluation.latency import bench_linear_shapes
 
     rows = bench_linear_shapes(batch=2, dtype="fp16", shapes={"fc1": (768, 3072)}, warmup=1, iters=3)
     ran = [backend for backend in ("cusparselt", "cutlass") if "error" not in rows[0][backend]]
@@ -98,7 +98,7 @@ def test_semi_structured_linear_matches_dense_with_zeros():  # pragma: no cover 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_end_to_end_small_vit_on_gpu():  # pragma: no cover - GPU only
-    from mp_plugin.bench import bench_model
+    from mp_plugin.evaluation.latency import bench_model
 
     result = bench_model("vit_tiny_patch16_224", batch=8, warmup=1, iters=3)
     assert result["dense"]["median_ms"] > 0
@@ -112,7 +112,7 @@ def test_end_to_end_times_the_given_pruned_model():  # pragma: no cover - GPU on
     import timm
 
     import mp_plugin as mp
-    from mp_plugin.bench import bench_model
+    from mp_plugin.evaluation.latency import bench_model
 
     model = timm.create_model("vit_tiny_patch16_224").eval()
     p = mp.plan(model, 0.5, "2:4", "seb")

@@ -1,4 +1,4 @@
-"""Bounded budgets (mp_plugin.budget_bounded) and the dense/2:4 mix (mp_plugin.mix).
+"""Bounded budgets (mp_plugin.budget.bounded) and the dense/2:4 mix (mp_plugin.budget.mix).
 
 Every method: exact total to one weight, every layer inside its band, equal
 sparsity inside a block where the rule averages per block; the mix: only dense
@@ -13,8 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from mp_plugin.budget import BUDGET_METHODS, BudgetContext
-from mp_plugin.budget_bounded import (
+from mp_plugin.budget.bounded import (
     BoundedConfig,
     block_mean,
     bounded_ratios,
@@ -22,11 +21,12 @@ from mp_plugin.budget_bounded import (
     noise_floor_counts,
     ratios_to_counts,
 )
+from mp_plugin.budget.mix import choose_kn_layers
+from mp_plugin.budget.rules import BUDGET_METHODS, BudgetContext
 from mp_plugin.errors import ConfigError
-from mp_plugin.masks import check_nm
-from mp_plugin.mix import choose_kn_layers
-from mp_plugin.planning import PlanConfig, PrunePlan, plan
-from mp_plugin.pruning import apply
+from mp_plugin.masks.select import check_nm
+from mp_plugin.planning.build import PlanConfig, PrunePlan, plan
+from mp_plugin.pruning.apply_plan import apply
 
 BOUNDED = ("alpha", "bounded-bulk-energy", "bounded-spikes", "bounded-edge", "owl")
 
@@ -167,7 +167,7 @@ def test_calibration_methods_refuse_without_data(net: _Net) -> None:
 
 
 def test_noise_floor_reuses_precomputed_curves(net: _Net, calib: list) -> None:
-    from mp_plugin.budget_bounded import noise_floor_curves
+    from mp_plugin.budget.bounded import noise_floor_curves
 
     cfg = BoundedConfig()
     names = [lp.name for lp in plan(net, 0.5, "unstructured", "magnitude").layers]
@@ -259,7 +259,7 @@ def test_mix_applies_exact_24_and_round_trips(net: _Net) -> None:
 
 
 def test_damage_rules_rank_by_damage_per_cost() -> None:
-    from mp_plugin.mix import mix_order
+    from mp_plugin.budget.mix import mix_order
 
     weights = [torch.zeros(8, 8), torch.zeros(32, 8), torch.zeros(4, 8)]
     names = ["a", "b", "c"]

@@ -8,15 +8,10 @@ import torch
 from torch import nn
 
 from mp_plugin import InvalidSparsityError, LayerSelection, find_target_layers
-from mp_plugin.budget import (
-    BUDGET_METHODS,
-    SEBConfig,
-    global_prune_counts,
-    seb_layer_weights,
-    uniform_prune_counts,
-)
-from mp_plugin.layers import classify_layer_type
-from mp_plugin.patterns import Pattern, PatternError, round_budget_to_pattern
+from mp_plugin.budget.rules import BUDGET_METHODS, SEBConfig, seb_layer_weights
+from mp_plugin.layers.discovery import classify_layer_type
+from mp_plugin.layers.patterns import Pattern, PatternError, round_budget_to_pattern
+from mp_plugin.masks.counts import global_prune_counts, uniform_prune_counts
 
 
 class TinyViTBlock(nn.Module):

@@ -1,13 +1,13 @@
-"""Opt-in SEB signals (mp_plugin.budget_signals): registered, exact totals, and shape-free where σ₊ is not."""
+"""Opt-in SEB signals (mp_plugin.budget.signals): registered, exact totals, and shape-free where σ₊ is not."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-import mp_plugin.budget_signals  # noqa: F401  (registers the methods)
-from mp_plugin.budget import BUDGET_METHODS
-from mp_plugin.planning import plan
+import mp_plugin.budget.signals  # noqa: F401  (registers the methods)
+from mp_plugin.budget.rules import BUDGET_METHODS
+from mp_plugin.planning.build import plan
 
 
 def _noise_model(seed: int = 0) -> nn.Sequential:

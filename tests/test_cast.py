@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from mp_plugin import MPPluginError, PatternError
-from mp_plugin.calibration import GroupCovariance, calibration_loss, capture_covariances
-from mp_plugin.cast import CastConfig, cast_project, cast_source, kn_patterns
-from mp_plugin.masks import kn_group_counts, nm_mask
+from mp_plugin.layers.calibration import GroupCovariance, calibration_loss, capture_covariances
+from mp_plugin.masks.cast import CastConfig, cast_project, cast_source, kn_patterns
+from mp_plugin.masks.select import kn_group_counts, nm_mask
 
 
 def _random_cov(groups: int, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -222,7 +222,7 @@ def _photo_batch(count: int = 4, size: int = 64) -> torch.Tensor:
 
 @pytest.mark.parametrize("k,n", [(2, 4), (8, 16)])
 def test_cast_loss_not_above_magnitude_on_efficientnet_lite0(efficientnet_lite0, k: int, n: int) -> None:
-    from mp_plugin.layers import find_target_layers
+    from mp_plugin.layers.discovery import find_target_layers
 
     model = efficientnet_lite0
     targets = [t for t in find_target_layers(model)[0] if t.shape[1] % n == 0][:: 3 if n == 4 else 6]
@@ -246,7 +246,7 @@ def test_cast_loss_not_above_magnitude_on_efficientnet_lite0(efficientnet_lite0,
 
 
 def test_first_batch_of_calibration_data() -> None:
-    from mp_plugin.calibration import first_batch
+    from mp_plugin.layers.calibration import first_batch
 
     x, y = torch.randn(2, 4), torch.randn(3, 4)
     assert first_batch([x, y]) is x

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from conftest import make_mlp
+from mp_plugin.integrations.plotting import plot_certificate
 from torch import nn
 
 from mp_plugin.certificate import (
@@ -26,7 +27,7 @@ from mp_plugin.errors import (
     NonFiniteActivationError,
     NotCertifiable,
 )
-from mp_plugin.masks import unstructured_mask
+from mp_plugin.masks.select import unstructured_mask
 
 
 def _prune(model: nn.Module, names: list[str], fraction: float = 0.5) -> nn.Module:
@@ -341,7 +342,7 @@ def test_outputs_json_summary_and_plot(tmp_path):
     data = json.loads(cert.save_json(tmp_path / "c.json").read_text())
     assert data["mode"] == "bound" and data["eta_kind"] == RIGOROUS and len(data["eta"]) == 20
     assert data["layers"][0]["lipschitz_kind"] == RIGOROUS and data["layers"][1]["gaussian"]["kind"]
-    png = cert.plot(tmp_path / "c.png")
+    png = plot_certificate(cert, tmp_path / "c.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -451,7 +452,7 @@ def test_certificate_aligns_dense_to_a_channel_permuted_pruned_model() -> None:
 def test_permutation_record_survives_save_pruned_checkpoint(tmp_path) -> None:
     """A permuted, pruned model saved as safetensors loads back with its fold record; certify aligns."""
     import mp_plugin
-    from mp_plugin.models import BUILTIN_MODELS, load_model, register_builtin_model, save_pruned_checkpoint
+    from mp_plugin.evaluation.models import BUILTIN_MODELS, load_model, register_builtin_model, save_pruned_checkpoint
 
     register_builtin_model("_test_perm_mlp")(lambda: make_mlp((32, 64, 64, 12), seed=3).eval())
     try:

@@ -10,7 +10,7 @@ from torch import nn
 
 import mp_plugin as mp
 from mp_plugin.certificate import MODE_CLAIMS, certify, certify_auto
-from mp_plugin.pipeline import describe_preserved
+from mp_plugin.evaluation.pipeline import describe_preserved
 
 
 def _pair() -> tuple[nn.Module, nn.Module, torch.Tensor]:

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from mp_plugin.certificate import EXACT, certify
-from mp_plugin.layers import find_target_layers
-from mp_plugin.masks import unstructured_mask
-from mp_plugin.photos import builtin_photo_crops
+from mp_plugin.evaluation.photos import builtin_photo_crops
+from mp_plugin.layers.discovery import find_target_layers
+from mp_plugin.masks.select import unstructured_mask
 
 
 def _magnitude_pruned(model: torch.nn.Module, fraction: float) -> torch.nn.Module:
@@ -42,7 +42,7 @@ def test_empirical_certificate_on_pretrained_efficientnet(efficientnet_lite0, cr
     changed = (zd.argmax(1) != zp.argmax(1)).numpy()
     assert not (cert.preserved & changed).any()
     top2 = zd.topk(2, dim=1).values
-    expected = ((top2[:, 0] - top2[:, 1]).numpy() > 2 * cert.eta)  # preserved ⇔ dense margin > 2η_s
+    expected = (top2[:, 0] - top2[:, 1]).numpy() > 2 * cert.eta  # preserved ⇔ dense margin > 2η_s
     np.testing.assert_array_equal(cert.preserved, expected)
     assert cert.preserved_fraction == pytest.approx(expected.mean()) and cert.eta.min() > 0
     assert cert.claim == "measured"
@@ -52,7 +52,7 @@ def test_empirical_certificate_on_pretrained_efficientnet(efficientnet_lite0, cr
 def test_cli_certify_prints_summary_and_writes_json(efficientnet_lite0, tmp_path, capsys):
     from safetensors.torch import save_file
 
-    from mp_plugin.cli import main
+    from mp_plugin.cli.main import main
 
     pruned = _magnitude_pruned(efficientnet_lite0, 0.05)
     ckpt = tmp_path / "pruned.safetensors"
@@ -79,7 +79,5 @@ def test_cli_certify_prints_summary_and_writes_json(efficientnet_lite0, tmp_path
     assert len(fallback) == 1 and "falling back to the measured (empirical) certificate" in fallback[0]
     data = json.loads(out.read_text())
     assert data["n_samples"] == 3 and data["eta_kind"] == EXACT and len(data["layers"]) > 20
-    bad = main(
-        ["certify", "efficientnet_lite0", "--pruned", str(tmp_path / "missing.pt"), "--out", str(out)]
-    )
+    bad = main(["certify", "efficientnet_lite0", "--pruned", str(tmp_path / "missing.pt"), "--out", str(out)])
     assert bad == 2

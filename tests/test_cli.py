@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mp_plugin import cli
-from mp_plugin.cli import main
+from mp_plugin.cli import main as cli
+from mp_plugin.cli.main import main
 
 COMMANDS = ("analyze", "prune", "certify", "export", "bench", "tome", "distill", "demo")
 READS_CHECKPOINT = ("analyze", "prune", "certify", "export", "bench", "distill", "demo")
@@ -87,7 +87,7 @@ def test_timm_name_without_cached_weights_stops_in_one_line(monkeypatch, tmp_pat
 
 def test_no_random_dense_reference_or_teacher(monkeypatch, tmp_path, capsys) -> None:
     pytest.importorskip("timm")
-    from mp_plugin.models import load_model
+    from mp_plugin.evaluation.models import load_model
 
     _empty_hub_cache(monkeypatch, tmp_path / "hub")
     ckpt = tmp_path / "pruned.pt"
@@ -105,7 +105,7 @@ def test_timm_pretrained_weights_come_from_the_local_cache(monkeypatch, tmp_path
     timm = pytest.importorskip("timm")
     from safetensors.torch import save_file
 
-    from mp_plugin.model_source import load_named_model
+    from mp_plugin.evaluation.model_source import load_named_model
 
     cache = tmp_path / "hub"
     _empty_hub_cache(monkeypatch, cache)
@@ -159,7 +159,7 @@ def test_certify_refuses_a_text_encoder_in_one_line(minilm, tmp_path, capsys) ->
 
 def test_num_classes_reaches_the_model_when_a_checkpoint_is_read(tmp_path, capsys) -> None:
     pytest.importorskip("timm")
-    from mp_plugin.planning import PrunePlan
+    from mp_plugin.planning.build import PrunePlan
 
     out = tmp_path / "p"
     prune = ["prune", "test_vit", "--random-init", "--num-classes", "7", "--include-head", "--out", str(out)]

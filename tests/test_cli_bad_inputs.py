@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from mp_plugin.cli import main
-from mp_plugin.models import register_builtin_model, save_pruned_checkpoint
+from mp_plugin.cli.main import main
+from mp_plugin.evaluation.models import register_builtin_model, save_pruned_checkpoint
 
 torch.set_num_threads(1)
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mp_plugin.cli import main
-from mp_plugin.masks import check_nm
-from mp_plugin.models import load_model
-from mp_plugin.planning import PrunePlan
+from mp_plugin.cli.main import main
+from mp_plugin.evaluation.models import load_model
+from mp_plugin.masks.select import check_nm
+from mp_plugin.planning.build import PrunePlan
 
 
 def _photo_dir(tmp_path: Path) -> Path:

@@ -1,4 +1,4 @@
-"""mp_plugin.distill: loss, optimiser pieces, timm data, the masked KD loop, checkpoint/resume, bad input, CLI."""
+"""mp_plugin.recover.distill: loss, optimiser pieces, timm data, the masked KD loop, checkpoint/resume, bad input, CLI."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from distill_data import SmallCNN, make_image_folder, pruned_cnn
+from mp_plugin.integrations.timm import make_loaders
 
-from mp_plugin.distill import (
+from mp_plugin.errors import MPPluginError, PlanMismatchError
+from mp_plugin.permute.graph import Coupling
+from mp_plugin.recover.distill import (
     DataConfig,
     DataMismatchError,
     DenseStudentError,
@@ -19,13 +22,10 @@ from mp_plugin.distill import (
     NonFiniteLossError,
     distill,
     kd_loss,
-    make_loaders,
     param_groups,
     read_checkpoint,
     warmup_cosine,
 )
-from mp_plugin.errors import MPPluginError, PlanMismatchError
-from mp_plugin.permute.graph import Coupling
 
 pytest.importorskip("timm")
 pytest.importorskip("PIL")
@@ -284,9 +284,9 @@ def test_cli_distill_end_to_end(tmp_path):
     import timm
     from safetensors.torch import load_file, save_file
 
-    from mp_plugin.cli import main
-    from mp_plugin.planning import plan
-    from mp_plugin.pruning import apply
+    from mp_plugin.cli.main import main
+    from mp_plugin.planning.build import plan
+    from mp_plugin.pruning.apply_plan import apply
 
     torch.manual_seed(0)
     dense = timm.create_model("test_efficientnet", num_classes=3).eval()
@@ -344,10 +344,10 @@ def test_cli_distill_from_restored_weights_keeps_the_restored_masks(tmp_path):
     import timm
     from safetensors.torch import load_file, save_file
 
-    from mp_plugin.cli import main
-    from mp_plugin.masks import check_nm
-    from mp_plugin.planning import plan
-    from mp_plugin.pruning import apply
+    from mp_plugin.cli.main import main
+    from mp_plugin.masks.select import check_nm
+    from mp_plugin.planning.build import plan
+    from mp_plugin.pruning.apply_plan import apply
 
     torch.manual_seed(0)
     dense = timm.create_model("test_efficientnet", num_classes=3).eval()

@@ -81,7 +81,7 @@ def test_main_job_through_the_command_line(tmp_path: Path) -> None:
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("onnxruntime")
     exe = Path(sys.executable).with_name("mp-plugin")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mp_plugin.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mp_plugin.cli.main"]
     argv = ["demo", "efficientnet_lite0", "--n-eval", "4", "--n-calib", "4", "--image-size", "64", "--threads", "1"]
     argv += ["--out", str(tmp_path / "out"), "--variants", "magnitude-2-4", "mp-2-4-seb-cast"]
     out = subprocess.run([*cmd, *argv], env=_env(tmp_path), capture_output=True, text=True, timeout=600)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from fashion_mnist_setup import fashion_mnist_or_skip
 
-from mp_plugin.data.fashion_mnist import ENV_VAR, load_fashion_mnist, read_idx
 from mp_plugin.errors import DatasetUnavailable, MPPluginError
+from mp_plugin.evaluation.fashion_mnist import ENV_VAR, load_fashion_mnist, read_idx
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +91,8 @@ def test_truncated_and_bad_files_are_clear_errors(tmp_path):
 
 
 def test_zoo_names_registered_and_cache_is_used(tmp_path):
-    from mp_plugin import zoo
-    from mp_plugin.models import BUILTIN_MODELS
+    from mp_plugin.evaluation import zoo
+    from mp_plugin.evaluation.models import BUILTIN_MODELS
 
     assert {"fmnist_mlp", "fmnist_cnn", "fmnist_vit"} <= set(BUILTIN_MODELS)
     for name in zoo.ZOO:
@@ -114,8 +114,8 @@ def test_zoo_names_registered_and_cache_is_used(tmp_path):
 
 @pytest.mark.slow
 def test_trained_mlp_spectrum_has_spikes_that_init_lacks(fmnist):
+    from mp_plugin.evaluation.zoo import build_model, trained_model, zoo_record
     from mp_plugin.spectrum import fit_marchenko_pastur
-    from mp_plugin.zoo import build_model, trained_model, zoo_record
 
     trained, init = trained_model("fmnist_mlp"), build_model("fmnist_mlp")
     assert zoo_record("fmnist_mlp")["test_accuracy"] > 0.82
@@ -129,10 +129,10 @@ def test_zoo_names_match_and_load_model_does_not_import_the_trainer():
     import subprocess
     import sys
 
-    from mp_plugin.models import ZOO_NAMES
-    from mp_plugin.zoo import ZOO
+    from mp_plugin.evaluation.models import ZOO_NAMES
+    from mp_plugin.evaluation.zoo import ZOO
 
     assert tuple(ZOO) == ZOO_NAMES
-    code = "import sys, mp_plugin.models; print('mp_plugin.classifier_training' in sys.modules, 'mp_plugin.zoo' in sys.modules)"
+    code = "import sys, mp_plugin.evaluation.models; print('mp_plugin.evaluation.classifier_training' in sys.modules, 'mp_plugin.evaluation.zoo' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]

@@ -40,9 +40,9 @@ from torch import nn
 
 import mp_plugin as mp
 from mp_plugin.errors import MPPluginError
-from mp_plugin.masks import check_nm
-from mp_plugin.models import load_model, register_builtin_model, save_pruned_checkpoint
-from mp_plugin.patterns import Pattern
+from mp_plugin.evaluation.models import load_model, register_builtin_model, save_pruned_checkpoint
+from mp_plugin.layers.patterns import Pattern
+from mp_plugin.masks.select import check_nm
 
 torch.set_num_threads(1)
 
@@ -1017,7 +1017,7 @@ CLI_FAULTS = ["threads", "out_file", "max_rows", "sparsity", "pattern", "budget"
     blob=st.binary(min_size=0, max_size=40),
 )
 def test_fuzz_cli(capsys, fault, pattern, budget, sparsity, bad, blob):
-    from mp_plugin.cli import main
+    from mp_plugin.cli.main import main
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mp_plugin.calibration import layer_input_rows
 from mp_plugin.errors import PatternError
-from mp_plugin.layout import from_kn_matrix, kn_eligible, kn_input_columns, kn_matrix, kn_width
+from mp_plugin.layers.calibration import layer_input_rows
+from mp_plugin.layers.layout import from_kn_matrix, kn_eligible, kn_input_columns, kn_matrix, kn_width
 
 
 @pytest.mark.parametrize("shape", [(6, 8), (6, 8, 3), (6, 8, 3, 2), (6, 4, 1, 1)])

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import make_mlp
 
-from mp_plugin.macs import count_macs, mac_table, sparse_factor
-from mp_plugin.masks import magnitude_kn_
+from mp_plugin.masks.macs import count_macs, mac_table, sparse_factor
+from mp_plugin.masks.select import magnitude_kn_
 
 
 def _prune(model: torch.nn.Module, k: int = 2, n: int = 4, only: int | None = None) -> list[str]:

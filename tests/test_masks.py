@@ -7,7 +7,7 @@ import torch
 from conftest import make_mlp
 
 from mp_plugin import MaskKeeper, PatternError, PlanMismatchError
-from mp_plugin.masks import (
+from mp_plugin.masks.select import (
     assert_kn_exact,
     check_nm,
     global_unstructured_masks,

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import mp_plugin as mp
+from mp_plugin.masks.select import check_nm
 
 mts = pytest.importorskip("modelopt.torch.sparsity")
 mto = pytest.importorskip("modelopt.torch.opt")
@@ -41,7 +42,7 @@ def test_mp_mode_kn_matches_plan(pattern: str, k: int, n: int) -> None:
     assert [lp.name for lp in got.layers] == [lp.name for lp in reference.layers]
     assert [lp.w for lp in got.layers] == [lp.w for lp in reference.layers]
     fc1 = model.blocks[0].mlp.fc1
-    assert mp.masks.check_nm(fc1.weight, k, n)  # the masked forward weight
+    assert check_nm(fc1.weight, k, n)  # the masked forward weight
     assert fc1._weight_mask.float().mean().item() == pytest.approx(k / n)
 
 
@@ -142,7 +143,7 @@ def test_mp_mode_restore_with_forward_loop_round_trips_bit_exact(tmp_path) -> No
     fc1 = model.blocks[0].mlp.fc1
     raw = dict(fc1.named_parameters())["weight"].detach()
     assert torch.equal(raw, fc1.weight.detach())  # restored values live in the parameter itself
-    assert mp.masks.check_nm(raw, 2, 4)
+    assert check_nm(raw, 2, 4)
     assert "restore" in model._mp_plan.applied["layers"]["blocks.0.mlp.fc1"]
     with torch.no_grad():
         ref = dense(test)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from mp_plugin.masks import check_nm as mp_check_nm
+from mp_plugin.masks.select import check_nm as mp_check_nm
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -30,8 +30,8 @@ from mp_plugin.integrations.onnx import (  # noqa: E402
 )
 from onnx import numpy_helper  # noqa: E402
 
-from mp_plugin.layers import find_target_layers  # noqa: E402
-from mp_plugin.masks import nm_mask  # noqa: E402
+from mp_plugin.layers.discovery import find_target_layers  # noqa: E402
+from mp_plugin.masks.select import nm_mask  # noqa: E402
 
 ARCHS = {
     "vit_tiny_patch16_224": ({"img_size": 32, "patch_size": 8, "depth": 2}, (2, 3, 32, 32)),
@@ -170,7 +170,7 @@ def test_masks_never_applied_lists_layers(tmp_path):
 
 
 def test_cli_export_prints_check_and_trtexec(tmp_path, capsys):
-    from mp_plugin.cli import main
+    from mp_plugin.cli.main import main
 
     out = tmp_path / "cli.onnx"
     rc = main(["export", "resnet18", "--random-init", "--magnitude-24", "--input-shape", "1,3,32,32", "--out", str(out),
@@ -193,7 +193,7 @@ def test_nm_violations_counts_groups():
 
 def test_nm_violations_reads_conv_weights_along_input_channels():
     """A Conv weight passes only with 2:4 along the input channels at each kernel position."""
-    from mp_plugin.masks import nm_mask
+    from mp_plugin.masks.select import nm_mask
 
     w = torch.randn(8, 8, 3, 3)
     good = (w * nm_mask(w, 2, 4)).numpy()

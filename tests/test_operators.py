@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mp_plugin import MPPluginError
-from mp_plugin.operators import (
+from mp_plugin.spectrum import fit_marchenko_pastur
+from mp_plugin.spectrum.operators import (
     SPECTRAL_OPERATORS,
     kept_rank,
     low_rank_split,
@@ -17,7 +18,6 @@ from mp_plugin.operators import (
     shrink_spikes,
     sparsify_singular_vectors,
 )
-from mp_plugin.spectrum import fit_marchenko_pastur
 
 SIGMA = 0.02
 

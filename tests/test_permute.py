@@ -12,7 +12,7 @@ from torch import nn
 
 import mp_plugin
 from mp_plugin.errors import PatternError
-from mp_plugin.masks import nm_mask
+from mp_plugin.masks.select import nm_mask
 from mp_plugin.permute import (
     find_couplings,
     interleave_permutation,

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import mp_plugin as mp
-from mp_plugin.evaluate import output_fidelity
-from mp_plugin.photos import real_photo_crops
-from mp_plugin.pipeline import DEFAULT_VARIANTS, MainJobConfig, run_main_job
+from mp_plugin.evaluation.metrics import output_fidelity
+from mp_plugin.evaluation.photos import real_photo_crops
+from mp_plugin.evaluation.pipeline import DEFAULT_VARIANTS, MainJobConfig, run_main_job
 
 pytest.importorskip("efficientnet_lite_pytorch")
 pytest.importorskip("onnxruntime")

@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 from conftest import TIMM_ARCHS
+from mp_plugin.integrations.plotting import plot_plan
 from torch import nn
 
 import mp_plugin as mp
-from mp_plugin.cli import main as cli_main
+from mp_plugin.cli.main import main as cli_main
 
 timm = pytest.importorskip("timm")
 
@@ -43,7 +44,7 @@ def test_plan_on_real_pretrained_efficientnet(efficientnet_lite0: nn.Module, tmp
     assert q.layers[3].fit.singular_values.tolist() == p.layers[3].fit.singular_values.tolist()
     table = q.to_table()
     assert "_blocks.15._project_conv" in table and "planned s=0.5000" in table
-    figs = q.plot(tmp_path / "plots", max_layers=6)
+    figs = plot_plan(q, tmp_path / "plots", max_layers=6)
     assert [f.name for f in figs] == ["esd.png", "budgets.png"] and all(f.stat().st_size > 5000 for f in figs)
 
 

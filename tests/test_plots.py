@@ -10,8 +10,7 @@ import mp_plugin as mp
 
 pytest.importorskip("matplotlib")
 from matplotlib.colors import to_rgba  # noqa: E402
-
-from mp_plugin.plotting import TYPE_COLORS, budget_figure, esd_figure  # noqa: E402
+from mp_plugin.integrations.plotting import TYPE_COLORS, budget_figure, esd_figure  # noqa: E402
 
 
 class Block(nn.Module):

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 import mp_plugin as mp
-from mp_plugin.calibration import layer_input_rows
 from mp_plugin.errors import MPPluginError
-from mp_plugin.layout import kn_input_columns, kn_matrix
-from mp_plugin.masks import check_nm, nm_mask, unstructured_mask
-from mp_plugin.pruning import apply
+from mp_plugin.layers.calibration import layer_input_rows
+from mp_plugin.layers.layout import kn_input_columns, kn_matrix
+from mp_plugin.masks.select import check_nm, nm_mask, unstructured_mask
+from mp_plugin.pruning.apply_plan import apply
 from mp_plugin.restore import (
     RestoreConfig,
     block_key,
@@ -29,7 +29,7 @@ from mp_plugin.restore.solve import damped
 
 
 def _all_layers() -> mp.PlanConfig:
-    from mp_plugin.layers import LayerSelection
+    from mp_plugin.layers.discovery import LayerSelection
 
     return mp.PlanConfig(selection=LayerSelection(exclude_head=False))
 
@@ -241,7 +241,7 @@ def test_sequential_blocks_and_inputs_from_the_pruned_model():
 
 
 def test_restore_model_any_mask_source_and_wanda():
-    from mp_plugin.baselines import prune_baseline
+    from mp_plugin.evaluation.baselines import prune_baseline
 
     torch.manual_seed(3)
     dense = _Net().eval()
@@ -321,7 +321,7 @@ def test_restore_after_channel_permutation():
 @pytest.mark.parametrize("pattern,sparsity", [("2:4", 0.5), ("unstructured", 0.6)])
 def test_sparsegpt_obs_baseline_against_the_optimum_for_its_own_mask(pattern, sparsity):
     """The own SparseGPT: exact counts/pattern, its update beats mask-only, and is ≥ the closed-form optimum."""
-    from mp_plugin.baselines import prune_baseline
+    from mp_plugin.evaluation.baselines import prune_baseline
 
     torch.manual_seed(5)
     layer = nn.Linear(64, 32, bias=False)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from mp_plugin.budget import global_prune_counts
+from mp_plugin.masks.counts import global_prune_counts
 from mp_plugin.spectrum import fit_many, float32_sigma_error, gram_matrix, squared_singular_values
 
 torch.set_num_threads(1)
@@ -105,9 +105,9 @@ def _kth_value_counts(weights: list[torch.Tensor], layer_w: list[float], s: floa
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_radix_select_counts_equal_kth_value_counts(dtype: torch.dtype, monkeypatch) -> None:
-    import mp_plugin.budget as budget
+    import mp_plugin.masks.counts as counts
 
-    monkeypatch.setattr(budget, "_CHUNK", 97)  # many ragged slices per layer
+    monkeypatch.setattr(counts, "_CHUNK", 97)  # many ragged slices per layer
     g = torch.Generator().manual_seed(1)
     ws = [(torch.randn(n, 24, generator=g) * scale).to(dtype) for n, scale in ((40, 1.0), (7, 30.0), (90, 0.01))]
     ws.append(torch.zeros(16, 8, dtype=dtype))  # ties at zero, broken by layer order
@@ -192,7 +192,7 @@ def test_sequence_classification_score_head_is_left_out() -> None:
 
 def test_llama_plans_and_prunes_to_2_4_and_still_runs() -> None:
     import mp_plugin as mp
-    from mp_plugin.masks import check_nm
+    from mp_plugin.masks.select import check_nm
 
     model = _decoder("llama")
     ids = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -211,7 +211,7 @@ def test_llama_plans_and_prunes_to_2_4_and_still_runs() -> None:
 
 
 def test_token_batches_count_only_real_tokens() -> None:
-    from mp_plugin.calibration import capture_covariances
+    from mp_plugin.layers.calibration import capture_covariances
 
     model = _decoder("llama", layers=1)
     g = torch.Generator().manual_seed(1)
@@ -276,7 +276,7 @@ def test_llama_restore_runs_one_decoder_layer_at_a_time() -> None:
     import copy
 
     import mp_plugin as mp
-    from mp_plugin.masks import check_nm
+    from mp_plugin.masks.select import check_nm
     from mp_plugin.restore import RestoreConfig, execution_order, forward_blocks
 
     dense = _decoder("llama")

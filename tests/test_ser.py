@@ -7,10 +7,11 @@ import copy
 import pytest
 import torch
 from distill_data import SmallCNN, make_image_folder
+from mp_plugin.integrations.timm import make_loaders
 
-from mp_plugin.distill import DataConfig, DistillConfig, make_loaders
 from mp_plugin.errors import MPPluginError
-from mp_plugin.ser import HybridConfig, SERConfig, SpectralEdgeReallocation, hybrid_magnitude_ser
+from mp_plugin.recover.distill import DataConfig, DistillConfig
+from mp_plugin.recover.ser import HybridConfig, SERConfig, SpectralEdgeReallocation, hybrid_magnitude_ser
 
 pytest.importorskip("timm")
 pytest.importorskip("PIL")
@@ -139,8 +140,8 @@ def test_ser_refuses_a_target_below_the_current_sparsity(dense, loader):
 
 
 def test_ser_to_kn_projects_exactly_with_a_prior_towards_the_ser_mask(dense, loader):
-    from mp_plugin.masks import kn_group_counts
-    from mp_plugin.ser import ser_to_kn
+    from mp_plugin.masks.select import kn_group_counts
+    from mp_plugin.recover.ser import ser_to_kn
 
     model = copy.deepcopy(dense)
     res = SpectralEdgeReallocation(SERConfig(selection=_selection(2), finetune=None)).run(

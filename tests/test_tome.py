@@ -1,4 +1,4 @@
-"""Token merging (mp_plugin.tome) on small real timm ViTs: exactness at r=0, merging, LayerScale, MACs."""
+"""Token merging (mp_plugin.recover.tome) on small real timm ViTs: exactness at r=0, merging, LayerScale, MACs."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import torch
 timm = pytest.importorskip("timm")
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
-from mp_plugin.cli import main as cli_main  # noqa: E402
-from mp_plugin.tome import (  # noqa: E402
+from mp_plugin.cli.main import main as cli_main  # noqa: E402
+from mp_plugin.evaluation.models import random_timm_model  # noqa: E402
+from mp_plugin.recover.tome import (  # noqa: E402
     apply_patch,
     bipartite_soft_matching,
     is_patched,
@@ -246,7 +247,7 @@ def test_attention_mask_with_merging_is_refused() -> None:
 
 
 def test_mac_table_small_vit() -> None:
-    table = tome_mac_table("vit_tiny_patch16_224", r=2, pattern="2:4", img_size=IMG)
+    table = tome_mac_table(random_timm_model("vit_tiny_patch16_224", IMG), r=2, pattern="2:4", img_size=IMG)
     assert table["tokens_per_block"][0] == 17 and len(table["tokens_per_block"]) == 13
     assert table["tome_macs"] < table["dense_macs"]
     assert table["sparse_macs"] < table["dense_macs"]

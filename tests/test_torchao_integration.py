@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 import mp_plugin as mp
+from mp_plugin.masks.select import check_nm
 
 torchao = pytest.importorskip("torchao")
 timm = pytest.importorskip("timm")
-from mp_plugin.integrations.torch_ao import MPPruningSparsifier  # noqa: E402
+from mp_plugin.integrations.torch_ao_pruner import MPPruningSparsifier  # noqa: E402
 from mp_plugin.integrations.torchao import MPSparsifier  # noqa: E402
 from torchao.sparsity import sparsify_  # noqa: E402
 
@@ -151,7 +152,7 @@ def test_torch_ao_pruning_sparsifier_holds_masks_through_training() -> None:
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
         for m in (model[0], model[2], model[4]):
-            assert mp.masks.check_nm(m.weight, 2, 4)  # masked forward weight stays 2:4
+            assert check_nm(m.weight, 2, 4)  # masked forward weight stays 2:4
     sparsifier.step()
     sparsifier.squash_mask()
     assert not torch.nn.utils.parametrize.is_parametrized(model[0])

@@ -10,10 +10,9 @@ import torch
 from fashion_mnist_setup import fashion_mnist_or_skip
 from torch import nn
 
-from mp_plugin.classifier_training import TrainConfig, accuracy, train_classifier
 from mp_plugin.errors import MPPluginError
-from mp_plugin.spectrum import fit_marchenko_pastur
-from mp_plugin.training_mp import (
+from mp_plugin.evaluation.classifier_training import TrainConfig, accuracy, train_classifier
+from mp_plugin.recover.training_mp import (
     ConstantKeep,
     LinearDecayKeep,
     MPSingularValuePruning,
@@ -21,6 +20,7 @@ from mp_plugin.training_mp import (
     refit_truncated,
     regulariser_shrink,
 )
+from mp_plugin.spectrum import fit_marchenko_pastur
 
 
 def spiked(n: int, m: int, rank: int = 6, sigma: float = 0.05, seed: int = 0) -> torch.Tensor:

@@ -11,15 +11,24 @@
 
 from __future__ import annotations
 
-from ..masks import fold_parametrizations
-from .auto import certify_auto
-from .callback import CertificateCallback
-from .core import certify
-from .labels import ESTIMATE, EXACT, HIGH_PROBABILITY, LOWER, MEASURED, MODE_CLAIMS, RIGOROUS, claim_of
-from .lipschitz import jacobian_estimate, sequential_bound
-from .restore import RestoreResult, restore_gain
-from .result import Certificate, LayerCertificate
-from .sparsifier import certify_sparsifier
+from mp_plugin.certificate.auto import certify_auto
+from mp_plugin.certificate.callback import CertificateCallback
+from mp_plugin.certificate.core import certify
+from mp_plugin.certificate.labels import (
+    ESTIMATE,
+    EXACT,
+    HIGH_PROBABILITY,
+    LOWER,
+    MEASURED,
+    MODE_CLAIMS,
+    RIGOROUS,
+    claim_of,
+)
+from mp_plugin.certificate.lipschitz import jacobian_estimate, sequential_bound
+from mp_plugin.certificate.restore import RestoreResult, restore_gain
+from mp_plugin.certificate.result import Certificate, LayerCertificate
+from mp_plugin.certificate.sparsifier import certify_sparsifier
+from mp_plugin.masks.select import fold_parametrizations
 
 __all__ = [
     "Certificate",

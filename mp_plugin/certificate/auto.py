@@ -15,10 +15,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..errors import NotCertifiable
-from .core import certify
-from .labels import MODE_CLAIMS
-from .result import Certificate
+from mp_plugin.certificate.core import certify
+from mp_plugin.certificate.labels import MODE_CLAIMS
+from mp_plugin.certificate.result import Certificate
+from mp_plugin.errors import NotCertifiable
 
 __all__ = ["certify_auto"]
 

@@ -10,11 +10,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CertificateInputError
-from ..masks import fold_parametrizations
-from .core import certify
-from .inputs import Batch
-from .result import Certificate
+from mp_plugin.certificate.core import certify
+from mp_plugin.certificate.inputs import Batch
+from mp_plugin.certificate.result import Certificate
+from mp_plugin.errors import CertificateInputError
+from mp_plugin.masks.select import fold_parametrizations
 
 __all__ = ["CertificateCallback"]
 

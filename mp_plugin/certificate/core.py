@@ -11,11 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..errors import CertificateInputError, NonFiniteActivationError, NotCertifiable
-from ..masks import fold_parametrizations
-from ..progress import progress
-from .gaussian import gaussian_mp_budget
-from .inputs import (
+from mp_plugin.certificate.gaussian import gaussian_mp_budget
+from mp_plugin.certificate.inputs import (
     Batch,
     batch_size,
     check_labels,
@@ -26,9 +23,9 @@ from .inputs import (
     move_batch,
     numpy_to_torch,
 )
-from .labels import ESTIMATE, EXACT, LOWER, MEASURED, MODES, RIGOROUS
-from .lipschitz import jacobian_estimate, sequential_bound
-from .perturbation import (
+from mp_plugin.certificate.labels import ESTIMATE, EXACT, LOWER, MEASURED, MODES, RIGOROUS
+from mp_plugin.certificate.lipschitz import jacobian_estimate, sequential_bound
+from mp_plugin.certificate.perturbation import (
     RemovedComponent,
     apply_removed,
     in_side_pass,
@@ -36,7 +33,10 @@ from .perturbation import (
     per_sample_inf_norm,
     removed_component,
 )
-from .result import Certificate, LayerCertificate
+from mp_plugin.certificate.result import Certificate, LayerCertificate
+from mp_plugin.errors import CertificateInputError, NonFiniteActivationError, NotCertifiable
+from mp_plugin.masks.select import fold_parametrizations
+from mp_plugin.progress import progress
 
 __all__ = ["certify"]
 
@@ -182,7 +182,7 @@ def certify(
         raise CertificateInputError(f"delta must lie in (0, 1), got {delta}")
     aligned = bool(getattr(pruned, "_mp_permutation_folds", None)) and not getattr(dense, "_mp_permutation_folds", None)
     if aligned:  # compare layer by layer in the pruned model's (permuted) channel basis
-        from ..permute import align_to_permuted
+        from mp_plugin.permute import align_to_permuted
 
         dense = align_to_permuted(dense, pruned)
     dense_c = _eval_view(dense)

@@ -18,9 +18,9 @@ import math
 
 import torch
 
-from ..errors import MPPluginError
-from ..spectrum import fit_marchenko_pastur
-from .labels import HIGH_PROBABILITY
+from mp_plugin.certificate.labels import HIGH_PROBABILITY
+from mp_plugin.errors import MPPluginError
+from mp_plugin.spectrum import fit_marchenko_pastur
 
 __all__ = ["gaussian_mp_budget"]
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ArchitectureMismatchError, CertificateInputError, MPPluginError, NonFiniteActivationError
+from mp_plugin.errors import ArchitectureMismatchError, CertificateInputError, MPPluginError, NonFiniteActivationError
 
 __all__ = [
     "Batch",
@@ -101,7 +101,7 @@ def forward_logits(model: nn.Module, batch: Batch, n: int) -> torch.Tensor:
     except MPPluginError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's model failing on the user's batch
-        from ..calibration import model_expects
+        from mp_plugin.layers.calibration import model_expects
 
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CertificateInputError(

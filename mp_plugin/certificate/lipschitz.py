@@ -15,8 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..errors import NotCertifiable
-from .perturbation import in_side_pass
+from mp_plugin.certificate.perturbation import in_side_pass
+from mp_plugin.errors import NotCertifiable
 
 __all__ = ["sequential_bound", "jacobian_estimate", "THETAS"]
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..errors import NonFiniteActivationError
+from mp_plugin.errors import NonFiniteActivationError
 
 __all__ = [
     "in_side_pass",

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..errors import CertificateInputError
-from .labels import RIGOROUS
+from mp_plugin.certificate.labels import RIGOROUS
+from mp_plugin.errors import CertificateInputError
 
 __all__ = ["RestoreResult", "restore_gain"]
 

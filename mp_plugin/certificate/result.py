@@ -10,8 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import MPPluginError
-from .labels import claim_of
+from mp_plugin.certificate.labels import claim_of
 
 __all__ = ["LayerCertificate", "Certificate"]
 
@@ -238,32 +237,3 @@ class Certificate:
                 lines.append(f"  … {len(self.layers) - max_layers} more layers")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
-
-    def plot(self, path: str | Path) -> Path:
-        """Scatter of the dense margin against 2η_s per sample; points above the diagonal are preserved."""
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError as exc:
-            raise MPPluginError("plotting needs matplotlib: pip install 'mp-plugin[plot]'") from exc
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig, ax = plt.subplots(figsize=(5, 4.5))
-        x, y = 2 * self.eta, self.margin_pred
-        changed = self.pred_dense != self.pred_pruned
-        ax.scatter(x[~changed], y[~changed], s=12, label="prediction kept", alpha=0.7)
-        ax.scatter(x[changed], y[changed], s=18, marker="x", color="C3", label="prediction changed")
-        top = float(max(x.max(), y.max(), 1e-12)) * 1.05
-        ax.plot([0, top], [0, top], "k--", lw=1, label="margin = 2η")
-        ax.set_xlabel("2η_s (logits)")
-        ax.set_ylabel("dense margin Δ^pred (logits)")
-        ax.set_title(
-            f"{self.claim} ({self.mode} mode): {self.preserved_fraction:.1%} preserved [{self.eta_kind}]", fontsize=9
-        )
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path

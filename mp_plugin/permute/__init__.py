@@ -15,11 +15,11 @@ at run time), ``attention`` (fused-qkv heads), ``fold`` (rewriting the tensors),
 
 from __future__ import annotations
 
-from .api import METHODS, PermutationError, align_to_permuted, permute_channels
-from .graph import Coupling, GraphFailure, find_couplings
-from .record import folds_from_data, folds_to_data, permutation_record, restore_permutation_record
-from .report import PermutationReport, PermutedLayer, SkippedPermutation
-from .search import (
+from mp_plugin.permute.api import METHODS, PermutationError, align_to_permuted, permute_channels
+from mp_plugin.permute.graph import Coupling, GraphFailure, find_couplings
+from mp_plugin.permute.record import folds_from_data, folds_to_data, permutation_record, restore_permutation_record
+from mp_plugin.permute.report import PermutationReport, PermutedLayer, SkippedPermutation
+from mp_plugin.permute.search import (
     apply_column_permutation,
     channel_importance,
     interleave_permutation,

@@ -11,18 +11,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration import call_model
-from ..errors import ConfigError, MPPluginError, PatternError
-from ..layers import find_target_layers
-from ..layout import kn_eligible
-from ..patterns import Pattern
-from ..progress import progress
-from .attention import AttentionSite, find_attention_sites, fold_attention
-from .fold import consumer_matrix, fold_coupling
-from .graph import Coupling, find_couplings, shared_modules
-from .links import link_partials
-from .report import PermutationReport, PermutedLayer, SkippedPermutation
-from .search import channel_importance, interleave_permutation, kept_magnitude, swap_permutation
+from mp_plugin.errors import ConfigError, MPPluginError, PatternError
+from mp_plugin.layers.calibration import call_model
+from mp_plugin.layers.discovery import find_target_layers
+from mp_plugin.layers.layout import kn_eligible
+from mp_plugin.layers.patterns import Pattern
+from mp_plugin.permute.attention import AttentionSite, find_attention_sites, fold_attention
+from mp_plugin.permute.fold import consumer_matrix, fold_coupling
+from mp_plugin.permute.graph import Coupling, find_couplings, shared_modules
+from mp_plugin.permute.links import link_partials
+from mp_plugin.permute.report import PermutationReport, PermutedLayer, SkippedPermutation
+from mp_plugin.permute.search import channel_importance, interleave_permutation, kept_magnitude, swap_permutation
+from mp_plugin.progress import progress
 
 __all__ = ["permute_channels", "align_to_permuted", "PermutationError", "METHODS"]
 
@@ -151,7 +151,7 @@ def permute_channels(
     ops → consumer input channels; fused-qkv attention V rows → proj columns within
     each head) an input-channel order is searched that keeps more magnitude under the
     k:n mask of the consumer (conv groups run along input channels at each kernel
-    position, ``mp_plugin.layout``), and it
+    position, ``mp_plugin.layers.layout``), and it
     is folded into all tensors of the coupling so the function is unchanged. No hooks,
     buffers or state_dict keys are added. Couplings the graph walk does not understand
     (residual streams, reshapes, unknown modules, shared weights, grouped convs) are

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .ops import permute_tensor_
+from mp_plugin.permute.ops import permute_tensor_
 
 __all__ = ["AttentionSite", "find_attention_sites", "fold_attention"]
 

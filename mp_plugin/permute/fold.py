@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .graph import Coupling, tensor_by_name
-from .ops import permute_tensor_
+from mp_plugin.permute.graph import Coupling, tensor_by_name
+from mp_plugin.permute.ops import permute_tensor_
 
 __all__ = ["fold_coupling", "consumer_matrix"]
 
@@ -16,7 +16,7 @@ def consumer_matrix(module: nn.Module) -> torch.Tensor:
 
     Linear: the weight itself. Conv (C_out, C_in, kh, kw): (C_out·kh·kw, C_in), one
     row per output channel and kernel position — k:n groups run along the input
-    channels at each position (``mp_plugin.layout``), so a channel permutation
+    channels at each position (``mp_plugin.layers.layout``), so a channel permutation
     moves the same columns in every row.
     """
     w = module.weight.detach()

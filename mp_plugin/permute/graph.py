@@ -26,7 +26,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from .ops import (
+from mp_plugin.permute.ops import (
     BINARY_FUNCTIONS,
     BINARY_METHODS,
     ELEMENTWISE_FUNCTIONS,
@@ -85,14 +85,15 @@ class GraphFailure:
 
 
 def _timm_fx() -> tuple[tuple, tuple]:
-    if "timm" not in sys.modules:  # a timm model has imported timm already; importing it costs seconds
+    """timm's no-trace functions and modules, when timm is loaded (a timm model has loaded it); never imports it."""
+    timm_fx = sys.modules.get("timm.layers._fx")
+    if timm_fx is None:
         return (), ()
     try:
-        from timm.layers import _fx as timm_fx
-    except Exception:  # noqa: BLE001 - timm is optional
+        funcs = tuple(f for f in timm_fx.get_notrace_functions() if callable(f))
+        mods = tuple(m for m in timm_fx.get_notrace_modules() if isinstance(m, type))
+    except Exception:  # noqa: BLE001 - an older or newer timm without these registries
         return (), ()
-    funcs = tuple(f for f in timm_fx.get_notrace_functions() if callable(f))
-    mods = tuple(m for m in timm_fx.get_notrace_modules() if isinstance(m, type))
     return funcs, mods
 
 

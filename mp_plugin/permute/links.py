@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .graph import Coupling
+from mp_plugin.permute.graph import Coupling
 
 __all__ = ["link_partials"]
 

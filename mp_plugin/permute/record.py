@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from ..errors import MPPluginError
-from .attention import AttentionSite
-from .graph import Coupling
+from mp_plugin.errors import MPPluginError
+from mp_plugin.permute.attention import AttentionSite
+from mp_plugin.permute.graph import Coupling
 
 __all__ = ["folds_to_data", "folds_from_data", "permutation_record", "restore_permutation_record"]
 

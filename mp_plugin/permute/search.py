@@ -4,7 +4,7 @@ Conventions (all functions): ``weight`` is a 2-D (rows, C) matrix whose columns
 are input channels and whose k:n groups are n consecutive columns. A Linear
 weight is used as is; a conv weight (C_out, C, kh, kw) as the (C_out·kh·kw, C)
 matrix of :func:`mp_plugin.permute.fold.consumer_matrix`, because its groups
-run along the input channels at each kernel position (``mp_plugin.layout``), so
+run along the input channels at each kernel position (``mp_plugin.layers.layout``), so
 every kernel position is one more row sharing the channel order.
 A permutation ``perm`` is a LongTensor of length C: new slot ``s`` holds old
 channel ``perm[s]``, i.e. the permuted weight is ``W[:, perm]``.
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from ..errors import PatternError
+from mp_plugin.errors import PatternError
 
 __all__ = [
     "kept_magnitude",

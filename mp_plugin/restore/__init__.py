@@ -12,12 +12,12 @@ with Ŵ = 0 off the mask. Entry points:
   selection in the column sweep) and ``"cast-obs"`` (compensated CAST cost).
 """
 
-from .config import RestoreConfig, resolve_restore
-from .driver import LayerTask, block_key, execution_order, forward_blocks, prune_and_restore
-from .hessian import LayerGram, RestoreError, capture_grams
-from .layer import NEEDS_GRAM, PROJECTIONS, register_projection, restore_layer, select_mask
-from .model import restore_model
-from .solve import obs_sweep, relative_error, restore_cg, restore_direct
+from mp_plugin.restore.config import RestoreConfig, resolve_restore
+from mp_plugin.restore.driver import LayerTask, block_key, execution_order, forward_blocks, prune_and_restore
+from mp_plugin.restore.hessian import LayerGram, RestoreError, capture_grams
+from mp_plugin.restore.layer import NEEDS_GRAM, PROJECTIONS, register_projection, restore_layer, select_mask
+from mp_plugin.restore.model import restore_model
+from mp_plugin.restore.solve import obs_sweep, relative_error, restore_cg, restore_direct
 
 __all__ = [
     "RestoreConfig",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
-from ..errors import MPPluginError
+from mp_plugin.errors import MPPluginError
 
 __all__ = ["RestoreConfig", "SOLVERS", "resolve_restore"]
 

@@ -20,15 +20,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration import first_batch, run_batches
-from ..cast import CastConfig
-from ..errors import MPPluginError
-from ..masks import check_nm
-from ..patterns import Pattern
-from ..progress import progress
-from .config import RestoreConfig
-from .hessian import LayerGram, capture_grams
-from .layer import NEEDS_GRAM, restore_layer, select_mask
+from mp_plugin.errors import MPPluginError
+from mp_plugin.layers.calibration import first_batch, run_batches
+from mp_plugin.layers.patterns import Pattern
+from mp_plugin.masks.cast import CastConfig
+from mp_plugin.masks.select import check_nm
+from mp_plugin.progress import progress
+from mp_plugin.restore.config import RestoreConfig
+from mp_plugin.restore.hessian import LayerGram, capture_grams
+from mp_plugin.restore.layer import NEEDS_GRAM, restore_layer, select_mask
 
 __all__ = ["LayerTask", "execution_order", "block_key", "forward_blocks", "block_grams", "prune_and_restore"]
 
@@ -137,7 +137,7 @@ def prune_and_restore(
     Args:
         model: the model, pruned in place.
         tasks: the layers (not yet pruned) with their patterns and counts.
-        calibration: batch(es) of model inputs (see ``mp_plugin.calibration.run_batches``).
+        calibration: batch(es) of model inputs (see ``mp_plugin.layers.calibration.run_batches``).
         projection: mask selection, a name in ``mp_plugin.restore.PROJECTIONS``.
         restore: restore settings, or None to prune only (Gram-based projections still work).
         cast_config: CAST settings for ``projection="cast"``.

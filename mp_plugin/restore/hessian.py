@@ -1,8 +1,8 @@
 """Input Gram matrices H₀ = XᵀX of layers, captured with forward hooks.
 
-Rows are what the weight multiplies (``mp_plugin.calibration.layer_input_rows``):
+Rows are what the weight multiplies (``mp_plugin.layers.calibration.layer_input_rows``):
 tokens for a Linear, unfolded positions for a conv, reordered into the k:n
-layout (``mp_plugin.layout``) so that H's columns line up with
+layout (``mp_plugin.layers.layout``) so that H's columns line up with
 ``kn_matrix(weight)``. A conv with ``groups = Q`` gets one H per conv group
 (its weight rows q·C_out/Q … read only input block q), so depthwise and grouped
 convs are restored per group.
@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration import layer_input_rows, run_batches
-from ..errors import MPPluginError
-from ..layout import kn_input_columns
+from mp_plugin.errors import MPPluginError
+from mp_plugin.layers.calibration import layer_input_rows, run_batches
+from mp_plugin.layers.layout import kn_input_columns
 
 __all__ = ["LayerGram", "capture_grams", "RestoreError"]
 
@@ -112,7 +112,7 @@ def capture_grams(
     Args:
         model: the model (run in eval mode under ``no_grad``; its mode is restored).
         names: module names of Linear/Conv1d/Conv2d layers.
-        data: one batch or a list of batches (see ``mp_plugin.calibration.run_batches``).
+        data: one batch or a list of batches (see ``mp_plugin.layers.calibration.run_batches``).
         dtype: precision of the accumulated Gram (float64 or float32); each batch's product
             XᵀX is formed in float32 and added in ``dtype``.
         max_rows: at most this many input rows per layer (random subset), None = all.

@@ -3,7 +3,7 @@
 :func:`restore_layer` restores any already chosen mask (magnitude, SEB, CAST,
 SER, Wanda, …) against the layer's dense weights. :func:`select_mask` chooses
 the mask with one of the registered :data:`PROJECTIONS`, some of which use the
-layer's Gram. Both work in the k:n layout (``mp_plugin.layout``), one conv
+layer's Gram. Both work in the k:n layout (``mp_plugin.layers.layout``), one conv
 group at a time, so Linear, Conv1d, 1×1, k×k and grouped/depthwise convs are
 all handled (a grouped conv's groups are solved one by one).
 """
@@ -16,16 +16,16 @@ from typing import Any
 
 import torch
 
-from ..calibration import GroupCovariance
-from ..cast import CastConfig, cast_project, cast_source
-from ..errors import MPPluginError, PatternError
-from ..layout import from_kn_matrix, kn_matrix
-from ..masks import assert_kn_exact, nm_mask, unstructured_mask
-from ..patterns import Pattern
-from .config import RestoreConfig
-from .hessian import LayerGram
-from .select import compensated_kn_mask, compensated_unstructured_mask
-from .solve import damped, direct_cost, obs_sweep, output_energy, restore_cg, restore_direct
+from mp_plugin.errors import MPPluginError, PatternError
+from mp_plugin.layers.calibration import GroupCovariance
+from mp_plugin.layers.layout import from_kn_matrix, kn_matrix
+from mp_plugin.layers.patterns import Pattern
+from mp_plugin.masks.cast import CastConfig, cast_project, cast_source
+from mp_plugin.masks.select import assert_kn_exact, nm_mask, unstructured_mask
+from mp_plugin.restore.config import RestoreConfig
+from mp_plugin.restore.hessian import LayerGram
+from mp_plugin.restore.select import compensated_kn_mask, compensated_unstructured_mask
+from mp_plugin.restore.solve import damped, direct_cost, obs_sweep, output_energy, restore_cg, restore_direct
 
 __all__ = ["restore_layer", "select_mask", "PROJECTIONS", "register_projection", "NEEDS_GRAM"]
 

@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import MPPluginError, PlanMismatchError
-from ..progress import progress
-from .config import RestoreConfig
-from .driver import block_grams
-from .layer import restore_layer
+from mp_plugin.errors import MPPluginError, PlanMismatchError
+from mp_plugin.progress import progress
+from mp_plugin.restore.config import RestoreConfig
+from mp_plugin.restore.driver import block_grams
+from mp_plugin.restore.layer import restore_layer
 
 __all__ = ["restore_model"]
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from ..cast import kn_patterns
-from ..errors import PatternError
-from ..masks import assert_kn_exact
+from mp_plugin.errors import PatternError
+from mp_plugin.masks.cast import kn_patterns
+from mp_plugin.masks.select import assert_kn_exact
 
 __all__ = ["compensated_kn_mask", "compensated_unstructured_mask"]
 
@@ -32,7 +32,7 @@ def compensated_kn_mask(
         w: (rows, d) weights, d divisible by n.
         hinv: (d, d) inverse of the damped Gram, same dtype as ``w``.
         k, n: the pattern.
-        max_enumerate, n_samples: candidate patterns as in CAST (``mp_plugin.cast.kn_patterns``).
+        max_enumerate, n_samples: candidate patterns as in CAST (``mp_plugin.masks.cast.kn_patterns``).
 
     Returns:
         (rows, d) bool mask with exactly k True per group.

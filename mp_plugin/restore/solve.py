@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from ..errors import PatternError
+from mp_plugin.errors import PatternError
 
 __all__ = [
     "damped",

@@ -16,14 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import MPPluginError
-from ..layout import from_kn_matrix, kn_matrix
-from ..patterns import Pattern
-from ..progress import progress
-from .config import RestoreConfig
-from .driver import block_grams
-from .layer import _group_views, _split_rows
-from .solve import damped, obs_sweep, output_energy
+from mp_plugin.errors import MPPluginError
+from mp_plugin.layers.layout import from_kn_matrix, kn_matrix
+from mp_plugin.layers.patterns import Pattern
+from mp_plugin.progress import progress
+from mp_plugin.restore.config import RestoreConfig
+from mp_plugin.restore.driver import block_grams
+from mp_plugin.restore.layer import _group_views, _split_rows
+from mp_plugin.restore.solve import damped, obs_sweep, output_energy
 
 __all__ = ["sparsegpt_layer", "sparsegpt_obs"]
 

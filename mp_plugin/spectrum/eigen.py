@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import ConfigError, InvalidWeightError
+from mp_plugin.errors import ConfigError, InvalidWeightError
 
 __all__ = ["as_matrix", "gram_matrix", "resolve_gram_dtype", "squared_singular_values"]
 

@@ -32,10 +32,10 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ..errors import ConfigError, InvalidWeightError, SpectrumFitError
-from .eigen import as_matrix, resolve_gram_dtype, squared_singular_values
-from .mp_law import mp_cdf, mp_quantile
-from .tracy_widom import tracy_widom_quantile
+from mp_plugin.errors import ConfigError, InvalidWeightError, SpectrumFitError
+from mp_plugin.spectrum.eigen import as_matrix, resolve_gram_dtype, squared_singular_values
+from mp_plugin.spectrum.mp_law import mp_cdf, mp_quantile
+from mp_plugin.spectrum.tracy_widom import tracy_widom_quantile
 
 __all__ = ["SpectralFit", "fit_marchenko_pastur", "fit_many", "fit_from_eigenvalues", "float32_sigma_error"]
 

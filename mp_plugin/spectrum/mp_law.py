@@ -20,7 +20,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from ..errors import ConfigError
+from mp_plugin.errors import ConfigError
 
 __all__ = ["mp_edges", "mp_density", "mp_cdf", "mp_quantile"]
 

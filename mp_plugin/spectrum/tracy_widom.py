@@ -15,7 +15,7 @@ import numpy as np
 from scipy.optimize import brentq
 from scipy.special import airy
 
-from ..errors import ConfigError
+from mp_plugin.errors import ConfigError
 
 __all__ = ["tracy_widom_cdf", "tracy_widom_quantile"]
 

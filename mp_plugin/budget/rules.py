@@ -1,0 +1,247 @@
+"""Per-layer pruning budgets: Spectral Edge Budgeting (SEB) and its baselines.
+
+SEB (ALGORITHM.md §1.4(iii)) standardises a per-layer spectral signal (the
+fitted edge σ₊, or the Hill α) into z-scores, turns them into layer weights
+
+    w_ℓ = max(0.1, 1 + β_type(ℓ) · [1 − s/s_d]₊ · z_ℓ)
+
+and prunes the globally smallest fraction s of the scores |W_ij|/w_ℓ. A higher
+signal means a larger w_ℓ, so a higher threshold: more pruning in that layer.
+β and s_d follow the regime table; below s = 0.30 SEB is plain global
+magnitude. :func:`~mp_plugin.masks.counts.global_prune_counts` hits the requested count exactly.
+
+Budget methods live in :data:`BUDGET_METHODS`, a registry keyed by name:
+``"seb"``, ``"seb-hill"``, ``"magnitude"`` (global magnitude) and ``"uniform"``
+here; the bounded budgets of :mod:`mp_plugin.budget.bounded` (``"alpha"``,
+``"bounded-*"``, ``"mag-*"``, ``"owl"``, ``"noise-floor"``) and the SEB signal
+variants of :mod:`mp_plugin.budget.signals`. :data:`DEFAULT_BUDGET` is what
+``plan``, the CLI and the adapters use when no budget is named; it follows the
+measurement in ``benchmarks/budgets.py`` (benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from mp_plugin.masks.counts import check_sparsity, global_prune_counts, uniform_prune_counts
+
+__all__ = [
+    "SEBConfig",
+    "SEBRegime",
+    "BUDGET_METHODS",
+    "BudgetContext",
+    "DEFAULT_BUDGET",
+    "register_budget_method",
+    "check_sparsity",
+    "seb_layer_weights",
+    "global_prune_counts",
+    "uniform_prune_counts",
+]
+
+
+@dataclass(frozen=True)
+class SEBRegime:
+    """One row of the regime table: applies for sparsities in (lo, hi]."""
+
+    lo: float
+    hi: float
+    beta: float
+    s_d: float
+    beta_attn: float | None = None
+    beta_mlp: float | None = None
+
+
+DEFAULT_REGIMES: tuple[SEBRegime, ...] = (
+    SEBRegime(0.30, 0.40, beta=1.00, s_d=0.50),
+    SEBRegime(0.40, 0.55, beta=1.25, s_d=0.70),
+    SEBRegime(0.55, 1.00, beta=1.25, s_d=0.85, beta_attn=1.00, beta_mlp=2.00),
+)
+
+
+@dataclass
+class SEBConfig:
+    """Spectral Edge Budgeting settings.
+
+    Attributes:
+        signal: ``"sigma_plus"`` (default) or ``"hill_alpha"``.
+        regimes: the regime table; sparsities below the first row use plain
+            global magnitude (all w_ℓ = 1).
+        power: exponent p of the decay d(s) = [1 − s/s_d]₊^p.
+        min_weight: floor of w_ℓ (0.1 in the paper).
+        direction: +1 prunes high-signal layers more (the paper); −1 reverses it.
+    """
+
+    signal: str = "sigma_plus"
+    regimes: tuple[SEBRegime, ...] = DEFAULT_REGIMES
+    power: float = 1.0
+    min_weight: float = 0.1
+    direction: float = 1.0
+
+    def regime(self, sparsity: float) -> SEBRegime | None:
+        """The regime row covering ``sparsity`` (None = plain global magnitude)."""
+        if sparsity < self.regimes[0].lo:
+            return None
+        for row in self.regimes:
+            if sparsity <= row.hi:
+                return row
+        return self.regimes[-1]
+
+    def to_dict(self) -> dict:
+        """JSON-ready copy."""
+        return {
+            "signal": self.signal,
+            "power": self.power,
+            "min_weight": self.min_weight,
+            "direction": self.direction,
+            "regimes": [r.__dict__ for r in self.regimes],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SEBConfig:
+        """Inverse of :meth:`to_dict`."""
+        d = dict(d)
+        d["regimes"] = tuple(SEBRegime(**r) for r in d.get("regimes", [r.__dict__ for r in DEFAULT_REGIMES]))
+        return cls(**d)
+
+
+def seb_layer_weights(
+    signals: Sequence[float], layer_types: Sequence[str], sparsity: float, config: SEBConfig | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """SEB layer weights w_ℓ and z-scores for one sparsity.
+
+    Args:
+        signals: per-layer σ₊ (or Hill α); NaN entries get z = 0 (neutral).
+        layer_types: per-layer ``"attn"``/``"mlp"``/``"other"``.
+        sparsity: global target s in [0, 1).
+        config: :class:`SEBConfig`.
+
+    Returns:
+        (w, z): two float64 arrays of length L.
+    """
+    cfg = config or SEBConfig()
+    s = check_sparsity(sparsity)
+    sig = np.asarray(signals, dtype=np.float64)
+    finite = np.isfinite(sig)
+    z = np.zeros_like(sig)
+    if finite.sum() >= 2:
+        peak = np.abs(sig[finite]).max()
+        unit = sig[finite] / peak if peak > 0 else sig[finite]  # z is scale-free: no under/overflow for 1e-200 signals
+        mu, sd = unit.mean(), unit.std()
+        if sd > 0:
+            z[finite] = (unit - mu) / sd
+    row = cfg.regime(s)
+    if row is None:
+        return np.ones_like(sig), z
+    decay = max(0.0, 1.0 - s / row.s_d) ** cfg.power
+    betas = np.array(
+        [(row.beta_attn if t == "attn" else row.beta_mlp if t == "mlp" else None) or row.beta for t in layer_types],
+        dtype=np.float64,
+    )
+    w = np.maximum(cfg.min_weight, 1.0 + cfg.direction * betas * decay * z)
+    return w, z
+
+
+BudgetFn = Callable[..., tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class BudgetContext:
+    """Everything a counts-returning budget method may read (see :func:`register_budget_method`).
+
+    Attributes:
+        names: target layer names, in module order.
+        weights: the target weights (parameters; read only).
+        numels: weights per layer.
+        layer_types: ``"attn"``/``"mlp"``/``"other"`` per layer.
+        fits: the MP fit per layer (None where undefined).
+        sparsity: the global target s ∈ [0, 1).
+        options: the plan's :class:`~mp_plugin.planning.build.PlanConfig` (``bounded``, ``seb``, …).
+        model: the model (for methods that run calibration data through it).
+        calibration: calibration batch(es), or None.
+    """
+
+    names: list[str]
+    weights: list[torch.Tensor]
+    numels: list[int]
+    layer_types: list[str]
+    fits: list
+    sparsity: float
+    options: Any = None
+    model: Any = None
+    calibration: Any = None
+
+    @property
+    def target(self) -> int:
+        """round(s · Σ numel): the exact number of weights every budget removes."""
+        return int(round(self.sparsity * sum(self.numels)))
+
+
+CountsFn = Callable[[BudgetContext], tuple[list[int], np.ndarray, np.ndarray]]
+
+
+@dataclass
+class _BudgetMethod:
+    weights: BudgetFn | None
+    uniform: bool = False
+    doc: str = ""
+    counts: CountsFn | None = None
+    needs_calibration: bool = False
+
+
+BUDGET_METHODS: dict[str, _BudgetMethod] = {}
+
+DEFAULT_BUDGET = "magnitude"
+"""The budget ``plan``, the CLI and the adapters use when none is given: global magnitude.
+
+It follows the measurement (``benchmarks/budgets.py``, benchmarks/README.md "Layer
+budgets"): no MP-derived rule (SEB, the AlphaPruning mapping on our Hill α, the bounded
+mappings on bulk energy, spikes per dimension or σ₊ over the iid edge, their
+magnitude-anchored versions, the noise-floor allocation) was at least as good as one
+global |W| threshold on every model and sparsity tested, so the default is global
+magnitude. ``plan`` still fits MP to every layer and reports σ₊, spikes, bulk share and
+fit error; the paper's rule stays available as ``budget="seb"``.
+"""
+
+
+def register_budget_method(
+    name: str,
+    fn: BudgetFn | None,
+    uniform: bool = False,
+    doc: str = "",
+    counts: CountsFn | None = None,
+    needs_calibration: bool = False,
+) -> None:
+    """Register a budget method.
+
+    Either ``fn(fits, layer_types, sparsity, seb_config) -> (w, z)`` (layer weights for the
+    global |W|/w_ℓ threshold), or ``counts(ctx: BudgetContext) -> (counts, w, z)``: exact
+    per-layer prune counts summing to ``ctx.target``, plus per-layer values recorded in
+    the plan as ``w`` (the layer's sparsity relative to s) and ``z`` (its signal).
+    ``needs_calibration``: ``plan`` refuses the method without ``calibration``.
+    """
+    BUDGET_METHODS[name] = _BudgetMethod(fn, uniform, doc, counts, needs_calibration)
+
+
+def _seb(signal: str) -> BudgetFn:
+    def fn(fits, layer_types, sparsity, config):
+        cfg = config or SEBConfig()
+        vals = [getattr(f, signal, float("nan")) if f is not None else float("nan") for f in fits]
+        return seb_layer_weights(vals, layer_types, sparsity, cfg)
+
+    return fn
+
+
+def _ones(fits, layer_types, sparsity, config):
+    n = len(layer_types)
+    return np.ones(n), np.zeros(n)
+
+
+register_budget_method("seb", _seb("sigma_plus"), doc="Spectral Edge Budgeting on the fitted edge σ₊")
+register_budget_method("seb-hill", _seb("hill_alpha"), doc="Spectral Edge Budgeting on the Hill α")
+register_budget_method("magnitude", _ones, doc="global magnitude (all w_ℓ = 1)")
+register_budget_method("uniform", _ones, uniform=True, doc="the same fraction in every layer")

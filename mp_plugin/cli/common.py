@@ -1,0 +1,119 @@
+"""Arguments and helpers shared by several subcommands.
+
+Every command takes the model as its first positional argument (a built-in name or
+a timm name), ``--checkpoint FILE`` and ``--num-classes N`` wherever weights are read,
+``--random-init`` to use random weights on purpose, and ``--threads``. Weights are
+never silently random: see :func:`mp_plugin.evaluation.model_source.load_named_model`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import nn
+
+from mp_plugin.budget.rules import DEFAULT_BUDGET
+from mp_plugin.evaluation.model_source import load_named_model, weights_description
+
+MODEL_HELP = "built-in name (efficientnet_lite0, minilm, fmnist_cnn, …) or a timm model name"
+
+
+def add_model_arg(parser: argparse.ArgumentParser, default: str | None = "efficientnet_lite0") -> None:
+    """Add the positional ``model`` (optional when ``default`` is not None)."""
+    if default is None:
+        parser.add_argument("model", help=MODEL_HELP)
+    else:
+        parser.add_argument("model", nargs="?", default=default, help=f"{MODEL_HELP} (default: %(default)s)")
+
+
+def add_weights_args(
+    parser: argparse.ArgumentParser,
+    checkpoint_help: str = "weights: a state_dict (.pt/.pth/.safetensors) or a torch.save'd module",
+    random_init: bool = True,
+) -> None:
+    """Add ``--checkpoint``, ``--num-classes`` and (optionally) ``--random-init``."""
+    parser.add_argument("--checkpoint", help=checkpoint_help)
+    parser.add_argument("--num-classes", type=int, default=None, help="classifier size for timm models")
+    if random_init:
+        parser.add_argument(
+            "--random-init",
+            action="store_true",
+            help="timm names: use random weights on purpose (default: timm's pretrained weights, else an error)",
+        )
+
+
+def add_threads_arg(parser: argparse.ArgumentParser) -> None:
+    """Add ``--threads``."""
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def add_model_args(parser: argparse.ArgumentParser, default: str | None = "efficientnet_lite0") -> None:
+    """Add ``model`` (positional), ``--checkpoint``, ``--num-classes``, ``--random-init``, ``--threads``."""
+    add_model_arg(parser, default)
+    add_weights_args(parser)
+    add_threads_arg(parser)
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    """Apply ``--threads`` when given (a positive integer, else :class:`~mp_plugin.errors.ConfigError`)."""
+    threads = getattr(args, "threads", None)
+    if threads is None:
+        return
+    if threads < 1:
+        from mp_plugin.errors import ConfigError
+
+        raise ConfigError(f"--threads must be a positive number of CPU threads, got {threads}")
+    torch.set_num_threads(threads)
+
+
+def model_from_args(args: argparse.Namespace, log: bool = True) -> nn.Module:
+    """Load the model named by :func:`add_model_args` arguments (never silently random)."""
+    set_threads(args)
+    random_init = getattr(args, "random_init", False)
+    model = load_named_model(args.model, args.checkpoint, args.num_classes, random_init)
+    if log:
+        print(
+            f"loaded {args.model} ({type(model).__name__}): {weights_description(args.model, args.checkpoint, random_init)}"
+        )
+    return model
+
+
+def add_plan_args(parser: argparse.ArgumentParser) -> None:
+    """Add ``--sparsity``, ``--pattern``, ``--budget`` (old name ``--method``) and layer-selection flags."""
+    parser.add_argument("--sparsity", type=float, default=0.5, help="global fraction of weights to remove")
+    parser.add_argument("--pattern", default="unstructured", help="unstructured | auto | k:n such as 2:4")
+    parser.add_argument(
+        "--budget",
+        "--method",
+        dest="budget",
+        default=DEFAULT_BUDGET,
+        help=f"budget method (default {DEFAULT_BUDGET}): magnitude | uniform | seb (the paper's rule) | seb-hill | "
+        "alpha | bounded-bulk-energy | bounded-spikes | bounded-edge",
+    )
+    parser.add_argument("--include-head", action="store_true", help="also prune the classifier head")
+    parser.add_argument("--include-stem", action="store_true", help="also prune the stem conv (C_in=3)")
+
+
+def plan_config_from_args(args: argparse.Namespace):
+    """A :class:`PlanConfig` from :func:`add_plan_args` arguments."""
+    from mp_plugin.layers.discovery import LayerSelection
+    from mp_plugin.planning.build import PlanConfig
+
+    sel = LayerSelection(exclude_head=not args.include_head, exclude_stem=not args.include_stem)
+    return PlanConfig(selection=sel)
+
+
+def plan_from_args(args: argparse.Namespace, model):
+    """``mp_plugin.plan`` for ``model`` with the :func:`add_plan_args` settings, with a progress bar."""
+    from mp_plugin.planning.build import plan
+
+    return plan(
+        model,
+        sparsity=args.sparsity,
+        pattern=args.pattern,
+        budget=args.budget,
+        config=plan_config_from_args(args),
+        model_name=args.model or str(args.checkpoint),
+        show_progress=True,
+    )

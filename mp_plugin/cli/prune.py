@@ -1,0 +1,103 @@
+"""``mp-plugin prune``: plan, prune, and write the pruned checkpoint with its plan.
+
+Writes ``OUT/model.safetensors`` (the dense-with-zeros state_dict, loadable with
+``load_model(NAME, checkpoint=...)``) and ``OUT/plan.json`` (the plan with what
+``apply`` did), and prints the sparsity report.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from mp_plugin.cli.common import add_model_args, add_plan_args, model_from_args, plan_from_args
+from mp_plugin.errors import MPPluginError
+from mp_plugin.evaluation.models import save_pruned_checkpoint
+from mp_plugin.evaluation.photos import image_folder_batch
+from mp_plugin.pruning.apply_plan import MASK_METHODS, apply, sparsity_report
+from mp_plugin.restore import RestoreConfig
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``prune`` subcommand."""
+    p = sub.add_parser("prune", help="prune a model to a plan and write safetensors + plan.json")
+    add_model_args(p)
+    add_plan_args(p)
+    p.add_argument(
+        "--projection", choices=MASK_METHODS, default="magnitude", help="k:n projection (default: magnitude)"
+    )
+    p.add_argument("--prior-alpha", type=float, default=0.0, help="CAST Hamming prior weight α (default: 0)")
+    p.add_argument("--permute", choices=("none", "swap", "interleave"), default="none", help="k:n channel permutation")
+    p.add_argument(
+        "--data",
+        "--calib-images",
+        dest="data",
+        help="calibration images: an image folder (ImageNet normalisation) or builtin-photos",
+    )
+    p.add_argument(
+        "--n-calib", "--calib-count", dest="n_calib", type=int, default=16, help="calibration images (default: 16)"
+    )
+    p.add_argument("--image-size", type=int, default=224, help="calibration image side in pixels (default: 224)")
+    p.add_argument("--out", default="mp-plugin-out/prune", help="output directory (default: %(default)s)")
+    p.add_argument("--max-rows", type=int, default=40, help="print at most this many report rows")
+    p.add_argument(
+        "--restore",
+        action="store_true",
+        help="re-solve the kept weights on the calibration data after masking (prune–restore; needs --data)",
+    )
+    p.add_argument(
+        "--restore-sequential",
+        action="store_true",
+        help="restore block by block, each block's inputs from the model already pruned and restored",
+    )
+    p.add_argument("--restore-damp", type=float, default=0.01, help="restore damping, × mean diag H (default: 0.01)")
+    # projection-stage options go above this line
+    p.set_defaults(func=run)
+
+
+def calibration_from_args(args: argparse.Namespace) -> torch.Tensor | None:
+    """The calibration batch of ``--data`` (None without it), ``--n-calib`` images at ``--image-size``."""
+    if not args.data:
+        return None
+    if args.data == "builtin-photos":
+        from mp_plugin.evaluation.photos import builtin_photo_crops
+
+        return builtin_photo_crops(args.n_calib, size=args.image_size)
+    if not Path(args.data).is_dir():
+        raise MPPluginError(f"--data must be an image folder or builtin-photos, got {args.data!r}")
+    return image_folder_batch(args.data, args.n_calib, args.image_size)[0]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``prune``."""
+    model = model_from_args(args)
+    calibration = calibration_from_args(args)
+    if calibration is None and args.projection != "magnitude":
+        raise MPPluginError(
+            f"--projection {args.projection} needs calibration images: --data DIR or --data builtin-photos"
+        )
+    restore = None
+    if args.restore or args.restore_sequential:
+        if calibration is None:
+            raise MPPluginError("--restore needs calibration images: --data DIR or --data builtin-photos")
+        restore = RestoreConfig(damp=args.restore_damp, sequential=args.restore_sequential)
+    result = plan_from_args(args, model)
+    apply(
+        model,
+        result,
+        calibration=calibration,
+        projection=args.projection,
+        prior_alpha=args.prior_alpha,
+        show_progress=True,
+        permute=args.permute,
+        restore=restore,
+    )
+    out = Path(args.out)
+    save_pruned_checkpoint(model, out, result)
+    print(sparsity_report(model, result).to_table(max_rows=args.max_rows))
+    if restore is not None:
+        print(result.restore_table(max_rows=args.max_rows))
+    print(f"wrote {out / 'model.safetensors'} and {out / 'plan.json'}")
+    return 0

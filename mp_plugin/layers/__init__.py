@@ -1,0 +1,1 @@
+"""Stage 0, the model's prunable layers: discovery, weight layout, k:n patterns, calibration capture."""

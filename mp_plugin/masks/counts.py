@@ -1,0 +1,135 @@
+"""Exact per-layer prune counts: global thresholding of weighted |W| and the uniform split.
+
+Both hit round(s · Σ numel) exactly. They count; the masks themselves are chosen in
+:mod:`mp_plugin.masks.select`, and the budget rules of :mod:`mp_plugin.budget` supply
+the per-layer weights w_ℓ.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from mp_plugin.errors import InvalidSparsityError
+
+__all__ = ["check_sparsity", "global_prune_counts", "uniform_prune_counts"]
+
+
+def check_sparsity(sparsity: float) -> float:
+    """Return ``sparsity`` as float, or raise :class:`InvalidSparsityError` unless 0 ≤ s < 1."""
+    try:
+        s = float(sparsity)
+    except (TypeError, ValueError) as exc:
+        raise InvalidSparsityError(f"sparsity must be a number in [0, 1), got {sparsity!r}") from exc
+    if not (0.0 <= s < 1.0) or not np.isfinite(s):
+        raise InvalidSparsityError(f"sparsity must lie in [0, 1), got {s}")
+    return s
+
+
+_CHUNK = 1 << 22  # entries scored at once: the workspace of global_prune_counts is a few of these
+
+
+def _score_bits(weight: torch.Tensor, layer_w: float, shift: int = 0) -> Iterator[torch.Tensor]:
+    """The float32 scores |W|/w_ℓ·2^-shift of one layer as int32 bit patterns, slice by slice.
+
+    For non-negative floats the bit pattern orders like the value, so counting
+    bit patterns below a threshold is counting scores below it. ``shift`` (the same
+    for every layer, see :func:`_score_shift`) keeps float64 weights far outside
+    float32's range (|W| ~ 1e100) from all becoming inf or 0.
+    """
+    flat = weight.detach().reshape(-1)
+    for start in range(0, flat.numel(), _CHUNK):
+        piece = flat[start : start + _CHUNK].abs()
+        if shift:
+            scaled = torch.ldexp(piece.double(), torch.tensor(float(-shift), dtype=torch.float64)) / float(layer_w)
+            yield scaled.float().view(torch.int32)
+        else:
+            yield (piece.float() / float(layer_w)).view(torch.int32)
+
+
+def _score_shift(weights: Sequence[torch.Tensor], layer_w: Sequence[float]) -> int:
+    """A power-of-two exponent putting the largest score near 1 when the scores leave float32's safe range."""
+    peaks = []
+    for w, lw in zip(weights, layer_w):
+        if w.numel():
+            lo, hi = torch.aminmax(w.detach())  # no |W| copy of the layer
+            peaks.append(max(abs(float(lo)), abs(float(hi))) / float(lw))
+    peak = max(peaks, default=0.0)
+    if not (0.0 < peak < math.inf):
+        return 0
+    exp = math.frexp(peak)[1]
+    return exp if abs(exp) > 60 else 0
+
+
+def global_prune_counts(weights: Sequence[torch.Tensor], layer_w: Sequence[float], sparsity: float) -> list[int]:
+    """Exact per-layer counts for global thresholding of |W|/w_ℓ.
+
+    Selects exactly round(s · Σ numel) entries with the smallest scores
+    |W_ij|/w_ℓ across all layers (ties broken by layer order), and returns how
+    many fall in each layer. Within a layer the pruned entries are then its
+    smallest-|W| ones, since the score is monotone in |W| there.
+
+    The threshold is found by a two-pass radix select on the float32 scores' bit
+    patterns (high 16 bits, then low 16 bits inside the selected bin), reading the
+    weights slice by slice on their own device: the workspace is a few slices of
+    4M scores plus 64K-bin histograms, whatever the model's size, and no copy of
+    all scores is made. The counts equal those of a k-th-value selection on the
+    concatenated scores.
+    """
+    s = check_sparsity(sparsity)
+    sizes = [int(w.numel()) for w in weights]
+    total = sum(sizes)
+    target = int(round(s * total))
+    if target == 0:
+        return [0] * len(sizes)
+    shift = _score_shift(weights, layer_w)
+    high = [torch.zeros(1 << 15, dtype=torch.int64) for _ in weights]
+    for i, (w, lw) in enumerate(zip(weights, layer_w)):
+        for bits in _score_bits(w, lw, shift):
+            high[i] += torch.bincount(bits >> 16, minlength=1 << 15).cpu()
+    cum = torch.stack(high).sum(0).cumsum(0)
+    top = int(torch.searchsorted(cum, torch.tensor(target, dtype=torch.int64)))  # first bin reaching target
+    before = int(cum[top - 1]) if top > 0 else 0
+    low = torch.zeros(1 << 16, dtype=torch.int64)
+    low_layers: dict[int, torch.Tensor] = {}
+    for i, (w, lw) in enumerate(zip(weights, layer_w)):
+        if int(high[i][top]) == 0:
+            continue
+        hist = torch.zeros(1 << 16, dtype=torch.int64)
+        for bits in _score_bits(w, lw, shift):
+            inside = bits[(bits >> 16) == top] & 0xFFFF
+            if inside.numel():
+                hist += torch.bincount(inside, minlength=1 << 16).cpu()
+        low_layers[i] = hist
+        low += hist
+    cum_low = low.cumsum(0) + before
+    bottom = int(torch.searchsorted(cum_low, torch.tensor(target, dtype=torch.int64)))
+    below = [int(h[:top].sum()) for h in high]
+    ties = [0] * len(sizes)
+    for i, hist in low_layers.items():
+        below[i] += int(hist[:bottom].sum())
+        ties[i] = int(hist[bottom])
+    remaining = target - sum(below)
+    counts = []
+    for b, t in zip(below, ties):
+        take = min(t, remaining)
+        counts.append(b + take)
+        remaining -= take
+    assert sum(counts) == target
+    return counts
+
+
+def uniform_prune_counts(weights: Sequence[torch.Tensor], sparsity: float) -> list[int]:
+    """Per-layer counts for the same fraction in every layer, total still exact."""
+    s = check_sparsity(sparsity)
+    sizes = np.array([int(w.numel()) for w in weights])
+    target = int(round(s * sizes.sum()))
+    raw = s * sizes
+    counts = np.floor(raw).astype(np.int64)
+    order = np.argsort(-(raw - counts), kind="stable")
+    for i in order[: target - int(counts.sum())]:
+        counts[i] += 1
+    return [int(c) for c in counts]

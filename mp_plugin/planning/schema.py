@@ -1,0 +1,194 @@
+"""Validation of a prune plan's structure: a JSON file or an in-memory :class:`~mp_plugin.plan.PrunePlan`.
+
+A plan is plain, editable data, so a hand-edited or truncated file must fail
+with a message that names the file, the layer and the field, never with a
+``KeyError`` or ``TypeError`` deep inside :func:`mp_plugin.apply`.
+:func:`check_plan_dict` checks the JSON form (schema version 1) before any
+object is built; :func:`check_layer_values` checks the numbers ``apply``
+relies on (``n_prune``, ``numel``, ``pattern``, shapes) on live objects too, so
+a plan tampered with in Python is refused the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from mp_plugin.errors import MPPluginError, PatternError, PlanFormatError
+from mp_plugin.layers.patterns import Pattern
+
+__all__ = ["check_plan_dict", "check_layer_values"]
+
+_TOP_REQUIRED = ("schema_version", "sparsity", "pattern", "method", "layers")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _shape(value: Any, where: str, min_dims: int) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or len(value) < min_dims or not all(_is_int(s) and s > 0 for s in value):
+        raise PlanFormatError(f"{where} must be a list of ≥{min_dims} positive integers, got {value!r}")
+    return tuple(value)
+
+
+def check_layer_values(
+    name: Any,
+    weight_shape: Any,
+    numel: Any,
+    n_prune: Any,
+    pattern: Any,
+    where: str,
+    shape: Any = None,
+) -> None:
+    """Raise :class:`PlanFormatError` unless one layer's counts, shapes and pattern are consistent.
+
+    Args:
+        name: module name (non-empty str).
+        weight_shape: the weight's own shape (≥2 positive ints).
+        numel: number of weights = prod(weight_shape).
+        n_prune: weights the unstructured budget removes, an int in [0, numel].
+        pattern: ``"dense"``, ``"unstructured"`` or ``"k:n"``.
+        where: prefix of the message (file and layer).
+        shape: the 2-D view (C_out, C_in·kh·kw), checked against ``weight_shape`` when given.
+    """
+    if not isinstance(name, str) or not name:
+        raise PlanFormatError(f"{where}: 'name' must be a non-empty string, got {name!r}")
+    ws = _shape(weight_shape, f"{where}: 'weight_shape'", 2)
+    total = math.prod(ws)
+    if not _is_int(numel) or numel != total:
+        raise PlanFormatError(
+            f"{where}: 'numel' must be the integer {total} (the product of weight_shape), got {numel!r}"
+        )
+    if shape is not None:
+        two_d = _shape(shape, f"{where}: 'shape'", 2)
+        if len(two_d) != 2 or two_d[0] != ws[0] or two_d[1] != total // ws[0]:
+            raise PlanFormatError(f"{where}: 'shape' {list(two_d)} does not match weight_shape {list(ws)}")
+    if not _is_int(n_prune) or not 0 <= n_prune <= total:
+        raise PlanFormatError(
+            f"{where}: 'n_prune' must be an integer in [0, {total}] (weights to remove), got {n_prune!r}"
+        )
+    if not isinstance(pattern, str):
+        raise PlanFormatError(f"{where}: 'pattern' must be a string such as 'unstructured' or '2:4', got {pattern!r}")
+    try:
+        pat = Pattern.parse(pattern)
+    except MPPluginError as exc:
+        raise PatternError(f"{where}: {exc}") from exc
+    if not pat.eligible(ws):
+        raise PatternError(
+            f"{where}: pattern {pattern} needs input channels divisible by {pat.n}; "
+            f"{ws[1]} (weight {list(ws)}) is not divisible"
+        )
+
+
+def _number(
+    d: Mapping, key: str, where: str, lo: float | None = None, hi: float | None = None, none_ok: bool = False
+) -> None:
+    v = d.get(key)
+    if v is None and none_ok:
+        return
+    if not _is_real(v) or not math.isfinite(v):
+        raise PlanFormatError(f"{where}: '{key}' must be a finite number, got {v!r}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise PlanFormatError(f"{where}: '{key}' must lie in [{lo}, {hi}], got {v!r}")
+
+
+def _check_keys(d: Any, allowed: set[str], required: set[str], where: str) -> None:
+    if not isinstance(d, Mapping):
+        raise PlanFormatError(f"{where} must be a JSON object, got {type(d).__name__}")
+    missing = sorted(required - set(d))
+    if missing:
+        raise PlanFormatError(f"{where} lacks the field(s) {', '.join(missing)}")
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise PlanFormatError(f"{where} has unknown field(s) {', '.join(map(repr, unknown))}; known: {sorted(allowed)}")
+
+
+def check_plan_dict(d: Any, source: str, version: int, top_fields: set[str], layer_fields: dict[str, bool]) -> None:
+    """Raise :class:`PlanFormatError` unless ``d`` is a well-formed plan of schema ``version``.
+
+    Args:
+        d: the decoded JSON.
+        source: names the plan in messages (a file path or ``"plan"``).
+        version: the supported schema version.
+        top_fields: allowed top-level keys.
+        layer_fields: allowed layer keys → whether the key is required.
+    """
+    if not isinstance(d, Mapping):
+        raise PlanFormatError(f"{source}: a plan is a JSON object, got {type(d).__name__}")
+    got = d.get("schema_version")
+    if got != version or not _is_int(got):
+        raise PlanFormatError(f"{source}: plan schema version {got!r} is not supported (expected {version})")
+    _check_keys(d, top_fields, set(_TOP_REQUIRED), source)
+    _number(d, "sparsity", source, 0.0, 1.0)
+    for key in ("pattern", "method"):
+        if not isinstance(d[key], str):
+            raise PlanFormatError(f"{source}: '{key}' must be a string, got {d[key]!r}")
+    for key, kind in (
+        ("model_name", str),
+        ("created", str),
+        ("applied", Mapping),
+        ("skipped", list),
+        ("config", Mapping),
+    ):
+        if key in d and not isinstance(d[key], kind):
+            raise PlanFormatError(
+                f"{source}: '{key}' must be a {getattr(kind, '__name__', kind)}, got {type(d[key]).__name__}"
+            )
+    log = d.get("applied", {}).get("layers", {})
+    if not isinstance(log, Mapping) or not all(isinstance(v, Mapping) for v in log.values()):
+        raise PlanFormatError(f"{source}: 'applied.layers' must map layer names to objects")
+    if not isinstance(d.get("applied", {}).get("restore") or {}, Mapping):
+        raise PlanFormatError(f"{source}: 'applied.restore' must be an object or null")
+    layers = d["layers"]
+    if not isinstance(layers, list):
+        raise PlanFormatError(f"{source}: 'layers' must be a list, got {type(layers).__name__}")
+    seen: set[str] = set()
+    required = {k for k, req in layer_fields.items() if req}
+    for i, lp in enumerate(layers):
+        where = f"{source}: layers[{i}]"
+        _check_keys(lp, set(layer_fields), required, where)
+        where = f"{source}: layer {lp['name']!r}" if isinstance(lp["name"], str) else where
+        check_layer_values(
+            lp["name"], lp["weight_shape"], lp["numel"], lp["n_prune"], lp["pattern"], where, lp["shape"]
+        )
+        if lp["name"] in seen:
+            raise PlanFormatError(f"{where} appears twice")
+        seen.add(lp["name"])
+        for key in ("kind", "layer_type", "note"):
+            if key in lp and not isinstance(lp[key], str):
+                raise PlanFormatError(f"{where}: '{key}' must be a string, got {lp[key]!r}")
+        _number(lp, "w", where)
+        _number(lp, "z", where, none_ok=True)
+        _number(lp, "unstructured_budget", where, 0.0, 1.0)
+        _number(lp, "sparsity", where, 0.0, 1.0)
+        if lp["fit"] is not None and not isinstance(lp["fit"], Mapping):
+            raise PlanFormatError(f"{where}: 'fit' must be an object or null, got {type(lp['fit']).__name__}")
+
+
+def check_plan_object(plan: Any) -> None:
+    """Raise :class:`PlanFormatError` unless an in-memory plan's layers are consistent.
+
+    ``apply`` calls it, so a plan edited in Python (a string, float or negative
+    ``n_prune``, a pattern typo, a duplicated layer) is refused before the model is touched.
+    """
+    layers = getattr(plan, "layers", None)
+    if not isinstance(layers, list):
+        raise PlanFormatError(f"expected a PrunePlan with a list of layers, got {type(plan).__name__}")
+    seen: set[str] = set()
+    for i, lp in enumerate(layers):
+        name = getattr(lp, "name", None)
+        where = f"plan layer {name!r}" if isinstance(name, str) else f"plan.layers[{i}]"
+        try:
+            values = (lp.name, lp.weight_shape, lp.numel, lp.n_prune, lp.pattern)
+        except AttributeError as exc:
+            raise PlanFormatError(f"{where} is not a LayerPlan ({type(lp).__name__})") from exc
+        check_layer_values(*values, where, getattr(lp, "shape", None))
+        if lp.name in seen:
+            raise PlanFormatError(f"{where} appears twice")
+        seen.add(lp.name)

@@ -1,0 +1,184 @@
+"""Checks ``mp_plugin.apply`` runs before it touches the model.
+
+Every argument that ``apply`` would otherwise silently ignore or misread (a
+negative ``prior_alpha``, an unknown ``permute`` value, ``calibration=[]``), a
+plan that was tampered with, and weights that cannot be pruned in place (meta
+device, NaN/Inf, complex, a parametrization such as ``weight_norm`` that
+recomputes the weight on every access) are refused here with a named
+:class:`~mp_plugin.errors.MPPluginError`, so the model is untouched when
+``apply`` fails.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from mp_plugin.errors import CalibrationError, ConfigError, InvalidWeightError, PlanFormatError
+from mp_plugin.layers.patterns import Pattern
+from mp_plugin.planning.schema import check_plan_object
+
+__all__ = [
+    "PERMUTE_VALUES",
+    "check_apply_inputs",
+    "derived_weight_reason",
+    "permutation_state",
+    "undo_permutations_on_error",
+]
+
+PERMUTE_VALUES = (False, None, True, "none", "swap", "interleave")
+
+
+def derived_weight_reason(module: nn.Module) -> str | None:
+    """Why ``module.weight`` is not a stored tensor that can be written in place, or None when it is.
+
+    A parametrization (``torch.nn.utils.parametrizations.weight_norm``, ``spectral_norm``,
+    any ``register_parametrization``) or the old hook-based ``weight_norm`` recompute
+    ``weight`` from other tensors, so a write to it is lost (or lands on a temporary).
+    """
+    if parametrize.is_parametrized(module, "weight"):
+        kinds = ", ".join(type(p).__name__ for p in module.parametrizations["weight"])
+        return (
+            f"its weight is parametrized ({kinds}) and recomputed on every access; remove it first with "
+            "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')"
+        )
+    if "weight" not in module._parameters and "weight" not in module._buffers:
+        hooks = ", ".join(type(h).__name__ for h in module._forward_pre_hooks.values()) or "an attribute"
+        return (
+            f"its weight is not a stored parameter or buffer (computed by {hooks}, e.g. the old "
+            "torch.nn.utils.weight_norm); remove that first (torch.nn.utils.remove_weight_norm(module))"
+        )
+    return None
+
+
+def _real_number(value: Any, name: str, lo: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            value = float(value)  # numpy scalars, 0-d tensors
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be a real number ≥ {lo}, got {value!r}") from None
+    if not math.isfinite(value) or value < lo:
+        raise ConfigError(f"{name} must be a finite number ≥ {lo}, got {value!r}")
+    return float(value)
+
+
+def _check_cast_config(cfg: Any) -> None:
+    from mp_plugin.masks.cast import CastConfig
+
+    if cfg is None:
+        return
+    if not isinstance(cfg, CastConfig):
+        raise ConfigError(f"cast_config must be a CastConfig, got {type(cfg).__name__}")
+    _real_number(cfg.prior_alpha, "cast_config.prior_alpha")
+    choices = {"prior_scale": ("code", "esm"), "source": ("dense", "ser"), "dtype": ("float64", "float32")}
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"cast_config.{key} must be one of {allowed}, got {getattr(cfg, key)!r}")
+    for key in ("max_enumerate", "n_samples", "chunk_elements"):
+        v = getattr(cfg, key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"cast_config.{key} must be a positive integer, got {v!r}")
+
+
+def check_apply_inputs(
+    model: Any,
+    plan: Any,
+    calibration: Any = None,
+    prior_alpha: Any = 0.0,
+    permute: Any = False,
+    cast_config: Any = None,
+    max_calibration_rows: Any = 4096,
+) -> None:
+    """Refuse, before anything is modified, every input ``apply`` cannot honour exactly.
+
+    Raises:
+        PlanFormatError: ``plan`` is not a PrunePlan or its layers are inconsistent
+            (e.g. a string, float or negative ``n_prune``).
+        PlanMismatchError: the model lacks a plan layer or a shape differs.
+        InvalidWeightError: a plan layer's weight is on the meta device, not real
+            floating point, parametrized/recomputed, or (for layers to prune) NaN/Inf.
+        ConfigError: ``prior_alpha``, ``permute``, ``cast_config`` or ``max_calibration_rows`` invalid.
+        CalibrationError: ``calibration`` is an empty list.
+    """
+    from mp_plugin.planning.build import PrunePlan
+
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(plan, PrunePlan):
+        raise PlanFormatError(
+            f"plan must be a PrunePlan (mp_plugin.plan(...) or PrunePlan.load), got {type(plan).__name__}"
+        )
+    check_plan_object(plan)
+    _real_number(prior_alpha, "prior_alpha")
+    if not any(permute is v or (isinstance(v, str) and permute == v) for v in PERMUTE_VALUES):
+        raise ConfigError(f"permute must be False, True, 'none', 'swap' or 'interleave', got {permute!r}")
+    _check_cast_config(cast_config)
+    if isinstance(max_calibration_rows, bool) or not isinstance(max_calibration_rows, int) or max_calibration_rows < 1:
+        raise ConfigError(f"max_calibration_rows must be a positive integer, got {max_calibration_rows!r}")
+    if isinstance(calibration, list) and not calibration:
+        raise CalibrationError("calibration is an empty list: give at least one batch, or None")
+    modules = plan.check_model(model)
+    for lp in plan.layers:
+        mod = modules[lp.name]
+        why = derived_weight_reason(mod)
+        if why is not None:
+            raise InvalidWeightError(f"layer {lp.name!r}: {why}")
+        w = mod.weight
+        if w.is_meta:
+            raise InvalidWeightError(
+                f"layer {lp.name!r}: weight is on the meta device (no data); materialise the model "
+                "(e.g. model.to_empty(device='cpu') and load its weights) before apply"
+            )
+        if w.is_complex() or not w.is_floating_point():
+            raise InvalidWeightError(f"layer {lp.name!r}: weight dtype {w.dtype} is not real floating point")
+        if Pattern.parse(lp.pattern).kind != "dense" and not bool(torch.isfinite(w.detach()).all()):
+            raise InvalidWeightError(
+                f"layer {lp.name!r}: weight contains NaN or Inf; a mask cannot be chosen (and NaN·0 stays NaN)"
+            )
+
+
+def permutation_state(model: nn.Module) -> tuple[list, Any, Any]:
+    """The permutation record of ``model`` now, for :func:`undo_permutations_on_error`."""
+    return (
+        list(getattr(model, "_mp_permutation_folds", []) or []),
+        copy.deepcopy(getattr(model, "_mp_permutations", None)),
+        getattr(model, "_mp_permutation_report", None),
+    )
+
+
+@contextmanager
+def undo_permutations_on_error(model: nn.Module, state: tuple[list, Any, Any]) -> Iterator[None]:
+    """Undo the channel permutations folded into ``model`` since ``state`` if the block raises.
+
+    ``apply(..., permute=...)`` folds permutations before it reads calibration data;
+    when that data then fails (e.g. a later batch of the wrong shape), the folds made
+    since ``state`` are replayed backwards, so the model is left exactly as it was.
+    """
+    folds, perms, report = state
+    try:
+        yield
+    except BaseException:
+        new = list(getattr(model, "_mp_permutation_folds", []) or [])[len(folds) :]
+        if new:
+            from mp_plugin.permute.api import _fold
+
+            with torch.no_grad():
+                for site, perm in reversed(new):
+                    _fold(model, site, torch.argsort(perm))
+            for attr, old in (
+                ("_mp_permutation_folds", folds),
+                ("_mp_permutations", perms),
+                ("_mp_permutation_report", report),
+            ):
+                if old is None:
+                    model.__dict__.pop(attr, None)
+                else:
+                    setattr(model, attr, old)
+        raise

@@ -1,0 +1,630 @@
+"""SER and the Hybrid Magnitude–SER schedule (ALGORITHM.md §2 items 4–6).
+
+**SER** has two expansions in the authors' sources, both for the same procedure:
+*sparsify–estimate–restore* (paper §3) and *Spectral Edge Reallocation*
+(ESM_2, README). :class:`SpectralEdgeReallocation` runs it in four phases:
+
+1. **over-prune** (:meth:`~SpectralEdgeReallocation.overprune`): remove the
+   globally smallest fraction s + extra of the SEB scores |W_ij|/w_ℓ (the core's
+   ``plan``/``global_prune_counts``, exact counts);
+2. **selection** (:meth:`~SpectralEdgeReallocation.select`): train *only* the
+   reservoir ℛ (the entries the over-prune removed). Kept weights and every other
+   parameter are frozen (gradient masking, zero weight decay) and recorded
+   |Δw_ij| = |w_after − w_before| on ℛ;
+3. **restore** (:meth:`~SpectralEdgeReallocation.restore`): rank ℛ by |Δw_ij|·ρ_ℓ
+   (ρ_ℓ = 1/w_ℓ by default, as in the paper's prose; ρ_ℓ = w_ℓ as in its algorithm
+   box) and restore the top entries so that the sparsity is *exactly* s; the other
+   reservoir entries go back to zero;
+4. **frozen-mask fine-tuning** (:meth:`~SpectralEdgeReallocation.finetune`) with
+   :func:`mp_plugin.recover.distill.distill` and a :class:`MaskKeeper`.
+
+:func:`hybrid_magnitude_ser` is the protocol of the paper's Tables 1–2: along a
+cumulative schedule of sparsities, exact global magnitude (plus a short
+fine-tune) up to s = 0.20, then SER steps.
+
+[D] choices the sources leave open: the reservoir holds only the entries newly
+pruned by this step (``reservoir="new"``, so masks stay cumulative along a
+schedule; ``"all"`` also lets earlier-pruned entries back); restored entries keep
+their selection-phase values (``restore_value="trained"``; ``"dense"`` puts back
+the pre-prune values); the selection loss is KD to the reference model plus
+``logit_l2_weight``·mean squared logit difference (the authors'
+``selection-logit-l2-weight``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from mp_plugin.errors import MPPluginError
+from mp_plugin.layers.discovery import LayerSelection, find_target_layers
+from mp_plugin.layers.patterns import Pattern
+from mp_plugin.masks.counts import check_sparsity, global_prune_counts
+from mp_plugin.masks.select import MaskKeeper, assert_kn_exact, nm_mask, unstructured_mask
+from mp_plugin.planning.build import PlanConfig, PrunePlan, plan
+from mp_plugin.recover.distill import DistillConfig, DistillResult, distill, evaluate
+from mp_plugin.recover.distill.loop import _split_batch
+from mp_plugin.recover.distill.loss import kd_loss
+from mp_plugin.recover.distill.optim import warmup_cosine
+
+__all__ = [
+    "SERConfig",
+    "SERResult",
+    "SpectralEdgeReallocation",
+    "HybridConfig",
+    "HybridResult",
+    "hybrid_magnitude_ser",
+    "magnitude_step",
+    "ser_to_kn",
+    "DEFAULT_SCHEDULE",
+]
+
+DEFAULT_SCHEDULE: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 15))  # 0.05 … 0.70
+
+
+def _selection_default() -> DistillConfig:
+    # spec: AdamW, lr = 8 × 5e−5, min-lr ratio 0.25, one epoch (Hybrid code: 2); no weight decay on frozen entries
+    return DistillConfig(
+        epochs=1, optimizer="adamw", lr=4e-4, min_lr_ratio=0.25, weight_decay=0.0, alpha=0.5, allow_dense=True
+    )
+
+
+def _finetune_default() -> DistillConfig:
+    # spec: SER keep-FT 1 epoch, SGD(0.9), lr 5e−5, label smoothing 0.1, grad-clip 1.0
+    return DistillConfig(epochs=1, optimizer="sgd", lr=5e-5, weight_decay=1e-6, grad_clip=1.0)
+
+
+@dataclass
+class SERConfig:
+    """Settings of :class:`SpectralEdgeReallocation`.
+
+    Attributes:
+        extra: over-prune to s + extra of the target weights (spec: 0.03), then restore ``extra``.
+        budget_method: score of the over-prune, a ``plan`` method (``"seb"`` = |W|/w_ℓ).
+        rho: restore priority ρ_ℓ: ``"inverse_w"`` (1/w_ℓ, default), ``"w"`` (w_ℓ) or ``"one"``.
+        reservoir: ``"new"`` (entries pruned by this step) or ``"all"`` (every pruned entry).
+        restore_value: ``"trained"`` (selection-phase value) or ``"dense"`` (pre-prune value).
+        selection: optimiser/schedule/loss settings of the selection phase (``epochs``,
+            ``max_steps``, ``lr``, ``alpha``, ``tau``, …; weight decay is forced to 0).
+        logit_l2_weight: weight of mean((z_student − z_reference)²) in the selection loss.
+        finetune: frozen-mask fine-tuning settings; None skips phase 4.
+        plan_config: :class:`PlanConfig` for the SEB fit and layer selection.
+        show_progress: tqdm bars.
+    """
+
+    extra: float = 0.03
+    budget_method: str = "seb"
+    rho: Literal["inverse_w", "w", "one"] = "inverse_w"
+    reservoir: Literal["new", "all"] = "new"
+    restore_value: Literal["trained", "dense"] = "trained"
+    selection: DistillConfig = field(default_factory=_selection_default)
+    logit_l2_weight: float = 1.0
+    finetune: DistillConfig | None = field(default_factory=_finetune_default)
+    plan_config: PlanConfig | None = None
+    show_progress: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 < self.extra < 1:
+            raise MPPluginError(f"extra must lie in (0, 1), got {self.extra}")
+        if self.rho not in ("inverse_w", "w", "one"):
+            raise MPPluginError(f"rho must be 'inverse_w', 'w' or 'one', got {self.rho!r}")
+        if self.reservoir not in ("new", "all") or self.restore_value not in ("trained", "dense"):
+            raise MPPluginError("reservoir must be 'new'/'all' and restore_value 'trained'/'dense'")
+
+
+@dataclass
+class SERResult:
+    """What one SER step did.
+
+    Attributes:
+        sparsity: target s; over_sparsity: s + extra (as realised: exact counts / total).
+        masks: final masks (``True`` = kept) of the target layers, by module name.
+        layer_w: SEB weights w_ℓ; rho: the ρ_ℓ used.
+        reservoir: |ℛ| per layer; restored: restored entries per layer.
+        delta_mean: mean |Δw| over ℛ per layer after the selection phase.
+        selection_steps / selection_loss: optimiser steps and (first, last) loss of phase 2.
+        finetune: the fine-tuning :class:`DistillResult` (None when skipped).
+        plan: the over-prune plan (its per-layer ``w``, fits and counts).
+    """
+
+    sparsity: float
+    over_sparsity: float
+    masks: dict[str, torch.Tensor]
+    layer_w: dict[str, float]
+    rho: dict[str, float]
+    reservoir: dict[str, int]
+    restored: dict[str, int]
+    delta_mean: dict[str, float]
+    selection_steps: int = 0
+    selection_loss: tuple[float, float] = (float("nan"), float("nan"))
+    finetune: DistillResult | None = None
+    plan: PrunePlan | None = None
+
+    @property
+    def achieved_sparsity(self) -> float:
+        """Fraction of masked-out entries over the target layers."""
+        total = sum(m.numel() for m in self.masks.values())
+        return sum(int((~m).sum()) for m in self.masks.values()) / max(1, total)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready per-layer table without the masks."""
+        return {
+            "sparsity": self.sparsity,
+            "over_sparsity": self.over_sparsity,
+            "achieved_sparsity": self.achieved_sparsity,
+            "selection_steps": self.selection_steps,
+            "selection_loss": list(self.selection_loss),
+            "layers": {
+                n: {
+                    "w": self.layer_w[n],
+                    "rho": self.rho[n],
+                    "reservoir": self.reservoir[n],
+                    "restored": self.restored[n],
+                    "delta_mean": self.delta_mean[n],
+                }
+                for n in self.masks
+            },
+        }
+
+
+class SpectralEdgeReallocation:
+    """SER: sparsify–estimate–restore, a.k.a. Spectral Edge Reallocation (see the module docstring).
+
+    Example::
+
+        ser = SpectralEdgeReallocation(SERConfig(extra=0.03))
+        result = ser.run(model, 0.5, train_loader, teacher=dense_model)
+        assert abs(result.achieved_sparsity - 0.5) < 1e-6
+
+    Each phase is also a public method so that callers (and tests) can inspect
+    the model between them.
+    """
+
+    def __init__(self, config: SERConfig | None = None) -> None:
+        self.config = config or SERConfig()
+
+    # ---------------------------------------------------------------- phase 1
+    def overprune(self, model: nn.Module, sparsity: float) -> tuple[PrunePlan, dict[str, torch.Tensor], dict]:
+        """Prune ``model`` in place to s + extra by global |W|/w_ℓ.
+
+        Returns:
+            (plan, over_masks, state): the plan at s + extra (per-layer ``w``), the masks
+            after over-pruning (``True`` = kept) and a state dict for the next phases
+            (``reservoir`` masks, ``before`` values of the reservoir, ``target`` total count).
+        """
+        cfg = self.config
+        s = check_sparsity(sparsity)
+        s_over = min(s + cfg.extra, 0.999)
+        p = plan(model, s_over, "unstructured", cfg.budget_method, cfg.plan_config, show_progress=cfg.show_progress)
+        modules = p.check_model(model)
+        total = p.total_weights
+        target_pruned = int(round(s * total))
+        over, reservoir, dense_vals = {}, {}, {}
+        for lp in p.layers:
+            w = modules[lp.name].weight
+            was_zero = w.detach() == 0
+            mask = unstructured_mask(w, lp.n_prune)
+            over[lp.name] = mask
+            res = ~mask if cfg.reservoir == "all" else (~mask & ~was_zero)
+            reservoir[lp.name] = res
+            dense_vals[lp.name] = w.detach()[res].clone()
+            with torch.no_grad():
+                w.masked_fill_(~mask, 0)
+        n_over = sum(int((~m).sum()) for m in over.values())
+        n_restore = n_over - target_pruned
+        n_res = sum(int(r.sum()) for r in reservoir.values())
+        if n_restore < 0 or n_restore > n_res:
+            raise MPPluginError(
+                f"cannot restore {n_restore} entries from a reservoir of {n_res}: the model is already sparser "
+                f"than the target s={s:.4f} (reservoir='{cfg.reservoir}')"
+            )
+        state = {"reservoir": reservoir, "dense": dense_vals, "target_pruned": target_pruned, "n_restore": n_restore}
+        return p, over, state
+
+    # ---------------------------------------------------------------- phase 2
+    def select(
+        self,
+        model: nn.Module,
+        reservoir: dict[str, torch.Tensor],
+        train_loader: Iterable,
+        reference: nn.Module | None = None,
+        device: torch.device | str | None = None,
+    ) -> tuple[dict[str, torch.Tensor], int, tuple[float, float]]:
+        """Train only the reservoir entries; return (|Δw| per layer, steps, (first, last) loss).
+
+        Every parameter except the target weights is frozen; inside the target weights
+        gradients are multiplied by the reservoir mask, and AdamW runs without weight
+        decay, so kept entries do not move at all. The model runs in eval mode
+        (BatchNorm running statistics are not updated, dropout is off). ``reference`` (the pre-prune model
+        or the dense teacher) gives the KD/logit-matching targets; without it the
+        loss is label-smoothed CE.
+        """
+        cfg = self.config.selection
+        dev = torch.device(device) if device is not None else next(model.parameters()).device
+        modules = dict(model.named_modules())
+        weights = {name: modules[name].weight for name in reservoir}
+        before = {name: w.detach().clone() for name, w in weights.items()}
+        saved = {n: p.requires_grad for n, p in model.named_parameters()}
+        handles = []
+        try:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for name, w in weights.items():
+                w.requires_grad_(True)
+                gate = reservoir[name].to(w.dtype)
+                handles.append(w.register_hook(lambda g, gate=gate: g * gate))
+            if reference is not None:
+                reference.to(dev).eval()  # run under torch.no_grad() only
+            opt = torch.optim.AdamW(list(weights.values()), lr=cfg.lr, weight_decay=0.0)
+            n_batches = len(train_loader)  # type: ignore[arg-type]
+            total = cfg.epochs * n_batches if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * n_batches)
+            sched = warmup_cosine(opt, total, cfg.warmup_steps, cfg.warmup_start_ratio, cfg.min_lr_ratio)
+            was_training = model.training
+            model.eval()  # BatchNorm statistics and dropout frozen: only reservoir entries may change
+            step, losses = 0, []
+            while step < total:
+                for batch in train_loader:
+                    if step >= total:
+                        break
+                    x, y = _split_batch(batch)
+                    x = x.to(dev)
+                    y = None if y is None else y.to(dev)
+                    ref = None
+                    if reference is not None:
+                        with torch.no_grad():
+                            ref = reference(x)
+                    out = model(x)
+                    alpha = cfg.alpha if ref is not None else 0.0
+                    alpha = 1.0 if y is None else alpha
+                    loss = kd_loss(out, ref, y, alpha, cfg.tau, cfg.label_smoothing)
+                    if ref is not None and self.config.logit_l2_weight:
+                        loss = loss + self.config.logit_l2_weight * (out.float() - ref.float()).pow(2).mean()
+                    if not torch.isfinite(loss):
+                        raise MPPluginError(f"SER selection loss is {float(loss)} at step {step + 1}; stopping")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    losses.append(float(loss.detach()))
+                    step += 1
+            model.train(was_training)
+        finally:
+            for h in handles:
+                h.remove()
+            for n, p in model.named_parameters():
+                p.requires_grad_(saved[n])
+        delta = {name: (w.detach() - before[name]).abs() * reservoir[name] for name, w in weights.items()}
+        first = sum(losses[:3]) / max(1, len(losses[:3]))
+        last = sum(losses[-3:]) / max(1, len(losses[-3:]))
+        return delta, step, (first, last)
+
+    # ---------------------------------------------------------------- phase 3
+    def rho_values(self, p: PrunePlan) -> dict[str, float]:
+        """ρ_ℓ per layer from the plan's SEB weights w_ℓ."""
+        out = {}
+        for lp in p.layers:
+            w = float(lp.w) if math.isfinite(lp.w) and lp.w > 0 else 1.0
+            out[lp.name] = 1.0 / w if self.config.rho == "inverse_w" else w if self.config.rho == "w" else 1.0
+        return out
+
+    @torch.no_grad()
+    def restore(
+        self,
+        model: nn.Module,
+        over_masks: dict[str, torch.Tensor],
+        state: dict,
+        delta: dict[str, torch.Tensor],
+        rho: dict[str, float],
+    ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """Restore the top |Δw|·ρ_ℓ reservoir entries to exactly the target sparsity; zero the rest.
+
+        Returns:
+            (masks, restored counts per layer). Ties are broken by layer order, then position.
+        """
+        names = list(over_masks)
+        reservoir = state["reservoir"]
+        k = int(state["n_restore"])
+        scores = torch.cat(
+            [torch.where(reservoir[n], delta[n].float() * rho[n], -1.0).reshape(-1).cpu() for n in names]
+        )
+        chosen = torch.zeros_like(scores, dtype=torch.bool)
+        if k > 0:
+            order = torch.sort(scores, descending=True, stable=True).indices[:k]
+            chosen[order] = True
+        masks, restored, start = {}, {}, 0
+        modules = dict(model.named_modules())
+        for n in names:
+            numel = over_masks[n].numel()
+            pick = chosen[start : start + numel].reshape(over_masks[n].shape).to(over_masks[n].device)
+            start += numel
+            w = modules[n].weight
+            if self.config.restore_value == "dense":
+                vals = torch.zeros_like(w)
+                vals[reservoir[n]] = state["dense"][n].to(w.dtype)
+                w.copy_(torch.where(pick, vals, w))
+            mask = over_masks[n] | pick
+            w.masked_fill_(~mask, 0)
+            masks[n] = mask
+            restored[n] = int(pick.sum())
+        pruned = sum(int((~m).sum()) for m in masks.values())
+        if pruned != state["target_pruned"]:
+            raise MPPluginError(f"SER restore left {pruned} pruned entries, expected {state['target_pruned']}")
+        return masks, restored
+
+    # ---------------------------------------------------------------- phase 4
+    def finetune(
+        self,
+        model: nn.Module,
+        masks: dict[str, torch.Tensor],
+        train_loader: Iterable,
+        teacher: nn.Module | None = None,
+        device: torch.device | str | None = None,
+    ) -> DistillResult | None:
+        """Frozen-mask fine-tuning with :func:`mp_plugin.recover.distill.distill` (None when configured off)."""
+        if self.config.finetune is None:
+            return None
+        keeper = MaskKeeper(model, masks)
+        return distill(
+            model,
+            teacher,
+            train_loader,
+            self.config.finetune,
+            keeper=keeper,
+            device=device,
+            show_progress=self.config.show_progress,
+        )
+
+    # ---------------------------------------------------------------- all
+    def run(
+        self,
+        model: nn.Module,
+        sparsity: float,
+        train_loader: Iterable,
+        teacher: nn.Module | None = None,
+        device: torch.device | str | None = None,
+    ) -> SERResult:
+        """All four phases on ``model`` (in place) to exactly ``sparsity`` over the target layers.
+
+        Args:
+            model: the model (dense or already pruned below ``sparsity``).
+            sparsity: target global fraction s of the target layers' weights.
+            train_loader: batches ``(images, labels)`` (labels optional with a teacher).
+            teacher: the dense model (selection reference and fine-tuning teacher);
+                without one the selection reference is a frozen copy of ``model`` as it
+                was before over-pruning.
+            device: where to train.
+        """
+        reference = teacher if teacher is not None else copy.deepcopy(model).eval()
+        p, over, state = self.overprune(model, sparsity)
+        delta, steps, losses = self.select(model, state["reservoir"], train_loader, reference, device)
+        rho = self.rho_values(p)
+        masks, restored = self.restore(model, over, state, delta, rho)
+        ft = self.finetune(model, masks, train_loader, teacher, device)
+        total = p.total_weights
+        return SERResult(
+            sparsity=float(sparsity),
+            over_sparsity=sum(int((~m).sum()) for m in over.values()) / total,
+            masks=masks,
+            layer_w={lp.name: float(lp.w) for lp in p.layers},
+            rho=rho,
+            reservoir={n: int(r.sum()) for n, r in state["reservoir"].items()},
+            restored=restored,
+            delta_mean={
+                n: float(delta[n][state["reservoir"][n]].mean()) if int(state["reservoir"][n].sum()) else 0.0
+                for n in delta
+            },
+            selection_steps=steps,
+            selection_loss=losses,
+            finetune=ft,
+            plan=p,
+        )
+
+
+# --------------------------------------------------------------------------- Hybrid Magnitude–SER
+
+
+def _hybrid_finetune_default() -> DistillConfig:
+    # spec (run_finetune_magnitude): SGD 0.9, lr 3e−5, wd 1e−6, ε 0.1, clip 1.0, warmup from 1 % to cosine 1 %
+    return DistillConfig(
+        epochs=1,
+        optimizer="sgd",
+        lr=3e-5,
+        weight_decay=1e-6,
+        grad_clip=1.0,
+        warmup_start_ratio=0.01,
+        min_lr_ratio=0.01,
+    )
+
+
+@dataclass
+class HybridConfig:
+    """Settings of :func:`hybrid_magnitude_ser`.
+
+    Attributes:
+        schedule: increasing sparsities visited in order (default 0.05, 0.10, …, 0.70).
+        magnitude_until: steps with s ≤ this use exact global magnitude (spec: 0.20); later steps SER.
+        finetune: the short fine-tune after each magnitude step (None = none).
+        ser: :class:`SERConfig` of the SER steps (its ``finetune`` runs after each SER step).
+        selection: layer selection for the magnitude steps (default: ``ser.plan_config``'s or the core default).
+        show_progress: tqdm bars.
+    """
+
+    schedule: tuple[float, ...] = DEFAULT_SCHEDULE
+    magnitude_until: float = 0.20
+    finetune: DistillConfig | None = field(default_factory=_hybrid_finetune_default)
+    ser: SERConfig = field(default_factory=SERConfig)
+    selection: LayerSelection | None = None
+    show_progress: bool = False
+
+    def __post_init__(self) -> None:
+        sched = [check_sparsity(s) for s in self.schedule]
+        if not sched or any(b <= a for a, b in zip(sched, sched[1:])):
+            raise MPPluginError(f"schedule must be a non-empty increasing sequence, got {self.schedule}")
+
+
+@dataclass
+class HybridResult:
+    """History of a Hybrid run: one dict per schedule step (``sparsity``, ``method``, ``achieved``, metrics).
+
+    Attributes:
+        steps: the per-step records.
+        masks: the final masks (``True`` = kept) of the target layers.
+    """
+
+    steps: list[dict] = field(default_factory=list)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def magnitude_step(
+    model: nn.Module, sparsity: float, selection: LayerSelection | None = None, previous: dict | None = None
+) -> dict[str, torch.Tensor]:
+    """Exact global magnitude to ``sparsity`` over the target layers, cumulative with ``previous`` masks.
+
+    Zeros have the smallest magnitude, so earlier pruned entries are selected first;
+    the result is additionally AND-ed with ``previous`` so that zeros stay zero.
+    """
+    targets, _ = find_target_layers(model, selection)
+    if not targets:
+        raise MPPluginError("the model has no target layer to prune")
+    weights = [t.weight for t in targets]
+    counts = global_prune_counts(weights, [1.0] * len(weights), sparsity)
+    masks = {}
+    for t, c in zip(targets, counts):
+        m = unstructured_mask(t.weight, c)
+        if previous is not None and t.name in previous:
+            m = m & previous[t.name].to(m.device)
+        t.weight.masked_fill_(~m, 0)
+        masks[t.name] = m
+    return masks
+
+
+def hybrid_magnitude_ser(
+    model: nn.Module,
+    train_loader: Iterable,
+    teacher: nn.Module | None = None,
+    config: HybridConfig | None = None,
+    val_loader: Iterable | None = None,
+    device: torch.device | str | None = None,
+    on_step: Callable[[dict, nn.Module], Any] | None = None,
+) -> HybridResult:
+    """The Hybrid Magnitude–SER protocol: magnitude steps up to ``magnitude_until``, then SER steps.
+
+    Args:
+        model: the dense (or lightly pruned) model; pruned in place.
+        train_loader: fine-tuning/selection batches ``(images, labels)``.
+        teacher: the dense model for KD (and as SER's selection reference); None = CE only.
+        config: :class:`HybridConfig`.
+        val_loader: if given, evaluated after every step (``top1``, ``teacher_agreement``).
+        device: where to train.
+        on_step: called with ``(record, model)`` after every step (e.g. to save a checkpoint).
+
+    Returns:
+        :class:`HybridResult`; the final sparsity over the target layers is exactly the last
+        schedule entry (up to rounding of one count).
+    """
+    cfg = config or HybridConfig()
+    selection = cfg.selection or (cfg.ser.plan_config.selection if cfg.ser.plan_config else None)
+    ser = SpectralEdgeReallocation(cfg.ser)
+    masks: dict[str, torch.Tensor] | None = None
+    result = HybridResult()
+    for s in cfg.schedule:
+        record: dict[str, Any] = {"sparsity": float(s)}
+        if s <= cfg.magnitude_until + 1e-12:
+            masks = magnitude_step(model, s, selection, masks)
+            record["method"] = "magnitude"
+            if cfg.finetune is not None:
+                ft = distill(
+                    model,
+                    teacher,
+                    train_loader,
+                    cfg.finetune,
+                    keeper=MaskKeeper(model, masks),
+                    device=device,
+                    show_progress=cfg.show_progress,
+                )
+                record["finetune_loss"] = [ft.first_loss, ft.last_loss]
+                record["finetune_steps"] = ft.steps
+        else:
+            res = ser.run(model, s, train_loader, teacher, device)
+            masks = res.masks
+            record["method"] = "ser"
+            record["ser"] = res.summary()
+            if res.finetune is not None:
+                record["finetune_loss"] = [res.finetune.first_loss, res.finetune.last_loss]
+                record["finetune_steps"] = res.finetune.steps
+        total = sum(m.numel() for m in masks.values())
+        record["achieved"] = sum(int((~m).sum()) for m in masks.values()) / total
+        if val_loader is not None:
+            record["val"] = evaluate(model, val_loader, teacher, device)
+        result.steps.append(record)
+        if on_step is not None:
+            on_step(record, model)
+    result.masks = masks or {}
+    return result
+
+
+# --------------------------------------------------------------------------- SER → k:n
+
+
+@torch.no_grad()
+def ser_to_kn(
+    model: nn.Module,
+    dense: nn.Module,
+    masks: dict[str, torch.Tensor],
+    pattern: str = "2:4",
+    calibration: Any = None,
+    prior_alpha: float = 0.1,
+    free_restoration: bool = True,
+    cast_config: Any = None,
+    max_rows: int = 4096,
+) -> dict[str, torch.Tensor]:
+    """Project an SER result onto a k:n pattern with CAST (ALGORITHM.md §2 items 7 and 9).
+
+    For every masked layer whose input size is divisible by n, the source tuple is
+    u = SER weight where the SER mask keeps, the dense weight elsewhere (free
+    restoration; 0 without it), and CAST picks k of every n with a Hamming prior of
+    weight ``prior_alpha`` towards the SER mask. Without ``calibration`` the magnitude
+    k:n mask of u is used. Other layers keep their SER (unstructured) mask.
+
+    Args:
+        model: the SER-pruned model (changed in place).
+        dense: the dense model before pruning (same layer names).
+        masks: the SER masks (``True`` = kept), e.g. ``SERResult.masks``.
+        pattern: ``"k:n"``.
+        calibration: model inputs for the CAST covariances (captured on ``model``).
+        prior_alpha, free_restoration, cast_config, max_rows: CAST settings.
+
+    Returns:
+        The new masks (k:n where eligible; each k:n group exactly k kept).
+    """
+    from mp_plugin.layers.calibration import capture_covariances
+    from mp_plugin.masks.cast import CastConfig, cast_project, cast_source
+
+    pat = Pattern.parse(pattern)
+    if not pat.is_kn:
+        raise MPPluginError(f"ser_to_kn needs a k:n pattern, got {pattern!r}")
+    modules = dict(model.named_modules())
+    dense_modules = dict(dense.named_modules())
+    eligible = {name: pat.n for name in masks if pat.eligible(tuple(modules[name].weight.shape))}
+    cfg = cast_config or CastConfig(prior_alpha=prior_alpha, source="ser", free_restoration=free_restoration)
+    stats = capture_covariances(model, eligible, calibration, max_rows=max_rows) if calibration is not None else {}
+    out = dict(masks)
+    for name in eligible:
+        w = modules[name].weight
+        dense_w = dense_modules[name].weight.detach().to(w.device, w.dtype)
+        u = cast_source(dense_w, masks[name], "ser", free_restoration, ser_weight=w.detach())
+        if name in stats:
+            mask = cast_project(u, stats[name], pat.k, pat.n, masks[name], cfg, getattr(modules[name], "groups", 1))
+        else:
+            mask = nm_mask(u, pat.k, pat.n)
+        assert_kn_exact(mask, pat.k, pat.n, name=name)
+        w.copy_(u * mask)
+        out[name] = mask
+    return out
