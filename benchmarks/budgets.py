@@ -44,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import TASKS, Task, minilm_task  # noqa: E402
 from common import RESULTS, write_result  # noqa: E402
 
-from mp_plugin.budget.bounded import BoundedConfig, noise_floor_curves  # noqa: E402
+from mp_plugin.budget.bounded import BoundedConfig  # noqa: E402
+from mp_plugin.budget.calibrated import noise_floor_curves  # noqa: E402
 from mp_plugin.layers.patterns import Pattern  # noqa: E402
 from mp_plugin.masks.counts import global_prune_counts  # noqa: E402
 from mp_plugin.masks.macs import count_macs  # noqa: E402

@@ -18,9 +18,9 @@ from mp_plugin.budget.bounded import (
     block_mean,
     bounded_ratios,
     layer_blocks,
-    noise_floor_counts,
     ratios_to_counts,
 )
+from mp_plugin.budget.calibrated import noise_floor_counts
 from mp_plugin.budget.mix import choose_kn_layers
 from mp_plugin.budget.rules import BUDGET_METHODS, BudgetContext
 from mp_plugin.errors import ConfigError
@@ -167,7 +167,7 @@ def test_calibration_methods_refuse_without_data(net: _Net) -> None:
 
 
 def test_noise_floor_reuses_precomputed_curves(net: _Net, calib: list) -> None:
-    from mp_plugin.budget.bounded import noise_floor_curves
+    from mp_plugin.budget.calibrated import noise_floor_curves
 
     cfg = BoundedConfig()
     names = [lp.name for lp in plan(net, 0.5, "unstructured", "magnitude").layers]

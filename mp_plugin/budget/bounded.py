@@ -30,7 +30,7 @@ method                     signal v_ℓ                                         
                            an iid matrix of the layer's shape and energy would have
 ``owl``                    OWL outlier ratio: share of Wanda scores |W_ij|·‖x_j‖     −1   calibration
                            above M × their layer mean (Yin et al. 2024, a baseline)
-``noise-floor``            see :func:`noise_floor_counts`                             —    calibration
+``noise-floor``            see :func:`~mp_plugin.budget.calibrated.noise_floor_counts`                             —    calibration
 =========================  ========================================================  ===  ==============
 
 ``mag-alpha``, ``mag-bulk-energy``, ``mag-spikes``, ``mag-edge`` and
@@ -39,7 +39,8 @@ magnitude*: the band is [g_ℓ − ε, g_ℓ + ε] around each layer's global-ma
 budget g_ℓ (ε = ``anchor_epsilon``) and the shift c starts from g_ℓ instead of s.
 
 Settings live in :class:`BoundedConfig` (``PlanConfig.bounded``). Importing this
-module registers the methods in :data:`mp_plugin.budget.rules.BUDGET_METHODS`.
+module registers the data-free methods in :data:`mp_plugin.budget.rules.BUDGET_METHODS`; ``owl`` and
+the noise-floor rules live in :mod:`mp_plugin.budget.calibrated`.
 """
 
 from __future__ import annotations
@@ -50,7 +51,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from mp_plugin.budget.rules import BudgetContext, register_budget_method
 from mp_plugin.errors import ConfigError
@@ -64,10 +64,7 @@ __all__ = [
     "bounded_counts",
     "mp_signal",
     "MP_SIGNALS",
-    "owl_outlier_ratios",
-    "noise_levels",
-    "noise_floor_curves",
-    "noise_floor_counts",
+    "bounded_config",
 ]
 
 
@@ -303,7 +300,7 @@ def magnitude_center(ctx: BudgetContext) -> np.ndarray:
 
 def _bounded_method(signal: str, direction: float, anchored: bool = False) -> Callable[[BudgetContext], tuple]:
     def counts(ctx: BudgetContext) -> tuple[list[int], np.ndarray, np.ndarray]:
-        cfg = _cfg(ctx)
+        cfg = bounded_config(ctx)
         if anchored:
             return bounded_counts(
                 mp_signal(ctx.fits, signal),
@@ -321,185 +318,10 @@ def _bounded_method(signal: str, direction: float, anchored: bool = False) -> Ca
     return counts
 
 
-def _cfg(ctx: BudgetContext) -> BoundedConfig:
+def bounded_config(ctx: BudgetContext) -> BoundedConfig:
+    """The plan's :class:`BoundedConfig` (``PlanConfig.bounded``), or the defaults."""
     cfg = getattr(ctx.options, "bounded", None)
     return cfg if isinstance(cfg, BoundedConfig) else BoundedConfig()
-
-
-# --------------------------------------------------------------------------- OWL (calibration baseline)
-
-
-def owl_outlier_ratios(ctx: BudgetContext, m: float) -> np.ndarray:
-    """OWL's layer outlier ratio: the share of Wanda scores |W_ij|·‖x_j‖₂ above ``m`` × their mean.
-
-    A layer the calibration never reaches gets NaN (neutral).
-    """
-    from mp_plugin.masks.scores import input_norms, wanda_scores
-
-    norms = input_norms(ctx.model, list(ctx.names), ctx.calibration)
-    out = []
-    for name, w in zip(ctx.names, ctx.weights):
-        if name not in norms:
-            out.append(float("nan"))
-            continue
-        score = wanda_scores(w, norms[name])
-        out.append(float((score > m * score.mean()).double().mean()))
-    return np.asarray(out, dtype=np.float64)
-
-
-def _owl(ctx: BudgetContext) -> tuple[list[int], np.ndarray, np.ndarray]:
-    cfg = _cfg(ctx)
-    d = owl_outlier_ratios(ctx, cfg.owl_m)
-    return bounded_counts(d, ctx, -1.0, cfg.owl_lambda, cfg.block_average, cfg.max_sparsity, np.asarray(ctx.numels))
-
-
-# --------------------------------------------------------------------------- noise floor
-
-
-def noise_levels(fits: Sequence[Any]) -> np.ndarray:
-    """ν_ℓ = σ̂²·N·M / ‖W‖²_F: the share of the layer's energy an iid matrix at its fitted bulk scale holds.
-
-    Dimensionless, comparable with a relative output error. Missing or degenerate
-    fits get the median of the others.
-    """
-    out = []
-    for f in fits:
-        if f is None or f.degenerate or f.singular_values.size == 0:
-            out.append(float("nan"))
-            continue
-        energy = float((np.asarray(f.singular_values, dtype=np.float64) ** 2).sum())
-        out.append(f.sigma**2 * f.shape[0] * f.shape[1] / energy if energy > 0 else float("nan"))
-    v = np.asarray(out, dtype=np.float64)
-    ok = np.isfinite(v)
-    v[~ok] = float(np.median(v[ok])) if ok.any() else 1.0
-    return v
-
-
-@torch.no_grad()
-def noise_floor_curves(
-    model: torch.nn.Module,
-    names: Sequence[str],
-    calibration: Any,
-    grid: Sequence[float],
-    max_rows: int | None = 4096,
-) -> dict[str, np.ndarray]:
-    """Each layer's post-restore relative output error at the sparsities of ``grid``.
-
-    For every layer alone: smallest-|W| mask at sparsity g, kept weights re-solved
-    on the calibration Gram (``mp_plugin.restore.restore_layer``, OBS solver), error
-    ‖(Ŵ − W)Xᵀ‖²/‖WXᵀ‖² on the calibration rows. The model is not modified.
-
-    Returns:
-        ``{name: (len(grid),) float64}`` for every layer the calibration reaches.
-    """
-    from mp_plugin.masks.select import unstructured_mask
-    from mp_plugin.restore import RestoreConfig, capture_grams, restore_layer
-
-    modules = dict(model.named_modules())
-    grams = capture_grams(model, list(names), calibration, max_rows=max_rows)
-    cfg = RestoreConfig(solver="obs")
-    out = {}
-    for name in names:
-        if name not in grams:
-            continue
-        mod = modules[name]
-        dense = mod.weight.detach()
-        errs = []
-        for g in grid:
-            w = dense * unstructured_mask(dense, int(round(g * dense.numel()))).to(dense.dtype)
-            rec = restore_layer(w, dense, grams[name], cfg, groups=int(getattr(mod, "groups", 1)))
-            errs.append(rec["rel_error_after"])
-        out[name] = np.asarray(errs, dtype=np.float64)
-    return out
-
-
-def noise_floor_counts(
-    curves: dict[str, np.ndarray],
-    levels: np.ndarray,
-    ctx: BudgetContext,
-    grid: Sequence[float],
-    epsilon: float | None,
-    max_sparsity: float,
-    center: np.ndarray | None = None,
-) -> tuple[list[int], np.ndarray, np.ndarray]:
-    """Noise-floor allocation: every layer stops where its error reaches one common multiple of its noise.
-
-    Layer ℓ's error curve e_ℓ(g) (:func:`noise_floor_curves`, made non-decreasing,
-    e_ℓ(0) = 0, linear between grid points) is inverted at c·ν_ℓ (ν_ℓ from
-    :func:`noise_levels`): r_ℓ(c) = the sparsity where e_ℓ reaches c·ν_ℓ, clipped to
-    [max(0, g_ℓ − ε), min(g_ℓ + ε, max_sparsity)] with g_ℓ = ``center`` (default s).
-    Σ n_ℓ r_ℓ(c) is continuous and
-    non-decreasing in c; bisection on log c makes it exactly s Σ n_ℓ, then the
-    counts are rounded to the exact total. Layers without a curve keep r_ℓ = g_ℓ.
-
-    Returns:
-        (counts, r_ℓ/s, log10 c·ν_ℓ per layer).
-    """
-    s = ctx.sparsity
-    n = np.asarray(ctx.numels, dtype=np.float64)
-    eps = 1.0 if epsilon is None else epsilon
-    g = np.full(len(n), s) if center is None else np.asarray(center, dtype=np.float64)
-    lo, hi = np.maximum(0.0, g - eps), np.minimum(g + eps, np.maximum(g, max_sparsity))
-    xs = np.concatenate([[0.0], np.asarray(grid, dtype=np.float64)])
-    inv = []
-    for name in ctx.names:
-        if name not in curves:
-            inv.append(None)
-            continue
-        e = np.maximum.accumulate(np.concatenate([[0.0], np.maximum(np.asarray(curves[name]), 0.0)]))
-        e = e + 1e-15 * np.arange(len(e))  # strictly increasing for the inverse
-        inv.append(e)
-    if s == 0:
-        return [0] * len(n), np.ones(len(n)), np.zeros(len(n))
-
-    def ratios(logc: float) -> np.ndarray:
-        c = 10.0**logc
-        r = g.copy()
-        for i, e in enumerate(inv):
-            if e is not None:
-                r[i] = float(np.interp(c * levels[i], e, xs))
-        return np.clip(r, lo, hi)
-
-    target = s * n.sum()
-    a, b = -12.0, 12.0
-    if float((n * ratios(a)).sum()) > target or float((n * ratios(b)).sum()) < target:
-        raise ConfigError("noise-floor: the error curves cannot reach the requested sparsity; widen noise_grid")
-    for _ in range(200):
-        mid = 0.5 * (a + b)
-        if float((n * ratios(mid)).sum()) < target:
-            a = mid
-        else:
-            b = mid
-    # the piecewise-linear total may be flat at the solution: blend the two ends to hit it exactly
-    ra, rb = ratios(a), ratios(b)
-    ta, tb = float((n * ra).sum()), float((n * rb).sum())
-    t = 0.0 if tb == ta else (target - ta) / (tb - ta)
-    r = ra + t * (rb - ra)
-    counts = ratios_to_counts(r, ctx.numels, ctx.target)
-    return counts, r / s, np.log10(10.0 ** (0.5 * (a + b)) * levels)
-
-
-def _noise_floor_method(anchored: bool) -> Callable[[BudgetContext], tuple]:
-    def counts(ctx: BudgetContext) -> tuple[list[int], np.ndarray, np.ndarray]:
-        cfg = _cfg(ctx)
-        curves = cfg.noise_curves
-        if curves is None:
-            curves = noise_floor_curves(ctx.model, ctx.names, ctx.calibration, cfg.noise_grid, cfg.noise_rows)
-        if anchored:
-            return noise_floor_counts(
-                curves,
-                noise_levels(ctx.fits),
-                ctx,
-                cfg.noise_grid,
-                cfg.anchor_epsilon,
-                cfg.max_sparsity,
-                center=magnitude_center(ctx),
-            )
-        return noise_floor_counts(
-            curves, noise_levels(ctx.fits), ctx, cfg.noise_grid, cfg.noise_epsilon, cfg.max_sparsity
-        )
-
-    return counts
 
 
 register_budget_method(
@@ -527,13 +349,6 @@ register_budget_method(
     counts=_bounded_method("edge", +1.0),
     doc="bounded mapping on σ₊ / iid edge of the layer's shape and energy: noise-like layers pruned more",
 )
-register_budget_method(
-    "owl",
-    None,
-    counts=_owl,
-    needs_calibration=True,
-    doc="OWL outlier-weighted layer sparsity (baseline, calibration): more outliers → pruned less, band ±λ",
-)
 for _sig, _d, _what in (
     ("alpha", +1.0, "Hill α"),
     ("bulk-energy", +1.0, "MP bulk energy share"),
@@ -547,18 +362,3 @@ for _sig, _d, _what in (
         doc=f"global magnitude corrected by the bounded mapping on the {_what}: band ±anchor_epsilon around "
         "each layer's global-magnitude budget, exact total",
     )
-register_budget_method(
-    "mag-noise-floor",
-    None,
-    counts=_noise_floor_method(anchored=True),
-    needs_calibration=True,
-    doc="noise-floor allocation inside ±anchor_epsilon of each layer's global-magnitude budget (calibration)",
-)
-register_budget_method(
-    "noise-floor",
-    None,
-    counts=_noise_floor_method(anchored=False),
-    needs_calibration=True,
-    doc="each layer pruned until its post-restore output error reaches one common multiple of its MP "
-    "noise share (calibration); bisection for the exact total",
-)
