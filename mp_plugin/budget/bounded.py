@@ -301,19 +301,9 @@ def magnitude_center(ctx: BudgetContext) -> np.ndarray:
 def _bounded_method(signal: str, direction: float, anchored: bool = False) -> Callable[[BudgetContext], tuple]:
     def counts(ctx: BudgetContext) -> tuple[list[int], np.ndarray, np.ndarray]:
         cfg = bounded_config(ctx)
-        if anchored:
-            return bounded_counts(
-                mp_signal(ctx.fits, signal),
-                ctx,
-                direction,
-                cfg.anchor_epsilon,
-                cfg.block_average,
-                cfg.max_sparsity,
-                center=magnitude_center(ctx),
-            )
-        return bounded_counts(
-            mp_signal(ctx.fits, signal), ctx, direction, cfg.epsilon, cfg.block_average, cfg.max_sparsity
-        )
+        eps, center = (cfg.anchor_epsilon, magnitude_center(ctx)) if anchored else (cfg.epsilon, None)
+        signal_values = mp_signal(ctx.fits, signal)
+        return bounded_counts(signal_values, ctx, direction, eps, cfg.block_average, cfg.max_sparsity, center=center)
 
     return counts
 

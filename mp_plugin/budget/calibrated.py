@@ -172,19 +172,9 @@ def _noise_floor_method(anchored: bool) -> Callable[[BudgetContext], tuple]:
         curves = cfg.noise_curves
         if curves is None:
             curves = noise_floor_curves(ctx.model, ctx.names, ctx.calibration, cfg.noise_grid, cfg.noise_rows)
-        if anchored:
-            return noise_floor_counts(
-                curves,
-                noise_levels(ctx.fits),
-                ctx,
-                cfg.noise_grid,
-                cfg.anchor_epsilon,
-                cfg.max_sparsity,
-                center=magnitude_center(ctx),
-            )
-        return noise_floor_counts(
-            curves, noise_levels(ctx.fits), ctx, cfg.noise_grid, cfg.noise_epsilon, cfg.max_sparsity
-        )
+        eps, center = (cfg.anchor_epsilon, magnitude_center(ctx)) if anchored else (cfg.noise_epsilon, None)
+        levels = noise_levels(ctx.fits)
+        return noise_floor_counts(curves, levels, ctx, cfg.noise_grid, eps, cfg.max_sparsity, center=center)
 
     return counts
 

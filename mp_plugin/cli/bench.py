@@ -13,7 +13,14 @@ import argparse
 import json
 from pathlib import Path
 
-from mp_plugin.cli.common import add_model_arg, add_threads_arg, add_weights_args, model_from_args, set_threads
+from mp_plugin.cli.common import (
+    add_input_size_arg,
+    add_model_arg,
+    add_threads_arg,
+    add_weights_args,
+    model_from_args,
+    set_threads,
+)
 from mp_plugin.errors import MPPluginError
 from mp_plugin.evaluation.latency import BACKENDS, run_benchmark
 
@@ -29,14 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="time a random-init timm architecture magnitude-pruned to 2:4 (kernel reference) instead",
     )
-    p.add_argument(
-        "--image-size",
-        "--input-size",
-        dest="input_size",
-        type=int,
-        default=None,
-        help="input side (default: the model's)",
-    )
+    add_input_size_arg(p)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--dtype", nargs="+", choices=("fp16", "bf16"), default=["fp16", "bf16"])
     p.add_argument("--backend", nargs="+", choices=BACKENDS, default=list(BACKENDS))

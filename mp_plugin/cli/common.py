@@ -43,6 +43,18 @@ def add_weights_args(
         )
 
 
+def add_input_size_arg(parser: argparse.ArgumentParser) -> None:
+    """``--image-size``/``--input-size`` (``args.input_size``, pixels): None keeps the model's own input side."""
+    parser.add_argument(
+        "--image-size",
+        "--input-size",
+        dest="input_size",
+        type=int,
+        default=None,
+        help="input side (default: the model's)",
+    )
+
+
 def add_threads_arg(parser: argparse.ArgumentParser) -> None:
     """Add ``--threads``."""
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

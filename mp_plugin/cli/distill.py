@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from mp_plugin.cli.common import add_input_size_arg
 from mp_plugin.errors import MPPluginError
 
 _PASS_THROUGH = (
@@ -86,14 +87,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grad-clip", type=float, default=None)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--tome-r", type=int, default=0, help="ToMe: merge r tokens per block (timm ViTs; 0 = off)")
-    p.add_argument(
-        "--image-size",
-        "--input-size",
-        dest="input_size",
-        type=int,
-        default=None,
-        help="input side (default: the model's)",
-    )
+    add_input_size_arg(p)
     p.add_argument("--no-aug", action="store_true", help="no RandAugment/RandomErasing/flip")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs); > 1 re-launches under torchrun")
