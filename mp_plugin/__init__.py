@@ -35,7 +35,8 @@ from mp_plugin.errors import (
 )
 from mp_plugin.layers.discovery import LayerSelection, find_target_layers
 from mp_plugin.layers.patterns import Pattern
-from mp_plugin.planning.build import LayerPlan, PlanConfig, PrunePlan, plan
+from mp_plugin.planning.build import plan
+from mp_plugin.planning.plan import LayerPlan, PlanConfig, PrunePlan
 from mp_plugin.spectrum import SpectralFit, fit_marchenko_pastur
 
 __version__ = "0.1.0"
@@ -43,7 +44,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "apply": "mp_plugin.pruning.apply_plan",
     "sparsity_report": "mp_plugin.pruning.apply_plan",
-    "MaskKeeper": "mp_plugin.masks.select",
+    "MaskKeeper": "mp_plugin.masks.keep",
     "permute_channels": "mp_plugin.permute",
     "certify": "mp_plugin.certificate",
     "RestoreConfig": "mp_plugin.restore",

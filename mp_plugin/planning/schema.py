@@ -3,10 +3,17 @@
 A plan is plain, editable data, so a hand-edited or truncated file must fail
 with a message that names the file, the layer and the field, never with a
 ``KeyError`` or ``TypeError`` deep inside :func:`mp_plugin.apply`.
-:func:`check_plan_dict` checks the JSON form (schema version 1) before any
-object is built; :func:`check_layer_values` checks the numbers ``apply``
+:func:`check_plan_dict` checks the JSON form before any object is built; :func:`check_layer_values` checks the numbers ``apply``
 relies on (``n_prune``, ``numel``, ``pattern``, shapes) on live objects too, so
 a plan tampered with in Python is refused the same way.
+
+Schema versions (:data:`SUPPORTED_SCHEMA_VERSIONS`; files of every one load):
+
+* 1 — the layers, the config, ``skipped`` and ``applied`` (per-layer methods, restore).
+* 2 — adds ``applied["permutation"]``: the channel permutation ``apply(..., permute=...)``
+  folded into the weights, as ``{"permutations": {consumer: [int, ...]}, "folds": [...],
+  "report": {...} | null}`` (:mod:`mp_plugin.permute.record`), or null. A plan loaded
+  from a version-1 file is upgraded in memory and saved as version 2.
 """
 
 from __future__ import annotations
@@ -18,7 +25,10 @@ from typing import Any
 from mp_plugin.errors import MPPluginError, PatternError, PlanFormatError
 from mp_plugin.layers.patterns import Pattern
 
-__all__ = ["check_plan_dict", "check_layer_values"]
+__all__ = ["SCHEMA_VERSION", "SUPPORTED_SCHEMA_VERSIONS", "check_plan_dict", "check_layer_values", "check_permutation"]
+
+SCHEMA_VERSION = 2  # written by PrunePlan.save
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)  # read by PrunePlan.load
 
 _TOP_REQUIRED = ("schema_version", "sparsity", "pattern", "method", "layers")
 
@@ -109,21 +119,66 @@ def _check_keys(d: Any, allowed: set[str], required: set[str], where: str) -> No
         raise PlanFormatError(f"{where} has unknown field(s) {', '.join(map(repr, unknown))}; known: {sorted(allowed)}")
 
 
-def check_plan_dict(d: Any, source: str, version: int, top_fields: set[str], layer_fields: dict[str, bool]) -> None:
-    """Raise :class:`PlanFormatError` unless ``d`` is a well-formed plan of schema ``version``.
+def check_permutation(record: Any, where: str) -> None:
+    """Raise :class:`PlanFormatError` unless ``record`` is null or a permutation record's JSON form.
+
+    The form is ``{"permutations": {name: [int, ...]}, "folds": [{"kind", "site", "perm"}, ...],
+    "report": object | null}``; each permutation must hold every index 0..C−1 once.
+    """
+    if record is None:
+        return
+    if not isinstance(record, Mapping):
+        raise PlanFormatError(f"{where} must be an object or null, got {type(record).__name__}")
+    _check_keys(record, {"permutations", "folds", "report"}, {"permutations", "folds"}, where)
+    perms, folds = record["permutations"], record["folds"]
+    if not isinstance(perms, Mapping):
+        raise PlanFormatError(f"{where}: 'permutations' must map layer names to index lists")
+
+    def check_perm(value: Any, at: str) -> None:
+        if (
+            not isinstance(value, list)
+            or not all(_is_int(i) for i in value)
+            or sorted(value) != list(range(len(value)))
+        ):
+            raise PlanFormatError(f"{at} must be a permutation of 0..C−1 (a list of distinct integers)")
+
+    for name, value in perms.items():
+        check_perm(value, f"{where}: permutation of {name!r}")
+    if not isinstance(folds, list):
+        raise PlanFormatError(f"{where}: 'folds' must be a list, got {type(folds).__name__}")
+    for i, fold in enumerate(folds):
+        at = f"{where}: folds[{i}]"
+        _check_keys(fold, {"kind", "site", "perm"}, {"kind", "site", "perm"}, at)
+        if fold["kind"] not in ("coupling", "attention") or not isinstance(fold["site"], Mapping):
+            raise PlanFormatError(f"{at} must have kind 'coupling' or 'attention' and a 'site' object")
+        check_perm(fold["perm"], f"{at}: 'perm'")
+    if record.get("report") is not None and not isinstance(record["report"], Mapping):
+        raise PlanFormatError(f"{where}: 'report' must be an object or null")
+
+
+def check_plan_dict(
+    d: Any,
+    source: str,
+    version: int | tuple[int, ...],
+    top_fields: set[str],
+    layer_fields: dict[str, bool],
+) -> None:
+    """Raise :class:`PlanFormatError` unless ``d`` is a well-formed plan of a supported schema version.
 
     Args:
         d: the decoded JSON.
         source: names the plan in messages (a file path or ``"plan"``).
-        version: the supported schema version.
+        version: the supported schema version(s).
         top_fields: allowed top-level keys.
         layer_fields: allowed layer keys → whether the key is required.
     """
     if not isinstance(d, Mapping):
         raise PlanFormatError(f"{source}: a plan is a JSON object, got {type(d).__name__}")
+    versions = (version,) if isinstance(version, int) else tuple(version)
     got = d.get("schema_version")
-    if got != version or not _is_int(got):
-        raise PlanFormatError(f"{source}: plan schema version {got!r} is not supported (expected {version})")
+    if not _is_int(got) or got not in versions:
+        expected = " or ".join(map(str, versions))
+        raise PlanFormatError(f"{source}: plan schema version {got!r} is not supported (expected {expected})")
     _check_keys(d, top_fields, set(_TOP_REQUIRED), source)
     _number(d, "sparsity", source, 0.0, 1.0)
     for key in ("pattern", "method"):
@@ -145,6 +200,10 @@ def check_plan_dict(d: Any, source: str, version: int, top_fields: set[str], lay
         raise PlanFormatError(f"{source}: 'applied.layers' must map layer names to objects")
     if not isinstance(d.get("applied", {}).get("restore") or {}, Mapping):
         raise PlanFormatError(f"{source}: 'applied.restore' must be an object or null")
+    if "permutation" in d.get("applied", {}):
+        if got < 2:
+            raise PlanFormatError(f"{source}: 'applied.permutation' needs plan schema version 2, the file says {got}")
+        check_permutation(d["applied"]["permutation"], f"{source}: 'applied.permutation'")
     layers = d["layers"]
     if not isinstance(layers, list):
         raise PlanFormatError(f"{source}: 'layers' must be a list, got {type(layers).__name__}")
