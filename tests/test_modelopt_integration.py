@@ -1,18 +1,23 @@
-"""ModelOpt 0.47 (real, no mocks): mode "mp", save/restore in a fresh process, export, KD chaining."""
+"""ModelOpt 0.47 (real, no mocks): mode "mp", plans in ModelOpt's metadata, save/restore in a fresh process,
+ModelOpt's size check, permutation, export, KD chaining."""
 
 from __future__ import annotations
 
 import importlib
+import json
 import subprocess
 import sys
 import textwrap
+import threading
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import mp_plugin as mp
-from mp_plugin.masks.select import check_nm
+from mp_plugin.masks.select import check_nm, nm_mask
+from mp_plugin.permute import PermutationRecord, align_to_permuted
 
 mts = pytest.importorskip("modelopt.torch.sparsity")
 mto = pytest.importorskip("modelopt.torch.opt")
@@ -21,24 +26,33 @@ timm = pytest.importorskip("timm")
 mpm = importlib.import_module("mp_plugin.integrations.modelopt")
 
 
-def _vit(seed: int) -> nn.Module:
+def _vit(seed: int, depth: int = 4) -> nn.Module:
     torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=4).eval()
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=depth).eval()
+
+
+def _masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: m._weight_mask.clone() for n, m in model.named_modules() if getattr(m, "_weight_mask", None) is not None}
 
 
 def test_registration_is_idempotent() -> None:
     from modelopt.torch.sparsity.weight_sparsity.mode import SparsityModeRegistry
 
+    first = SparsityModeRegistry["mp"]
     importlib.reload(mpm)
     importlib.reload(mpm)
-    assert "mp" in SparsityModeRegistry
+    mpm.register()
+    mpm.register()
+    assert SparsityModeRegistry["mp"] is first  # registered once, not replaced
+    model = mts.sparsify(_vit(0, depth=2), mode="mp", config={"sparsity": 0.5, "pattern": "2:4"})
+    assert mpm.plan_of(model).pattern == "2:4"  # the reloaded module still reads the plans
 
 
 @pytest.mark.parametrize(("pattern", "k", "n"), [("2:4", 2, 4), ("4:8", 4, 8)])
 def test_mp_mode_kn_matches_plan(pattern: str, k: int, n: int) -> None:
     model = mts.sparsify(_vit(0), mode="mp", config={"sparsity": 0.5, "pattern": pattern})
     reference = mp.plan(_vit(0), 0.5, pattern)
-    got = model._mp_plan
+    got = mpm.plan_of(model)
     assert [lp.name for lp in got.layers] == [lp.name for lp in reference.layers]
     assert [lp.w for lp in got.layers] == [lp.w for lp in reference.layers]
     fc1 = model.blocks[0].mlp.fc1
@@ -48,11 +62,113 @@ def test_mp_mode_kn_matches_plan(pattern: str, k: int, n: int) -> None:
 
 def test_mp_mode_unstructured_with_modelopt_pattern_spelling() -> None:
     model = mts.sparsify(_vit(0), mode="mp", config={"sparsity": 0.7, "pattern": "unstructured", "budget": "seb"})
-    p = model._mp_plan
+    p = mpm.plan_of(model)
     zeros = sum(int((dict(model.named_modules())[lp.name].weight == 0).sum()) for lp in p.layers)
     assert zeros == sum(lp.n_prune for lp in p.layers)
     model2 = mts.sparsify(_vit(0), mode="mp", config={"pattern": "2:4 sparsity"})
-    assert model2._mp_plan.pattern == "2:4"
+    assert mpm.plan_of(model2).pattern == "2:4"
+    assert not hasattr(model, "_mp_plan") and not hasattr(model2, "_mp_plan")  # nothing stuck on the user's model
+
+
+def test_two_models_get_their_own_plans_one_after_another_and_concurrently() -> None:
+    configs = [{"sparsity": 0.5, "pattern": "2:4"}, {"sparsity": 0.7, "pattern": "unstructured", "budget": "seb"}]
+    first = mts.sparsify(_vit(0, depth=2), mode="mp", config=configs[0])
+    second = mts.sparsify(_vit(1, depth=2), mode="mp", config=configs[1])
+    a, b = mpm.plan_of(first), mpm.plan_of(second)
+    assert (a.pattern, a.sparsity, b.pattern, b.sparsity) == ("2:4", 0.5, "unstructured", 0.7)
+    assert a.to_dict() != b.to_dict()
+    assert not hasattr(mpm.MPSearcher, "plan")  # no class-level plan shared between searches
+
+    results: dict[int, nn.Module] = {}
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            results[i] = mts.sparsify(_vit(i, depth=2), mode="mp", config=configs[i])
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i, expected in ((0, a), (1, b)):
+        got = mpm.plan_of(results[i])
+        assert (got.pattern, got.sparsity) == (expected.pattern, expected.sparsity)
+        zeros = sum(int((dict(results[i].named_modules())[lp.name].weight == 0).sum()) for lp in got.layers)
+        assert zeros == sum(lp.n_prune for lp in got.layers)  # each model's masks follow its own plan
+
+
+def test_plan_of_through_wrappers_and_on_unconverted_models() -> None:
+    model = mts.sparsify(_vit(0, depth=2), mode="mp", config={"sparsity": 0.5, "pattern": "2:4"})
+    expected = mpm.plan_of(model).to_dict()
+    assert mpm.plan_of(nn.DataParallel(model)).to_dict() == expected
+    assert mpm.plan_of(torch.compile(model)).to_dict() == expected  # wrapping only: nothing is compiled
+    with pytest.raises(mp.MPPluginError, match="no ModelOpt state"):
+        mpm.plan_of(_vit(0, depth=2))
+    magnitude = mts.sparsify(_vit(0, depth=2), mode="sparse_magnitude")
+    with pytest.raises(mp.MPPluginError, match="no 'mp' mode"):
+        mpm.plan_of(magnitude)
+
+
+def test_modelopt_size_check_runs_and_skips_layers_the_pattern_does_not_fit() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    before = model[0].weight.detach().clone()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mts.sparsify(model, mode="mp", config={"sparsity": 0.5, "pattern": "2:4"})
+    assert any("Skipping sparsifying 0 " in str(w.message) for w in caught)
+    assert torch.equal(model[0].weight.detach(), before)  # 10 input channels: no 2:4, left dense …
+    assert bool(model[0]._weight_mask.all())  # … with ModelOpt's own all-ones mask
+    assert check_nm(model[2].weight, 2, 4)
+    assert "0" not in [lp.name for lp in mpm.plan_of(model).layers]
+    torch.manual_seed(0)
+    other = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mts.sparsify(other, mode="mp", config={"sparsity": 0.5, "pattern": "unstructured"})
+    assert not any("Skipping" in str(w.message) for w in caught)  # unstructured fits every shape
+
+
+def test_failed_search_gives_modelopt_its_masks_back() -> None:
+    model = _vit(0, depth=2)
+    with pytest.raises(mp.MPPluginError, match="calibration"):
+        mts.sparsify(model, mode="mp", config={"sparsity": 0.5, "pattern": "2:4", "projection": "cast"})
+    sparse = [m for m in model.modules() if isinstance(m, mpm.SparseModule)]
+    assert sparse and all(m._weight_mask is not None and bool(m._weight_mask.all()) for m in sparse)
+
+
+def test_permute_option_folds_a_permutation_before_the_masks() -> None:
+    x = torch.randn(4, 3, 32, 32)
+    dense = _vit(0, depth=2)
+    plain = mts.sparsify(_vit(0, depth=2), mode="mp", config={"sparsity": 0.5, "pattern": "2:4"})
+    permuted = mts.sparsify(
+        _vit(0, depth=2), mode="mp", config={"sparsity": 0.5, "pattern": "2:4", "permute": "swap", "calibration": x}
+    )
+    the_plan = mpm.plan_of(permuted)
+    assert the_plan.applied["permute"] == "swap"
+    perms = PermutationRecord.from_plan(the_plan).permutations
+    assert "blocks.0.mlp.fc2" in perms
+    for name in perms:
+        kept_plain = dict(plain.named_modules())[name].weight.abs().sum()
+        module = dict(permuted.named_modules())[name]
+        assert check_nm(module.weight, 2, 4)
+        assert module.weight.abs().sum() > kept_plain  # the permuted order keeps more magnitude under 2:4
+    # the plan's record replays the folds on the dense model: same function, and the masks are the magnitude
+    # 2:4 masks of the permuted dense weights, so the permutation was folded in before the masks were chosen
+    aligned = align_to_permuted(dense, the_plan)
+    with torch.no_grad():
+        assert torch.allclose(aligned(x), dense(x), atol=1e-4)
+    for name in perms:
+        w_dense = aligned.get_submodule(name).weight.detach()
+        w_sparse = permuted.get_submodule(name).weight.detach()
+        assert torch.equal(w_sparse != 0, nm_mask(w_dense, 2, 4))
+        assert torch.equal(w_sparse, w_dense * nm_mask(w_dense, 2, 4))
+    with pytest.raises(mp.MPPluginError, match="permute"):
+        mts.sparsify(_vit(0, depth=2), mode="mp", config={"pattern": "unstructured", "permute": True})
 
 
 def test_unknown_config_key_is_rejected() -> None:
@@ -60,23 +176,33 @@ def test_unknown_config_key_is_rejected() -> None:
         mts.sparsify(_vit(0), mode="mp", config={"sparsity": 0.5, "bogus": 1})
 
 
-def test_save_restore_in_fresh_process_is_bit_identical(tmp_path) -> None:
+def test_save_restore_in_fresh_process_is_bit_identical_and_keeps_the_plan(tmp_path) -> None:
+    """Permuted 2:4 model: save → restore in a fresh process gives the same outputs, and ``plan_of`` there
+    returns the same plan (with the permutation record) read from ModelOpt's restored metadata."""
     x = torch.randn(2, 3, 32, 32)
-    model = mts.sparsify(_vit(0), mode="mp", config={"sparsity": 0.5, "pattern": "2:4"})
+    model = mts.sparsify(
+        _vit(0), mode="mp", config={"sparsity": 0.5, "pattern": "2:4", "permute": "swap", "calibration": x}
+    )
     y = model(x)
+    expected = mpm.plan_of(model).to_dict()
+    assert expected["applied"]["permutation"]["permutations"]
     mto.save(model, str(tmp_path / "mp.pth"))
     torch.save({"x": x, "y": y}, tmp_path / "io.pt")
+    (tmp_path / "plan.json").write_text(json.dumps(expected))
     script = textwrap.dedent(
         f"""
-        import torch, timm
+        import json, pathlib, torch, timm
         import mp_plugin.integrations.modelopt as mpm
         torch.manual_seed(123)  # a different init: everything must come from the checkpoint
         model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=4).eval()
         model = mpm.restore(model, r"{tmp_path / "mp.pth"}")
         io = torch.load(r"{tmp_path / "io.pt"}")
         assert torch.equal(model(io["x"]), io["y"]), "restored outputs differ"
+        expected = json.loads(pathlib.Path(r"{tmp_path / "plan.json"}").read_text())
+        assert mpm.plan_of(model).to_dict() == expected, "restored plan differs"
         import modelopt.torch.sparsity as mts
         plain = mts.export(model)
+        assert mpm.plan_of(plain).to_dict() == expected, "plan lost by export"
         assert type(plain.blocks[0].mlp.fc1) is torch.nn.Linear
         assert torch.equal(plain(io["x"]), io["y"]), "exported outputs differ"
         print("RESTORE_OK")
@@ -97,9 +223,7 @@ def _confident_vit(seed: int) -> nn.Module:
 def test_kd_distillation_keeps_masks_then_exports() -> None:
     teacher = _confident_vit(0)
     student = mts.sparsify(_confident_vit(0), mode="mp", config={"sparsity": 0.5, "pattern": "2:4"})
-    masks = {
-        n: m._weight_mask.clone() for n, m in student.named_modules() if getattr(m, "_weight_mask", None) is not None
-    }
+    masks = _masks(student)
     kd_config = {"teacher_model": teacher, "criterion": mtd.LogitsDistillationLoss(), "loss_balancer": None}
     distill = mtd.convert(student, mode=[("kd_loss", kd_config)])
     opt = torch.optim.AdamW([p for p in distill.parameters() if p.requires_grad], lr=1e-3)
@@ -119,9 +243,10 @@ def test_kd_distillation_keeps_masks_then_exports() -> None:
         if name in masks:
             assert torch.equal(module._weight_mask, masks[name])
             assert bool((module.weight[~masks[name]] == 0).all())
+    assert mpm.plan_of(distill).to_dict() == mpm.plan_of(student).to_dict()  # the plan travels with kd_loss
     plain = mts.export(mtd.export(distill))
     assert type(plain.blocks[0].mlp.fc1) is nn.Linear
-    assert mp.sparsity_report(plain, student._mp_plan).kn_valid
+    assert mp.sparsity_report(plain, mpm.plan_of(plain)).kn_valid
 
 
 def test_mp_mode_restore_with_forward_loop_round_trips_bit_exact(tmp_path) -> None:
@@ -144,7 +269,7 @@ def test_mp_mode_restore_with_forward_loop_round_trips_bit_exact(tmp_path) -> No
     raw = dict(fc1.named_parameters())["weight"].detach()
     assert torch.equal(raw, fc1.weight.detach())  # restored values live in the parameter itself
     assert check_nm(raw, 2, 4)
-    assert "restore" in model._mp_plan.applied["layers"]["blocks.0.mlp.fc1"]
+    assert "restore" in mpm.plan_of(model).applied["layers"]["blocks.0.mlp.fc1"]
     with torch.no_grad():
         ref = dense(test)
         assert (model(test) - ref).square().mean() < (masked(test) - ref).square().mean()
@@ -160,6 +285,7 @@ def test_mp_mode_restore_with_forward_loop_round_trips_bit_exact(tmp_path) -> No
         model = mpm.restore(model, r"{tmp_path / "mp.pth"}")
         io = torch.load(r"{tmp_path / "io.pt"}")
         assert torch.equal(model(io["x"]), io["y"]), "restored outputs differ"
+        assert "restore" in mpm.plan_of(model).applied["layers"]["blocks.0.mlp.fc1"], "restore record lost"
         print("RESTORE_OK")
         """
     )
