@@ -2,11 +2,12 @@
 
 Every method prunes a fresh copy of the dense model exactly as in
 ``benchmarks/accuracy.py`` (same calibration data), then gets the SAME
-fine-tuning budget: distillation of the pruned student towards the dense
+fine-tuning budget on the one training loop (:func:`mp_plugin.recover.distill.distill`
+with this benchmark's loss): distillation of the pruned student towards the dense
 teacher, one pass over fixed batches in a fixed order, AdamW with
 :func:`mp_plugin.recover.distill.optim.param_groups` (no decay on biases/norms), linear
-warmup + cosine (:func:`warmup_cosine`), :class:`mp_plugin.masks.select.MaskKeeper`
-attached (sparsity is asserted unchanged and pruned weights zero afterwards),
+warmup + cosine (:func:`~mp_plugin.recover.distill.optim.warmup_cosine`),
+:class:`mp_plugin.masks.keep.MaskKeeper` attached (sparsity is asserted unchanged and pruned weights zero afterwards),
 the student in eval mode (dropout off, BatchNorm statistics frozen), fixed seed.
 The teacher's outputs are computed once and shared by all methods.
 
@@ -68,10 +69,11 @@ from accuracy import (  # noqa: E402
 from common import write_result  # noqa: E402
 
 from mp_plugin.evaluation.baselines import baseline_report  # noqa: E402
-from mp_plugin.masks.select import MaskKeeper  # noqa: E402
+from mp_plugin.masks.keep import MaskKeeper  # noqa: E402
 from mp_plugin.pruning.apply_plan import sparsity_report  # noqa: E402
+from mp_plugin.recover.distill import DistillConfig  # noqa: E402
+from mp_plugin.recover.distill import distill as run_loop  # noqa: E402
 from mp_plugin.recover.distill.loss import kd_term  # noqa: E402
-from mp_plugin.recover.distill.optim import param_groups, warmup_cosine  # noqa: E402
 from mp_plugin.restore import RestoreConfig  # noqa: E402
 
 MAX_LEN = 24
@@ -133,7 +135,6 @@ def ser_prune(task: Task, setting: str, label: str, batches: list[dict], lr: flo
     The selection phase is pure distillation (α = 1) towards the dense model on ``batches``
     (labels = the teacher's argmax, unused at α = 1), one optimiser step per batch.
     """
-    from mp_plugin.recover.distill import DistillConfig
     from mp_plugin.recover.ser import HybridConfig, SERConfig, hybrid_magnitude_ser, ser_to_kn
 
     model = copy.deepcopy(task.model)
@@ -398,35 +399,38 @@ def distill(
 ) -> dict:
     """The fixed budget: one pass over ``batches`` (one AdamW step each), masks kept; returns a log.
 
-    The student runs in eval mode (dropout off, BatchNorm statistics frozen);
-    ``frozen`` parameters take no gradient. Asserts that the sparsity is unchanged
-    and every pruned weight is still exactly zero.
+    The one training loop (:func:`mp_plugin.recover.distill.distill`) with this benchmark's loss:
+    AdamW over :func:`~mp_plugin.recover.distill.optim.param_groups`, warmup + cosine, the student
+    in eval mode (dropout off, BatchNorm statistics frozen), a :class:`MaskKeeper` on its zeros;
+    ``frozen`` parameters take no gradient. Asserts that the sparsity is unchanged (the loop
+    itself checks that every pruned weight is still exactly zero).
     """
-    torch.manual_seed(seed)
-    student.eval()  # dropout off, BN running statistics frozen: identical, deterministic budget for every method
     frozen = frozen or []
     for p in frozen:
         p.requires_grad_(False)
-    groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(student, weight_decay=WEIGHT_DECAY)]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
-    sched = warmup_cosine(opt, total_steps=len(batches), warmup_steps=warmup)
-    keeper = MaskKeeper(student).attach(opt)
+    config = DistillConfig(
+        epochs=1, optimizer="adamw", lr=lr, weight_decay=WEIGHT_DECAY, warmup_steps=warmup, seed=seed,
+        eval_mode=True, allow_dense=True, log_every=max(1, len(batches)),
+    )  # fmt: skip
+    keeper = MaskKeeper(student)
     before = sparsity_report(student).total_sparsity
-    losses = []
-    for b in batches:
-        loss = loss_fn(student, b)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-    keeper.detach()
-    for p in frozen:
-        p.requires_grad_(True)
+    losses: list[float] = []
+    try:
+        run_loop(
+            student,
+            None,
+            batches,
+            config,
+            keeper=keeper,
+            show_progress=False,
+            loss=lambda model, b: loss_fn(model, b),
+            callbacks=[lambda _step, _model, metrics: losses.append(metrics["loss"])],
+        )
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
     after = sparsity_report(student).total_sparsity
     assert abs(after - before) < 1e-9, f"sparsity changed {before} → {after}"
-    for name, mask in keeper.masks.items():
-        assert not bool(keeper._weight(name).detach()[~mask].any()), f"{name}: pruned weight became non-zero"
     k = max(1, len(losses) // 10)
     return {
         "sparsity_before": before,

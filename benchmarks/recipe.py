@@ -44,7 +44,7 @@ from mp_plugin.evaluation.fashion_mnist import load_fashion_mnist  # noqa: E402
 from mp_plugin.evaluation.models import load_model  # noqa: E402
 from mp_plugin.evaluation.photos import builtin_photo_crops, normalise_imagenet  # noqa: E402
 from mp_plugin.layers.discovery import find_target_layers  # noqa: E402
-from mp_plugin.masks.select import MaskKeeper  # noqa: E402
+from mp_plugin.masks.keep import MaskKeeper  # noqa: E402
 from mp_plugin.planning.build import plan  # noqa: E402
 from mp_plugin.pruning.apply_plan import apply, sparsity_report  # noqa: E402
 from mp_plugin.recover.distill import DistillConfig, distill  # noqa: E402

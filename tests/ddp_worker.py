@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distill_data import pruned_cnn  # noqa: E402
 from mp_plugin.integrations.timm import make_loaders  # noqa: E402
 
-from mp_plugin.masks.select import MaskKeeper  # noqa: E402
+from mp_plugin.masks.keep import MaskKeeper  # noqa: E402
 from mp_plugin.recover.distill import DataConfig, DistillConfig, distill, init_distributed  # noqa: E402
 
 

@@ -1,9 +1,11 @@
-"""A small, deterministic supervised training loop for in-memory image classifiers.
+"""Supervised training of in-memory image classifiers on the one training loop.
 
 Used to train the Fashion-MNIST zoo (:mod:`mp_plugin.evaluation.zoo`) and for the
 training-time MP pruning runs (:mod:`mp_plugin.recover.training_mp`). Data are whole
 tensors in memory (x: (N, …) float, y: (N,) int64), shuffled with a seeded
-generator, so a run is reproducible for a fixed seed and thread count.
+generator, so a run is reproducible for a fixed seed and thread count. The steps are
+those of :func:`mp_plugin.recover.distill.distill` (the one loop), configured by
+:func:`loop_config`: plain cross-entropy, weight decay on every parameter, step decay.
 
 Hooks:
 
@@ -14,8 +16,8 @@ Hooks:
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mp_plugin.errors import MPPluginError
-from mp_plugin.progress import progress
+from mp_plugin.recover.distill import DistillConfig, distill
 
 __all__ = ["EpochLog", "TrainConfig", "accuracy", "train_classifier"]
 
@@ -65,14 +67,49 @@ class EpochLog:
     hook: object = field(default=None, repr=False)
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD(momentum) or AdamW over ``model.parameters()`` as ``cfg`` says."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise MPPluginError(f"unknown optimizer {cfg.optimizer!r}: use 'sgd' or 'adamw'")
+class _ShuffledBatches:
+    """Batches of in-memory (x, y), reshuffled on every pass with one seeded generator."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> None:
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.x) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(self.x), generator=self.generator)
+        for start in range(0, len(self.x), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            yield self.x[idx], self.y[idx]
+
+
+def loop_config(cfg: TrainConfig) -> DistillConfig:
+    """The :class:`DistillConfig` of the one training loop that runs ``cfg``.
+
+    Weight decay on every parameter (``decay_all``), the step schedule (×``lr_decay`` every
+    ``lr_decay_every`` epochs), the global RNG left alone (shuffling has its own generator),
+    no masks required.
+    """
+    if cfg.optimizer not in ("sgd", "adamw"):
+        raise MPPluginError(f"unknown optimizer {cfg.optimizer!r}: use 'sgd' or 'adamw'")
+    return DistillConfig(
+        alpha=0.0,
+        label_smoothing=0.0,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        optimizer=cfg.optimizer,  # type: ignore[arg-type]
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        decay_all=True,
+        schedule="step",
+        lr_decay=cfg.lr_decay,
+        lr_decay_every=cfg.lr_decay_every,
+        seed=None,
+        allow_dense=True,
+        log_every=10**9,
+    )
 
 
 def train_classifier(
@@ -86,48 +123,38 @@ def train_classifier(
 ) -> list[EpochLog]:
     """Train ``model`` with cross-entropy on (x, y) in place; return one :class:`EpochLog` per epoch.
 
+    Runs the one training loop (:func:`mp_plugin.recover.distill.distill`) with
+    :func:`loop_config` and the loss CE(model(x), y) + penalty(model).
+
     Args:
         model: maps (B, …) inputs to (B, C) logits.
         x: (N, …) float inputs; y: (N,) int64 labels.
         cfg: optimiser, schedule and seed.
         penalty: optional regulariser added to the loss each step.
         on_epoch_end: optional hook; it may replace modules and update the optimizer's param groups.
-        show_progress: tqdm bar over epochs.
+        show_progress: tqdm bar over steps.
 
     Raises:
         MPPluginError: empty data, mismatched sizes, or a non-finite loss (stops at once).
     """
     if len(x) == 0 or len(x) != len(y):
         raise MPPluginError(f"need matching non-empty inputs and labels, got {len(x)} and {len(y)}")
-    opt = make_optimizer(model, cfg)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    logs: list[EpochLog] = []
-    bar = progress(range(1, cfg.epochs + 1), disable=not show_progress, desc="train", unit="epoch")
-    for epoch in bar:
-        model.train()
-        t0 = time.perf_counter()
-        order = torch.randperm(len(x), generator=gen)
-        total, seen = 0.0, 0
-        for start in range(0, len(x), cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            if penalty is not None:
-                loss = loss + penalty(model)
-            if not torch.isfinite(loss):
-                raise MPPluginError(f"non-finite loss {loss.item()} at epoch {epoch}: lower the learning rate")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-            seen += len(idx)
-        hook = on_epoch_end(model, epoch, opt) if on_epoch_end is not None else None
-        if cfg.lr_decay != 1.0 and epoch % cfg.lr_decay_every == 0:
-            for group in opt.param_groups:
-                group["lr"] *= cfg.lr_decay
-        logs.append(EpochLog(epoch, total / seen, time.perf_counter() - t0, hook))
-        bar.set_postfix(loss=f"{total / seen:.4f}")
+
+    def loss(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        value = F.cross_entropy(net(batch[0]), batch[1])
+        return value + penalty(model) if penalty is not None else value
+
+    result = distill(
+        model,
+        None,
+        _ShuffledBatches(x, y, cfg.batch_size, cfg.seed),
+        loop_config(cfg),
+        loss=loss,
+        epoch_end=[on_epoch_end] if on_epoch_end is not None else (),
+        show_progress=show_progress,
+    )
     model.eval()
-    return logs
+    return [EpochLog(e["epoch"], e["loss"], e["seconds"], e["hook"]) for e in result.epochs]
 
 
 @torch.no_grad()

@@ -10,20 +10,22 @@ TensorRT and cuSPARSELt accelerate.
   per layer or by global (SEB-weighted) |W|/w_ℓ thresholding.
 * :func:`nm_mask`, :func:`check_nm`, :func:`assert_kn_exact` — magnitude k:n and checks
   (the covariance-aware CAST projection lives in ``mp_plugin.masks.cast``).
-* :class:`MaskKeeper` — re-zeroes pruned weights after every optimiser step.
+* :func:`magnitude_kn_`, :func:`fold_parametrizations` — reference k:n pruning, folding parametrizations.
+
+Keeping masks through training is :class:`mp_plugin.masks.keep.MaskKeeper`.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from mp_plugin.errors import ConfigError, PatternError, PlanMismatchError
+from mp_plugin.errors import ConfigError, PatternError
 from mp_plugin.layers.layout import from_kn_matrix, kn_eligible, kn_matrix, kn_width
 from mp_plugin.masks.counts import global_prune_counts
 
@@ -34,7 +36,6 @@ __all__ = [
     "kn_group_counts",
     "assert_kn_exact",
     "global_unstructured_masks",
-    "MaskKeeper",
     "magnitude_kn_",
     "fold_parametrizations",
 ]
@@ -137,110 +138,6 @@ def global_unstructured_masks(
         raise ConfigError(f"{len(weights)} weights but {len(lw)} layer weights")
     counts = global_prune_counts(list(weights), lw, sparsity)
     return [unstructured_mask(w, c) for w, c in zip(weights, counts)]
-
-
-# --------------------------------------------------------------------------- keeping masks in training
-
-
-def _prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Linear/Conv weights by module name, a shared weight listed once (first name)."""
-    out: dict[str, nn.Parameter] = {}
-    seen: set[int] = set()
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            continue
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or id(weight) in seen:
-            continue
-        seen.add(id(weight))
-        out[name] = weight
-    return out
-
-
-class MaskKeeper:
-    """Keep pruned weights at zero while a model trains.
-
-    The model stays an ordinary ``nn.Module``: masks live in this object (and in
-    its :meth:`state_dict`), never as parametrizations or extra model state.
-
-    Args:
-        model: the pruned model.
-        masks: ``{module name: bool mask shaped like its weight}`` (``True`` =
-            kept). ``None`` derives masks from the current exact zeros of every
-            Linear/Conv weight that has any.
-
-    Example::
-
-        keeper = MaskKeeper(model).attach(optimizer)   # re-zero after every step
-        ...
-        torch.save({"model": model.state_dict(), "masks": keeper.state_dict()}, path)
-    """
-
-    def __init__(self, model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) -> None:
-        self.model = model
-        self._weights = _prunable_weights(model)
-        self._handles: list[Any] = []
-        self.masks: dict[str, torch.Tensor] = {}
-        if masks is None:
-            for name, weight in self._weights.items():
-                mask = weight.detach() != 0
-                if not bool(mask.all()):
-                    self.masks[name] = mask
-        else:
-            self.load_state_dict({"masks": dict(masks)})
-
-    def _weight(self, name: str) -> torch.Tensor:
-        weight = self._weights.get(name)
-        if weight is None:
-            modules = dict(self.model.named_modules())
-            weight = getattr(modules.get(name), "weight", None)
-            if not isinstance(weight, torch.Tensor):
-                raise KeyError(f"the model has no Linear/Conv weight named {name!r}")
-        return weight
-
-    @torch.no_grad()
-    def apply(self) -> None:
-        """Set every masked-out weight to exactly zero (in place)."""
-        for name, mask in self.masks.items():
-            self._weight(name).masked_fill_(~mask, 0)
-
-    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.apply()
-
-    def attach(self, optimizer: torch.optim.Optimizer) -> MaskKeeper:
-        """Re-zero pruned weights after every ``optimizer.step()``; returns ``self``."""
-        self._handles.append(optimizer.register_step_post_hook(self._after_step))
-        self.apply()
-        return self
-
-    def detach(self) -> None:
-        """Remove every hook registered by :meth:`attach`."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    @property
-    def sparsity(self) -> float:
-        """Fraction of masked-out entries over the masked layers."""
-        total = sum(m.numel() for m in self.masks.values())
-        return sum(int((~m).sum()) for m in self.masks.values()) / total if total else 0.0
-
-    def state_dict(self) -> dict[str, Any]:
-        """``{"masks": {name: bool CPU tensor}}`` for checkpoints."""
-        return {"masks": {name: m.detach().cpu().clone() for name, m in self.masks.items()}}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Load masks written by :meth:`state_dict` (moved to each weight's device; shapes checked)."""
-        masks = state.get("masks", state)
-        new: dict[str, torch.Tensor] = {}
-        for name, mask in masks.items():
-            weight = self._weight(name)
-            if tuple(mask.shape) != tuple(weight.shape):
-                raise PlanMismatchError(
-                    f"mask for {name!r} has shape {tuple(mask.shape)}, the weight {tuple(weight.shape)}"
-                )
-            new[name] = mask.to(device=weight.device, dtype=torch.bool)
-        self.masks = new
 
 
 def fold_parametrizations(model: nn.Module, original: bool = False) -> nn.Module:

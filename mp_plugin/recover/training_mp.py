@@ -14,7 +14,9 @@
 * :func:`regulariser_shrink` — the 2025 data-free step: AdamW on the regularisers
   only (L1, L2, and a per-layer group lasso ‖W‖_F), each layer's group-lasso term
   and gradient scaled by c_ℓ = 1/(1 + 10⁴·μ_ℓ/i) with μ_ℓ the MP fit error and i
-  the cycle; gradients of pruned (zero) weights are zeroed, so zeros stay zero.
+  the cycle; gradients of pruned (zero) weights are zeroed, so zeros stay zero. It runs on
+  the one training loop (:func:`mp_plugin.recover.distill.distill`, data-free) with a
+  :class:`~mp_plugin.masks.keep.MaskKeeper` holding the zeros.
 
 Epochs count from 1; a callback called after epoch e prunes when e % ℓ == 0.
 
@@ -40,7 +42,8 @@ from torch import nn
 
 from mp_plugin.errors import MPPluginError
 from mp_plugin.layers.discovery import LayerSelection, TargetLayer, find_target_layers
-from mp_plugin.progress import progress
+from mp_plugin.masks.keep import MaskKeeper
+from mp_plugin.recover.distill import DistillConfig, distill
 from mp_plugin.spectrum import SpectralFit, fit_marchenko_pastur, mp_quantile
 from mp_plugin.spectrum.operators import kept_rank, low_rank_split, remove_singular_values, replace_module
 
@@ -384,19 +387,33 @@ def regulariser_shrink(
     grad_flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     with torch.no_grad():
         before = float(_shrink_objective(weights, scale, l1, l2, group_lasso))
-    for _ in progress(range(steps), disable=not show_progress, desc="shrink", unit="step"):
-        opt.zero_grad(set_to_none=True)
-        _shrink_objective(weights, scale, l1, l2, group_lasso).backward()
-        with torch.no_grad():
-            for name, w in weights:
-                w.grad.mul_(masks[name]).mul_(scale[name])
-        opt.step()
-        with torch.no_grad():
-            for name, w in weights:
-                w.mul_(masks[name])
+    if steps:
+        # the one training loop: data-free (the loss is the objective), zeros held by the keeper's
+        # gradient gate and post-step re-zeroing, c_ℓ applied to the gradients before each step
+        by_name = dict(weights)
+
+        def scale_grads(_step: int, _model: nn.Module) -> None:
+            with torch.no_grad():
+                for name, w in by_name.items():
+                    if w.grad is not None:
+                        w.grad.mul_(scale[name])
+
+        config = DistillConfig(
+            epochs=1, optimizer="adamw", lr=lr, weight_decay=0.0, schedule="constant", seed=None,
+            eval_mode=True, allow_dense=True, log_every=max(1, steps),
+        )  # fmt: skip
+        distill(
+            model,
+            None,
+            [None] * steps,
+            config,
+            keeper=MaskKeeper(model, masks, zero_grads=True),
+            show_progress=show_progress,
+            loss=lambda _model, _batch: _shrink_objective(weights, scale, l1, l2, group_lasso),
+            before_step=[scale_grads],
+        )
     for p, flag in zip(params, grad_flags):
         p.grad = None
         p.requires_grad_(flag)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mp_plugin.errors import MPPluginError, PlanMismatchError
-from mp_plugin.masks.select import MaskKeeper
+from mp_plugin.masks.keep import MaskKeeper
 from mp_plugin.permute.record import permutation_record, restore_permutation_record
 from mp_plugin.planning.build import PrunePlan
 

@@ -38,23 +38,29 @@ class DistillConfig:
         max_steps: stop after this many optimiser steps (None = all epochs).
         optimizer: ``"adamw"`` or ``"sgd"`` (momentum ``momentum``, Nesterov off).
         lr: peak learning rate (after warmup).
+        schedule: ``"cosine"`` (warmup, then cosine to ``lr · min_lr_ratio``), ``"step"``
+            (lr × ``lr_decay`` after every ``lr_decay_every`` epochs) or ``"constant"``.
         min_lr_ratio: cosine decays to ``lr · min_lr_ratio``.
         warmup_steps: linear warmup from ``lr · warmup_start_ratio`` to ``lr``.
         warmup_start_ratio: where the warmup starts, as a fraction of ``lr``.
+        lr_decay / lr_decay_every: the ``"step"`` schedule's factor and period (epochs).
         weight_decay: decoupled (AdamW) or L2 (SGD) decay; never on biases, norm
-            weights, ``pos_embed``, ``cls_token`` or any 1-D parameter.
+            weights, ``pos_embed``, ``cls_token`` or any 1-D parameter unless ``decay_all``.
+        decay_all: weight decay on every trainable parameter (one parameter group).
         momentum: SGD momentum.
         batch_size: images per step *per process*.
         bf16: bf16 autocast for the forward passes (CUDA, or CPU where supported).
         grad_clip: clip the global gradient norm to this (None = off).
         log_every: refresh the progress bar / log every this many steps.
-        seed: seed of torch's RNG (data order, augmentation) for this run.
+        seed: seed of torch's RNG (data order, augmentation) for this run; None leaves the RNG as it is.
         num_workers: DataLoader worker processes.
         allow_dense: allow a student without masks (otherwise refused: no run
             silently trains a dense model).
         checkpoint_every: save a checkpoint every this many steps (and at the end).
         freeze_norm_stats: keep BatchNorm layers in eval mode while training (running
             statistics frozen; useful for small batches or data unlike the pre-training data).
+        eval_mode: train with the whole model in eval mode (dropout off, BatchNorm frozen);
+            its train/eval mode is restored afterwards.
     """
 
     alpha: float = 0.5
@@ -64,20 +70,25 @@ class DistillConfig:
     max_steps: int | None = None
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = 1e-4
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
     min_lr_ratio: float = 0.0
     warmup_steps: int = 0
     warmup_start_ratio: float = 0.0
+    lr_decay: float = 1.0
+    lr_decay_every: int = 1
     weight_decay: float = 0.05
+    decay_all: bool = False
     momentum: float = 0.9
     batch_size: int = 32
     bf16: bool = False
     grad_clip: float | None = None
     log_every: int = 10
-    seed: int = 0
+    seed: int | None = 0
     num_workers: int = 0
     allow_dense: bool = False
     checkpoint_every: int = 0
     freeze_norm_stats: bool = False
+    eval_mode: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -90,6 +101,10 @@ class DistillConfig:
             raise MPPluginError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise MPPluginError("epochs and batch_size must be ≥ 1")
+        if self.schedule not in ("cosine", "step", "constant"):
+            raise MPPluginError(f"schedule must be 'cosine', 'step' or 'constant', got {self.schedule!r}")
+        if self.lr_decay <= 0 or self.lr_decay_every < 1:
+            raise MPPluginError("lr_decay must be positive and lr_decay_every ≥ 1")
         if self.lr <= 0:
             raise MPPluginError(f"lr must be positive, got {self.lr}")
 

@@ -1,11 +1,17 @@
-"""The distillation loop: frozen dense teacher → pruned student, masks exact after every step.
+"""The one training loop: distillation, fine-tuning, gated phases and data-free steps, masks kept.
 
-:func:`distill` trains ``student`` on (1−α)·CE_ε + α·τ²·KL to ``teacher`` with
-AdamW/SGD, warmup + cosine, optional bf16 autocast and gradient clipping. The
-masks (from the plan, the given :class:`MaskKeeper`, or the student's exact
-zeros) are re-applied after every optimiser step, and the run ends by checking
-that no masked weight came back. It runs as is under ``torchrun`` (DDP; the
-teacher is not wrapped) and writes resumable checkpoints on rank 0.
+:func:`distill` trains ``student`` in place. By default the loss is the recipe's
+(1−α)·CE_ε + α·τ²·KL to ``teacher`` (``loss="kd"``); ``loss="ce"`` is plain cross-entropy
+and any callable ``loss(model, batch) -> scalar`` replaces both (SER selection, the
+classifier trainer, the MP shrink step, the fine-tuning benchmark use their own). The
+optimiser (AdamW/SGD) and schedule (warmup + cosine, step decay, constant) come from
+:class:`DistillConfig`; optional bf16 autocast and gradient clipping. A
+:class:`~mp_plugin.masks.keep.MaskKeeper` (from the plan, the one given, or the
+student's exact zeros) puts held weights back after every optimiser step, and the run
+ends by checking that none moved. Hooks: ``before_step`` (after backward, before the
+optimiser step: e.g. gradient scaling), ``callbacks`` (after every step) and
+``epoch_end`` (after every full epoch: e.g. an MP singular-value step). It runs as is
+under ``torchrun`` (DDP; the teacher is not wrapped) and writes resumable checkpoints on rank 0.
 """
 
 from __future__ import annotations
@@ -16,32 +22,38 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from mp_plugin.errors import MPPluginError, PlanMismatchError
-from mp_plugin.layers.patterns import Pattern
-from mp_plugin.masks.select import MaskKeeper
+from mp_plugin.errors import MPPluginError
+from mp_plugin.masks.keep import MaskKeeper
 from mp_plugin.planning.build import PrunePlan
 from mp_plugin.progress import progress
 from mp_plugin.recover.distill.checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
 from mp_plugin.recover.distill.config import DistillConfig
-from mp_plugin.recover.distill.data import model_num_classes
 from mp_plugin.recover.distill.dist import DistContext
 from mp_plugin.recover.distill.errors import DataMismatchError, DenseStudentError, NonFiniteLossError
+from mp_plugin.recover.distill.evaluate import check_classes, evaluate, masks_from_plan, split_batch
 from mp_plugin.recover.distill.loss import kd_loss
-from mp_plugin.recover.distill.optim import build_optimizer, warmup_cosine
+from mp_plugin.recover.distill.optim import build_optimizer, build_scheduler
 
-__all__ = ["distill", "evaluate", "DistillResult", "masks_from_plan", "Callback"]
+__all__ = ["distill", "evaluate", "DistillResult", "masks_from_plan", "Callback", "LossFn", "EpochHook", "StepHook"]
 
 Callback = Callable[[int, nn.Module, dict], Any]
+#: ``loss(model, batch) -> scalar tensor``; ``model`` is the (DDP-wrapped) student, ``batch`` as the loader yields it.
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+#: ``hook(model, epoch, optimizer) -> anything``, after every full epoch (epochs count from 1).
+EpochHook = Callable[[nn.Module, int, torch.optim.Optimizer], Any]
+#: ``hook(step, model)`` after ``backward()`` and gradient clipping, before ``optimizer.step()`` (step from 1).
+StepHook = Callable[[int, nn.Module], Any]
 
 
 @dataclass
 class DistillResult:
-    """What a distillation run did.
+    """What a training run did.
 
     Attributes:
         steps: optimiser steps taken in total (including those before a resume).
@@ -53,6 +65,8 @@ class DistillResult:
         checkpoint: path of the last checkpoint written (rank 0), or None.
         plan: the plan the run used (from the argument or the resumed checkpoint).
         seconds: wall time of the training loop.
+        epochs: one dict per full epoch of this run: ``epoch`` (from 1), ``loss`` (mean per
+            example, nats), ``seconds`` and ``hook`` (what the last ``epoch_end`` hook returned).
     """
 
     steps: int
@@ -65,42 +79,7 @@ class DistillResult:
     checkpoint: Path | None = None
     plan: PrunePlan | None = None
     seconds: float = 0.0
-
-
-def masks_from_plan(model: nn.Module, plan: PrunePlan) -> dict[str, torch.Tensor]:
-    """Masks (``True`` = kept) of the plan's pruned layers, read from the model's exact zeros.
-
-    Raises:
-        PlanMismatchError: the model lacks a plan layer, or a layer has fewer zeros than
-            the plan prescribes (the plan was not applied: run ``mp_plugin.apply`` first).
-    """
-    modules = plan.check_model(model)
-    masks: dict[str, torch.Tensor] = {}
-    for lp in plan.layers:
-        pat = Pattern.parse(lp.pattern)
-        if pat.kind == "dense":
-            continue
-        weight = modules[lp.name].weight.detach()
-        need = int(lp.n_prune) if pat.kind == "unstructured" else int(round(float(pat.sparsity) * weight.numel()))
-        zeros = int((weight == 0).sum())
-        if zeros < need:
-            raise PlanMismatchError(
-                f"layer {lp.name!r} has {zeros} zeros but the plan prunes {need}: apply the plan before distilling"
-            )
-        if need:
-            masks[lp.name] = weight != 0
-    return masks
-
-
-def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        y = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
-        return batch[0], y
-    if isinstance(batch, dict) and "image" in batch:
-        return batch["image"], batch.get("label")
-    raise DataMismatchError(f"cannot read a batch of type {type(batch).__name__}: expected (images, labels)")
+    epochs: list[dict] = field(default_factory=list)
 
 
 def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
@@ -120,79 +99,61 @@ def _call_callback(cb: Any, step: int, model: nn.Module, metrics: dict) -> None:
     method(model, step)
 
 
-def _check_classes(student: nn.Module, teacher: nn.Module | None, loader: Any, config: DistillConfig) -> None:
-    n_model = model_num_classes(student)
-    n_data = getattr(loader, "num_classes", None)
-    if n_data is None:
-        n_data = getattr(getattr(loader, "dataset", None), "num_classes", None)
-    if config.alpha < 1 and n_model is not None and n_data is not None and n_model != n_data:
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor (also inside tuples, lists and dicts) on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _batch_size(batch: Any) -> int:
+    """Examples in ``batch``: the leading size of its first tensor (1 for a batch without tensors)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.ndim else 1
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.ndim:
+            return int(value.shape[0])
+    return 1
+
+
+def _kd_forward(
+    model: nn.Module, teacher: nn.Module | None, batch: Any, cfg: DistillConfig, dev: torch.device, plain_ce: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(loss, student logits, teacher logits, labels) of the built-in KD / CE losses."""
+    x, y = split_batch(batch)
+    if y is None and (plain_ce or cfg.alpha < 1):
+        raise DataMismatchError("batches carry no labels: use alpha=1 (pure distillation)")
+    with _autocast(dev, cfg.bf16):
+        t_logits = None
+        if teacher is not None and not plain_ce:
+            with torch.no_grad():
+                t_logits = teacher(x)
+        s_logits = model(x)
+    if t_logits is not None and t_logits.shape != s_logits.shape:
         raise DataMismatchError(
-            f"the model has {n_model} output classes but the data has {n_data} class folders; "
-            "give a model with a matching head (e.g. --num-classes) or use alpha=1 (pure distillation)"
+            f"teacher logits {tuple(t_logits.shape)} and student logits {tuple(s_logits.shape)} differ"
         )
-    if teacher is not None:
-        n_teacher = model_num_classes(teacher)
-        if n_model is not None and n_teacher is not None and n_model != n_teacher:
-            raise DataMismatchError(f"student has {n_model} classes but teacher has {n_teacher}")
+    if y is not None and (plain_ce or cfg.alpha < 1) and int(y.max()) >= s_logits.shape[-1]:
+        raise DataMismatchError(f"label {int(y.max())} is out of range for a model with {s_logits.shape[-1]} classes")
+    if plain_ce:
+        return F.cross_entropy(s_logits.float(), y), s_logits, None, y
+    return kd_loss(s_logits, t_logits, y, cfg.alpha, cfg.tau, cfg.label_smoothing), s_logits, t_logits, y
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: Iterable,
-    teacher: nn.Module | None = None,
-    device: torch.device | str | None = None,
-    dist: DistContext | None = None,
-    max_batches: int | None = None,
-) -> dict[str, float]:
-    """Top-1 accuracy, cross-entropy and (with a teacher) top-1 agreement with it, in eval mode.
-
-    Returns:
-        ``{"top1", "loss", "teacher_agreement", "n"}``; top1/loss are NaN when batches
-        carry no labels, agreement NaN without a teacher. Sums are reduced over DDP ranks.
-    """
-    ctx = dist or DistContext()
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # n, correct, loss·n, agree
-    labelled = True
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        x, y = _split_batch(batch)
-        x = x.to(dev)
-        logits = model(x).float()
-        sums[0] += x.shape[0]
-        if y is not None:
-            y = y.to(dev)
-            sums[1] += float((logits.argmax(-1) == y).sum())
-            sums[2] += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-        else:
-            labelled = False
-        if teacher is not None:
-            sums[3] += float((teacher(x).float().argmax(-1) == logits.argmax(-1)).sum())
-    model.train(was_training)
-    ctx.all_reduce_sum(sums)
-    n = max(1.0, float(sums[0]))
-    nan = float("nan")
-    return {
-        "n": int(sums[0]),
-        "top1": float(sums[1]) / n if labelled else nan,
-        "loss": float(sums[2]) / n if labelled else nan,
-        "teacher_agreement": float(sums[3]) / n if teacher is not None else nan,
-    }
-
-
-def _measured_sparsity(keeper: MaskKeeper) -> float:
-    """Fraction of exact zeros in the weights of the masked layers (measured, not read from the masks)."""
-    total = sum(m.numel() for m in keeper.masks.values())
-    zeros = sum(int((keeper._weight(name).detach() == 0).sum()) for name in keeper.masks)
-    return zeros / total if total else 0.0
-
-
-def _masked_nonzeros(keeper: MaskKeeper) -> int:
-    return sum(int((keeper._weight(name).detach()[~mask] != 0).sum()) for name, mask in keeper.masks.items())
+def _set_mode(student: nn.Module, cfg: DistillConfig) -> None:
+    if cfg.eval_mode:
+        student.eval()
+        return
+    student.train()
+    if cfg.freeze_norm_stats:
+        for module in student.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def distill(
@@ -210,29 +171,42 @@ def distill(
     device: torch.device | str | None = None,
     show_progress: bool = True,
     log: Callable[[str], Any] | None = None,
+    *,
+    loss: Literal["kd", "ce"] | LossFn = "kd",
+    before_step: Sequence[StepHook] = (),
+    epoch_end: Sequence[EpochHook] = (),
 ) -> DistillResult:
-    """Distil ``teacher`` into the pruned ``student`` with frozen masks.
+    """Train the pruned ``student`` (by default: distil ``teacher`` into it) with its masks kept.
 
     Args:
         student: the pruned model (trained in place; stays an ordinary module).
         teacher: the dense model (frozen: eval mode, no gradients), or None for
             plain label-smoothed fine-tuning (then ``config.alpha`` is treated as 0).
-        train_loader: yields ``(images (B,3,H,W), labels (B,))`` or bare image tensors
-            (labels optional when ``alpha == 1``). ``mp_plugin.integrations.timm.make_loaders`` builds one.
+        train_loader: a sized iterable of batches. The built-in losses read ``(images
+            (B,3,H,W), labels (B,))`` or bare image tensors (labels optional when
+            ``alpha == 1``); ``mp_plugin.integrations.timm.make_loaders`` builds one. A custom
+            ``loss`` gets each batch as the loader yields it (tensors moved to ``device``).
         config: :class:`DistillConfig` (default: the spec's α=0.5, τ=2, ε=0.1, 3 epochs).
         val_loader: evaluated once after training (top-1, teacher agreement).
         plan: the :class:`PrunePlan` that pruned ``student``; masks are read from its layers.
-        keeper: a ready :class:`MaskKeeper` (overrides ``plan``'s masks).
+        keeper: a ready :class:`MaskKeeper` (overrides ``plan``'s masks), e.g. one made by
+            :meth:`MaskKeeper.gate` for a gated phase.
         checkpoint_dir: rank 0 writes ``last.pt`` (+ ``plan.json``) here at the end and every
             ``config.checkpoint_every`` steps.
         resume: a checkpoint written by a previous run; its plan, masks and permutation
             must match this run's (else :class:`PlanMismatchError`).
-        callbacks: called after every optimiser step with ``(step, model, metrics)``;
-            objects with a ``step(model, step)`` method (``CertificateCallback``) are called that way.
+        callbacks: called after every optimiser step with ``(step, model, metrics)``
+            (``metrics["loss"]`` is that step's loss); objects with a ``step(model, step)``
+            method (``CertificateCallback``) are called that way.
         dist: a :class:`DistContext` (default: the initialised process group, if any).
         device: where to train (default: the student's device, or the context's).
         show_progress: tqdm bar on rank 0 with loss, accuracy and sparsity.
         log: called with one-line status messages on rank 0.
+        loss: ``"kd"`` (the recipe's loss), ``"ce"`` (plain cross-entropy on the labels, no
+            teacher) or a callable ``loss(model, batch) -> scalar``; accuracy is NaN with a callable.
+        before_step: hooks ``(step, student)`` after ``backward()`` (and clipping), before the step.
+        epoch_end: hooks ``(student, epoch, optimizer)`` after every full epoch; they may replace
+            modules and the optimiser's parameters (what the last one returns is recorded).
 
     Returns:
         :class:`DistillResult`.
@@ -242,9 +216,12 @@ def distill(
         DataMismatchError: model/data class counts or teacher/student logits differ.
         NonFiniteLossError: the loss became NaN/Inf (raised at that step).
         PlanMismatchError: the resume checkpoint belongs to a different plan/masks.
-        MPPluginError: a masked weight is non-zero at the end (never expected).
+        MPPluginError: a held weight moved by the end (never expected).
     """
     cfg = config or DistillConfig()
+    custom = callable(loss)
+    if not custom and loss not in ("kd", "ce"):
+        raise MPPluginError(f"loss must be 'kd', 'ce' or a callable, got {loss!r}")
     if teacher is None and cfg.alpha > 0:
         cfg = cfg.replace(alpha=0.0)
     dev = torch.device(device) if device is not None else None
@@ -253,7 +230,8 @@ def distill(
         dev = ctx.device or next(student.parameters()).device
     is_main = ctx.is_main
     say = (log or (lambda _m: None)) if is_main else (lambda _m: None)
-    torch.manual_seed(cfg.seed)
+    if cfg.seed is not None:
+        torch.manual_seed(cfg.seed)
 
     student.to(dev)
     if teacher is not None:
@@ -273,13 +251,11 @@ def distill(
         )
     keeper.apply()
     sparsity_before = keeper.sparsity
-    _check_classes(student, teacher, train_loader, cfg)
+    if not custom:
+        check_classes(student, None if loss == "ce" else teacher, train_loader, cfg)
 
-    student.train()
-    if cfg.freeze_norm_stats:
-        for module in student.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
+    was_training = student.training
+    _set_mode(student, cfg)
     optimizer = build_optimizer(student, cfg)
     steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
     if steps_per_epoch == 0:
@@ -287,7 +263,7 @@ def distill(
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total = min(total, int(cfg.max_steps))
-    scheduler = warmup_cosine(optimizer, total, cfg.warmup_steps, cfg.warmup_start_ratio, cfg.min_lr_ratio)
+    scheduler = build_scheduler(optimizer, cfg, total, steps_per_epoch)
     step = 0
     if state is not None:
         if state.get("optimizer") is not None:
@@ -301,6 +277,7 @@ def distill(
 
     bar = progress(total=total, initial=step, desc="distill", unit="step", disable=not (show_progress and is_main))
     history: list[dict] = []
+    epochs: list[dict] = []
     window = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, n
     first_loss = float("nan")
     ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
@@ -312,53 +289,50 @@ def distill(
             skip = step - epoch * steps_per_epoch
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
+            t_epoch, epoch_sum, epoch_n = time.perf_counter(), 0.0, 0
             for i, batch in enumerate(train_loader):
                 if i < skip:
                     continue
                 if step >= total:
                     break
-                x, y = _split_batch(batch)
-                if y is None and cfg.alpha < 1:
-                    raise DataMismatchError("batches carry no labels: use alpha=1 (pure distillation)")
-                x = x.to(dev, non_blocking=True)
-                y = None if y is None else y.to(dev, non_blocking=True)
-                with _autocast(dev, cfg.bf16):
-                    t_logits = None
-                    if teacher is not None:
-                        with torch.no_grad():
-                            t_logits = teacher(x)
-                    s_logits = model(x)
-                if t_logits is not None and t_logits.shape != s_logits.shape:
-                    raise DataMismatchError(
-                        f"teacher logits {tuple(t_logits.shape)} and student logits {tuple(s_logits.shape)} differ"
-                    )
-                if y is not None and cfg.alpha < 1 and int(y.max()) >= s_logits.shape[-1]:
-                    raise DataMismatchError(
-                        f"label {int(y.max())} is out of range for a model with {s_logits.shape[-1]} classes"
-                    )
-                loss = kd_loss(s_logits, t_logits, y, cfg.alpha, cfg.tau, cfg.label_smoothing)
-                flag = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
+                batch = _to_device(batch, dev)
+                n_batch = _batch_size(batch)
+                if custom:
+                    with _autocast(dev, cfg.bf16):
+                        value = loss(model, batch)
+                    s_logits = t_logits = y = None
+                else:
+                    value, s_logits, t_logits, y = _kd_forward(model, teacher, batch, cfg, dev, loss == "ce")
+                flag = torch.tensor([0.0 if torch.isfinite(value) else 1.0])
                 ctx.all_reduce_sum(flag)
                 if float(flag) > 0:
                     raise NonFiniteLossError(
-                        f"the loss is {float(loss.detach())} at step {step + 1} (epoch {epoch}); stopping. "
+                        f"the loss is {float(value.detach())} at step {step + 1} (epoch {epoch}); stopping. "
                         "Check the learning rate, the data (NaN/Inf pixels) and the model weights"
                     )
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                value.backward()
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-                optimizer.step()  # MaskKeeper re-zeroes pruned weights in its post-step hook
+                for hook in before_step:
+                    hook(step + 1, student)
+                optimizer.step()  # MaskKeeper puts held weights back in its post-step hook
                 scheduler.step()
                 step += 1
-                with torch.no_grad():
-                    ref = y if y is not None else (t_logits.argmax(-1) if t_logits is not None else None)
-                    correct = float((s_logits.argmax(-1) == ref).sum()) if ref is not None else float("nan")
-                window += torch.tensor([float(loss.detach()) * x.shape[0], correct, x.shape[0]], dtype=torch.float64)
+                step_loss = float(value.detach())
+                epoch_sum += step_loss * n_batch
+                epoch_n += n_batch
+                correct = float("nan")
+                if s_logits is not None:
+                    with torch.no_grad():
+                        ref = y if y is not None else (t_logits.argmax(-1) if t_logits is not None else None)
+                        if ref is not None:
+                            correct = float((s_logits.argmax(-1) == ref).sum())
+                window += torch.tensor([step_loss * n_batch, correct, n_batch], dtype=torch.float64)
                 metrics = {
                     "step": step,
                     "epoch": epoch,
-                    "loss": float(loss.detach()),
+                    "loss": step_loss,
                     "lr": optimizer.param_groups[0]["lr"],
                     "sparsity": sparsity_before,
                 }
@@ -380,16 +354,25 @@ def distill(
                     written = save_checkpoint(
                         ckpt_path, student, keeper, plan, optimizer, scheduler, step, epoch, cfg.to_dict()
                     )
+            if step == (epoch + 1) * steps_per_epoch:  # a full epoch ended
+                out = None
+                for hook in epoch_end:
+                    out = hook(student, epoch + 1, optimizer)
+                seconds_epoch = time.perf_counter() - t_epoch
+                mean = epoch_sum / epoch_n if epoch_n else float("nan")
+                epochs.append({"epoch": epoch + 1, "loss": mean, "seconds": seconds_epoch, "hook": out})
     finally:
         bar.close()
         keeper.detach()
     seconds = time.perf_counter() - t0
+    if cfg.eval_mode:
+        student.train(was_training)
 
     ctx.broadcast_buffers(student)  # ranks end with identical BatchNorm statistics, not only parameters
-    leaked = _masked_nonzeros(keeper)
-    sparsity_after = _measured_sparsity(keeper)
+    leaked = keeper.violations()
+    sparsity_after = keeper.measured_sparsity()
     if leaked:
-        raise MPPluginError(f"{leaked} masked weights are non-zero after distillation: masks were not kept")
+        raise MPPluginError(f"{leaked} held weights moved during training: masks were not kept")
     if ckpt_path is not None and is_main:
         written = save_checkpoint(
             ckpt_path, student, keeper, plan, optimizer, scheduler, step, step // steps_per_epoch, cfg.to_dict()
@@ -410,4 +393,5 @@ def distill(
         checkpoint=written,
         plan=plan,
         seconds=seconds,
+        epochs=epochs,
     )

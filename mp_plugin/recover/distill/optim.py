@@ -9,7 +9,7 @@ from torch import nn
 
 from mp_plugin.recover.distill.config import DistillConfig
 
-__all__ = ["param_groups", "build_optimizer", "warmup_cosine", "NO_DECAY_NAMES"]
+__all__ = ["param_groups", "build_optimizer", "build_scheduler", "warmup_cosine", "step_decay", "NO_DECAY_NAMES"]
 
 #: Parameter-name fragments that never take weight decay (besides every tensor with ndim ≤ 1).
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token", "relative_position_bias_table")
@@ -53,8 +53,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, config: DistillConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD (momentum) over :func:`param_groups` of ``model``."""
-    groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, config.weight_decay)]
+    """AdamW or SGD (momentum) over :func:`param_groups` of ``model`` (one group when ``config.decay_all``)."""
+    if config.decay_all:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": config.weight_decay}]
+    else:
+        groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, config.weight_decay)]
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError("the model has no trainable parameter")
@@ -87,3 +90,26 @@ def warmup_cosine(
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def step_decay(
+    optimizer: torch.optim.Optimizer, steps_per_epoch: int, decay: float, every: int = 1
+) -> torch.optim.lr_scheduler.MultiplicativeLR:
+    """lr × ``decay`` after every ``every``-th epoch of ``steps_per_epoch`` optimiser steps (×1 otherwise)."""
+    spe = max(1, int(steps_per_epoch))
+
+    def factor(step: int) -> float:  # step = scheduler steps taken so far (≥ 1)
+        return decay if step % spe == 0 and (step // spe) % every == 0 else 1.0
+
+    return torch.optim.lr_scheduler.MultiplicativeLR(optimizer, factor)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: DistillConfig, total_steps: int, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The schedule ``config.schedule`` names, stepped once per optimiser step."""
+    if config.schedule == "step":
+        return step_decay(optimizer, steps_per_epoch, config.lr_decay, config.lr_decay_every)
+    if config.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
+    return warmup_cosine(optimizer, total_steps, config.warmup_steps, config.warmup_start_ratio, config.min_lr_ratio)

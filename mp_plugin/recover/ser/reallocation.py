@@ -1,4 +1,4 @@
-"""SER and the Hybrid Magnitude–SER schedule (ALGORITHM.md §2 items 4–6).
+"""SER: sparsify–estimate–restore in four phases (ALGORITHM.md §2 items 4–5).
 
 **SER** has two expansions in the authors' sources, both for the same procedure:
 *sparsify–estimate–restore* (paper §3) and *Spectral Edge Reallocation*
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -43,29 +43,15 @@ import torch
 from torch import nn
 
 from mp_plugin.errors import MPPluginError
-from mp_plugin.layers.discovery import LayerSelection, find_target_layers
-from mp_plugin.layers.patterns import Pattern
-from mp_plugin.masks.counts import check_sparsity, global_prune_counts
-from mp_plugin.masks.select import MaskKeeper, assert_kn_exact, nm_mask, unstructured_mask
+from mp_plugin.masks.counts import check_sparsity
+from mp_plugin.masks.keep import MaskKeeper
+from mp_plugin.masks.select import unstructured_mask
 from mp_plugin.planning.build import PlanConfig, PrunePlan, plan
-from mp_plugin.recover.distill import DistillConfig, DistillResult, distill, evaluate
-from mp_plugin.recover.distill.loop import _split_batch
+from mp_plugin.recover.distill import DistillConfig, DistillResult, distill
+from mp_plugin.recover.distill.evaluate import split_batch
 from mp_plugin.recover.distill.loss import kd_loss
-from mp_plugin.recover.distill.optim import warmup_cosine
 
-__all__ = [
-    "SERConfig",
-    "SERResult",
-    "SpectralEdgeReallocation",
-    "HybridConfig",
-    "HybridResult",
-    "hybrid_magnitude_ser",
-    "magnitude_step",
-    "ser_to_kn",
-    "DEFAULT_SCHEDULE",
-]
-
-DEFAULT_SCHEDULE: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 15))  # 0.05 … 0.70
+__all__ = ["SERConfig", "SERResult", "SpectralEdgeReallocation"]
 
 
 def _selection_default() -> DistillConfig:
@@ -238,67 +224,50 @@ class SpectralEdgeReallocation:
     ) -> tuple[dict[str, torch.Tensor], int, tuple[float, float]]:
         """Train only the reservoir entries; return (|Δw| per layer, steps, (first, last) loss).
 
-        Every parameter except the target weights is frozen; inside the target weights
-        gradients are multiplied by the reservoir mask, and AdamW runs without weight
-        decay, so kept entries do not move at all. The model runs in eval mode
+        A gated phase of the one training loop (:func:`~mp_plugin.recover.distill.distill`
+        with :meth:`MaskKeeper.gate`): every parameter except the target weights is frozen;
+        inside the target weights gradients are multiplied by the reservoir mask, and AdamW
+        runs without weight decay, so kept entries do not move at all. The model runs in eval mode
         (BatchNorm running statistics are not updated, dropout is off). ``reference`` (the pre-prune model
         or the dense teacher) gives the KD/logit-matching targets; without it the
         loss is label-smoothed CE.
         """
-        cfg = self.config.selection
+        cfg = self.config.selection.replace(
+            optimizer="adamw", weight_decay=0.0, grad_clip=None, bf16=False, seed=None, eval_mode=True, allow_dense=True
+        )
         dev = torch.device(device) if device is not None else next(model.parameters()).device
+        if reference is not None:
+            reference.to(dev).eval()  # run under torch.no_grad() only
+        l2 = self.config.logit_l2_weight
         modules = dict(model.named_modules())
         weights = {name: modules[name].weight for name in reservoir}
         before = {name: w.detach().clone() for name, w in weights.items()}
-        saved = {n: p.requires_grad for n, p in model.named_parameters()}
-        handles = []
-        try:
-            for p in model.parameters():
-                p.requires_grad_(False)
-            for name, w in weights.items():
-                w.requires_grad_(True)
-                gate = reservoir[name].to(w.dtype)
-                handles.append(w.register_hook(lambda g, gate=gate: g * gate))
-            if reference is not None:
-                reference.to(dev).eval()  # run under torch.no_grad() only
-            opt = torch.optim.AdamW(list(weights.values()), lr=cfg.lr, weight_decay=0.0)
-            n_batches = len(train_loader)  # type: ignore[arg-type]
-            total = cfg.epochs * n_batches if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * n_batches)
-            sched = warmup_cosine(opt, total, cfg.warmup_steps, cfg.warmup_start_ratio, cfg.min_lr_ratio)
-            was_training = model.training
-            model.eval()  # BatchNorm statistics and dropout frozen: only reservoir entries may change
-            step, losses = 0, []
-            while step < total:
-                for batch in train_loader:
-                    if step >= total:
-                        break
-                    x, y = _split_batch(batch)
-                    x = x.to(dev)
-                    y = None if y is None else y.to(dev)
-                    ref = None
-                    if reference is not None:
-                        with torch.no_grad():
-                            ref = reference(x)
-                    out = model(x)
-                    alpha = cfg.alpha if ref is not None else 0.0
-                    alpha = 1.0 if y is None else alpha
-                    loss = kd_loss(out, ref, y, alpha, cfg.tau, cfg.label_smoothing)
-                    if ref is not None and self.config.logit_l2_weight:
-                        loss = loss + self.config.logit_l2_weight * (out.float() - ref.float()).pow(2).mean()
-                    if not torch.isfinite(loss):
-                        raise MPPluginError(f"SER selection loss is {float(loss)} at step {step + 1}; stopping")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    losses.append(float(loss.detach()))
-                    step += 1
-            model.train(was_training)
-        finally:
-            for h in handles:
-                h.remove()
-            for n, p in model.named_parameters():
-                p.requires_grad_(saved[n])
+        losses: list[float] = []
+
+        def loss(net: nn.Module, batch: Any) -> torch.Tensor:
+            x, y = split_batch(batch)
+            with torch.no_grad():
+                ref = reference(x) if reference is not None else None
+            out = net(x)
+            alpha = 1.0 if y is None else cfg.alpha if ref is not None else 0.0
+            value = kd_loss(out, ref, y, alpha, cfg.tau, cfg.label_smoothing)
+            if ref is not None and l2:
+                value = value + l2 * (out.float() - ref.float()).pow(2).mean()
+            return value
+
+        with MaskKeeper.gate(model, reservoir) as keeper:  # only reservoir entries move; model in eval mode
+            result = distill(
+                model,
+                None,
+                train_loader,
+                cfg,
+                keeper=keeper,
+                device=dev,
+                show_progress=False,
+                loss=loss,
+                callbacks=[lambda _step, _model, metrics: losses.append(metrics["loss"])],
+            )
+        step = result.steps
         delta = {name: (w.detach() - before[name]).abs() * reservoir[name] for name, w in weights.items()}
         first = sum(losses[:3]) / max(1, len(losses[:3]))
         last = sum(losses[-3:]) / max(1, len(losses[-3:]))
@@ -424,207 +393,3 @@ class SpectralEdgeReallocation:
             finetune=ft,
             plan=p,
         )
-
-
-# --------------------------------------------------------------------------- Hybrid Magnitude–SER
-
-
-def _hybrid_finetune_default() -> DistillConfig:
-    # spec (run_finetune_magnitude): SGD 0.9, lr 3e−5, wd 1e−6, ε 0.1, clip 1.0, warmup from 1 % to cosine 1 %
-    return DistillConfig(
-        epochs=1,
-        optimizer="sgd",
-        lr=3e-5,
-        weight_decay=1e-6,
-        grad_clip=1.0,
-        warmup_start_ratio=0.01,
-        min_lr_ratio=0.01,
-    )
-
-
-@dataclass
-class HybridConfig:
-    """Settings of :func:`hybrid_magnitude_ser`.
-
-    Attributes:
-        schedule: increasing sparsities visited in order (default 0.05, 0.10, …, 0.70).
-        magnitude_until: steps with s ≤ this use exact global magnitude (spec: 0.20); later steps SER.
-        finetune: the short fine-tune after each magnitude step (None = none).
-        ser: :class:`SERConfig` of the SER steps (its ``finetune`` runs after each SER step).
-        selection: layer selection for the magnitude steps (default: ``ser.plan_config``'s or the core default).
-        show_progress: tqdm bars.
-    """
-
-    schedule: tuple[float, ...] = DEFAULT_SCHEDULE
-    magnitude_until: float = 0.20
-    finetune: DistillConfig | None = field(default_factory=_hybrid_finetune_default)
-    ser: SERConfig = field(default_factory=SERConfig)
-    selection: LayerSelection | None = None
-    show_progress: bool = False
-
-    def __post_init__(self) -> None:
-        sched = [check_sparsity(s) for s in self.schedule]
-        if not sched or any(b <= a for a, b in zip(sched, sched[1:])):
-            raise MPPluginError(f"schedule must be a non-empty increasing sequence, got {self.schedule}")
-
-
-@dataclass
-class HybridResult:
-    """History of a Hybrid run: one dict per schedule step (``sparsity``, ``method``, ``achieved``, metrics).
-
-    Attributes:
-        steps: the per-step records.
-        masks: the final masks (``True`` = kept) of the target layers.
-    """
-
-    steps: list[dict] = field(default_factory=list)
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-@torch.no_grad()
-def magnitude_step(
-    model: nn.Module, sparsity: float, selection: LayerSelection | None = None, previous: dict | None = None
-) -> dict[str, torch.Tensor]:
-    """Exact global magnitude to ``sparsity`` over the target layers, cumulative with ``previous`` masks.
-
-    Zeros have the smallest magnitude, so earlier pruned entries are selected first;
-    the result is additionally AND-ed with ``previous`` so that zeros stay zero.
-    """
-    targets, _ = find_target_layers(model, selection)
-    if not targets:
-        raise MPPluginError("the model has no target layer to prune")
-    weights = [t.weight for t in targets]
-    counts = global_prune_counts(weights, [1.0] * len(weights), sparsity)
-    masks = {}
-    for t, c in zip(targets, counts):
-        m = unstructured_mask(t.weight, c)
-        if previous is not None and t.name in previous:
-            m = m & previous[t.name].to(m.device)
-        t.weight.masked_fill_(~m, 0)
-        masks[t.name] = m
-    return masks
-
-
-def hybrid_magnitude_ser(
-    model: nn.Module,
-    train_loader: Iterable,
-    teacher: nn.Module | None = None,
-    config: HybridConfig | None = None,
-    val_loader: Iterable | None = None,
-    device: torch.device | str | None = None,
-    on_step: Callable[[dict, nn.Module], Any] | None = None,
-) -> HybridResult:
-    """The Hybrid Magnitude–SER protocol: magnitude steps up to ``magnitude_until``, then SER steps.
-
-    Args:
-        model: the dense (or lightly pruned) model; pruned in place.
-        train_loader: fine-tuning/selection batches ``(images, labels)``.
-        teacher: the dense model for KD (and as SER's selection reference); None = CE only.
-        config: :class:`HybridConfig`.
-        val_loader: if given, evaluated after every step (``top1``, ``teacher_agreement``).
-        device: where to train.
-        on_step: called with ``(record, model)`` after every step (e.g. to save a checkpoint).
-
-    Returns:
-        :class:`HybridResult`; the final sparsity over the target layers is exactly the last
-        schedule entry (up to rounding of one count).
-    """
-    cfg = config or HybridConfig()
-    selection = cfg.selection or (cfg.ser.plan_config.selection if cfg.ser.plan_config else None)
-    ser = SpectralEdgeReallocation(cfg.ser)
-    masks: dict[str, torch.Tensor] | None = None
-    result = HybridResult()
-    for s in cfg.schedule:
-        record: dict[str, Any] = {"sparsity": float(s)}
-        if s <= cfg.magnitude_until + 1e-12:
-            masks = magnitude_step(model, s, selection, masks)
-            record["method"] = "magnitude"
-            if cfg.finetune is not None:
-                ft = distill(
-                    model,
-                    teacher,
-                    train_loader,
-                    cfg.finetune,
-                    keeper=MaskKeeper(model, masks),
-                    device=device,
-                    show_progress=cfg.show_progress,
-                )
-                record["finetune_loss"] = [ft.first_loss, ft.last_loss]
-                record["finetune_steps"] = ft.steps
-        else:
-            res = ser.run(model, s, train_loader, teacher, device)
-            masks = res.masks
-            record["method"] = "ser"
-            record["ser"] = res.summary()
-            if res.finetune is not None:
-                record["finetune_loss"] = [res.finetune.first_loss, res.finetune.last_loss]
-                record["finetune_steps"] = res.finetune.steps
-        total = sum(m.numel() for m in masks.values())
-        record["achieved"] = sum(int((~m).sum()) for m in masks.values()) / total
-        if val_loader is not None:
-            record["val"] = evaluate(model, val_loader, teacher, device)
-        result.steps.append(record)
-        if on_step is not None:
-            on_step(record, model)
-    result.masks = masks or {}
-    return result
-
-
-# --------------------------------------------------------------------------- SER → k:n
-
-
-@torch.no_grad()
-def ser_to_kn(
-    model: nn.Module,
-    dense: nn.Module,
-    masks: dict[str, torch.Tensor],
-    pattern: str = "2:4",
-    calibration: Any = None,
-    prior_alpha: float = 0.1,
-    free_restoration: bool = True,
-    cast_config: Any = None,
-    max_rows: int = 4096,
-) -> dict[str, torch.Tensor]:
-    """Project an SER result onto a k:n pattern with CAST (ALGORITHM.md §2 items 7 and 9).
-
-    For every masked layer whose input size is divisible by n, the source tuple is
-    u = SER weight where the SER mask keeps, the dense weight elsewhere (free
-    restoration; 0 without it), and CAST picks k of every n with a Hamming prior of
-    weight ``prior_alpha`` towards the SER mask. Without ``calibration`` the magnitude
-    k:n mask of u is used. Other layers keep their SER (unstructured) mask.
-
-    Args:
-        model: the SER-pruned model (changed in place).
-        dense: the dense model before pruning (same layer names).
-        masks: the SER masks (``True`` = kept), e.g. ``SERResult.masks``.
-        pattern: ``"k:n"``.
-        calibration: model inputs for the CAST covariances (captured on ``model``).
-        prior_alpha, free_restoration, cast_config, max_rows: CAST settings.
-
-    Returns:
-        The new masks (k:n where eligible; each k:n group exactly k kept).
-    """
-    from mp_plugin.layers.calibration import capture_covariances
-    from mp_plugin.masks.cast import CastConfig, cast_project, cast_source
-
-    pat = Pattern.parse(pattern)
-    if not pat.is_kn:
-        raise MPPluginError(f"ser_to_kn needs a k:n pattern, got {pattern!r}")
-    modules = dict(model.named_modules())
-    dense_modules = dict(dense.named_modules())
-    eligible = {name: pat.n for name in masks if pat.eligible(tuple(modules[name].weight.shape))}
-    cfg = cast_config or CastConfig(prior_alpha=prior_alpha, source="ser", free_restoration=free_restoration)
-    stats = capture_covariances(model, eligible, calibration, max_rows=max_rows) if calibration is not None else {}
-    out = dict(masks)
-    for name in eligible:
-        w = modules[name].weight
-        dense_w = dense_modules[name].weight.detach().to(w.device, w.dtype)
-        u = cast_source(dense_w, masks[name], "ser", free_restoration, ser_weight=w.detach())
-        if name in stats:
-            mask = cast_project(u, stats[name], pat.k, pat.n, masks[name], cfg, getattr(modules[name], "groups", 1))
-        else:
-            mask = nm_mask(u, pat.k, pat.n)
-        assert_kn_exact(mask, pat.k, pat.n, name=name)
-        w.copy_(u * mask)
-        out[name] = mask
-    return out
