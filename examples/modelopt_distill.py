@@ -10,7 +10,7 @@ import os
 import modelopt.torch.distill as mtd
 import modelopt.torch.opt as mto
 import modelopt.torch.sparsity as mts
-import mp_plugin.integrations.modelopt  # noqa: F401 - registers the "mp" mode
+import mp_plugin.integrations.modelopt as mpm  # registers the "mp" mode
 import torch
 
 import mp_plugin as mp
@@ -47,7 +47,7 @@ for step in range(2 if os.environ.get("MP_PLUGIN_EXAMPLE_QUICK") == "1" else 10)
     print(f"kd step {step}: loss {loss.item():.5f}")
 kd.eval()
 out = os.environ.get("MP_PLUGIN_EXAMPLE_OUT", "/tmp")
-mto.save(kd, os.path.join(out, "mp_modelopt_student.pth"))  # restore: mp_plugin.integrations.modelopt.restore
+mto.save(kd, os.path.join(out, "mp_modelopt_student.pth"))  # restore: mpm.restore, then mpm.plan_of works again
 plain = mts.export(mtd.export(kd))  # export order with distillation: mtd, then mts
 print("2:4, after distillation:", embedding_retention(teacher.encode(texts), plain.encode(texts)))
-print(mp.sparsity_report(plain, student._mp_plan).to_table(max_rows=4))
+print(mp.sparsity_report(plain, mpm.plan_of(plain)).to_table(max_rows=4))  # the plan lives in ModelOpt's state

@@ -71,12 +71,11 @@ except ImportError as exc:  # pragma: no cover - exercised only without modelopt
 
 from mp_plugin import apply as mp_apply
 from mp_plugin.budget.rules import DEFAULT_BUDGET
-from mp_plugin.errors import ConfigError, MPPluginError
+from mp_plugin.errors import MPPluginError
 from mp_plugin.layers.discovery import LayerSelection
 from mp_plugin.layers.patterns import Pattern
 from mp_plugin.layers.wrappers import unwrap_model as unwrap_wrappers
 from mp_plugin.planning.build import PlanConfig, PrunePlan, plan, split_method
-from mp_plugin.pruning.checks import PERMUTE_VALUES
 
 __all__ = [
     "MODE_NAME",
@@ -84,6 +83,7 @@ __all__ = [
     "MPModeDescriptor",
     "MPSearcher",
     "MPSparseConfig",
+    "has_plan",
     "plan_of",
     "register",
     "restore",
@@ -105,12 +105,6 @@ MPSparseConfig = create_model(
 def _normalise_pattern(text: str) -> str:
     text = str(text).replace("sparsity", "").strip()
     return text if text == "auto" else str(Pattern.parse(text))
-
-
-def _normalise_permute(value: Any) -> str:
-    if not any(value is v or (isinstance(v, str) and value == v) for v in PERMUTE_VALUES):
-        raise ConfigError(f"mode 'mp': permute must be False, True, 'none', 'swap' or 'interleave', got {value!r}")
-    return "swap" if value is True else (value or "none")
 
 
 class MPSearcher(BaseSparseSearcher):
@@ -150,9 +144,6 @@ class MPSearcher(BaseSparseSearcher):
         if unknown:
             raise MPPluginError(f"unknown config keys for mode 'mp': {sorted(unknown)}")
         full["pattern"] = _normalise_pattern(full["pattern"])
-        full["permute"] = _normalise_permute(full["permute"])
-        if full["permute"] != "none" and full["pattern"] == "unstructured":
-            raise ConfigError("mode 'mp': permute needs a k:n (or 'auto') pattern; unstructured masks gain nothing")
         return full
 
     def _check_weight_size(self, weight: nn.Parameter, mod_name: str) -> bool:
@@ -185,10 +176,10 @@ class MPSearcher(BaseSparseSearcher):
         base = cfg["plan_config"] or PlanConfig()
         sel = LayerSelection(**{**base.selection.to_dict(), "include_only": [f"^{re.escape(n)}$" for n in sparse]})
         budget_method, projection = split_method(cfg["budget"], cfg["projection"], cfg["method"], "mts.sparsify")
-        calibration = cfg["calibration"]
-        if calibration is None and self.forward_loop is not None:
-            calibration = _record_inputs(self.model, self.forward_loop)
         try:
+            calibration = cfg["calibration"]
+            if calibration is None and self.forward_loop is not None:
+                calibration = _record_inputs(self.model, self.forward_loop)
             the_plan = plan(
                 self.model,
                 cfg["sparsity"],
@@ -252,15 +243,34 @@ def _record_inputs(model: nn.Module, forward_loop: Any) -> list[Any]:
     return batches
 
 
-def _mode_metadata(model: nn.Module) -> dict[str, Any]:
-    """The metadata dict of the last ``"mp"`` mode in ``model``'s ModelOpt state (a live reference)."""
+def _mode_metadata(model: nn.Module, strict: bool = True) -> dict[str, Any] | None:
+    """The metadata dict of the last ``"mp"`` mode in ``model``'s ModelOpt state (a live reference).
+
+    Without one: MPPluginError when ``strict``, else None. ModelOpt 0.47 has no public call that
+    adds metadata to a mode after ``convert`` (a searcher runs after it); the least private route
+    is ``ModeloptStateManager.state_dict()`` (the exported manager class), whose entries are the
+    live per-mode ``{"config", "metadata"}`` dicts that ``mto.save`` writes and ``mto.restore``
+    loads back.
+    """
     model = unwrap_wrappers(model)  # DDP, DataParallel, FSDP, torch.compile: the ModelOpt state is inside
     if not ModeloptStateManager.is_converted(model):
-        raise MPPluginError("the model has no ModelOpt state: sparsify it with mts.sparsify(model, mode='mp')")
+        if strict:
+            raise MPPluginError("the model has no ModelOpt state: sparsify it with mts.sparsify(model, mode='mp')")
+        return None
     for mode, state in reversed(ModeloptStateManager(model).state_dict()):
         if mode == MODE_NAME:
             return state["metadata"]
-    raise MPPluginError("the model's ModelOpt state has no 'mp' mode: sparsify it with mts.sparsify(model, mode='mp')")
+    if strict:
+        raise MPPluginError(
+            "the model's ModelOpt state has no 'mp' mode: sparsify it with mts.sparsify(model, mode='mp')"
+        )
+    return None
+
+
+def has_plan(model: nn.Module) -> bool:
+    """Whether ``model`` (wrapped or not) carries a plan of mode ``"mp"`` in its ModelOpt state."""
+    metadata = _mode_metadata(model, strict=False)
+    return metadata is not None and PLAN_METADATA_KEY in metadata
 
 
 def plan_of(model: nn.Module) -> PrunePlan:

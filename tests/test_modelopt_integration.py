@@ -167,8 +167,10 @@ def test_permute_option_folds_a_permutation_before_the_masks() -> None:
         w_sparse = permuted.get_submodule(name).weight.detach()
         assert torch.equal(w_sparse != 0, nm_mask(w_dense, 2, 4))
         assert torch.equal(w_sparse, w_dense * nm_mask(w_dense, 2, 4))
-    with pytest.raises(mp.MPPluginError, match="permute"):
+    with pytest.raises(mp.MPPluginError, match="permutation only helps k:n"):
         mts.sparsify(_vit(0, depth=2), mode="mp", config={"pattern": "unstructured", "permute": True})
+    with pytest.raises(mp.MPPluginError, match="permute must be"):
+        mts.sparsify(_vit(0, depth=2), mode="mp", config={"pattern": "2:4", "permute": "sideways"})
 
 
 def test_unknown_config_key_is_rejected() -> None:
@@ -291,3 +293,22 @@ def test_mp_mode_restore_with_forward_loop_round_trips_bit_exact(tmp_path) -> No
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert "RESTORE_OK" in out.stdout, out.stderr[-3000:]
+
+
+def test_certify_modelopt_replays_the_mp_permutation_on_the_dense_model() -> None:
+    """certify_modelopt reads the plan from the model's ModelOpt state: R = W_dense − W_sparse lives only on the
+    pruned entries of a permuted layer (without the alignment nearly every entry would differ)."""
+    from mp_plugin.integrations.modelopt_certificate import certify_modelopt
+
+    x = torch.randn(4, 3, 32, 32)
+    dense = _vit(0, depth=2)
+    sparse = mts.sparsify(
+        _vit(0, depth=2), mode="mp", config={"sparsity": 0.5, "pattern": "2:4", "permute": "swap", "calibration": x}
+    )
+    perms = PermutationRecord.from_plan(mpm.plan_of(sparse)).permutations
+    assert perms
+    cert = certify_modelopt(dense, sparse, x)
+    by_name = {layer.name: layer for layer in cert.layers}
+    for name in perms:
+        assert by_name[name].norms["r_changed"] == sparse.get_submodule(name).weight.numel() // 2
+    assert isinstance(sparse.get_submodule(next(iter(perms))), mpm.SparseModule)  # the model keeps its ModelOpt form
