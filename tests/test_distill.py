@@ -377,3 +377,75 @@ def test_cli_distill_from_restored_weights_keeps_the_restored_masks(tmp_path):
         if lp.pattern == "2:4":
             assert check_nm(w, 2, 4), lp.name
             assert torch.equal(w == 0, restored[lp.name] == 0), lp.name  # the restored mask, unchanged
+
+
+# ------------------------------------------------------------------ the one loop, configured
+
+
+def _tiny_data(n: int = 48, batch: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, 12, generator=g), torch.randint(0, 4, (n,), generator=g)
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
+
+
+def _tiny_model() -> torch.nn.Module:
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+
+def test_loop_step_schedule_epoch_hooks_and_custom_loss_match_plain_ce():
+    data = _tiny_data()
+    cfg = DistillConfig(
+        epochs=3, optimizer="sgd", lr=0.1, weight_decay=1e-3, decay_all=True, schedule="step", lr_decay=0.5,
+        lr_decay_every=2, label_smoothing=0.0, seed=None, allow_dense=True, log_every=1,
+    )  # fmt: skip
+    runs = {}
+    for name, loss in (("ce", "ce"), ("callable", lambda m, b: F.cross_entropy(m(b[0]), b[1]))):
+        model, lrs, epochs = _tiny_model(), [], []
+        result = distill(
+            model,
+            None,
+            data,
+            cfg,
+            loss=loss,
+            show_progress=False,
+            callbacks=[lambda step, m, metrics, lrs=lrs: lrs.append(metrics["lr"])],
+            epoch_end=[lambda m, epoch, opt, epochs=epochs: epochs.append(epoch) or f"hook {epoch}"],
+        )
+        runs[name] = (model, result)
+        # lr for the next step after each step: ×0.5 after epoch 2 (3 steps per epoch)
+        assert lrs == pytest.approx([0.1] * 5 + [0.05] * 4)
+        assert epochs == [1, 2, 3]
+        assert [e["epoch"] for e in result.epochs] == [1, 2, 3] and result.epochs[-1]["hook"] == "hook 3"
+        assert all(math.isfinite(e["loss"]) for e in result.epochs)
+    (m_ce, r_ce), (m_fn, r_fn) = runs["ce"], runs["callable"]
+    for a, b in zip(m_ce.parameters(), m_fn.parameters()):
+        assert torch.equal(a, b)
+    assert [e["loss"] for e in r_ce.epochs] == [e["loss"] for e in r_fn.epochs]
+    assert not math.isnan(r_ce.history[-1]["acc"]) and math.isnan(r_fn.history[-1]["acc"])
+
+
+def test_loop_before_step_hooks_and_a_gated_keeper_hold_entries():
+    from mp_plugin.masks.keep import MaskKeeper
+
+    model = _tiny_model()
+    gate = {"0": torch.rand(16, 12, generator=torch.Generator().manual_seed(2)) < 0.5}
+    before = model[0].weight.detach().clone()
+    seen = []
+
+    def check_grads(step, m):
+        seen.append(step)
+        assert not bool(m[0].weight.grad[~gate["0"]].any())  # the keeper gated the gradient already
+
+    cfg = DistillConfig(epochs=2, lr=1e-2, weight_decay=0.1, seed=None, allow_dense=True, eval_mode=True)
+    model.train()
+    with MaskKeeper.gate(model, gate) as keeper:
+        distill(
+            model, None, _tiny_data(), cfg, keeper=keeper, loss="ce", before_step=[check_grads], show_progress=False
+        )
+    assert seen == list(range(1, 7)) and model.training  # eval_mode restores the train/eval mode
+    moved = model[0].weight.detach() != before
+    assert bool(moved[gate["0"]].any()) and not bool(moved[~gate["0"]].any())
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(MPPluginError, match="loss must be"):
+        distill(_tiny_model(), None, _tiny_data(), cfg, loss="mse", show_progress=False)

@@ -170,3 +170,42 @@ def test_mask_keeper_rejects_wrong_shapes_and_names() -> None:
         MaskKeeper(model, masks={"0": torch.ones(3, 3, dtype=torch.bool)})
     with pytest.raises(KeyError):
         MaskKeeper(model, masks={"nope": torch.ones(3, 3, dtype=torch.bool)})
+
+
+def test_zero_grads_gates_gradients_so_sgd_momentum_never_sees_pruned_entries() -> None:
+    model = make_mlp((32, 64, 16))
+    _prune_mlp(model)
+    keeper = MaskKeeper(model, zero_grads=True)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    keeper.attach(opt)
+    _train(model, opt, steps=3)
+    for name, mask in keeper.masks.items():
+        weight = keeper.weight(name)
+        assert not bool(weight.grad[~mask].any()), name  # the gradient hook zeroed held entries
+        assert not bool(opt.state[weight]["momentum_buffer"][~mask].any()), name
+        assert bool(weight.grad[mask].any())
+    assert keeper.violations() == 0
+    keeper.detach()
+    _train(model, opt, steps=1)
+    assert bool(model[0].weight.grad[~keeper.masks["0"]].any())  # hooks gone after detach
+
+
+def test_gate_lets_only_the_gated_entries_move_and_restores_flags() -> None:
+    model = make_mlp((32, 64, 16))
+    model[2].bias.requires_grad_(False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gate = {"0": torch.rand(64, 32, generator=torch.Generator().manual_seed(0)) < 0.3}
+    with MaskKeeper.gate(model, gate) as keeper:
+        assert keeper.hold == "values" and keeper.zero_grads
+        assert [n for n, p in model.named_parameters() if p.requires_grad] == ["0.weight"]
+        opt = torch.optim.AdamW([model[0].weight], lr=1e-1, weight_decay=0.1)  # decay too: held values come back
+        keeper.attach(opt)
+        _train(model, opt, steps=4)
+        assert keeper.violations() == 0
+    moved = model[0].weight.detach() != before["0.weight"]
+    assert bool(moved[gate["0"]].any()) and not bool(moved[~gate["0"]].any())
+    for name in ("0.bias", "2.weight", "2.bias"):
+        assert torch.equal(model.get_parameter(name), before[name]), name
+    assert [n for n, p in model.named_parameters() if not p.requires_grad] == ["2.bias"]
+    with pytest.raises(Exception, match="hold"):
+        MaskKeeper(model, hold="ones")

@@ -160,6 +160,41 @@ def test_torch_ao_pruning_sparsifier_holds_masks_through_training() -> None:
     assert report.kn_valid and report.total_sparsity == pytest.approx(0.5)
 
 
+def _ao_masks(model: nn.Module) -> dict[int, torch.Tensor]:
+    return {i: model[i].parametrizations.weight[0].mask.detach().clone() for i in (0, 2, 4)}
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_torch_ao_pruning_masks_stay_fixed_unless_reselection_is_asked_for(pattern: str) -> None:
+    """Real SGD steps with torch.ao's step() after each: MP's masks stay put; reselect=True re-chooses them."""
+    moved = {}
+    for reselect in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        sel = mp.PlanConfig(selection=mp.LayerSelection(exclude_head=False))
+        sparsifier = MPPruningSparsifier(sparsity=0.5, pattern=pattern, plan_config=sel, reselect=reselect)
+        sparsifier.prepare(model, config=None)
+        chosen = _ao_masks(model)
+        for i, name in ((0, "0"), (2, "2"), (4, "4")):  # torch.ao holds exactly the keeper's masks
+            assert torch.equal(chosen[i].bool(), sparsifier.keeper.masks[name])
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        x, y = torch.randn(64, 32), torch.randint(0, 10, (64,))
+        for _ in range(8):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            sparsifier.step()
+        after = _ao_masks(model)
+        moved[reselect] = sum(int((after[i] != chosen[i]).sum()) for i in after)
+        if pattern == "2:4":
+            assert all(check_nm(model[i].weight, 2, 4) for i in (0, 2, 4))
+        sparsifier.squash_mask()
+        report = mp.sparsity_report(model, sparsifier.plan)
+        assert report.total_sparsity == pytest.approx(0.5)
+    assert moved[False] == 0
+    assert moved[True] > 0
+
+
 def test_torch_ao_pruning_unstructured_counts_and_bad_config() -> None:
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     sparsifier = MPPruningSparsifier(sparsity=0.7, pattern="unstructured", budget="seb")
