@@ -4,7 +4,8 @@
 * :func:`kd_loss` — (1−α)·label-smoothed CE + α·τ²·KL(softmax(t/τ) ‖ softmax(s/τ)).
 * :func:`param_groups`, :func:`build_optimizer`, :func:`warmup_cosine` — no decay on 1-D/norm/tokens.
 * loaders: :func:`mp_plugin.integrations.timm.make_loaders` (timm's data pipeline over image folders) or your own.
-* :func:`distill` — the loop: masks exact after every step, checkpoint/resume, DDP under torchrun.
+* :func:`distill` — the one training loop (KD, CE or a custom loss; hooks; masks kept by a
+  :class:`~mp_plugin.masks.keep.MaskKeeper`), checkpoint/resume, DDP under torchrun.
 * :func:`init_distributed` / :class:`DistContext` — ``torch.distributed`` from torchrun's environment.
 """
 
