@@ -150,3 +150,13 @@ def test_architecture_md_matches_the_stages() -> None:
     for registry in ("register_budget_method", "register_projection", "register_operator", "register_baseline"):
         assert registry in text
         assert any(f"def {registry}(" in p.read_text() for p in MODULES), registry
+
+
+def test_pyproject_lists_every_package_and_modules_stay_small() -> None:
+    """A wheel (not only an editable install) holds every subpackage; no module passes 500 lines."""
+    text = (ROOT / "pyproject.toml").read_text()
+    for init in PACKAGE.rglob("__init__.py"):
+        name = module_name(init)
+        assert f'"{name}"' in text, f"pyproject.toml [tool.setuptools] packages lacks {name}"
+    long = {module_name(p): n for p in MODULES if (n := len(p.read_text().splitlines())) > 500}
+    assert not long, f"modules over 500 lines: {long}"
