@@ -18,7 +18,9 @@ Where a weight lands in ONNX (torch 2.14, dynamo exporter, checked by the tests)
   is rescaled, so zeros stay zeros and the pattern survives).
 
 Initializers are matched to torch layers by name, else by value up to a per-row
-scale (which is what BN folding does).
+scale (which is what BN folding does); the inspection of the file (where each
+weight landed, the k:n counts, onnxruntime parity) is in
+:mod:`mp_plugin.integrations.onnx_check`, whose names are re-exported here.
 """
 
 from __future__ import annotations
@@ -34,16 +36,25 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from mp_plugin.integrations.onnx_check import (
+    InitializerCheck,
+    WeightUse,
+    check_onnx_nm,
+    find_weight_initializers,
+    match_layers,
+    nm_violations,
+    onnx_parity,
+)
 from onnx import helper, numpy_helper
 from torch import nn
 from torch.nn.utils import parametrize
 
 from mp_plugin.errors import MPPluginError
 from mp_plugin.layers.discovery import LayerSelection, find_target_layers
-from mp_plugin.layers.layout import kn_eligible
 from mp_plugin.layers.patterns import Pattern
-from mp_plugin.masks.select import check_nm, fold_parametrizations, kn_group_counts
-from mp_plugin.planning.build import PrunePlan
+from mp_plugin.layers.wrappers import unwrap_model
+from mp_plugin.masks.select import check_nm, fold_parametrizations
+from mp_plugin.planning.plan import PrunePlan
 from mp_plugin.progress import progress
 
 __all__ = [
@@ -54,6 +65,7 @@ __all__ = [
     "check_onnx_nm",
     "export_onnx",
     "find_weight_initializers",
+    "match_layers",
     "nm_violations",
     "onnx_parity",
     "rewrite_matmul_to_gemm",
@@ -64,53 +76,6 @@ _FP32_TOL = 1e-4
 
 class ExportError(MPPluginError):
     """The model cannot be exported as asked, or the exported file failed verification."""
-
-
-@dataclass(frozen=True)
-class WeightUse:
-    """One constant weight operand of a MatMul, Gemm or Conv node.
-
-    Attributes:
-        name: initializer name.
-        op: ``"MatMul"``, ``"Gemm"`` or ``"Conv"``.
-        node: the consuming node's name.
-        transpose: True when the stored array is (in, out) and must be transposed to
-            the torch (out, in) layout (MatMul B, Gemm B with transB=0).
-        axis: axis of the stored array along which k:n groups run (the reduction axis).
-    """
-
-    name: str
-    op: str
-    node: str
-    transpose: bool
-    axis: int
-
-
-@dataclass
-class InitializerCheck:
-    """The k:n verdict for one initializer.
-
-    Attributes:
-        name: initializer name; layer: the torch layer it came from ("" if unknown).
-        op, node, axis: where it is used and along which stored axis groups run.
-        shape: stored shape; pattern: the k:n pattern expected.
-        groups: number of n-groups; bad_groups: groups with more than k non-zeros.
-    """
-
-    name: str
-    layer: str
-    op: str
-    node: str
-    axis: int
-    shape: tuple[int, ...]
-    pattern: str
-    groups: int
-    bad_groups: int
-
-    @property
-    def ok(self) -> bool:
-        """True when every group has at most k non-zeros."""
-        return self.bad_groups == 0 and self.groups > 0
 
 
 @dataclass
@@ -200,79 +165,6 @@ class ExportReport:
         return "\n".join(rows)
 
 
-# --------------------------------------------------------------------- k:n checks
-def nm_violations(array: np.ndarray, k: int, n: int, axis: int) -> tuple[int, int]:
-    """Count n-groups along ``axis`` holding more than k non-zeros.
-
-    Args:
-        array: any-rank array; for rank > 2 with axis=1 (a Conv weight) groups run
-            along the input channels at each kernel position (the k:n layout of
-            ``mp_plugin.layers.layout``: the array is read as (out, kh·kw·in)).
-        k, n: the pattern. axis: 0 or 1, the reduction axis of the stored matrix.
-
-    Returns:
-        (bad_groups, groups). groups is 0 when the axis length is not a multiple of n.
-    """
-    nonzero = torch.from_numpy(np.ascontiguousarray(array != 0))
-    if axis == 0:
-        nonzero = nonzero.movedim(0, 1)  # MatMul B is (in, out): put the output axis first
-    if nonzero.numel() == 0 or not kn_eligible(nonzero.shape, n):
-        return 0, 0
-    counts = kn_group_counts(nonzero, n)
-    return int((counts > k).sum()), int(counts.numel())
-
-
-def find_weight_initializers(model: onnx.ModelProto) -> list[WeightUse]:
-    """Every constant weight operand (input 1) of MatMul, Gemm and Conv nodes, in node order."""
-    inits = {i.name: i for i in model.graph.initializer}
-    uses: list[WeightUse] = []
-    for node in model.graph.node:
-        if node.op_type not in ("MatMul", "Gemm", "Conv") or len(node.input) < 2 or node.input[1] not in inits:
-            continue
-        dims = tuple(inits[node.input[1]].dims)
-        if node.op_type == "Conv":
-            uses.append(WeightUse(node.input[1], "Conv", node.name, False, 1))
-        elif len(dims) == 2:
-            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0) if node.op_type == "Gemm" else 0
-            uses.append(WeightUse(node.input[1], node.op_type, node.name, not trans_b, 1 if trans_b else 0))
-    return uses
-
-
-def _load(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
-    return model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
-
-
-def check_onnx_nm(
-    model: onnx.ModelProto | str | Path, expected: dict[str, str] | None = None, pattern: str = "2:4"
-) -> list[InitializerCheck]:
-    """Check k:n on the reduction axis of weight initializers.
-
-    Args:
-        model: an ONNX model or a path.
-        expected: {initializer name: "k:n"} to check (e.g. ``ExportReport.expected``);
-            a name that is no longer a MatMul/Gemm/Conv weight gives a check with 0 groups
-            (not ok). When None, every weight initializer whose axis fits ``pattern`` is checked.
-        pattern: the pattern used when ``expected`` is None.
-    """
-    proto = _load(model)
-    inits = {i.name: i for i in proto.graph.initializer}
-    uses = {u.name: u for u in reversed(find_weight_initializers(proto))}  # first use wins
-    todo = expected if expected is not None else {name: pattern for name in uses}
-    checks = []
-    for name, pat_text in todo.items():
-        pat = Pattern.parse(pat_text)
-        use = uses.get(name)
-        if use is None or name not in inits:
-            checks.append(InitializerCheck(name, "", "?", "", -1, (), str(pat), 0, 0))
-            continue
-        arr = numpy_helper.to_array(inits[name])
-        bad, groups = nm_violations(arr, pat.k, pat.n, use.axis)
-        if expected is None and groups == 0:
-            continue
-        checks.append(InitializerCheck(name, "", use.op, use.node, use.axis, tuple(arr.shape), str(pat), groups, bad))
-    return checks
-
-
 # ------------------------------------------------------------- torch-side checks
 def _parametrized_modules(model: nn.Module) -> list[str]:
     return [name or "<root>" for name, m in model.named_modules() if parametrize.is_parametrized(m)]
@@ -302,62 +194,6 @@ def _expected_layers(
         if pat.eligible(tuple(t.weight.shape)):
             out[t.name] = (t.module, pat)
     return out
-
-
-def _torch_layout(arr: np.ndarray, use: WeightUse) -> np.ndarray:
-    mat = arr.reshape(arr.shape[0], -1) if arr.ndim != 2 else arr
-    return mat.T if use.transpose else mat
-
-
-def _row_normalised(mat: np.ndarray) -> np.ndarray:
-    a = np.abs(mat.astype(np.float64))
-    norms = np.linalg.norm(a, axis=1, keepdims=True)
-    return a / np.where(norms > 0, norms, 1.0)
-
-
-def _match_layers(
-    proto: onnx.ModelProto, layers: dict[str, tuple[nn.Module, Pattern]]
-) -> tuple[dict[str, tuple[str, WeightUse]], list[str]]:
-    """Map torch layers to initializers: same name first, else equal up to a per-row scale."""
-    inits = {i.name: i for i in proto.graph.initializer}
-    uses: dict[str, WeightUse] = {}
-    for u in find_weight_initializers(proto):
-        uses.setdefault(u.name, u)
-    by_shape: dict[tuple[int, int], list[str]] = {}
-    shapes: dict[str, tuple[int, int]] = {}
-    for name, u in uses.items():
-        dims = tuple(inits[name].dims)
-        rows, cols = dims[0], int(np.prod(dims[1:]))
-        shapes[name] = (cols, rows) if u.transpose else (rows, cols)
-        by_shape.setdefault(shapes[name], []).append(name)
-    cache: dict[str, np.ndarray] = {}
-    used: set[str] = set()
-    matched: dict[str, tuple[str, WeightUse]] = {}
-    missing: list[str] = []
-    for lname, (module, _) in layers.items():
-        w = module.weight.detach().float().cpu().numpy()
-        w2 = w.reshape(w.shape[0], -1)
-        own = f"{lname}.weight"
-        if own in uses and own not in used and shapes[own] == w2.shape:
-            matched[lname] = (own, uses[own])
-            used.add(own)
-            continue
-        ref = _row_normalised(w2)
-        found = None
-        for cand in by_shape.get(w2.shape, []):
-            if cand in used:
-                continue
-            if cand not in cache:
-                cache[cand] = _row_normalised(_torch_layout(numpy_helper.to_array(inits[cand]), uses[cand]))
-            if np.abs(cache[cand][:4] - ref[:4]).max() < 1e-2 and np.abs(cache[cand] - ref).max() < 1e-2:
-                found = cand
-                break
-        if found is None:
-            missing.append(lname)
-        else:
-            matched[lname] = (found, uses[found])
-            used.add(found)
-    return matched, missing
 
 
 # ------------------------------------------------------------------- rewriting
@@ -425,19 +261,6 @@ def rewrite_matmul_to_gemm(model: onnx.ModelProto) -> int:
     return count
 
 
-# ---------------------------------------------------------------------- parity
-def onnx_parity(path: str | Path, inputs: np.ndarray, reference: np.ndarray) -> float:
-    """Max |onnxruntime(path)(inputs) − reference| on the CPU execution provider (float64 diff)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = max(1, torch.get_num_threads())
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    out = sess.run(None, {sess.get_inputs()[0].name: inputs})[0]
-    return float(np.abs(out.astype(np.float64) - reference.astype(np.float64)).max())
-
-
 # ---------------------------------------------------------------------- export
 def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, opset: int | None) -> str:
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1_800_000_000
@@ -475,7 +298,10 @@ def export_onnx(
     """Export a k:n-pruned model to ONNX and verify the pattern and the numerics.
 
     Args:
-        model: the pruned model (not modified; a copy is exported).
+        model: the pruned model (not modified; a copy is exported). A wrapped model
+            (``torch.compile``, DDP, …) is exported as the model inside it, so plan layer
+            names match. A channel permutation is folded into the weights and needs nothing
+            here: the pattern holds in the stored (permuted) basis.
         path: the ``.onnx`` file to write (weights inside the file up to 1.8 GB).
         input_shape: example input shape, e.g. (1, 3, 224, 224).
         dtype: ``"fp32"`` or ``"fp16"`` (the whole model and its input are cast).
@@ -501,6 +327,7 @@ def export_onnx(
     """
     if dtype not in ("fp32", "fp16"):
         raise ExportError(f"dtype must be 'fp32' or 'fp16', got {dtype!r}")
+    model = unwrap_model(model)
     param_mods = _parametrized_modules(model)
     if param_mods and not fold:
         raise ExportError(
@@ -541,7 +368,7 @@ def export_onnx(
             onnx.save(proto, str(path))
     opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)
     report = ExportReport(path, dtype, opset_used, exporter, seconds, gemm_rewrites=rewrites)
-    matched, report.missing_layers = _match_layers(proto, {n: v for n, v in layers.items()})
+    matched, report.missing_layers = match_layers(proto, {n: v for n, v in layers.items()})
     checks = check_onnx_nm(proto, {init: str(layers[lname][1]) for lname, (init, _) in matched.items()})
     names = {init: lname for lname, (init, _) in matched.items()}
     for c in checks:

@@ -1,48 +1,73 @@
 """torchao adapter: ``torchao.sparsity.sparsify_(model, MPSparsifier())`` and ``torchao.quantize_``.
 
-torchao calls a config's handler one module at a time, with neither the
-module's name nor the model. MP budgets are whole-model decisions, so the
-handler finds the model being converted (the ``model`` argument of the
-``sparsify_``/``quantize_`` call on the stack, together with its
-``filter_fn``), plans and applies once for the whole model on the first call,
-and then only converts each matched module (2:4 layers become semi-structured
-sparse tensors on CUDA when ``accelerate=True``).
+torchao calls a config's handler one module at a time, with neither the module's
+name nor the model. The adapter therefore has two routes, and never looks beyond
+the module it is handed:
 
-No other call is needed. To decide on a different model than the one being
-converted, call :meth:`MPSparsifier.calibrate` first. torchao 0.18 is the last
-release with ``torchao.sparsity``; ``torchao.quantize_(model, MPSparsifier())``
-takes the same handler and keeps working.
+* **The literal line** ``torchao.sparsity.sparsify_(model, MPSparsifier())``: with a
+  k:n pattern (default 2:4) and the magnitude projection, each layer's mask is decided
+  by that layer alone, so the handler plans and prunes every module it is handed on
+  its own (on whatever device torchao has moved it to). Every layer torchao's filter
+  selects is pruned, the classifier head included.
+* **A whole-model plan**: budgets that compare layers (``pattern="unstructured"``,
+  ``"auto"``), calibration data (CAST/OBS projections, OWL/noise-floor budgets,
+  prune–restore) and channel permutation are decisions about the whole model.
+  ``config = MPSparsifier.for_model(model, ..., calibration=batches)`` makes them once,
+  before torchao moves or touches anything, and returns a config holding the
+  :class:`~mp_plugin.PrunePlan` as plain JSON data; the handler then applies each
+  module's part of the plan, finding the module's name by its identity (recorded by
+  ``for_model`` / :meth:`MPSparsifier.bind`). Settings whose application itself needs
+  the whole model (projections other than magnitude, restore, permutation) are applied
+  by ``for_model``; the handler then only checks and converts each module.
+
+The config holds no tensors or modules, so torchao's ``config_to_dict`` /
+``config_from_dict`` round-trip it (importing this module registers it with
+``torchao.core.config.ALLOWED_AO_MODULES``); a config loaded elsewhere is attached to
+a model with ``config.bind(model)``. ``torchao.quantize_(model, FqnToConfig({...}))``
+prunes only the modules it names. When a planned module fails, the modules this
+plan already changed are put back before the error is raised. torchao 0.18 is the
+last release with ``torchao.sparsity``; ``torchao.quantize_`` takes the same handler.
 """
 
 from __future__ import annotations
 
-import inspect
+import hashlib
+import json
 import re
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import nn
 
 try:
-    from torchao.core.config import AOBaseConfig
+    from torchao.core.config import ALLOWED_AO_MODULES, AOBaseConfig
     from torchao.quantization.transform_module import register_quantize_module_handler
 except ImportError as exc:  # pragma: no cover - exercised only without torchao
     raise ImportError("mp_plugin.integrations.torchao needs torchao: pip install 'mp-plugin[torchao]'") from exc
 
-from mp_plugin import apply as mp_apply
-from mp_plugin.budget.rules import DEFAULT_BUDGET
-from mp_plugin.errors import MPPluginError
-from mp_plugin.layers.discovery import LayerSelection
-from mp_plugin.planning.build import PlanConfig, PrunePlan, plan, split_method
+from mp_plugin.integrations.torchao_targets import FilterFn, reached_layers
 
-__all__ = ["MPSparsifier"]
+from mp_plugin.budget.rules import BUDGET_METHODS, DEFAULT_BUDGET
+from mp_plugin.errors import ConfigError, MPPluginError, NoPrunableLayersError, PlanMismatchError
+from mp_plugin.layers.discovery import LayerSelection
+from mp_plugin.layers.patterns import Pattern
+from mp_plugin.planning.build import LayerPlan, PlanConfig, PrunePlan, plan, split_method
+from mp_plugin.pruning.apply_plan import MASK_METHODS, apply, sparsity_report
+from mp_plugin.restore import resolve_restore
+
+__all__ = ["MPSparsifier", "convert_module"]
+
+
+def _plain(data: Any) -> Any:
+    """JSON-plain copy (lists, not tuples; numbers, not numpy scalars), as torchao's encoder needs."""
+    return json.loads(json.dumps(data, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
 @dataclass
 class MPSparsifier(AOBaseConfig):
-    """torchao config for Marchenko–Pastur pruning.
+    """torchao config for Marchenko–Pastur pruning; plain data only.
 
     Attributes:
         sparsity: global fraction of target weights to remove (the k:n
@@ -51,155 +76,406 @@ class MPSparsifier(AOBaseConfig):
         budget: budget method, a key of ``mp_plugin.budget.rules.BUDGET_METHODS`` (default
             ``mp_plugin.budget.rules.DEFAULT_BUDGET``; the paper's rule is ``"seb"``).
         permute: ``None``, ``"swap"`` or ``"interleave"``: channel permutation
-            folded into the weights before k:n masking.
-        calibration: an input batch (tensor, tuple or dict) for CAST.
+            folded into the weights before k:n masking (needs :meth:`for_model`).
         accelerate: on CUDA, turn 2:4 Linear weights into
-            ``torch.sparse.SparseSemiStructuredTensor`` (cuSPARSELt/CUTLASS);
-            on CPU the model stays dense-with-zeros.
-        plan_config: a :class:`mp_plugin.PlanConfig` (fit and selection settings).
+            ``torch.sparse.SparseSemiStructuredTensor`` (cuSPARSELt/CUTLASS); on CPU, or for
+            a shape the kernels refuse, the layer stays dense-with-zeros.
+        plan_config: a :class:`mp_plugin.PlanConfig` or its ``to_dict()`` (kept as the dict).
         projection: mask projection, ``"magnitude"``, ``"cast"`` (covariance-aware),
-            ``"obs"`` or ``"cast-obs"`` (Hessian-aware); all but magnitude need ``calibration``.
-        restore: ``True`` or a :class:`mp_plugin.restore.RestoreConfig`: re-solve the kept
-            weights on ``calibration`` after masking (prune–restore); needs ``calibration``.
+            ``"obs"`` or ``"cast-obs"`` (Hessian-aware); all but magnitude need
+            :meth:`for_model` with ``calibration``.
+        restore: ``True``, a :class:`mp_plugin.restore.RestoreConfig` or its dict (kept as the
+            dict): re-solve the kept weights on calibration data after masking; needs
+            :meth:`for_model` with ``calibration``.
+        plan: a :class:`mp_plugin.PrunePlan` or its ``to_dict()`` (kept as the dict); set by
+            :meth:`for_model`. With a plan, ``sparsity``/``pattern``/``budget`` are the plan's.
         method: deprecated: ``"cast"`` meant ``budget="seb", projection="cast"``, any
             other value was the budget (DeprecationWarning).
+        calibration: not stored; giving it raises :class:`~mp_plugin.ConfigError` that
+            points to :meth:`for_model`.
     """
 
     sparsity: float = 0.5
     pattern: str = "2:4"
     budget: str = DEFAULT_BUDGET
     permute: str | None = None
-    calibration: Any = None
     accelerate: bool = False
-    plan_config: PlanConfig | None = None
+    plan_config: dict | None = None
     projection: str = "magnitude"
-    restore: Any = False
+    restore: bool | dict = False
+    plan: dict | None = field(default=None, repr=False)
     method: str | None = None
-    _roots: Any = field(default=None, init=False, repr=False, compare=False)
+    calibration: InitVar[Any] = None
 
-    def __post_init__(self) -> None:
-        self._roots = weakref.WeakKeyDictionary()
+    def __post_init__(self, calibration: Any = None) -> None:
+        if calibration is not None:
+            raise ConfigError(
+                "MPSparsifier holds plain data only (torchao serialises it with config_to_dict); give the "
+                "calibration batches to MPSparsifier.for_model(model, calibration=batches, ...)"
+            )
         self.budget, self.projection = split_method(self.budget, self.projection, self.method, "MPSparsifier")
         self.method = None
+        if self.projection not in MASK_METHODS:
+            raise ConfigError(f"unknown projection {self.projection!r}; use one of {MASK_METHODS}")
+        if isinstance(self.plan_config, PlanConfig):
+            self.plan_config = _plain(self.plan_config.to_dict())
+        elif self.plan_config is not None:
+            self.plan_config = _plain(self._plan_config().to_dict())  # validates a dict
+        restore = resolve_restore(self.restore)
+        if restore is not None and self.restore is not True:
+            self.restore = _plain(restore.to_dict())
+        if isinstance(self.plan, PrunePlan):
+            self.plan = _plain(self.plan.to_dict())
+        if self.plan is not None:
+            the_plan = PrunePlan.from_dict(self.plan)  # PlanFormatError for a malformed plan
+            self.plan = _plain(self.plan)
+            self.sparsity, self.pattern, self.budget = the_plan.sparsity, the_plan.pattern, the_plan.method
 
     # ------------------------------------------------------------------ API
-    def calibrate(self, model: nn.Module, filter_fn: Any = None) -> PrunePlan:
-        """Plan and prune ``model`` as a whole now; later handler calls reuse the result."""
-        return self._prepare(model, filter_fn)
+    @classmethod
+    def for_model(
+        cls,
+        model: nn.Module,
+        *,
+        filter_fn: FilterFn | None = None,
+        fqn_to_config: Any = None,
+        calibration: Any = None,
+        **settings: Any,
+    ) -> MPSparsifier:
+        """Plan for the whole ``model`` now and return a config holding the plan, bound to ``model``.
+
+        Call it before ``sparsify_``/``quantize_`` (so before torchao moves any module to
+        ``device=``). With a non-magnitude ``projection``, ``restore`` or ``permute`` the
+        masks (and restored weights) are applied to ``model`` here, all or nothing; otherwise
+        ``model`` is not modified until torchao calls the handler.
+
+        Args:
+            model: the model torchao will convert (weights plain dense tensors).
+            filter_fn: the ``filter_fn`` you will give torchao (None: its default, Linear
+                layers); the plan covers exactly the layers it hands to the handler.
+            fqn_to_config: instead of ``filter_fn``, the torchao ``FqnToConfig`` (or its dict,
+                or its list of keys) you will give ``quantize_``: the plan covers the weights
+                it maps to an ``MPSparsifier``.
+            calibration: a batch or list of batches (tensor → ``model(x)``, tuple →
+                ``model(*x)``, dict → ``model(**x)``) for CAST/OBS projections, calibrated
+                budgets and restore; used here and not kept.
+            **settings: the config's fields (``sparsity``, ``pattern``, ``budget``, ...).
+
+        Returns:
+            A new :class:`MPSparsifier` whose ``plan`` is the plan's JSON dict.
+
+        Raises:
+            MPPluginError: converted weights, missing calibration, no prunable layer, or a
+                failure while applying (the model is then left as it was).
+        """
+        config = cls(**settings)
+        if config.plan is not None:
+            raise ConfigError("for_model makes the plan itself: leave plan= out (or use MPSparsifier(plan=...))")
+        _refuse_converted(model)
+        whole = config._whole_model_application()
+        if whole and calibration is None and (config.projection != "magnitude" or config.restore):
+            raise MPPluginError(f"{whole}: MPSparsifier.for_model(model, calibration=batches, ...)")
+        base = config._plan_config()
+        names = reached_layers(model, filter_fn, fqn_to_config, wanted=lambda c: isinstance(c, MPSparsifier))
+        own = [re.compile(p) for p in base.selection.include_only]
+        names = [n for n in names if not own or any(p.search(n) for p in own)]
+        selection = LayerSelection(**{**base.selection.to_dict(), "include_only": [f"^{re.escape(n)}$" for n in names]})
+        if not names:
+            selection.include_only = ["^$"]  # nothing reached: plan() names the empty selection
+        cfg = PlanConfig(**{**base.__dict__, "selection": selection})
+        the_plan = plan(model, config.sparsity, config.pattern, config.budget, cfg, calibration=calibration)
+        if whole:
+            kwargs: dict[str, Any] = {"projection": config.projection, "restore": config.restore}
+            if calibration is not None:
+                kwargs["calibration"] = calibration
+            if config.permute:
+                kwargs["permute"] = config.permute
+            before = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict(keep_vars=True).items()}
+            try:
+                apply(model, the_plan, **kwargs)
+            except BaseException:
+                _put_back_state(model, before)
+                raise
+        planned = cls(**{**config._fields(), "plan": the_plan.to_dict()})
+        return planned.bind(model)
+
+    def bind(self, model: nn.Module) -> MPSparsifier:
+        """Attach this config's plan to ``model`` (validated first) so the handler knows each module's name.
+
+        :meth:`for_model` binds already; call it for a config made with ``plan=`` or loaded
+        with ``config_from_dict``. Returns ``self``.
+
+        Raises:
+            ConfigError: the config has no plan.
+            PlanMismatchError: ``model`` lacks a plan layer or a shape differs.
+            MPPluginError: a weight was converted by another tool.
+        """
+        if self.plan is None:
+            raise ConfigError("bind needs a config with a plan: MPSparsifier.for_model(model, ...)")
+        the_plan = PrunePlan.from_dict(self.plan)
+        _refuse_converted(model)
+        the_plan.check_model(model)
+        binding = _Binding(the_plan, weakref.ref(model))
+        key = _plan_key(self.plan)
+        for name, module in model.named_modules():
+            _BOUND.setdefault(module, {})[key] = (binding, name)
+        return self
 
     def plan_for(self, model: nn.Module) -> PrunePlan | None:
-        """The plan used for ``model`` (None before it was sparsified)."""
-        state = self._roots.get(model)
-        return None if state is None else state["plan"]
+        """The plan this config applies to ``model``, with what was applied (None before anything was).
+
+        For a planned config: the bound plan (``plan.applied`` filled in as modules are
+        pruned). For the literal line: the per-module decisions made so far, named by
+        ``model``'s module names.
+        """
+        if self.plan is not None:
+            entry = _BOUND.get(model, {}).get(_plan_key(self.plan))
+            return None if entry is None else entry[0].plan
+        key = self._settings_key()
+        layers: list[LayerPlan] = []
+        log: dict[str, dict] = {}
+        for name, module in model.named_modules():
+            decided = _DECIDED.get(module, {}).get(key)
+            if decided is not None and name:
+                layers.append(LayerPlan(**{**decided[0].__dict__, "name": name}))
+                log[name] = decided[1]
+        if not layers:
+            return None
+        return PrunePlan(
+            self.sparsity,
+            self.pattern,
+            self.budget,
+            layers,
+            config=self._plan_config(),
+            applied={"method": self.projection, "layers": log},
+        )
 
     # ------------------------------------------------------------ internals
-    def _selection(self, model: nn.Module, filter_fn: Any) -> PlanConfig:
-        base = self.plan_config or PlanConfig()
-        sel = LayerSelection(**base.selection.to_dict())
-        if filter_fn is None or getattr(filter_fn, "__name__", "") == "_is_linear":
-            sel.include_conv = False  # torchao's default filter matches nn.Linear only
-        else:
-            names = [n for n, m in model.named_modules() if n and filter_fn(m, n)]
-            sel.include_only = [f"^{re.escape(n)}$" for n in names] or ["^$"]
-        return PlanConfig(**{**base.__dict__, "selection": sel})
+    def _fields(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
-    def _prepare(self, model: nn.Module, filter_fn: Any) -> PrunePlan:
-        state = self._roots.get(model)
-        if state is not None:
-            return state["plan"]
-        for name, mod in model.named_modules():
-            w = getattr(mod, "weight", None)
-            if isinstance(w, torch.Tensor) and type(w) not in (torch.Tensor, nn.Parameter):
-                raise MPPluginError(
-                    f"{name}: weight is a {type(w).__name__}, already converted by another tool; "
-                    "MPSparsifier needs plain dense weights"
-                )
-        if self.projection != "magnitude" and self.calibration is None:
-            raise MPPluginError(
-                f"projection={self.projection!r} needs calibration data: MPSparsifier(calibration=batch, ...)"
-            )
-        if self.restore and self.calibration is None:
-            raise MPPluginError("restore=True needs calibration data: MPSparsifier(calibration=batch, restore=True)")
-        cfg = self._selection(model, filter_fn)
-        the_plan = plan(model, self.sparsity, self.pattern, self.budget, cfg, calibration=self.calibration)
-        kwargs: dict[str, Any] = {"projection": self.projection, "restore": self.restore}
-        if self.calibration is not None:
-            kwargs["calibration"] = self.calibration
+    def _plan_config(self) -> PlanConfig:
+        return PlanConfig.from_dict(self.plan_config) if self.plan_config else PlanConfig()
+
+    def _settings_key(self) -> str:
+        return json.dumps({k: v for k, v in self._fields().items() if k != "plan"}, sort_keys=True)
+
+    def _whole_model_application(self) -> str | None:
+        """Why applying these settings needs the whole model at once (None: each layer on its own)."""
+        if self.projection != "magnitude":
+            return f"projection={self.projection!r} needs calibration data run through the whole model"
+        if self.restore:
+            return "restore needs calibration data run through the whole model"
         if self.permute:
-            kwargs["permute"] = self.permute
-        mp_apply(model, the_plan, **kwargs)
-        names = {id(m): n for n, m in model.named_modules()}
-        self._roots[model] = {"plan": the_plan, "names": names}
-        return the_plan
+            return f"permute={self.permute!r} folds channel permutations across neighbouring layers"
+        return None
 
-    def _root_for(self, module: nn.Module) -> nn.Module:
-        for root in list(self._roots.keys()):
-            if id(module) in self._roots[root]["names"]:
-                return root
-        frame = inspect.currentframe()
-        found: tuple[nn.Module, Any] | None = None
-        while frame is not None:
-            code = frame.f_code
-            if code.co_name in ("sparsify_", "quantize_") and "torchao" in code.co_filename:
-                model = frame.f_locals.get("model")
-                if isinstance(model, nn.Module):
-                    filter_fn = frame.f_locals.get("filter_fn")
-                    outer = frame.f_locals.get("config")
-                    if filter_fn is None and outer is not self and hasattr(outer, "fqn_to_config"):
-                        filter_fn = _fqn_filter(outer.fqn_to_config, self)  # FqnToConfig: only its modules
-                    found = (model, filter_fn)
-            frame = frame.f_back
-        del frame
-        if found is None:
+    def _whole_model_decision(self) -> str | None:
+        """Why these settings need a whole-model plan (None: each layer's decision is its own)."""
+        reason = self._whole_model_application()
+        if reason is not None:
+            return reason
+        spec = BUDGET_METHODS.get(self.budget)
+        if self.pattern != "auto" and Pattern.parse(self.pattern).is_kn:
+            return None  # k:n magnitude masks are per layer; the budget only sets n_prune, unused here
+        if self.pattern == "unstructured" and spec is not None and spec.uniform and spec.counts is None:
+            return None
+        return f"budget={self.budget!r} with pattern={self.pattern!r} compares layers across the model"
+
+
+ALLOWED_AO_MODULES.add(__name__)  # torchao's config_from_dict looks config classes up in these modules
+
+
+# --------------------------------------------------------------------------- module state (not in the config)
+
+
+@dataclass(eq=False)
+class _Binding:
+    """A plan attached to one model: the live plan, and backups of what the handler changed."""
+
+    plan: PrunePlan
+    root: Any  # weakref to the bound model
+    backups: dict[str, tuple[Any, nn.Parameter, torch.Tensor]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.pending = {lp.name for lp in self.plan.layers if lp.pattern != "dense"}
+        self.first_log = dict(self.plan.applied.get("layers", {}))
+
+    def roll_back(self) -> None:
+        """Put every module this binding changed back as it was, and forget what was applied."""
+        for name, (module_ref, param, dense) in self.backups.items():
+            module = module_ref()
+            if module is None:
+                continue
+            with torch.no_grad():
+                param.copy_(dense.to(param.device))
+            module.weight = param
+            self.pending.add(name)
+        self.backups.clear()
+        self.plan.applied["layers"] = dict(self.first_log)
+
+
+_BOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module → {plan key: (binding, fqn)}
+_DECIDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module → {settings key: (LayerPlan, log)}
+
+
+def _plan_key(plan_dict: dict) -> str:
+    """Identity of a plan's decisions (names, shapes, patterns, counts), cheap to recompute per call."""
+    layers = [(lp["name"], lp["weight_shape"], lp["pattern"], lp["n_prune"]) for lp in plan_dict["layers"]]
+    text = json.dumps([layers, plan_dict.get("created", ""), plan_dict.get("model_name", "")])
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def _refuse_converted(module: nn.Module) -> None:
+    for name, mod in module.named_modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.Tensor) and type(w) not in (torch.Tensor, nn.Parameter):
             raise MPPluginError(
-                "MPSparsifier could not see the whole model: call it through torchao.sparsity.sparsify_ "
-                "or torchao.quantize_, or call MPSparsifier.calibrate(model) first"
+                f"{name or type(mod).__name__}: weight is a {type(w).__name__}, already converted by another "
+                "tool; MPSparsifier needs plain dense weights"
             )
-        self._prepare(*found)
-        return found[0]
 
 
-def _fqn_filter(mapping: dict, config: MPSparsifier) -> Any:
-    """A ``filter_fn(module, fqn)`` true for the modules a torchao ``FqnToConfig`` maps to ``config``.
+def _put_back_state(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    live = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for key, value in saved.items():
+            if key in live and tuple(live[key].shape) == tuple(value.shape):
+                live[key].copy_(value.to(live[key].device))
 
-    A module is chosen when its ``weight`` gets ``config``. Resolution follows torchao:
-    the exact parameter name (``"fc.weight"``), the exact module name, the first
-    ``"re:"`` pattern that fully matches the parameter name, then the module name,
-    then ``"_default"`` for Linear layers.
+
+class _Holder(nn.Module):
+    """Gives a lone module the name ``"m"`` so the core's plan/apply can address it (the module is not changed)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.m = module
+
+
+def _one_layer_plan(the_plan: PrunePlan, lp: LayerPlan) -> PrunePlan:
+    return PrunePlan(
+        the_plan.sparsity,
+        the_plan.pattern,
+        the_plan.method,
+        [LayerPlan(**{**lp.__dict__, "name": "m"})],
+        config=the_plan.config,
+    )
+
+
+# --------------------------------------------------------------------------- the handler
+
+
+def convert_module(module: nn.Module, config: MPSparsifier, parameter_name: str | None = None) -> nn.Module:
+    """torchao's handler for :class:`MPSparsifier`: prune ``module`` (and its sub-layers) in place.
+
+    Args:
+        module: what torchao hands over (a Linear, or a whole block a filter accepted),
+            on whatever device torchao has moved it to.
+        config: the config; a planned one must be bound to the model that holds ``module``.
+        parameter_name: set by ``FqnToConfig`` for a parameter key; only ``"weight"`` is pruned.
+
+    Returns:
+        ``module`` itself (weights pruned; 2:4 Linear weights converted with ``accelerate``).
     """
-
-    def chosen(module: nn.Module, fqn: str) -> bool:
-        weight = f"{fqn}.weight" if fqn else "weight"
-        for exact in (weight, fqn):
-            if exact in mapping:
-                return mapping[exact] is config
-        for name in (weight, fqn):
-            for key, value in mapping.items():
-                if key.startswith("re:") and re.fullmatch(key[3:], name):
-                    return value is config
-        return mapping.get("_default") is config and isinstance(module, nn.Linear)
-
-    chosen.__name__ = "fqn_to_config_filter"
-    return chosen
-
-
-def _convert_module(module: nn.Module, config: MPSparsifier, parameter_name: str | None = None) -> nn.Module:
-    root = config._root_for(module)
-    state = config._roots[root]
-    name = state["names"].get(id(module))
     if parameter_name not in (None, "weight"):  # FqnToConfig named a bias or other parameter: nothing to prune
         return module
-    if not (config.accelerate and isinstance(module, nn.Linear) and module.weight.is_cuda):
-        return module
-    try:
-        lp = state["plan"].layer(name)
-    except KeyError:
-        return module  # not a planned target (e.g. the classifier head): left dense
-    if lp.pattern == "2:4":
-        from torch.sparse import to_sparse_semi_structured
-
-        module.weight = nn.Parameter(to_sparse_semi_structured(module.weight.detach()), requires_grad=False)
+    _refuse_converted(module)
+    done = _apply_alone(module, config) if config.plan is None else _apply_planned(module, config)
+    if config.accelerate:
+        for sub, pattern in done:
+            _accelerate(sub, pattern)
     return module
 
 
-register_quantize_module_handler(MPSparsifier)(_convert_module)
+def _apply_alone(module: nn.Module, config: MPSparsifier) -> list[tuple[nn.Module, str]]:
+    """The literal line: plan and prune the layers of ``module`` on their own (k:n magnitude)."""
+    reason = config._whole_model_decision()
+    if reason is not None:
+        raise MPPluginError(
+            f"{reason}: plan the whole model first: config = MPSparsifier.for_model(model, ...), then sparsify_"
+        )
+    base = config._plan_config()
+    cfg = PlanConfig(
+        **{**base.__dict__, "selection": LayerSelection(**{**base.selection.to_dict(), "exclude_head": False})}
+    )
+    holder = _Holder(module)
+    try:
+        own = plan(holder, config.sparsity, config.pattern, config.budget, cfg)
+    except NoPrunableLayersError:
+        return []  # nothing prunable in what torchao handed over (e.g. below min_dim)
+    apply(holder, own)
+    key = config._settings_key()
+    done = []
+    for lp in own.layers:
+        sub = holder.get_submodule(lp.name)
+        _DECIDED.setdefault(sub, {})[key] = (lp, own.applied["layers"][lp.name])
+        done.append((sub, lp.pattern))
+    return done
+
+
+def _apply_planned(module: nn.Module, config: MPSparsifier) -> list[tuple[nn.Module, str]]:
+    """A planned config: apply the plan's layers inside ``module``; on failure put back what the plan changed."""
+    entry = _BOUND.get(module, {}).get(_plan_key(config.plan))
+    if entry is None:
+        raise PlanMismatchError(
+            f"this {type(module).__name__} is not part of a model the plan was made for or bound to: "
+            "MPSparsifier.for_model(model, ...) or config.bind(model) before sparsify_/quantize_"
+        )
+    binding, name = entry
+    inside = [lp for lp in binding.plan.layers if not name or lp.name == name or lp.name.startswith(name + ".")]
+    try:
+        work = []
+        for lp in inside:  # check all of them before touching one
+            sub = module if lp.name == name else module.get_submodule(lp.name[len(name) + 1 :] if name else lp.name)
+            weight = getattr(sub, "weight", None)
+            if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != tuple(lp.weight_shape):
+                got = None if weight is None else tuple(weight.shape)
+                raise PlanMismatchError(
+                    f"layer {lp.name!r}: the plan expects weight {tuple(lp.weight_shape)}, got {got}"
+                )
+            work.append((lp, sub))
+        done = []
+        for lp, sub in work:
+            if lp.pattern == "dense":
+                continue
+            one = _one_layer_plan(binding.plan, lp)
+            holder = _Holder(sub)
+            if config._whole_model_application() is not None:
+                row = sparsity_report(holder, one).layers[0]
+                # a k:n layer is done when its pattern holds (n_prune is the budget before pattern rounding)
+                if row.kn_valid is False or (row.kn_valid is None and row.zeros < lp.n_prune):
+                    raise MPPluginError(
+                        f"layer {lp.name!r} is not pruned yet and {config._whole_model_application()}: "
+                        "MPSparsifier.for_model(model, calibration=..., ...) applies it"
+                    )
+            elif lp.name in binding.pending and lp.name not in binding.backups:
+                binding.backups[lp.name] = (weakref.ref(sub), sub.weight, sub.weight.detach().to("cpu", copy=True))
+            apply(holder, one)
+            binding.plan.applied.setdefault("layers", {})[lp.name] = one.applied["layers"]["m"]
+            binding.pending.discard(lp.name)
+            done.append((sub, lp.pattern))
+    except BaseException:
+        binding.roll_back()
+        raise
+    if not binding.pending:
+        binding.backups.clear()  # the whole plan is applied: nothing left to roll back to
+    return done
+
+
+def _accelerate(module: nn.Module, pattern: str) -> None:
+    """2:4 Linear weight on CUDA → ``SparseSemiStructuredTensor``; a shape the kernels refuse stays dense."""
+    weight = getattr(module, "weight", None)
+    if pattern != "2:4" or not isinstance(module, nn.Linear) or not isinstance(weight, torch.Tensor):
+        return
+    if not weight.is_cuda or type(weight) is not nn.Parameter:
+        return
+    from torch.sparse import to_sparse_semi_structured
+
+    try:
+        sparse = to_sparse_semi_structured(weight.detach())
+    except (RuntimeError, ValueError):
+        return  # e.g. rows/columns not a multiple of the kernel tile: dense-with-zeros is still exact
+    module.weight = nn.Parameter(sparse, requires_grad=False)
+
+
+register_quantize_module_handler(MPSparsifier)(convert_module)

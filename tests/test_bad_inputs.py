@@ -288,8 +288,8 @@ def test_permute_refuses_what_it_cannot_fold_exactly(build, reason: str) -> None
     x = torch.randn(5, 16)
     with torch.no_grad():
         ref = model(x)
-    mp.permute_channels(model, "2:4")
-    assert any(reason in s.reason for s in model._mp_permutation_report.skipped)
+    record = mp.permute_channels(model, "2:4")
+    assert any(reason in s.reason for s in record.report.skipped)
     reloaded = copy.deepcopy(original)
     reloaded.load_state_dict(model.state_dict())
     with torch.no_grad():

@@ -16,7 +16,7 @@ from torch import nn
 from mp_plugin.evaluation.baselines import (
     BASELINES,
     BaselineNotApplicable,
-    baseline_report,
+    SparseGPTReport,
     prune_baseline,
 )
 from mp_plugin.evaluation.metrics import embedding_retention, linear_probe_accuracy, output_fidelity
@@ -41,8 +41,10 @@ def _single(d_in: int = 32, d_out: int = 16, seed: int = 0) -> nn.Sequential:
     return nn.Sequential(lin)
 
 
-def _run(name: str, model: nn.Module, sparsity: float, pattern: str, x: torch.Tensor) -> nn.Module:
-    return prune_baseline(name, model, sparsity, pattern, [x[: len(x) // 2], x[len(x) // 2 :]])
+def _run(
+    name: str, model: nn.Module, sparsity: float, pattern: str, x: torch.Tensor, report: SparseGPTReport | None = None
+) -> nn.Module:
+    return prune_baseline(name, model, sparsity, pattern, [x[: len(x) // 2], x[len(x) // 2 :]], report=report)
 
 
 UNSTRUCTURED = ["uniform-magnitude", "global-magnitude", "wanda", "torchao-wanda"]
@@ -157,10 +159,11 @@ def test_sparsegpt_registers_conv_subclasses_only_where_modelopt_hessian_is_exac
     )
     dense = copy.deepcopy(model)
     x = torch.randn(4, 8, 12, 12) * torch.logspace(-1, 0.5, 8)[None, :, None, None]
+    report = SparseGPTReport()
     with pytest.warns(UserWarning, match="2 of 4 2:4 targets fell back"):
-        _run("sparsegpt", model, 0.5, "2:4", x)
-    report = baseline_report(model)
-    assert report is not None and report.modelopt == ["0", "4"]
+        _run("sparsegpt", model, 0.5, "2:4", x, report)
+    assert report.modelopt == ["0", "4"]
+    assert not [k for k in vars(model) if k.startswith("mp_")]  # nothing attached to the model
     # the 3×3 subclass pads inside forward: the hook input is not what it convolves
     assert sorted(report.fallback) == ["2", "6"] and "pads" in report.fallback["2"]
     # the plain 3×3 conv is ModelOpt's own, but its mask groups the flattened C_in·kh·kw row
@@ -184,10 +187,10 @@ def test_sparsegpt_is_real_on_pretrained_efficientnet_lite0(efficientnet_lite0) 
     dense = {n: p.detach().clone() for n, p in sgpt.named_parameters()}
     targets = [lp.name for lp in plan(sgpt, 0.5, "2:4", "uniform").layers if lp.pattern == "2:4"]
     assert len(targets) >= 30
-    prune_baseline("sparsegpt", sgpt, 0.5, "2:4", x)
-    prune_baseline("uniform-magnitude", mag, 0.5, "2:4", x)
-    report = baseline_report(sgpt)
-    assert report is not None and report.fallback == {} and report.modelopt == targets
+    report = SparseGPTReport()
+    prune_baseline("sparsegpt", sgpt, 0.5, "2:4", x, report=report)
+    prune_baseline("uniform-magnitude", mag, 0.5, "2:4", x, report=SparseGPTReport())  # nothing to report: ignored
+    assert report.fallback == {} and report.modelopt == targets
     ms, mm = dict(sgpt.named_modules()), dict(mag.named_modules())
     differing = 0
     for name in targets:

@@ -420,31 +420,30 @@ def test_certificate_aligns_dense_to_a_channel_permuted_pruned_model() -> None:
     """After apply(permute=...), per-layer R compares like with like: R lives only on pruned entries."""
     import mp_plugin
     from mp_plugin.permute import align_to_permuted, folds_from_data, folds_to_data
+    from mp_plugin.permute.record import PermutationRecord
 
     dense = make_mlp((32, 64, 64, 12), seed=3).eval()
     x = torch.randn(40, 32, generator=torch.Generator().manual_seed(0))
     pruned = copy.deepcopy(dense)
-    mp_plugin.apply(pruned, mp_plugin.plan(pruned, 0.5, "2:4", "seb"), calibration=x, permute="swap")
-    assert pruned._mp_permutation_report.permuted, "the test needs at least one permuted coupling"
+    the_plan = mp_plugin.plan(pruned, 0.5, "2:4", "seb")
+    mp_plugin.apply(pruned, the_plan, calibration=x, permute="swap")
+    record = PermutationRecord.from_plan(the_plan)
+    assert record is not None and record.report.permuted, "the test needs at least one permuted coupling"
 
-    aligned = align_to_permuted(dense, pruned)
+    aligned = align_to_permuted(dense, the_plan)
     with torch.no_grad():
         assert torch.allclose(aligned(x), dense(x), atol=1e-5)  # same function, permuted basis
-    cert = certify(dense, pruned, x, mode="bound")
+    cert = certify(dense, pruned, x, mode="bound", plan=the_plan)
     assert any("aligned" in n for n in cert.notes)
     for layer in cert.layers:
         assert layer.norms["mask_case"], layer.name  # R = A − S is zero wherever S keeps a weight
         assert layer.norms["r_fro2"] == pytest.approx(layer.norms["l2_drop"], rel=1e-9, abs=1e-12)
-    # the fold record survives a round trip through plain data (what checkpoints store)
-    restored = copy.deepcopy(pruned)
-    restored._mp_permutation_folds = folds_from_data(folds_to_data(pruned._mp_permutation_folds))
+    # the fold record survives a round trip through plain data (what plan files and checkpoints store)
+    restored = PermutationRecord(record.permutations, folds_from_data(folds_to_data(record.folds)))
     again = align_to_permuted(dense, restored)
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), aligned.state_dict().values()))
     # without the alignment the permuted rows/columns would show up as a huge, meaningless R
-    plain = copy.deepcopy(pruned)
-    del plain._mp_permutation_folds
-    plain._mp_permutations = {}
-    naive = certify(dense, plain, x, mode="empirical")
+    naive = certify(dense, pruned, x, mode="empirical")
     assert not all(layer.norms["mask_case"] for layer in naive.layers)
     assert cert.measured["agreement"] == pytest.approx(naive.measured["agreement"])
 
@@ -459,15 +458,16 @@ def test_permutation_record_survives_save_pruned_checkpoint(tmp_path) -> None:
         dense = load_model("_test_perm_mlp")
         x = torch.randn(40, 32, generator=torch.Generator().manual_seed(0))
         pruned = copy.deepcopy(dense)
-        mp_plugin.apply(pruned, mp_plugin.plan(pruned, 0.5, "2:4", "seb"), calibration=x, permute="swap")
-        path = save_pruned_checkpoint(pruned, tmp_path)
+        the_plan = mp_plugin.plan(pruned, 0.5, "2:4", "seb")
+        mp_plugin.apply(pruned, the_plan, calibration=x, permute="swap")
+        path = save_pruned_checkpoint(pruned, tmp_path, plan=the_plan)
         loaded = load_model("_test_perm_mlp", checkpoint=path)
-        assert loaded._mp_permutations == pruned._mp_permutations
-        assert [s for s, _ in loaded._mp_permutation_folds] == [s for s, _ in pruned._mp_permutation_folds]
-        cert = certify(dense, loaded, x, mode="bound")
+        saved_plan = mp_plugin.PrunePlan.load(tmp_path / "plan.json")
+        assert the_plan.permutation and saved_plan.permutation["permutations"] == the_plan.permutation["permutations"]
+        cert = certify(dense, loaded, x, mode="bound", plan=saved_plan)
         assert any("aligned" in n for n in cert.notes)
         assert all(layer.norms["mask_case"] for layer in cert.layers)
-        plain = load_model("_test_perm_mlp", checkpoint=save_pruned_checkpoint(dense, tmp_path / "dense"))
-        assert not hasattr(plain, "_mp_permutation_folds")  # nothing recorded for an unpermuted model
+        unaligned = certify(dense, loaded, x, mode="empirical")  # without the plan nothing can be aligned
+        assert not all(layer.norms["mask_case"] for layer in unaligned.layers)
     finally:
         BUILTIN_MODELS.pop("_test_perm_mlp", None)

@@ -14,6 +14,8 @@ from mp_plugin.integrations.timm import make_loaders
 
 from mp_plugin.errors import MPPluginError, PlanMismatchError
 from mp_plugin.permute.graph import Coupling
+from mp_plugin.permute.record import PermutationRecord
+from mp_plugin.planning.plan import PrunePlan
 from mp_plugin.recover.distill import (
     DataConfig,
     DataMismatchError,
@@ -212,9 +214,8 @@ def test_nan_loss_stops_at_once(folder):
 
 def test_checkpoint_resume_keeps_masks_and_refuses_another_plan(folder, tmp_path):
     student, teacher, plan = pruned_cnn(0.5)
-    student._mp_permutations = {"conv2": list(range(32))[::-1]}
     fold = Coupling(channels=32, axis=1, producers=["conv1"], ops=[], params=[("conv1.bias", 0)], consumers=["conv2"])
-    student._mp_permutation_folds = [(fold, torch.arange(32).flip(0))]
+    PermutationRecord({"conv2": list(range(32))[::-1]}, [(fold, torch.arange(32).flip(0))]).save_to(plan)
     loaders = make_loaders(folder, student, 8, NO_AUG)
     cfg = DistillConfig(epochs=2, max_steps=5, lr=1e-3)
     first = distill(student, teacher, loaders.train, cfg, plan=plan, checkpoint_dir=tmp_path, show_progress=False)
@@ -235,8 +236,9 @@ def test_checkpoint_resume_keeps_masks_and_refuses_another_plan(folder, tmp_path
         show_progress=False,
     )
     assert resumed.steps == 8
-    assert fresh._mp_permutations == {"conv2": list(range(32))[::-1]}
-    ((site, perm),) = fresh._mp_permutation_folds  # the fold record comes back too (certify aligns with it)
+    back = PermutationRecord.from_plan(PrunePlan.load(tmp_path / "plan.json"))  # the record lives in the plan
+    assert back.permutations == {"conv2": list(range(32))[::-1]}
+    ((site, perm),) = back.folds  # the fold record comes back too (certify aligns with it)
     assert site == fold and torch.equal(perm, torch.arange(32).flip(0))
     assert all(torch.equal(state["masks"][n], m.cpu()) for n, m in _masks_kept(fresh, plan).items())
 

@@ -125,18 +125,18 @@ def test_mlp_permutation_is_folded_and_recorded() -> None:
     with torch.no_grad():
         y0 = model(x)
     keys = set(model.state_dict())
-    permute_channels(model, "2:4", example_input=x)
+    rec = permute_channels(model, "2:4", example_input=x)
     with torch.no_grad():
         assert (model(x) - y0).abs().max() <= 1e-5
     assert set(model.state_dict()) == keys and _no_hooks(model)
-    perms = model._mp_permutations
+    perms = rec.permutations
     assert set(perms) == {"2", "4"}
     p2, p4 = torch.tensor(perms["2"]), torch.tensor(perms["4"])
     assert torch.equal(model[4].weight, original["4.weight"][:, p4])
     assert torch.equal(model[2].weight, original["2.weight"][p4][:, p2])  # rows for layer 4, columns for itself
     assert torch.equal(model[2].bias, original["2.bias"][p4])
     assert torch.equal(model[0].weight, original["0.weight"][p2])
-    report = model._mp_permutation_report
+    report = rec.report
     assert all(r.kept_after > r.kept_before for r in report.permuted)
     assert "0" in {s.name for s in report.skipped}  # its input is the model input
 
@@ -167,14 +167,16 @@ def test_batchnorm_stats_depthwise_and_scale_parameters_move_with_the_channels()
         nn.init.uniform_(bn.weight, 0.5, 1.5)
         nn.init.uniform_(bn.bias, -0.5, 0.5)
     mean0 = convs[1].running_mean.clone()
+    records = []
     for model, x in ((convs, torch.randn(2, 8, 6, 6)), (_ScaledMLP().eval(), torch.randn(4, 16))):
         with torch.no_grad():
             y0 = model(x)
-        permute_channels(model, "2:4", example_input=x)
+        rec = permute_channels(model, "2:4", example_input=x)
+        records.append(rec)
         with torch.no_grad():
             assert (model(x) - y0).abs().max() <= 1e-5
-        assert len(model._mp_permutation_report.permuted) == 1, str(model._mp_permutation_report)
-    perm = torch.tensor(convs._mp_permutations["6"])
+        assert len(rec.report.permuted) == 1, str(rec.report)
+    perm = torch.tensor(records[0].permutations["6"])
     assert torch.equal(convs[1].running_mean, mean0[perm])
 
 
@@ -201,10 +203,10 @@ def test_timm_function_preserved_and_state_dict_round_trips(arch: str) -> None:
     with torch.no_grad():
         y0 = model(x)
     keys = list(model.state_dict())
-    permute_channels(model, "2:4", method=method, example_input=x, max_seconds_per_layer=0.1)
+    rec = permute_channels(model, "2:4", method=method, example_input=x, max_seconds_per_layer=0.1)
     with torch.no_grad():
         assert (model(x) - y0).abs().max() <= 1e-5
-    report = model._mp_permutation_report
+    report = rec.report
     assert report.verified is True
     assert len(report.permuted) >= min_permuted, str(report)
     assert all(r.kept_after >= r.kept_before for r in report.permuted)
@@ -217,8 +219,10 @@ def test_vit_attention_permutes_only_value_rows_within_heads() -> None:
     timm = pytest.importorskip("timm")
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32).eval()
     qkv0 = model.blocks[0].attn.qkv.weight.detach().clone()
-    permute_channels(model, "2:4", method="swap", example_input=torch.randn(1, 3, 32, 32), max_seconds_per_layer=0.1)
-    perm = torch.tensor(model._mp_permutations["blocks.0.attn.proj"])
+    rec = permute_channels(
+        model, "2:4", method="swap", example_input=torch.randn(1, 3, 32, 32), max_seconds_per_layer=0.1
+    )
+    perm = torch.tensor(rec.permutations["blocks.0.attn.proj"])
     c, d = 192, 64
     assert torch.equal(perm // d, torch.arange(c) // d) and not torch.equal(perm, torch.arange(c))
     qkv = model.blocks[0].attn.qkv.weight
@@ -228,8 +232,8 @@ def test_vit_attention_permutes_only_value_rows_within_heads() -> None:
 
 def test_attention_without_example_input_is_skipped_and_reported() -> None:
     model = _TinyAttnBlock().eval()
-    permute_channels(model, "2:4", method="interleave")
-    skipped = {s.name: s.reason for s in model._mp_permutation_report.skipped}
+    rec = permute_channels(model, "2:4", method="interleave")
+    skipped = {s.name: s.reason for s in rec.report.skipped}
     assert "verified" in skipped["proj"]
 
 
@@ -240,10 +244,10 @@ def test_real_efficientnet_lite0_permutation(efficientnet_lite0: nn.Module) -> N
     x = torch.randn(2, 3, 128, 128)
     with torch.no_grad():
         y0 = model(x)
-    permute_channels(model, "2:4", method="swap", example_input=x, max_seconds_per_layer=0.3)
+    rec = permute_channels(model, "2:4", method="swap", example_input=x, max_seconds_per_layer=0.3)
     with torch.no_grad():
         assert (model(x) - y0).abs().max() <= 1e-5
-    report = model._mp_permutation_report
+    report = rec.report
     assert len(report.permuted) >= 15, str(report)
     assert all(r.kept_after > r.kept_before for r in report.permuted)
     skipped = {s.name: s.reason for s in report.skipped}
@@ -309,10 +313,10 @@ def test_unknown_module_is_skipped_and_reported() -> None:
     x = torch.randn(4, 16)
     with torch.no_grad():
         y0 = model(x)
-    permute_channels(model, "2:4", example_input=x)
+    rec = permute_channels(model, "2:4", example_input=x)
     with torch.no_grad():
         assert torch.allclose(model(x), y0, atol=1e-6)
-    report = model._mp_permutation_report
+    report = rec.report
     skipped = {s.name: s.reason for s in report.skipped}
     assert "roll" in skipped["3"]
     assert [p.name for p in report.permuted] == ["5"]
@@ -325,10 +329,10 @@ def test_untraceable_parent_falls_back_to_children() -> None:
         y0 = model(x)
     couplings, _, notes = find_couplings(model)
     assert notes and [c.consumers for c in couplings] == [["mlp.2"]]
-    permute_channels(model, "2:4", example_input=x)
+    rec = permute_channels(model, "2:4", example_input=x)
     with torch.no_grad():
         assert (model(x) - y0).abs().max() <= 1e-5
-    assert "mlp.2" in model._mp_permutations
+    assert "mlp.2" in rec.permutations
 
 
 def test_shared_weights_and_grouped_convs_are_skipped() -> None:
@@ -344,14 +348,14 @@ def test_shared_weights_and_grouped_convs_are_skipped() -> None:
             return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
 
     model = Tied().eval()
-    permute_channels(model, "2:4", example_input=torch.randn(2, 16))
-    skipped = {s.name: s.reason for s in model._mp_permutation_report.skipped}
+    rec = permute_channels(model, "2:4", example_input=torch.randn(2, 16))
+    skipped = {s.name: s.reason for s in rec.report.skipped}
     assert "shared" in skipped["b"]
-    assert not model._mp_permutations
+    assert not rec.permutations
 
     conv = nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, groups=2), nn.Conv2d(16, 8, 1)).eval()
-    permute_channels(conv, "2:4", example_input=torch.randn(1, 8, 8, 8))
-    reasons = " ".join(s.reason for s in conv._mp_permutation_report.skipped)
+    rec = permute_channels(conv, "2:4", example_input=torch.randn(1, 8, 8, 8))
+    reasons = " ".join(s.reason for s in rec.report.skipped)
     assert "grouped" in reasons
 
 
@@ -367,8 +371,8 @@ def test_bad_patterns_and_methods() -> None:
         permute_channels(model, "2:4", method="random")
     with pytest.raises(ValueError, match="example_input"):
         permute_channels(model, "2:4", method="interleave", importance="activation")
-    permute_channels(model, "2:6", example_input=torch.randn(2, 32))  # 64 inputs are not divisible by 6
-    reasons = {s.name: s.reason for s in model._mp_permutation_report.skipped}
+    rec = permute_channels(model, "2:6", example_input=torch.randn(2, 32))  # 64 inputs are not divisible by 6
+    reasons = {s.name: s.reason for s in rec.report.skipped}
     assert "divisible" in reasons["2"]
 
 
@@ -377,11 +381,11 @@ def test_lazy_export_and_activation_importance() -> None:
     x = torch.randn(8, 32)
     with torch.no_grad():
         y0 = model(x)
-    out = mp_plugin.permute_channels(model, "4:8", method="interleave", example_input=x, importance="activation")
-    assert out is model
+    rec = mp_plugin.permute_channels(model, "4:8", method="interleave", example_input=x, importance="activation")
+    assert isinstance(rec, mp_plugin.permute.PermutationRecord) and rec.permutations
     with torch.no_grad():
         assert (model(x) - y0).abs().max() <= 1e-5
-    assert model._mp_permutation_report.method == "interleave"
+    assert rec.report.method == "interleave"
 
 
 class _FlippedLinear(nn.Linear):
@@ -436,10 +440,10 @@ def test_children_of_an_untraced_parent_are_linked_only_when_verified(leak: bool
     x = torch.randn(4, 5, 16)
     with torch.no_grad():
         y0 = model(x)
-    permute_channels(model, "2:4", example_input=x)
+    rec = permute_channels(model, "2:4", example_input=x)
     with torch.no_grad():
         assert (model(x) - y0).abs().max() <= 1e-5
-    report = model._mp_permutation_report
+    report = rec.report
     if leak:
         assert not report.permuted
         assert "undone" in {s.name: s.reason for s in report.skipped}["0.down.fc"]
@@ -455,10 +459,10 @@ def test_real_minilm_feed_forward_is_linked_and_permuted(minilm: nn.Module) -> N
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     with torch.no_grad():
         y0 = model(**batch)
-    permute_channels(model, "2:4", method="swap", example_input=batch, max_seconds_per_layer=0.2)
+    rec = permute_channels(model, "2:4", method="swap", example_input=batch, max_seconds_per_layer=0.2)
     with torch.no_grad():
         assert (model(**batch) - y0).abs().max() <= 1e-5
-    names = {p.name for p in model._mp_permutation_report.permuted}
+    names = {p.name for p in rec.report.permuted}
     assert sum(name.endswith("output.dense") and "attention" not in name for name in names) == 6
     fresh = copy.deepcopy(minilm)
     fresh.load_state_dict(model.state_dict())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +36,9 @@ from mp_plugin.certificate.perturbation import (
 )
 from mp_plugin.certificate.result import Certificate, LayerCertificate
 from mp_plugin.errors import CertificateInputError, NonFiniteActivationError, NotCertifiable
+from mp_plugin.layers.wrappers import unwrap_model
 from mp_plugin.masks.select import fold_parametrizations
+from mp_plugin.permute import align_to_permuted, resolve_permutation
 from mp_plugin.progress import progress
 
 __all__ = ["certify"]
@@ -140,16 +143,18 @@ def certify(
     precision: torch.dtype = torch.float64,
     gaussian: bool = True,
     show_progress: bool = False,
+    plan: Any = None,
+    permutation: Any = None,
 ) -> Certificate:
     """Certify which samples of ``batch`` keep their prediction when ``dense`` is pruned to ``pruned``.
 
     Args:
         dense: the model before pruning (A). Not modified; evaluated in eval mode.
         pruned: the same architecture after pruning (S). ``torch.nn.utils.parametrize``
-            parametrizations (e.g. torch.ao sparsifier masks) are folded on a copy. When
-            ``pruned`` was channel-permuted (``apply(..., permute=...)``), a copy of ``dense``
-            gets the same permutations (:func:`mp_plugin.permute.align_to_permuted`), so
-            per-layer R = W_A − W_S compares like with like.
+            parametrizations (e.g. torch.ao sparsifier masks) are folded on a copy. Either
+            model may be wrapped (``torch.compile``, DDP, …): the model inside is certified
+            (:func:`mp_plugin.layers.wrappers.unwrap_model`; a wrapper must not change the
+            forward).
         batch: |T| samples: a tensor, a tuple (``model(*batch)``) or a dict (``model(**batch)``).
             The model must return (|T|, K) logits (or an object with ``.logits``).
         labels: optional (|T|,) true classes, for Δ^true, the accuracy-change bound and CE.
@@ -166,6 +171,14 @@ def certify(
         gaussian: compute the Gaussian MP-edge form (bound/jacobian modes; fits σ₊ of each R).
         precision: dtype of the Rψ₁ products.
         show_progress: tqdm bars over the layers bounded, estimated or measured one by one.
+        plan: the :class:`~mp_plugin.planning.plan.PrunePlan` that pruned ``pruned`` (also one
+            loaded with ``PrunePlan.load``). When ``apply(..., permute=...)`` recorded a channel
+            permutation in it, a copy of ``dense`` gets the same permutations
+            (:func:`mp_plugin.permute.align_to_permuted`), so per-layer R = W_A − W_S compares
+            like with like. Without it, a permuted model's R compares different channel
+            orders (η and the preserved set stay exact in empirical mode).
+        permutation: instead of ``plan``, the :class:`~mp_plugin.permute.PermutationRecord`
+            that ``permute_channels`` returned.
 
     Returns:
         A :class:`Certificate`; every number carries its kind (rigorous / estimate / exact).
@@ -180,11 +193,13 @@ def certify(
     lam = _check_lambdas(lambdas)
     if not 0 < delta < 1:
         raise CertificateInputError(f"delta must lie in (0, 1), got {delta}")
-    aligned = bool(getattr(pruned, "_mp_permutation_folds", None)) and not getattr(dense, "_mp_permutation_folds", None)
+    if plan is not None and permutation is not None:
+        raise CertificateInputError("give the channel permutation once: plan=... or permutation=..., not both")
+    record = resolve_permutation(permutation if permutation is not None else plan)
+    dense, pruned = unwrap_model(dense), unwrap_model(pruned)
+    aligned = record is not None and bool(record.folds)
     if aligned:  # compare layer by layer in the pruned model's (permuted) channel basis
-        from mp_plugin.permute import align_to_permuted
-
-        dense = align_to_permuted(dense, pruned)
+        dense = align_to_permuted(dense, record)
     dense_c = _eval_view(dense)
     device = model_device(dense_c)
     pruned_c = _eval_view(pruned, device)
@@ -204,10 +219,10 @@ def certify(
     notes: list[str] = []
     if aligned:
         notes.append("dense model aligned to the pruned model's channel permutations (same function, permuted basis)")
-    elif getattr(pruned, "_mp_permutations", None) and not getattr(dense, "_mp_permutations", None):
+    elif record is not None:
         notes.append(
-            "the pruned model was channel-permuted but carries no fold record (e.g. restored from a checkpoint): "
-            "per-layer R compares different channel orders; η and the preserved set stay exact in empirical mode"
+            "the permutation record lists permutations but no folds: per-layer R compares different channel "
+            "orders; η and the preserved set stay exact in empirical mode"
         )
     other = _changed_other_params(dense_c, pruned_c, list(d_layers))
     if other and layers is None:

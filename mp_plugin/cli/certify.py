@@ -20,6 +20,7 @@ from mp_plugin.cli.common import add_model_arg, add_threads_arg, set_threads
 from mp_plugin.errors import MPPluginError
 from mp_plugin.evaluation.model_source import load_named_model
 from mp_plugin.integrations.plotting import plot_certificate
+from mp_plugin.planning.plan import PrunePlan
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--dense-checkpoint", help="dense reference weights (default: the built-in's or timm's pretrained weights)"
+    )
+    p.add_argument(
+        "--plan",
+        help="plan.json that pruned the checkpoint; its channel permutation aligns the dense model "
+        "(default: plan.json beside the checkpoint, when there is one)",
     )
     p.add_argument("--num-classes", type=int, default=None, help="classifier size for timm models")
     p.add_argument(
@@ -84,6 +90,14 @@ def _check_image_model(model: nn.Module, name: str, x: torch.Tensor) -> None:
         raise MPPluginError(f"certify needs (N, classes) logits; {name} returned {type(out).__name__}")
 
 
+def _plan(args: argparse.Namespace) -> PrunePlan | None:
+    """The plan given by ``--plan``, else ``plan.json`` beside the checkpoint, else None."""
+    if args.plan:
+        return PrunePlan.load(args.plan)
+    beside = Path(args.checkpoint).parent / "plan.json"
+    return PrunePlan.load(beside) if beside.is_file() else None
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``certify``: load both models and the data, certify, print the summary, write JSON."""
     from mp_plugin.certificate import certify_auto
@@ -96,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     x, labels = _data(args)
     _check_image_model(dense, args.model, x)
     pruned = load_named_model(args.model, args.checkpoint, args.num_classes)
+    plan = _plan(args)
     print(f"[2/3] certifying on {len(x)} images (mode {args.mode})", flush=True)
     cert = certify_auto(
         dense,
@@ -106,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         sequential=args.sequential,
         lambdas=args.lambdas,
         show_progress=True,
+        plan=plan,
     )
     print("[3/3] result")
     print(cert.summary())

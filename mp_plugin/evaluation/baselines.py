@@ -2,9 +2,12 @@
 
 Every baseline has one signature::
 
-    prune_baseline(name, model, sparsity=0.5, pattern="unstructured", calibration=None) -> model
+    prune_baseline(name, model, sparsity=0.5, pattern="unstructured", calibration=None, report=None) -> model
 
-and prunes ``model`` in place (dense tensors with exact zeros). The target layers
+and prunes ``model`` in place (dense tensors with exact zeros). What a baseline
+has to report beyond the weights (today ``sparsegpt``'s per-layer fallbacks) goes
+into a :class:`SparseGPTReport` the caller passes as ``report`` and holds; nothing
+is attached to the model. The target layers
 and the per-layer counts come from the core's :func:`~mp_plugin.plan.plan`, so a
 baseline and an MP method always touch the same layers with the same total.
 
@@ -30,7 +33,7 @@ Notes on the framework implementations, as installed:
   ``forward``); other subclasses among the targets (EfficientNet's
   ``Conv2dStaticSamePadding``) are registered for the call when its Hessian is
   exact for them (checked on the calibration input), else they fall back too.
-  Every fallback and its reason is in the attached :class:`SparseGPTReport`.
+  Every fallback and its reason is in the caller's :class:`SparseGPTReport`.
   For k×k convs it groups the flattened C_in·kh·kw row, not the input channels
   at each kernel position that TensorRT accelerates (``mp_plugin.layers.layout``; its
   own magnitude mode uses the channel layout); such masks fail our k:n check
@@ -61,7 +64,8 @@ from mp_plugin.layers.calibration import first_batch, run_batches
 from mp_plugin.layers.patterns import Pattern
 from mp_plugin.masks.scores import input_norms, per_row_mask, wanda_scores
 from mp_plugin.masks.select import assert_kn_exact, check_nm, nm_mask
-from mp_plugin.planning.build import PlanConfig, PrunePlan, plan
+from mp_plugin.planning.build import plan
+from mp_plugin.planning.plan import PlanConfig, PrunePlan
 from mp_plugin.pruning.apply_plan import apply
 from mp_plugin.restore.sparsegpt import sparsegpt_obs
 
@@ -70,7 +74,6 @@ __all__ = [
     "Baseline",
     "BaselineNotApplicable",
     "SparseGPTReport",
-    "baseline_report",
     "register_baseline",
     "prune_baseline",
     "wanda_prune",
@@ -88,22 +91,27 @@ class Baseline:
     """One registered baseline.
 
     Attributes:
-        fn: ``fn(model, sparsity, pattern, calibration, plan_config) -> model`` (in place).
+        fn: ``fn(model, sparsity, pattern, calibration, plan_config) -> model`` (in place);
+            with ``reports``, also a keyword ``report`` it fills in.
         needs_calibration: whether ``calibration`` batches are required.
         doc: one line.
+        reports: whether ``fn`` takes ``report=`` (a :class:`SparseGPTReport`).
     """
 
     fn: PruneFn
     needs_calibration: bool
     doc: str
+    reports: bool = False
 
 
 BASELINES: dict[str, Baseline] = {}
 
 
-def register_baseline(name: str, fn: PruneFn, needs_calibration: bool = False, doc: str = "") -> None:
-    """Add a baseline to :data:`BASELINES`."""
-    BASELINES[name] = Baseline(fn, needs_calibration, doc)
+def register_baseline(
+    name: str, fn: PruneFn, needs_calibration: bool = False, doc: str = "", reports: bool = False
+) -> None:
+    """Add a baseline to :data:`BASELINES` (``reports``: ``fn`` takes a ``report=`` keyword to fill in)."""
+    BASELINES[name] = Baseline(fn, needs_calibration, doc, reports)
 
 
 def prune_baseline(
@@ -113,6 +121,7 @@ def prune_baseline(
     pattern: str = "unstructured",
     calibration: Any = None,
     plan_config: PlanConfig | None = None,
+    report: SparseGPTReport | None = None,
 ) -> nn.Module:
     """Prune ``model`` in place with baseline ``name`` and return it.
 
@@ -124,6 +133,8 @@ def prune_baseline(
         calibration: a batch or list of batches (tensor, tuple or dict; see
             :func:`mp_plugin.layers.calibration.run_batches`), for calibration-aware baselines.
         plan_config: the :class:`PlanConfig` whose layer selection defines the targets.
+        report: a :class:`SparseGPTReport` the baseline fills in (left empty by baselines
+            that have nothing to report); the caller keeps it.
 
     Raises:
         MPPluginError: unknown name, or calibration missing.
@@ -134,6 +145,8 @@ def prune_baseline(
     spec = BASELINES[name]
     if spec.needs_calibration and calibration is None:
         raise MPPluginError(f"baseline {name!r} needs calibration data")
+    if spec.reports:
+        return spec.fn(model, sparsity, pattern, calibration, plan_config, report=report)
     return spec.fn(model, sparsity, pattern, calibration, plan_config)
 
 
@@ -202,12 +215,10 @@ def sparsegpt_obs_prune(
 
 # --------------------------------------------------------------------------- SparseGPT (ModelOpt)
 
-REPORT_ATTR = "mp_baseline_report"
-
 
 @dataclass
 class SparseGPTReport:
-    """What :func:`sparsegpt_modelopt` did with each 2:4 target layer (attached to the pruned model).
+    """What :func:`sparsegpt_modelopt` did with each 2:4 target layer (filled in for the caller, who holds it).
 
     Attributes:
         modelopt: targets that kept ModelOpt's SparseGPT mask.
@@ -223,11 +234,6 @@ class SparseGPTReport:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy."""
         return {"modelopt": list(self.modelopt), "fallback": dict(self.fallback), "registered": list(self.registered)}
-
-
-def baseline_report(model: nn.Module) -> SparseGPTReport | None:
-    """The report a baseline attached to ``model`` (today only ``sparsegpt`` attaches one), else ``None``."""
-    return getattr(model, REPORT_ATTR, None)
 
 
 def _subclass_refusal(module: nn.Module) -> str | None:
@@ -307,7 +313,12 @@ def _modelopt_miss(weight: torch.Tensor, dense: torch.Tensor) -> str:
 
 
 def sparsegpt_modelopt(
-    model: nn.Module, sparsity: float, pattern: str, calibration: Any, config: PlanConfig | None = None
+    model: nn.Module,
+    sparsity: float,
+    pattern: str,
+    calibration: Any,
+    config: PlanConfig | None = None,
+    report: SparseGPTReport | None = None,
 ) -> nn.Module:
     """SparseGPT 2:4 through ModelOpt's own ``sparsegpt`` mode, restricted to the plan's target layers.
 
@@ -323,9 +334,9 @@ def sparsegpt_modelopt(
     Targets that are refused, that ModelOpt skips (out/in size not divisible by 4),
     or whose mask is not 2:4 along the input channels (k×k convs, see the module
     notes) get magnitude 2:4 of the dense weights. The model is exported
-    (``mts.export``) back to its ordinary classes, the registration undone, and a
-    :class:`SparseGPTReport` attached as ``model.mp_baseline_report``
-    (:func:`baseline_report`); a warning names the fallbacks.
+    (``mts.export``) back to its ordinary classes, the registration undone, and
+    ``report`` (a :class:`SparseGPTReport` the caller holds; a fresh one when None)
+    filled in with what went where; a warning names the fallbacks.
     """
     pat = Pattern.parse(pattern)
     if not (pat.is_kn and pat.k == 2 and pat.n == 4):
@@ -336,7 +347,7 @@ def sparsegpt_modelopt(
     p = _target_plan(model, 0.5, "2:4", config)
     modules = p.check_model(model)
     targets = [lp.name for lp in p.layers if Pattern.parse(lp.pattern).is_kn]
-    report = SparseGPTReport()
+    report = SparseGPTReport() if report is None else report
     candidates: dict[str, nn.Module] = {}
     for name in targets:
         module = modules[name]
@@ -395,7 +406,6 @@ def sparsegpt_modelopt(
             if name not in report.fallback:
                 report.fallback[name] = _modelopt_miss(weight, w)
             weight.copy_(w * nm_mask(w, 2, 4).to(w.dtype))
-    setattr(model, REPORT_ATTR, report)
     if report.fallback:
         shown = "; ".join(f"{n}: {r}" for n, r in list(report.fallback.items())[:3])
         more = f" (+{len(report.fallback) - 3} more)" if len(report.fallback) > 3 else ""
@@ -446,7 +456,9 @@ def torchao_wanda(
 register_baseline("uniform-magnitude", _magnitude("uniform"), doc="same fraction per layer, smallest |W|")
 register_baseline("global-magnitude", _magnitude("magnitude"), doc="one global |W| threshold")
 register_baseline("wanda", wanda_prune, needs_calibration=True, doc="|W|·‖x‖₂ per output row (own implementation)")
-register_baseline("sparsegpt", sparsegpt_modelopt, needs_calibration=True, doc="ModelOpt sparsegpt (mask only), 2:4")
+register_baseline(
+    "sparsegpt", sparsegpt_modelopt, needs_calibration=True, doc="ModelOpt sparsegpt (mask only), 2:4", reports=True
+)
 register_baseline(
     "sparsegpt-obs", sparsegpt_obs_prune, needs_calibration=True, doc="SparseGPT with its weight update (own code)"
 )

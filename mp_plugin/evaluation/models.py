@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +28,6 @@ from mp_plugin.errors import CheckpointError, ConfigError, MPPluginError
 
 __all__ = ["BUILTIN_MODELS", "load_model", "register_builtin_model", "save_pruned_checkpoint"]
 
-PERMUTATION_METADATA = "mp_plugin_permutations"  # safetensors metadata key of the permutation record
 
 BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -150,7 +148,7 @@ def load_model(
     from mp_plugin.evaluation.checkpoint_io import load_state_into, read_checkpoint
 
     path = Path(checkpoint)
-    obj, record = read_checkpoint(path, PERMUTATION_METADATA)
+    obj, _ = read_checkpoint(path)
     if isinstance(obj, nn.Module):
         return obj.eval()
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -160,15 +158,6 @@ def load_model(
     if model is None:
         raise CheckpointError(f"{path} holds a state_dict: also give the architecture name")
     load_state_into(model, obj, path, name)
-    if record is not None:
-        from mp_plugin.permute import restore_permutation_record
-
-        try:
-            restore_permutation_record(model, record)
-        except MPPluginError:
-            raise
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
-            raise CheckpointError(f"{path}: its permutation record is malformed ({type(exc).__name__}: {exc})") from exc
     return model.eval()
 
 
@@ -194,9 +183,10 @@ def save_pruned_checkpoint(model: nn.Module, directory: str | Path, plan: object
     """Write ``directory/model.safetensors`` (dense-with-zeros state_dict) and, if given, ``plan.json``.
 
     Tied tensors are cloned into separate entries (safetensors refuses shared storage).
-    A channel-permuted model's permutations and fold record go into the file's
-    metadata, so :func:`load_model` restores them (the certificate aligns with them).
-    Returns the safetensors path.
+    A channel-permuted model's permutation record is in the plan
+    (``plan.applied["permutation"]``), so ``plan.json`` carries it; pass that plan to
+    ``certify(..., plan=...)`` to align the dense model. A wrapped model (DDP,
+    ``torch.compile``) is saved as the model inside it. Returns the safetensors path.
     """
     from safetensors.torch import save_file
 
@@ -206,14 +196,11 @@ def save_pruned_checkpoint(model: nn.Module, directory: str | Path, plan: object
     if any(p.exists() and not p.is_dir() for p in out.parents):
         raise CheckpointError(f"cannot write the checkpoint into {out}: a parent path is an existing file")
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    from mp_plugin.layers.wrappers import unwrap_model
+
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in unwrap_model(model).state_dict().items()}
     path = out / "model.safetensors"
     metadata = {"format": "pt", "mp_plugin_plan": "plan.json"}
-    from mp_plugin.permute import permutation_record
-
-    record = permutation_record(model)
-    if record is not None:
-        metadata[PERMUTATION_METADATA] = json.dumps(record)
     save_file(state, str(path), metadata=metadata)
     if plan is not None:
         plan.save(out / "plan.json")

@@ -24,7 +24,8 @@ from mp_plugin.errors import ConfigError, MPPluginError
 from mp_plugin.evaluation.metrics import batched_outputs, output_fidelity
 from mp_plugin.evaluation.model_source import load_named_model, weights_description
 from mp_plugin.integrations.plotting import plot_plan
-from mp_plugin.planning.build import PlanConfig, PrunePlan, plan
+from mp_plugin.planning.build import plan
+from mp_plugin.planning.plan import PlanConfig, PrunePlan
 from mp_plugin.pruning.apply_plan import apply, sparsity_report
 from mp_plugin.restore import RestoreConfig
 
@@ -194,8 +195,9 @@ def run_main_job(cfg: MainJobConfig, log: Callable[[str], None] = _log) -> dict[
         log(f"[4/6] certificate for '{best['variant']}' (the rigorous bound where it can run)")
         from mp_plugin.certificate import certify_auto
 
-        cert = certify_auto(
-            dense, models[best["variant"]][0], x_eval, labels, log=lambda m: log(f"      {m}"), show_progress=True
+        best_model, best_plan = models[best["variant"]]
+        cert = certify_auto(  # the plan's permutation record (if any) aligns the dense model
+            dense, best_model, x_eval, labels, log=lambda m: log(f"      {m}"), show_progress=True, plan=best_plan
         )
         (out / "certificate.json").write_text(json.dumps(cert.to_dict(per_sample=True), indent=1, default=str))
         results["certificate"] = {

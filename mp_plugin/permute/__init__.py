@@ -10,14 +10,15 @@ Modules: ``search`` (the searches on one 2-D weight), ``ops`` (which modules act
 per channel), ``graph`` (fx coupling closure, recursive fallback to children),
 ``links`` (joining open couplings of children of an untraceable parent, checked
 at run time), ``attention`` (fused-qkv heads), ``fold`` (rewriting the tensors),
-``report`` and ``api``.
+``report``, ``record`` (:class:`PermutationRecord`: what was folded, held by the caller
+or the plan, never attached to the model) and ``api``.
 """
 
 from __future__ import annotations
 
-from mp_plugin.permute.api import METHODS, PermutationError, align_to_permuted, permute_channels
+from mp_plugin.permute.api import METHODS, PermutationError, align_to_permuted, permute_channels, undo_folds
 from mp_plugin.permute.graph import Coupling, GraphFailure, find_couplings
-from mp_plugin.permute.record import folds_from_data, folds_to_data, permutation_record, restore_permutation_record
+from mp_plugin.permute.record import PermutationRecord, folds_from_data, folds_to_data, resolve_permutation
 from mp_plugin.permute.report import PermutationReport, PermutedLayer, SkippedPermutation
 from mp_plugin.permute.search import (
     apply_column_permutation,
@@ -32,6 +33,7 @@ __all__ = [
     "Coupling",
     "GraphFailure",
     "PermutationError",
+    "PermutationRecord",
     "PermutationReport",
     "PermutedLayer",
     "align_to_permuted",
@@ -43,8 +45,8 @@ __all__ = [
     "folds_to_data",
     "interleave_permutation",
     "kept_magnitude",
-    "permutation_record",
     "permute_channels",
-    "restore_permutation_record",
+    "resolve_permutation",
     "swap_permutation",
+    "undo_folds",
 ]

@@ -16,15 +16,17 @@ from mp_plugin.layers.calibration import call_model
 from mp_plugin.layers.discovery import find_target_layers
 from mp_plugin.layers.layout import kn_eligible
 from mp_plugin.layers.patterns import Pattern
+from mp_plugin.layers.wrappers import unwrap_model
 from mp_plugin.permute.attention import AttentionSite, find_attention_sites, fold_attention
 from mp_plugin.permute.fold import consumer_matrix, fold_coupling
 from mp_plugin.permute.graph import Coupling, find_couplings, shared_modules
 from mp_plugin.permute.links import link_partials
+from mp_plugin.permute.record import Fold, PermutationRecord, resolve_permutation
 from mp_plugin.permute.report import PermutationReport, PermutedLayer, SkippedPermutation
 from mp_plugin.permute.search import channel_importance, interleave_permutation, kept_magnitude, swap_permutation
 from mp_plugin.progress import progress
 
-__all__ = ["permute_channels", "align_to_permuted", "PermutationError", "METHODS"]
+__all__ = ["permute_channels", "align_to_permuted", "undo_folds", "PermutationError", "METHODS"]
 
 METHODS = ("swap", "interleave")
 
@@ -144,7 +146,8 @@ def permute_channels(
     show_progress: bool = False,
     importance: str = "weight",
     max_seconds_per_layer: float = 10.0,
-) -> nn.Module:
+    record: PermutationRecord | None = None,
+) -> PermutationRecord:
     """Permute input channels for k:n sparsity and fold the permutations into the weights, in place.
 
     For every coupling found in the module graph (producer rows and bias → per-channel
@@ -153,12 +156,14 @@ def permute_channels(
     k:n mask of the consumer (conv groups run along input channels at each kernel
     position, ``mp_plugin.layers.layout``), and it
     is folded into all tensors of the coupling so the function is unchanged. No hooks,
-    buffers or state_dict keys are added. Couplings the graph walk does not understand
+    buffers, state_dict keys or attributes are added: what was folded is returned as a
+    :class:`PermutationRecord` (``apply(..., permute=...)`` keeps it in the plan). Couplings the graph walk does not understand
     (residual streams, reshapes, unknown modules, shared weights, grouped convs) are
     left unpermuted and reported.
 
     Args:
-        model: any ``nn.Module``; modified in place.
+        model: any ``nn.Module``; modified in place. A wrapped model (``torch.compile``,
+            DDP, …) is permuted through the model inside it; names carry no wrapper prefix.
         pattern: ``"k:n"`` (1 ≤ k < n ≤ 16).
         method: ``"swap"`` (exact swap search, Pool & Yu objective) or ``"interleave"``
             (importance-stratified interleave of the spec).
@@ -170,11 +175,13 @@ def permute_channels(
         importance: channel importance of the interleave: ``"weight"`` (Σ_i W_ij²) or
             ``"activation"`` (‖W_:j‖²·E h_j², needs an input). The swap search ignores it.
         max_seconds_per_layer: time bound of the swap search per coupling.
+        record: the record of earlier ``permute_channels`` calls on this model; the new
+            permutations are composed with it (it is not modified).
 
     Returns:
-        ``model``, with ``model._mp_permutations`` (consumer name → list[int]: new input
-        channel s is old channel perm[s], composed with earlier calls) and
-        ``model._mp_permutation_report`` (:class:`PermutationReport`).
+        A :class:`PermutationRecord`: ``permutations`` (consumer name → list[int]: new input
+        channel s is old channel perm[s], composed with ``record``), ``folds`` (``record``'s
+        folds, then this call's) and ``report`` (this call's :class:`PermutationReport`).
 
     Raises:
         PatternError: malformed pattern, not k:n, k ≥ n or n > 16.
@@ -189,6 +196,9 @@ def permute_channels(
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
     if importance not in ("weight", "activation"):
         raise ConfigError(f"importance must be 'weight' or 'activation', got {importance!r}")
+    if record is not None and not isinstance(record, PermutationRecord):
+        raise ConfigError(f"record must be a PermutationRecord or None, got {type(record).__name__}")
+    model = unwrap_model(model)
     k, n = pat.k, pat.n
     report = PermutationReport(str(pat), method)
     example = example_input if example_input is not None else _default_input(model)
@@ -386,41 +396,41 @@ def permute_channels(
                 _fold(model, site, torch.argsort(perm))
             raise PermutationError(f"folding changed the output by {diff:.3e}; all permutations were undone")
 
-    old: dict[str, list[int]] = dict(getattr(model, "_mp_permutations", {}) or {})
-    for name, perm in perms.items():
-        prev = old.get(name)
-        old[name] = (torch.tensor(prev)[perm] if prev is not None else perm).tolist()
-    model._mp_permutations = old
-    model._mp_permutation_report = report
-    model._mp_permutation_folds = [*getattr(model, "_mp_permutation_folds", []), *undo]
-    return model
+    return (record or PermutationRecord()).extended(perms, undo, report)
 
 
-def align_to_permuted(reference: nn.Module, permuted: nn.Module) -> nn.Module:
-    """A copy of ``reference`` with ``permuted``'s channel permutations folded in, in the same order.
+def undo_folds(model: nn.Module, folds: list[Fold]) -> None:
+    """Unfold ``folds`` from ``model`` (last first), in place: the inverse of folding them in order."""
+    model = unwrap_model(model)
+    with torch.no_grad():
+        for site, perm in reversed(folds):
+            _fold(model, site, torch.argsort(perm))
 
-    ``permute_channels`` records every fold it applied (``model._mp_permutation_folds``:
-    coupling or attention site, permutation). Replaying them on a copy of the dense
-    model gives the same function in the permuted basis, so weights can be compared
-    layer by layer with the permuted (and pruned) model — e.g. the certificate's
-    per-layer R = W_dense − W_pruned. ``reference`` itself is not modified.
+
+def align_to_permuted(reference: nn.Module, permutation: Any) -> nn.Module:
+    """A copy of ``reference`` with a permuted model's channel permutations folded in, in the same order.
+
+    ``permutation`` is the :class:`PermutationRecord` ``permute_channels`` returned, or the
+    :class:`~mp_plugin.planning.plan.PrunePlan` that ``apply(..., permute=...)`` stored it in
+    (also after ``PrunePlan.save``/``load``). Replaying its folds on a copy of the dense
+    model gives the same function in the permuted basis, so weights can be compared layer
+    by layer with the permuted (and pruned) model — e.g. the certificate's per-layer
+    R = W_dense − W_pruned. ``reference`` itself is not modified (a wrapped reference is
+    copied without its wrapper).
 
     Raises:
-        PermutationError: ``permuted`` carries permutations (``_mp_permutations``) but
-            not the fold record (e.g. it was restored from a checkpoint).
+        PermutationError: the record lists permutations but no folds (a hand-made record).
     """
-    folds = getattr(permuted, "_mp_permutation_folds", None)
-    if not folds:
-        if getattr(permuted, "_mp_permutations", None):
-            raise PermutationError(
-                "the model was permuted but carries no fold record (_mp_permutation_folds); "
-                "align the reference by re-running permute_channels on it"
-            )
-        return copy.deepcopy(reference)
-    out = copy.deepcopy(reference)
+    record = resolve_permutation(permutation)
+    out = copy.deepcopy(unwrap_model(reference))
+    if record is None:
+        return out
+    if not record.folds:
+        raise PermutationError(
+            "the permutation record lists permutations but no folds; "
+            "align the reference by re-running permute_channels on it"
+        )
     with torch.no_grad():
-        for site, perm in folds:
+        for site, perm in record.folds:
             _fold(out, site, perm)
-    out._mp_permutations = copy.deepcopy(getattr(permuted, "_mp_permutations", {}))
-    out._mp_permutation_folds = list(folds)
     return out

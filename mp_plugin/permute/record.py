@@ -1,17 +1,20 @@
-"""The fold record of a permuted model as plain JSON-ready data (for checkpoints).
+"""What ``permute_channels`` folded into a model, as a value the caller holds.
 
-``permute_channels`` leaves ``model._mp_permutation_folds``: the list of
-(:class:`~mp_plugin.permute.graph.Coupling` or
-:class:`~mp_plugin.permute.attention.AttentionSite`, permutation) it folded, in
-order. :func:`folds_to_data` turns it into lists/dicts/ints only (safe for
+Nothing is attached to the model: :func:`~mp_plugin.permute.permute_channels`
+returns a :class:`PermutationRecord`, and ``apply(..., permute=...)`` stores its
+JSON form in the plan (``plan.applied["permutation"]``, plan schema version 2),
+so it survives DDP, ``torch.compile`` or any other wrapper, ``state_dict``
+reloads and ``PrunePlan.save``/``load``. The certificate and the checkpoint code
+read it back with :meth:`PermutationRecord.from_plan` (or
+:func:`resolve_permutation`, which also takes a record).
+
+:func:`folds_to_data` turns the fold list into lists/dicts/ints only (safe for
 ``torch.load(weights_only=True)`` and JSON); :func:`folds_from_data` is the inverse.
-:func:`permutation_record` / :func:`restore_permutation_record` carry a model's
-whole record (``_mp_permutations`` + folds) through any checkpoint format.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -19,11 +22,14 @@ import torch
 from mp_plugin.errors import MPPluginError
 from mp_plugin.permute.attention import AttentionSite
 from mp_plugin.permute.graph import Coupling
+from mp_plugin.permute.report import PermutationReport, PermutedLayer, SkippedPermutation
 
-__all__ = ["folds_to_data", "folds_from_data", "permutation_record", "restore_permutation_record"]
+__all__ = ["PermutationRecord", "folds_from_data", "folds_to_data", "resolve_permutation"]
+
+Fold = tuple[Coupling | AttentionSite, torch.Tensor]
 
 
-def folds_to_data(folds: list[tuple[Coupling | AttentionSite, torch.Tensor]]) -> list[dict[str, Any]]:
+def folds_to_data(folds: list[Fold]) -> list[dict[str, Any]]:
     """``[{"kind": "coupling"|"attention", "site": {...}, "perm": [int, ...]}, ...]``."""
     out = []
     for site, perm in folds:
@@ -32,9 +38,9 @@ def folds_to_data(folds: list[tuple[Coupling | AttentionSite, torch.Tensor]]) ->
     return out
 
 
-def folds_from_data(data: list[dict[str, Any]]) -> list[tuple[Coupling | AttentionSite, torch.Tensor]]:
+def folds_from_data(data: list[dict[str, Any]]) -> list[Fold]:
     """Inverse of :func:`folds_to_data`."""
-    folds: list[tuple[Coupling | AttentionSite, torch.Tensor]] = []
+    folds: list[Fold] = []
     for entry in data:
         site = dict(entry["site"])
         if entry["kind"] == "coupling":
@@ -48,18 +54,83 @@ def folds_from_data(data: list[dict[str, Any]]) -> list[tuple[Coupling | Attenti
     return folds
 
 
-def permutation_record(model: Any) -> dict[str, Any] | None:
-    """``{"permutations": {consumer: [int, ...]}, "folds": folds_to_data(...)}`` of a permuted model, else None."""
-    perms = getattr(model, "_mp_permutations", None)
-    if not perms:
-        return None
-    return {
-        "permutations": {k: [int(i) for i in v] for k, v in dict(perms).items()},
-        "folds": folds_to_data(getattr(model, "_mp_permutation_folds", None) or []),
-    }
+def _report_from_dict(d: dict[str, Any]) -> PermutationReport:
+    d = dict(d)
+    d["permuted"] = [PermutedLayer(**p) for p in d.get("permuted", [])]
+    d["skipped"] = [SkippedPermutation(**s) for s in d.get("skipped", [])]
+    return PermutationReport(**d)
 
 
-def restore_permutation_record(model: Any, record: dict[str, Any]) -> None:
-    """Inverse of :func:`permutation_record`: set ``model._mp_permutations`` and ``_mp_permutation_folds``."""
-    model._mp_permutations = record["permutations"]
-    model._mp_permutation_folds = folds_from_data(record["folds"])
+@dataclass
+class PermutationRecord:
+    """The channel permutations folded into a model's weights, in the order they were folded.
+
+    Attributes:
+        permutations: consumer layer name → list[int] of length C_in: new input channel s
+            is old channel ``perm[s]``, composed over every ``permute_channels`` call.
+        folds: (coupling or attention site, permutation) per fold, in order; replaying
+            them on a copy of the dense model gives it the same channel basis
+            (:func:`~mp_plugin.permute.align_to_permuted`).
+        report: the :class:`PermutationReport` of the last ``permute_channels`` call
+            (None when it was not recorded).
+
+    Layer names are those of the unwrapped model (no ``module.``/``_orig_mod.`` prefix).
+    """
+
+    permutations: dict[str, list[int]] = field(default_factory=dict)
+    folds: list[Fold] = field(default_factory=list)
+    report: PermutationReport | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.permutations or self.folds)
+
+    def extended(
+        self, perms: dict[str, torch.Tensor], folds: list[Fold], report: PermutationReport
+    ) -> PermutationRecord:
+        """A new record: this one followed by one more ``permute_channels`` call (``perms`` composed)."""
+        out = {k: list(v) for k, v in self.permutations.items()}
+        for name, perm in perms.items():
+            prev = out.get(name)
+            out[name] = (torch.tensor(prev)[perm] if prev is not None else perm).tolist()
+        return PermutationRecord(out, [*self.folds, *folds], report)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (what ``plan.applied["permutation"]`` holds)."""
+        return {
+            "permutations": {k: [int(i) for i in v] for k, v in self.permutations.items()},
+            "folds": folds_to_data(self.folds),
+            "report": None if self.report is None else self.report.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PermutationRecord:
+        """Inverse of :meth:`to_dict`."""
+        report = d.get("report")
+        return cls(
+            {k: [int(i) for i in v] for k, v in dict(d.get("permutations") or {}).items()},
+            folds_from_data(d.get("folds") or []),
+            None if report is None else _report_from_dict(report),
+        )
+
+    @classmethod
+    def from_plan(cls, plan: Any) -> PermutationRecord | None:
+        """The record a :class:`~mp_plugin.planning.plan.PrunePlan` holds, or None when it has none."""
+        data = plan.permutation
+        return None if data is None else cls.from_dict(data)
+
+    def save_to(self, plan: Any) -> None:
+        """Store this record in ``plan.applied["permutation"]`` (saved with ``plan.save``)."""
+        plan.applied["permutation"] = self.to_dict()
+
+
+def resolve_permutation(source: Any) -> PermutationRecord | None:
+    """A :class:`PermutationRecord` from a record, a plan (its ``applied["permutation"]``), its dict, or None."""
+    if source is None or isinstance(source, PermutationRecord):
+        return source or None
+    if isinstance(source, dict):
+        return PermutationRecord.from_dict(source) if source else None
+    if hasattr(source, "applied"):
+        return PermutationRecord.from_plan(source)
+    raise MPPluginError(
+        f"expected a PermutationRecord, a PrunePlan or None for the channel permutation, got {type(source).__name__}"
+    )

@@ -10,8 +10,9 @@
 * ``dense``: untouched.
 
 The result is an ordinary model: dense weight tensors with exact zeros, no
-parametrizations, hooks or extra state_dict keys. What was done is recorded in
-``plan.applied``. A layer that already satisfies its pattern is left as it is,
+parametrizations, hooks, extra state_dict keys or attributes. What was done is
+recorded in ``plan.applied`` (the channel permutation, if any, in
+``plan.applied["permutation"]``), so it travels with the plan, not the model. A layer that already satisfies its pattern is left as it is,
 so a second call is a no-op.
 """
 
@@ -27,11 +28,12 @@ from torch import nn
 from mp_plugin.errors import MPPluginError, PatternError, PlanMismatchError
 from mp_plugin.layers.calibration import capture_covariances, first_batch
 from mp_plugin.layers.patterns import Pattern
+from mp_plugin.layers.wrappers import unwrap_model
 from mp_plugin.masks.cast import CastConfig, cast_project, cast_source
 from mp_plugin.masks.select import assert_kn_exact, check_nm, nm_mask, unstructured_mask
-from mp_plugin.planning.build import PrunePlan
+from mp_plugin.planning.plan import PrunePlan
 from mp_plugin.progress import progress
-from mp_plugin.pruning.checks import check_apply_inputs, permutation_state, undo_permutations_on_error
+from mp_plugin.pruning.checks import check_apply_inputs, undo_permutations_on_error
 from mp_plugin.restore import LayerTask, RestoreConfig, prune_and_restore, resolve_restore
 
 __all__ = ["apply", "sparsity_report", "SparsityReport", "LayerSparsity", "MASK_METHODS"]
@@ -57,14 +59,20 @@ def _already_done(weight: torch.Tensor, pattern: Pattern, n_prune: int) -> bool:
 
 
 def _permute(model: nn.Module, plan: PrunePlan, method: str, example: Any = None, show_progress: bool = False) -> Any:
-    from mp_plugin.permute import permute_channels
+    """Fold a permutation for the plan's most common k:n pattern; the record composes with the plan's."""
+    from mp_plugin.permute import PermutationRecord, permute_channels
 
     kn = [Pattern.parse(lp.pattern) for lp in plan.layers if Pattern.parse(lp.pattern).is_kn]
     if not kn:
         raise PatternError("permutation only helps k:n patterns; the plan has no k:n layer")
     pattern = max(set(kn), key=kn.count)
     return permute_channels(
-        model, pattern=str(pattern), method=method, example_input=example, show_progress=show_progress
+        model,
+        pattern=str(pattern),
+        method=method,
+        example_input=example,
+        show_progress=show_progress,
+        record=PermutationRecord.from_plan(plan),
     )
 
 
@@ -85,7 +93,8 @@ def apply(
     """Prune ``model`` in place to ``plan`` and return it.
 
     Args:
-        model: the model the plan was made for (same layer names and weight shapes).
+        model: the model the plan was made for (same layer names and weight shapes); a
+            wrapped model (``torch.compile``, DDP, …) is pruned through the model inside it.
         plan: a :class:`PrunePlan`; ``plan.applied`` is filled in.
         calibration: a batch or list of batches (tensor → ``model(x)``, tuple →
             ``model(*x)``, dict → ``model(**x)``); needed for ``projection="cast"``.
@@ -103,7 +112,9 @@ def apply(
             ``"interleave"``: permute input channels (folded into the weights) with
             ``mp_plugin.permute_channels`` before masking. The first calibration batch,
             when given, is its example input: it lets the search verify couplings
-            across modules fx cannot trace (e.g. Hugging Face BERT's FFN).
+            across modules fx cannot trace (e.g. Hugging Face BERT's FFN). What was folded
+            is stored in ``plan.applied["permutation"]`` (composed with an earlier record
+            there); ``certify(..., plan=plan)`` aligns the dense model with it.
         cast_config: further CAST settings (:class:`~mp_plugin.masks.cast.CastConfig`).
         max_calibration_rows: input rows per layer for CAST covariances (without restore).
         restore: ``True`` or a :class:`~mp_plugin.restore.RestoreConfig` (or its dict):
@@ -133,6 +144,7 @@ def apply(
     if method not in MASK_METHODS:
         raise MPPluginError(f"unknown projection {method!r}; use one of {MASK_METHODS}")
     check_apply_inputs(model, plan, calibration, prior_alpha, permute, cast_config, max_calibration_rows)
+    model_in, model = model, unwrap_model(model)
     modules = plan.check_model(model)
     _check_shared(modules)
     patterns = {lp.name: Pattern.parse(lp.pattern) for lp in plan.layers}
@@ -147,9 +159,11 @@ def apply(
         cfg = CastConfig(**{**asdict(cfg), "prior_alpha": float(prior_alpha)})
 
     perm_method = "swap" if permute is True else (permute or "none")
-    before_permute = permutation_state(model)  # bad calibration after folding: undo, leave the model as it was
+    permuted, new_folds = None, []  # bad calibration after folding: undo, leave the model as it was
     if perm_method != "none":
-        _permute(model, plan, perm_method, first_batch(calibration), show_progress)
+        before = len((plan.permutation or {}).get("folds", []))
+        permuted = _permute(model, plan, perm_method, first_batch(calibration), show_progress)
+        new_folds = permuted.folds[before:]
 
     todo = {
         lp.name
@@ -164,13 +178,13 @@ def apply(
         tasks = [
             LayerTask(lp.name, modules[lp.name], patterns[lp.name], lp.n_prune) for lp in plan.layers if lp.name in todo
         ]
-        with undo_permutations_on_error(model, before_permute):
+        with undo_permutations_on_error(model, new_folds):
             driven = prune_and_restore(
                 model, tasks, calibration, method, restore_cfg, cfg if method == "cast" else None, show_progress
             )
     elif method == "cast":
         kn_layers = {lp.name: patterns[lp.name].n for lp in plan.layers if lp.name in todo and patterns[lp.name].is_kn}
-        with undo_permutations_on_error(model, before_permute):
+        with undo_permutations_on_error(model, new_folds):
             if kn_layers and calibration is None:
                 raise MPPluginError("method='cast' needs calibration data (a batch of model inputs)")
             if kn_layers:
@@ -215,7 +229,9 @@ def apply(
             "achieved_sparsity": zeros / max(1, plan.total_weights),
         }
     )
-    return model
+    if permuted is not None:
+        permuted.save_to(plan)
+    return model_in
 
 
 def _write(weight: torch.Tensor, value: torch.Tensor) -> None:
@@ -335,7 +351,7 @@ def sparsity_report(model: nn.Module, plan: PrunePlan | None = None) -> Sparsity
     """Measure the zeros of ``model``'s weights.
 
     Args:
-        model: any model.
+        model: any model (a wrapped one is read through the model inside it).
         plan: if given, report exactly the plan's layers and check each k:n
             layer's pattern; otherwise report every Linear/Conv weight (a shared
             weight once).
@@ -349,7 +365,7 @@ def sparsity_report(model: nn.Module, plan: PrunePlan | None = None) -> Sparsity
     else:
         items = []
         seen: set[int] = set()
-        for name, mod in model.named_modules():
+        for name, mod in unwrap_model(model).named_modules():
             w = getattr(mod, "weight", None)
             if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and isinstance(w, torch.Tensor):
                 if id(w) not in seen:

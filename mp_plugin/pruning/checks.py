@@ -11,7 +11,6 @@ recomputes the weight on every access) are refused here with a named
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +28,6 @@ __all__ = [
     "PERMUTE_VALUES",
     "check_apply_inputs",
     "derived_weight_reason",
-    "permutation_state",
     "undo_permutations_on_error",
 ]
 
@@ -107,7 +105,7 @@ def check_apply_inputs(
         ConfigError: ``prior_alpha``, ``permute``, ``cast_config`` or ``max_calibration_rows`` invalid.
         CalibrationError: ``calibration`` is an empty list.
     """
-    from mp_plugin.planning.build import PrunePlan
+    from mp_plugin.planning.plan import PrunePlan
 
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -144,41 +142,20 @@ def check_apply_inputs(
             )
 
 
-def permutation_state(model: nn.Module) -> tuple[list, Any, Any]:
-    """The permutation record of ``model`` now, for :func:`undo_permutations_on_error`."""
-    return (
-        list(getattr(model, "_mp_permutation_folds", []) or []),
-        copy.deepcopy(getattr(model, "_mp_permutations", None)),
-        getattr(model, "_mp_permutation_report", None),
-    )
-
-
 @contextmanager
-def undo_permutations_on_error(model: nn.Module, state: tuple[list, Any, Any]) -> Iterator[None]:
-    """Undo the channel permutations folded into ``model`` since ``state`` if the block raises.
+def undo_permutations_on_error(model: nn.Module, folds: list) -> Iterator[None]:
+    """Undo ``folds`` (the channel permutations just folded into ``model``) if the block raises.
 
     ``apply(..., permute=...)`` folds permutations before it reads calibration data;
-    when that data then fails (e.g. a later batch of the wrong shape), the folds made
-    since ``state`` are replayed backwards, so the model is left exactly as it was.
+    when that data then fails (e.g. a later batch of the wrong shape), the folds are
+    replayed backwards, so the model is left exactly as it was (and the plan records
+    no permutation).
     """
-    folds, perms, report = state
     try:
         yield
     except BaseException:
-        new = list(getattr(model, "_mp_permutation_folds", []) or [])[len(folds) :]
-        if new:
-            from mp_plugin.permute.api import _fold
+        if folds:
+            from mp_plugin.permute import undo_folds
 
-            with torch.no_grad():
-                for site, perm in reversed(new):
-                    _fold(model, site, torch.argsort(perm))
-            for attr, old in (
-                ("_mp_permutation_folds", folds),
-                ("_mp_permutations", perms),
-                ("_mp_permutation_report", report),
-            ):
-                if old is None:
-                    model.__dict__.pop(attr, None)
-                else:
-                    setattr(model, attr, old)
+            undo_folds(model, folds)
         raise

@@ -1,10 +1,13 @@
 """Checkpoints of a distillation run that keep everything pruning decided.
 
 A checkpoint (``torch.save`` dict) holds the student's state_dict, the masks
-(:meth:`MaskKeeper.state_dict`), the plan as JSON text plus its fingerprint,
-any recorded channel permutation (``model._mp_permutations``), the optimiser,
-scheduler and RNG states, and the step/epoch counters. Resuming with a different
-plan, different masks or a different permutation raises
+(:meth:`MaskKeeper.state_dict`), the plan as JSON text plus its fingerprint (the
+plan carries the channel permutation ``apply(..., permute=...)`` folded in,
+``plan.applied["permutation"]``; its consumer → order map is also stored on its
+own for the resume check), the optimiser, scheduler and RNG states, and the
+step/epoch counters. Nothing is read from or written to attributes of the model,
+so a DDP- or ``torch.compile``-wrapped student checkpoints the same way. Resuming
+with a different plan, different masks or a different permutation raises
 :class:`~mp_plugin.errors.PlanMismatchError` before anything is loaded.
 """
 
@@ -19,9 +22,9 @@ import torch
 from torch import nn
 
 from mp_plugin.errors import MPPluginError, PlanMismatchError
+from mp_plugin.layers.wrappers import unwrap_model
 from mp_plugin.masks.keep import MaskKeeper
-from mp_plugin.permute.record import permutation_record, restore_permutation_record
-from mp_plugin.planning.build import PrunePlan
+from mp_plugin.planning.plan import PrunePlan
 
 __all__ = ["plan_fingerprint", "save_checkpoint", "read_checkpoint", "restore_checkpoint", "CHECKPOINT_VERSION"]
 
@@ -39,6 +42,10 @@ def plan_fingerprint(plan: PrunePlan | None) -> str | None:
         "layers": [[lp.name, list(lp.weight_shape), lp.pattern, int(lp.n_prune)] for lp in plan.layers],
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _orders(perms: dict) -> dict[str, list[int]]:
+    return {k: list(map(int, v)) for k, v in dict(perms).items()}
 
 
 def _masks_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> str | None:
@@ -64,18 +71,21 @@ def save_checkpoint(
     config: dict | None = None,
     extra: dict | None = None,
 ) -> Path:
-    """Write a resumable checkpoint to ``path`` (and ``plan.json`` beside it when a plan is given)."""
+    """Write a resumable checkpoint to ``path`` (and ``plan.json`` beside it when a plan is given).
+
+    ``model`` may be wrapped (DDP, ``torch.compile``): the state_dict of the model inside
+    is saved, so the checkpoint loads into the plain architecture.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    perms = getattr(model, "_mp_permutations", None)
+    record = None if plan is None else plan.permutation
     state = {
         "version": CHECKPOINT_VERSION,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model": {k: v.detach().cpu() for k, v in unwrap_model(model).state_dict().items()},
         "masks": keeper.state_dict()["masks"],
         "plan_json": None if plan is None else json.dumps(plan.to_dict(), default=str),
         "plan_fingerprint": plan_fingerprint(plan),
-        "permutations": None if perms is None else {k: list(map(int, v)) for k, v in dict(perms).items()},
-        "permutation_record": permutation_record(model),
+        "permutations": None if record is None else _orders(record["permutations"]),
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "scheduler": None if scheduler is None else scheduler.state_dict(),
         "rng": torch.get_rng_state(),
@@ -115,10 +125,12 @@ def restore_checkpoint(
 
     Checks, in order (each raises :class:`PlanMismatchError`): the plan fingerprint
     (when both sides have a plan), the masks (when ``keeper`` already holds masks),
-    the recorded permutation (when the model records one).
+    the channel permutation (when both ``plan`` and the checkpoint record one).
 
     Returns:
-        The checkpoint's plan (or ``plan`` when the checkpoint has none).
+        The checkpoint's plan (or ``plan`` when the checkpoint has none), with its
+        channel permutation record. A checkpoint of the first format, whose fold record
+        was stored beside the plan (``"permutation_record"``), gives it back inside the plan.
     """
     ck_fp = state.get("plan_fingerprint")
     fp = plan_fingerprint(plan)
@@ -134,11 +146,10 @@ def restore_checkpoint(
         if why:
             raise PlanMismatchError(f"cannot resume: the checkpoint's masks belong to a different pruning ({why})")
     ck_perm = state.get("permutations")
-    perm = getattr(model, "_mp_permutations", None)
-    if perm is not None and ck_perm is not None:
-        if {k: list(map(int, v)) for k, v in dict(perm).items()} != ck_perm:
-            raise PlanMismatchError("cannot resume: the checkpoint records a different channel permutation")
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    perm = None if plan is None else plan.permutation
+    if perm is not None and ck_perm is not None and _orders(perm["permutations"]) != ck_perm:
+        raise PlanMismatchError("cannot resume: the checkpoint records a different channel permutation")
+    missing, unexpected = unwrap_model(model).load_state_dict(state["model"], strict=False)
     if missing or unexpected:
         raise PlanMismatchError(
             f"checkpoint does not fit the model: {len(missing)} missing keys (e.g. {missing[:3]}), "
@@ -146,16 +157,14 @@ def restore_checkpoint(
         )
     keeper.load_state_dict({"masks": state["masks"]})
     keeper.apply()
-    if ck_perm is not None:
-        model._mp_permutations = ck_perm
-    if state.get("permutation_record"):  # the fold record too: certify aligns after a resume
-        restore_permutation_record(model, state["permutation_record"])
     if optimizer is not None and state.get("optimizer") is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     if state.get("rng") is not None:
         torch.set_rng_state(state["rng"])
-    if state.get("plan_json"):
-        return PrunePlan.from_dict(json.loads(state["plan_json"]))
-    return plan
+    out = PrunePlan.from_dict(json.loads(state["plan_json"])) if state.get("plan_json") else plan
+    old_record = state.get("permutation_record")  # the first format kept the fold record beside the plan
+    if out is not None and old_record and out.permutation is None:
+        out.applied["permutation"] = {"permutations": old_record["permutations"], "folds": old_record["folds"]}
+    return out
