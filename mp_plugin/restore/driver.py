@@ -7,7 +7,9 @@ into blocks (a transformer block, a conv stage: the module-name prefix up to its
 first index, e.g. ``blocks.3``, ``encoder.layer.2``, ``model.layers.5``), and
 each block's Grams are captured on the model already pruned and restored before
 it, so every layer also corrects its predecessors' error (what SparseGPT and
-llm-compressor's sequential pipeline do). Only the current block's Grams are held.
+llm-compressor's sequential pipeline do). Only the current block's Grams are held. A run of sibling blocks (``model.layers.0 … N``)
+is replayed on cached block inputs (``mp_plugin.restore.chain``): one block forward per
+block instead of a forward of everything before it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from mp_plugin.layers.patterns import Pattern
 from mp_plugin.masks.cast import CastConfig
 from mp_plugin.masks.select import check_nm
 from mp_plugin.progress import progress
+from mp_plugin.restore.chain import block_runs, cache_run_inputs, replay_run
 from mp_plugin.restore.config import RestoreConfig
 from mp_plugin.restore.hessian import LayerGram, capture_grams
 from mp_plugin.restore.layer import NEEDS_GRAM, restore_layer, select_mask
@@ -110,17 +113,34 @@ def block_grams(
     """
     dt = torch.float64 if config.dtype == "float64" else torch.float32
     order = execution_order(model, list(names), calibration)
-    for block in forward_blocks(order) if sequential else [order]:
-        grams = capture_grams(
-            model if sequential or source is None else source,
-            block,
-            calibration,
-            dtype=dt,
-            max_rows=config.max_rows,
-            stop_after=block[-1] if sequential else None,
-        )
+    if not sequential:
+        grams = capture_grams(source or model, order, calibration, dtype=dt, max_rows=config.max_rows)
+        yield order, grams
+        return
+    blocks = forward_blocks(order)
+    keys = [block_key(b[0]) for b in blocks]
+    runs = {i: j for i, j in block_runs(keys, blocks)}
+    modules = dict(model.named_modules())
+    i = 0
+    while i < len(blocks):
+        if i in runs and all(k in modules for k in keys[i : runs[i]]):
+            cache, n = cache_run_inputs(model, [modules[k] for k in keys[i : runs[i]]], calibration)
+            if cache is not None:
+                replay = replay_run(model, cache, blocks[i : i + n], dt, config.max_rows)
+                try:
+                    first = next(replay)
+                except StopIteration:  # block 0 re-run on its cached inputs differs: the ordinary way
+                    first = None
+                if first is not None:
+                    yield first
+                    yield from replay
+                    i += n
+                    continue
+        block = blocks[i]
+        grams = capture_grams(model, block, calibration, dtype=dt, max_rows=config.max_rows, stop_after=block[-1])
         yield block, grams
         del grams
+        i += 1
 
 
 def prune_and_restore(

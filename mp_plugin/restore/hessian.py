@@ -10,7 +10,8 @@ convs are restored per group.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,14 +22,14 @@ from mp_plugin.errors import MPPluginError
 from mp_plugin.layers.calibration import layer_input_rows, run_batches
 from mp_plugin.layers.layout import kn_input_columns
 
-__all__ = ["LayerGram", "capture_grams", "RestoreError"]
+__all__ = ["LayerGram", "capture_grams", "gram_hooks", "grams_of", "RestoreError", "StopForward"]
 
 
 class RestoreError(MPPluginError):
     """Prune–restore cannot run on the given calibration data (non-finite inputs, …)."""
 
 
-class _StopForward(BaseException):
+class StopForward(BaseException):
     """Raised by a hook to end a calibration forward pass early (not an error)."""
 
 
@@ -98,6 +99,45 @@ class _GramHook:
         self.rows += int(x.shape[0])
 
 
+@contextmanager
+def gram_hooks(
+    model: nn.Module,
+    names: Sequence[str],
+    dtype: torch.dtype = torch.float64,
+    max_rows: int | None = None,
+    seed: int = 0,
+) -> Iterator[dict[str, _GramHook]]:
+    """Forward hooks that accumulate each named layer's Gram while the ``with`` block runs.
+
+    Yields ``{name: hook}``; after the block, :func:`grams_of` turns them into
+    :class:`LayerGram` records. The hooks are removed on exit.
+
+    Raises:
+        MPPluginError: ``model`` has no module of one of the names.
+    """
+    modules = dict(model.named_modules())
+    gen = torch.Generator().manual_seed(seed)
+    hooks: dict[str, _GramHook] = {}
+    handles = []
+    try:
+        for name in names:
+            module = modules.get(name)
+            if module is None:
+                raise MPPluginError(f"the model has no module {name!r}")
+            hook = _GramHook(name, module, dtype, max_rows, gen)
+            hooks[name] = hook
+            handles.append(module.register_forward_hook(hook))
+        yield hooks
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def grams_of(hooks: dict[str, _GramHook]) -> dict[str, LayerGram]:
+    """``{name: LayerGram}`` of the hooks that saw at least one input row."""
+    return {name: LayerGram(h.gram, h.rows) for name, h in hooks.items() if h.gram is not None}
+
+
 def capture_grams(
     model: nn.Module,
     names: Sequence[str],
@@ -127,34 +167,25 @@ def capture_grams(
     Raises:
         RestoreError: a layer's input is not finite.
     """
-    modules = dict(model.named_modules())
-    gen = torch.Generator().manual_seed(seed)
-    hooks: dict[str, _GramHook] = {}
-    handles = []
     batches = data if isinstance(data, list) else [data]
     was_training = model.training
-
-    def stop(module: nn.Module, inputs: tuple, output: Any) -> None:
-        raise _StopForward
-
+    handle = None
     try:
         model.eval()
-        for name in names:
-            module = modules.get(name)
-            if module is None:
-                raise MPPluginError(f"the model has no module {name!r}")
-            hook = _GramHook(name, module, dtype, max_rows, gen)
-            hooks[name] = hook
-            handles.append(module.register_forward_hook(hook))
-        if stop_after is not None:
-            handles.append(modules[stop_after].register_forward_hook(stop))
-        for batch in batches:
-            try:
-                run_batches(model, [batch])
-            except _StopForward:
-                pass
+        with gram_hooks(model, names, dtype, max_rows, seed) as hooks:
+            if stop_after is not None:
+                handle = dict(model.named_modules())[stop_after].register_forward_hook(_stop)
+            for batch in batches:
+                try:
+                    run_batches(model, [batch])
+                except StopForward:
+                    pass
     finally:
-        for h in handles:
-            h.remove()
+        if handle is not None:
+            handle.remove()
         model.train(was_training)
-    return {name: LayerGram(h.gram, h.rows) for name, h in hooks.items() if h.gram is not None}
+    return grams_of(hooks)
+
+
+def _stop(module: nn.Module, inputs: tuple, output: Any) -> None:
+    raise StopForward

@@ -1,0 +1,292 @@
+"""Sequential restore through a stack of blocks on cached block inputs.
+
+A decoder or encoder stack (``model.layers.0 … model.layers.N``, ``blocks.0 …``)
+calls its blocks one after the other, each on the previous block's output and
+on side inputs that every block shares (attention mask, rotary embeddings). For
+such a run of blocks the calibration inputs of the first block are captured
+once; after that each block is run on its own cached inputs: once with Gram
+hooks on its layers (before they are pruned) and once more after pruning and
+restore, to give the next block its inputs. That is one block forward per block
+and pass, instead of a forward of every block before it (what llm-compressor's
+layer-sequential pipeline and SparseGPT's reference do). Only one block's
+inputs (calibration tokens × width) are held.
+
+Whether a run qualifies is checked on the model's own first calibration batch,
+not assumed from its class: each block's hidden input must be the very tensor
+the block before returned, every side input must equal the first block's, and
+the first block re-run on its cached inputs must reproduce the output seen in
+the full forward. A run that fails a check is restored the ordinary way (a
+forward of the model up to each block).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from mp_plugin.layers.calibration import active_token_mask, real_tokens, run_batches
+from mp_plugin.restore.hessian import LayerGram, StopForward, gram_hooks, grams_of
+
+__all__ = ["block_runs", "CachedRun", "cache_run_inputs", "replay_run"]
+
+_INDEX = re.compile(r"^(.*)\.(\d+)$")
+_CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache")  # must not grow on a re-run
+_MATCH_TOL = 1e-3  # relative norm difference allowed between a re-run block and the full forward
+
+
+def block_runs(keys: Sequence[str], blocks: Sequence[Sequence[str]]) -> list[tuple[int, int]]:
+    """Runs ``[i, j)`` of at least two consecutive blocks whose keys are siblings ``P.k, P.k+1, …``.
+
+    Args:
+        keys: each block's module name (``block_key`` of its layers).
+        blocks: each block's layer names, in forward order.
+
+    Returns:
+        Half-open index ranges into ``blocks``; every layer of a block in a run lies inside its key's module.
+    """
+    runs: list[tuple[int, int]] = []
+    i = 0
+    while i < len(keys):
+        j = i + 1
+        m = _INDEX.match(keys[i])
+        inside = all(n.startswith(keys[i] + ".") for n in blocks[i])
+        if m and inside:
+            parent, idx = m.group(1), int(m.group(2))
+            while j < len(keys):
+                mj = _INDEX.match(keys[j])
+                if not (mj and mj.group(1) == parent and int(mj.group(2)) == idx + (j - i)):
+                    break
+                if not all(n.startswith(keys[j] + ".") for n in blocks[j]):
+                    break
+                j += 1
+        if j - i >= 2:
+            runs.append((i, j))
+            i = j
+        else:
+            i += 1
+    return runs
+
+
+@dataclass
+class CachedRun:
+    """The cached calibration inputs of the current block of a run.
+
+    Attributes:
+        modules: the run's block modules, in forward order.
+        slot: where the hidden input sits: ``("arg", position)`` or ``("kwarg", name)``.
+        args: per batch, the block's positional arguments.
+        kwargs: per batch, its keyword arguments (KV caches removed).
+        masks: per batch, the real-token mask (None for non-token batches).
+        first_output: block 0's output on batch 0 in the full forward (for the re-run check).
+    """
+
+    modules: list[nn.Module]
+    slot: tuple[str, Any]
+    args: list[list[Any]] = field(default_factory=list)
+    kwargs: list[dict[str, Any]] = field(default_factory=list)
+    masks: list[torch.Tensor | None] = field(default_factory=list)
+    first_output: torch.Tensor | None = None
+
+
+def _hidden(output: Any) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (int, float, bool, str, type(None))) and isinstance(b, (int, float, bool, str, type(None))):
+        return a == b
+    return False
+
+
+def _clean_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    out = dict(kwargs)
+    for key, value in kwargs.items():
+        if key in _CACHE_KWARGS or type(value).__name__.endswith("Cache"):
+            out[key] = None
+    if "use_cache" in out:
+        out["use_cache"] = False
+    return out
+
+
+def _side_inputs(args: Sequence[Any], kwargs: dict[str, Any], slot: tuple[str, Any]) -> tuple[list, dict]:
+    a = [x for i, x in enumerate(args) if slot != ("arg", i)]
+    k = {n: v for n, v in kwargs.items() if slot != ("kwarg", n) and n not in _CACHE_KWARGS}  # caches: same object
+    return a, k
+
+
+def cache_run_inputs(model: nn.Module, modules: Sequence[nn.Module], calibration: Any) -> tuple[CachedRun | None, int]:
+    """Capture the first block's calibration inputs and check that the run can be replayed.
+
+    Returns:
+        ``(cache, n)``: the cache for the first ``n`` blocks of ``modules`` that pass the
+        checks (``n ≥ 2``), or ``(None, 0)`` when fewer do.
+    """
+    batches = calibration if isinstance(calibration, list) else [calibration]
+    calls: list[tuple[tuple, dict] | None] = [None] * len(modules)
+    outs: list[torch.Tensor | None] = [None] * len(modules)
+    handles = []
+
+    def pre(i: int):  # noqa: ANN202
+        def fn(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if calls[i] is None:
+                calls[i] = (args, kwargs)
+
+        return fn
+
+    def post(i: int):  # noqa: ANN202
+        def fn(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if outs[i] is None:
+                outs[i] = _hidden(output)
+            if i == len(modules) - 1:
+                raise StopForward
+
+        return fn
+
+    first_mask: list[torch.Tensor | None] = [None]
+
+    def mask_pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        first_mask[0] = active_token_mask()
+
+    was_training = model.training
+    model.eval()
+    try:
+        handles.append(modules[0].register_forward_pre_hook(mask_pre, with_kwargs=True))
+        for i, m in enumerate(modules):
+            handles.append(m.register_forward_pre_hook(pre(i), with_kwargs=True))
+            handles.append(m.register_forward_hook(post(i), with_kwargs=True))
+        try:
+            run_batches(model, [batches[0]])
+        except StopForward:
+            pass
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if calls[0] is None or calls[1] is None or outs[0] is None:
+        return None, 0
+    slots = _slots(calls[1], outs[0])
+    if len(slots) != 1:
+        return None, 0
+    slot = slots[0]
+    side0 = _side_inputs(*calls[0], slot)
+    n = 1
+    while n < len(modules) and calls[n] is not None and outs[n - 1] is not None:
+        if _slots(calls[n], outs[n - 1]) != [slot] or not _same(_side_inputs(*calls[n], slot), side0):
+            break
+        n += 1
+    if n < 2:
+        return None, 0
+    cache = CachedRun(list(modules[:n]), slot, first_output=outs[0])
+    args0, kwargs0 = calls[0]
+    cache.args.append(list(args0))
+    cache.kwargs.append(_clean_kwargs(kwargs0))
+    cache.masks.append(first_mask[0])
+    if len(batches) > 1:
+        _capture_rest(model, modules[0], batches[1:], cache)
+    return cache, n
+
+
+def _slots(call: tuple[tuple, dict], prev: torch.Tensor) -> list[tuple[str, Any]]:
+    args, kwargs = call
+    found: list[tuple[str, Any]] = [("arg", i) for i, a in enumerate(args) if a is prev]
+    found += [("kwarg", k) for k, v in kwargs.items() if v is prev]
+    return found
+
+
+def _capture_rest(model: nn.Module, first: nn.Module, batches: list, cache: CachedRun) -> None:
+    def fn(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        cache.args.append(list(args))
+        cache.kwargs.append(_clean_kwargs(kwargs))
+        cache.masks.append(active_token_mask())
+        raise StopForward
+
+    was_training = model.training
+    model.eval()
+    handle = first.register_forward_pre_hook(fn, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                run_batches(model, [batch])
+            except StopForward:
+                pass
+    finally:
+        handle.remove()
+        model.train(was_training)
+
+
+def _run_block(module: nn.Module, cache: CachedRun, b: int) -> torch.Tensor:
+    with real_tokens(cache.masks[b]):
+        out = _hidden(module(*cache.args[b], **cache.kwargs[b]))
+    if out is None:
+        raise RuntimeError("block returned no tensor")
+    return out
+
+
+def _set_hidden(cache: CachedRun, b: int, value: torch.Tensor) -> None:
+    kind, where = cache.slot
+    if kind == "arg":
+        cache.args[b][where] = value
+    else:
+        cache.kwargs[b][where] = value
+
+
+def replay_run(
+    model: nn.Module,
+    cache: CachedRun,
+    blocks: Sequence[Sequence[str]],
+    dtype: torch.dtype,
+    max_rows: int | None,
+) -> Iterator[tuple[list[str], dict[str, LayerGram]]]:
+    """Yield ``(block, grams)`` for each block of the run, Grams taken on the cached inputs.
+
+    The caller prunes and restores the block between yields; on resuming, the block is
+    re-run on its inputs to give the next block's. Before anything is yielded, block 0
+    re-run on batch 0 must reproduce the full forward's output; if it does not, nothing is
+    yielded and the caller falls back (a ``StopIteration`` with value False).
+    """
+    was_training = model.training
+    for i, (module, names) in enumerate(zip(cache.modules, blocks)):
+        model.eval()
+        try:
+            with torch.no_grad(), gram_hooks(model, names, dtype, max_rows) as hooks:
+                for b in range(len(cache.args)):
+                    out = _run_block(module, cache, b)
+                    if i == 0 and b == 0 and not _close(out, cache.first_output):
+                        return False
+        finally:
+            model.train(was_training)
+        yield list(names), grams_of(hooks)
+        if i + 1 < len(cache.modules):
+            model.eval()
+            try:
+                with torch.no_grad():
+                    for b in range(len(cache.args)):
+                        _set_hidden(cache, b, _run_block(module, cache, b))
+            finally:
+                model.train(was_training)
+    cache.first_output = None
+    return True
+
+
+def _close(a: torch.Tensor, b: torch.Tensor | None) -> bool:
+    if b is None or a.shape != b.shape:
+        return False
+    den = float(b.float().norm())
+    return float((a.float() - b.float()).norm()) <= _MATCH_TOL * max(den, 1e-12)
