@@ -22,8 +22,13 @@ model and the interpreter). Stages:
   stacked batches of 16 weights, every score concatenated for the budget), extracted
   with ``git archive`` into a temporary directory;
 * ``apply``: ``mp.apply(model, plan)`` (magnitude 2:4) with the saved plan;
-* ``restore``: ``mp.apply(model, plan, calibration, restore=RestoreConfig(sequential=True))``
-  on token batches, one decoder layer at a time.
+* ``restore``: ``mp.apply(model, plan, calibration, restore=RestoreConfig(sequential=True,
+  dtype="float32"))`` on 8192 random tokens (8 batches of 2 × 512), one decoder layer at a
+  time on cached block inputs (``mp_plugin.restore.chain``); per layer: solve time, solver,
+  CG iterations and the calibration output error before/after restore;
+* ``restore-float64``: the same with the default ``dtype="float64"``;
+* ``restore-noreplay``: float32 without block replay (a model forward up to every block,
+  the path before ``chain``), for the ratio.
 
 The 7 B / 70 B projection fits per-layer MP time t = a·p²n + b·p³ (p ≤ n the matrix
 sides: Gram product and eigen-solve) to the measured work units, and the budget's
@@ -58,6 +63,7 @@ PROJECTED = {
     "llama-2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, kv=8),
 }
 VOCAB = 32000
+CALIB_BATCHES, CALIB_SEQS_PER_BATCH, CALIB_TOKENS = 8, 2, 512  # 8192 calibration tokens
 
 
 # ----------------------------------------------------------------------------- child side
@@ -162,28 +168,39 @@ def child(stage: str, name: str, threads: int, plan_path: str, legacy_dir: str) 
         plan = mp.PrunePlan.load(plan_path)
         mp.apply(model, plan)
         out["achieved_sparsity"] = plan.applied["achieved_sparsity"]
-    elif stage == "restore":
+    elif stage.startswith("restore"):
         from mp_plugin.restore import RestoreConfig
 
         plan = mp.PrunePlan.load(plan_path)
         g = torch.Generator().manual_seed(0)
-        batches, tokens = 4, 128
         calib = [
-            {"input_ids": torch.randint(0, VOCAB, (2, tokens), generator=g), "attention_mask": torch.ones(2, tokens)}
-            for _ in range(batches // 2)
+            {
+                "input_ids": torch.randint(0, VOCAB, (CALIB_SEQS_PER_BATCH, CALIB_TOKENS), generator=g),
+                "attention_mask": torch.ones(CALIB_SEQS_PER_BATCH, CALIB_TOKENS),
+            }
+            for _ in range(CALIB_BATCHES)
         ]
         import mp_plugin.restore.driver as driver
 
-        real_restore, real_grams = driver.restore_layer, driver.capture_grams
-        phase = {"grams_s": 0.0, "solve_s": 0.0}
+        real_restore, real_grams, real_replay = driver.restore_layer, driver.capture_grams, driver.replay_run
+        phase = {"grams_s": 0.0, "solve_s": 0.0, "replay_s": 0.0, "replayed_blocks": 0}
 
         def timed_restore(weight, dense, gram, cfg, **kwargs):  # noqa: ANN001, ANN003, ANN202
             t = time.perf_counter()
             rec = real_restore(weight, dense, gram, cfg, **kwargs)
             dt = time.perf_counter() - t
             phase["solve_s"] += dt
-            solver = rec.get("solver") if isinstance(rec, dict) else None
-            units.append({"shape": [int(x) for x in weight.shape], "layers": 1, "seconds": dt, "solver": solver})
+            units.append(
+                {
+                    "shape": [int(x) for x in weight.shape],
+                    "layers": 1,
+                    "seconds": dt,
+                    "solver": rec["solver"],
+                    "iterations": rec["iterations"],
+                    "rel_error_before": rec["rel_error_before"],
+                    "rel_error_after": rec["rel_error_after"],
+                }
+            )
             return rec
 
         def timed_grams(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
@@ -192,11 +209,28 @@ def child(stage: str, name: str, threads: int, plan_path: str, legacy_dir: str) 
             phase["grams_s"] += time.perf_counter() - t
             return res
 
-        driver.restore_layer, driver.capture_grams = timed_restore, timed_grams
-        cfg = RestoreConfig(sequential=True)
+        def timed_replay(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            # block forwards on cached inputs and their Gram hooks (the solves run between the yields)
+            it = real_replay(*args, **kwargs)
+            while True:
+                t = time.perf_counter()
+                try:
+                    item = next(it)
+                except StopIteration:
+                    phase["replay_s"] += time.perf_counter() - t
+                    return
+                phase["replay_s"] += time.perf_counter() - t
+                phase["replayed_blocks"] += 1
+                yield item
+
+        driver.restore_layer, driver.capture_grams, driver.replay_run = timed_restore, timed_grams, timed_replay
+        if stage == "restore-noreplay":  # the path before block replay: a model forward up to every block
+            driver.block_runs = lambda keys, blocks: []
+        cfg = RestoreConfig(sequential=True, dtype="float64" if stage == "restore-float64" else "float32")
         mp.apply(model, plan, calib, restore=cfg)
         out.update(phase)
-        out["calibration_tokens"] = batches * tokens
+        out["calibration_tokens"] = CALIB_BATCHES * CALIB_SEQS_PER_BATCH * CALIB_TOKENS
+        out["calibration_batches"] = CALIB_BATCHES
         out["restore_config"] = cfg.to_dict()
         rec = [v.get("restore", {}) for v in plan.applied["layers"].values()]
         out["restored_layers"] = sum(bool(r) for r in rec)
@@ -323,6 +357,34 @@ def table(result: dict) -> str:
                 f"| {r['model']} | {p} × {n} | {count} | {sec / count * 1e3:.0f} ms | "
                 f"{sec / count / (p * p * n) * 1e12:.1f} ps |"
             )
+    restores = [r for r in result["runs"] if r.get("stage", "").startswith("restore") and "error" not in r]
+    if restores:
+        lines += [
+            "",
+            "| model | stage | matrix (out × in) | layers | solve per layer | solver (CG iterations, max) | "
+            "output error masked → restored (mean) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in restores:
+            per: dict[tuple, list] = {}
+            for u in r["units"]:
+                per.setdefault(tuple(u["shape"]), []).append(u)
+            for shape, us in sorted(per.items()):
+                solvers = "+".join(sorted({u["solver"] for u in us}))
+                iters = max(u.get("iterations", 0) for u in us)
+                before = sum(u.get("rel_error_before", float("nan")) for u in us) / len(us)
+                after = sum(u.get("rel_error_after", float("nan")) for u in us) / len(us)
+                lines.append(
+                    f"| {r['model']} | {r['stage']} | {shape[0]} × {shape[1]} | {len(us)} | "
+                    f"{sum(u['seconds'] for u in us) / len(us):.2f} s | {solvers} ({iters}) | {before:.3f} → {after:.3f} |"
+                )
+        lines += ["", "| model | stage | calibration tokens | block forwards + Grams | solves | replayed blocks |"]
+        lines += ["|---|---|---|---|---|---|"]
+        for r in restores:
+            lines.append(
+                f"| {r['model']} | {r['stage']} | {r.get('calibration_tokens', '')} | "
+                f"{r.get('grams_s', 0) + r.get('replay_s', 0):.1f} s | {r['solve_s']:.1f} s | {r.get('replayed_blocks', 0)} |"
+            )
     proj = result.get("projection")
     if proj:
         lines += ["", "| projected (on paper) | params | bf16 weights | plan time | largest Gram (float32) |"]
@@ -365,7 +427,10 @@ def main() -> None:
     ap.add_argument("--models", default="0.1b,0.5b,1.1b")
     ap.add_argument("--float64-models", default="1.1b", help="also time the float64 path on these")
     ap.add_argument("--legacy-models", default="0.1b", help="also time the pre-streaming code on these")
-    ap.add_argument("--restore-models", default="0.1b", help="also time sequential restore on these")
+    ap.add_argument("--restore-models", default="0.1b,0.5b,1.1b", help="also time sequential restore on these")
+    ap.add_argument(
+        "--restore-extra-models", default="0.1b", help="also time restore in float64 and without block replay"
+    )
     ap.add_argument("--name", default="scale")
     ap.add_argument("--table-only", action="store_true", help="rewrite results/<name>.md from results/<name>.json")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -400,6 +465,7 @@ def main() -> None:
             stages += ["plan-float64"] * (name in split(args.float64_models))
             stages += ["plan-legacy"] * (name in split(args.legacy_models))
             stages += ["restore"] * (name in split(args.restore_models))
+            stages += ["restore-float64", "restore-noreplay"] * (name in split(args.restore_extra_models))
             for stage in stages:
                 res = run_child(stage, name, args.threads, plan_path, legacy)
                 if stage == "plan" and "error" not in res:
@@ -426,6 +492,11 @@ def main() -> None:
         if "plan-float64" in big:
             targets["float64_over_float32"] = big["plan-float64"]["seconds"] / big["plan"]["seconds"]
             targets["float64_over_float32_cpu"] = big["plan-float64"]["cpu_seconds"] / big["plan"]["cpu_seconds"]
+    small = summary.get("0.1b", {})
+    if "restore" in small and "restore-noreplay" in small:
+        targets["restore_noreplay_over_replay_0.1b"] = (
+            small["restore-noreplay"]["seconds"] / small["restore"]["seconds"]
+        )
     result = {
         "models": {k: MODELS[k] for k in split(args.models)},
         "vocab": VOCAB,

@@ -32,22 +32,37 @@ def check_sparsity(sparsity: float) -> float:
 _CHUNK = 1 << 22  # entries scored at once: the workspace of global_prune_counts is a few of these
 
 
-def _score_bits(weight: torch.Tensor, layer_w: float, shift: int = 0) -> Iterator[torch.Tensor]:
+def _score_bits(
+    weight: torch.Tensor, layer_w: float, shift: int = 0, buffer: torch.Tensor | None = None
+) -> Iterator[torch.Tensor]:
     """The float32 scores |W|/w_ℓ·2^-shift of one layer as int32 bit patterns, slice by slice.
 
     For non-negative floats the bit pattern orders like the value, so counting
     bit patterns below a threshold is counting scores below it. ``shift`` (the same
     for every layer, see :func:`_score_shift`) keeps float64 weights far outside
     float32's range (|W| ~ 1e100) from all becoming inf or 0.
+
+    With ``buffer`` (float32, at least ``_CHUNK`` entries, on the weight's device) every
+    slice is written into it and the yielded tensor is a view of it, valid until the next
+    slice: the same memory serves every slice of every layer, so a pass over a large
+    model does not churn the allocator (freed 16 MiB blocks fragment glibc's heap and
+    stay in the process's RSS).
     """
     flat = weight.detach().reshape(-1)
     for start in range(0, flat.numel(), _CHUNK):
-        piece = flat[start : start + _CHUNK].abs()
+        piece = flat[start : start + _CHUNK]
         if shift:
-            scaled = torch.ldexp(piece.double(), torch.tensor(float(-shift), dtype=torch.float64)) / float(layer_w)
+            scaled = torch.ldexp(piece.abs().double(), torch.tensor(float(-shift), dtype=torch.float64)) / float(
+                layer_w
+            )
             yield scaled.float().view(torch.int32)
+        elif buffer is not None and buffer.device == piece.device:
+            out = buffer[: piece.numel()]
+            out.copy_(piece)
+            out.abs_().div_(float(layer_w))
+            yield out.view(torch.int32)
         else:
-            yield (piece.float() / float(layer_w)).view(torch.int32)
+            yield (piece.abs().float() / float(layer_w)).view(torch.int32)
 
 
 def _score_shift(weights: Sequence[torch.Tensor], layer_w: Sequence[float]) -> int:
@@ -86,31 +101,36 @@ def global_prune_counts(weights: Sequence[torch.Tensor], layer_w: Sequence[float
     if target == 0:
         return [0] * len(sizes)
     shift = _score_shift(weights, layer_w)
-    high = [torch.zeros(1 << 15, dtype=torch.int64) for _ in weights]
+    device = weights[0].device if len(weights) else torch.device("cpu")
+    buffer = torch.empty(_CHUNK, dtype=torch.float32, device=device)
+    shifted = torch.empty(_CHUNK, dtype=torch.int32, device=device)
+    high = torch.zeros(len(sizes), 1 << 15, dtype=torch.int64)
     for i, (w, lw) in enumerate(zip(weights, layer_w)):
-        for bits in _score_bits(w, lw, shift):
-            high[i] += torch.bincount(bits >> 16, minlength=1 << 15).cpu()
-    cum = torch.stack(high).sum(0).cumsum(0)
+        for bits in _score_bits(w, lw, shift, buffer):
+            top_bits = torch.bitwise_right_shift(bits, 16, out=shifted[: bits.numel()])
+            high[i] += torch.bincount(top_bits, minlength=1 << 15).cpu()
+    cum = high.sum(0).cumsum(0)
     top = int(torch.searchsorted(cum, torch.tensor(target, dtype=torch.int64)))  # first bin reaching target
     before = int(cum[top - 1]) if top > 0 else 0
     low = torch.zeros(1 << 16, dtype=torch.int64)
     low_layers: dict[int, torch.Tensor] = {}
     for i, (w, lw) in enumerate(zip(weights, layer_w)):
-        if int(high[i][top]) == 0:
+        if int(high[i, top]) == 0:
             continue
         hist = torch.zeros(1 << 16, dtype=torch.int64)
-        for bits in _score_bits(w, lw, shift):
-            inside = bits[(bits >> 16) == top] & 0xFFFF
+        for bits in _score_bits(w, lw, shift, buffer):
+            top_bits = torch.bitwise_right_shift(bits, 16, out=shifted[: bits.numel()])
+            inside = bits[top_bits == top] & 0xFFFF
             if inside.numel():
                 hist += torch.bincount(inside, minlength=1 << 16).cpu()
-        low_layers[i] = hist
         low += hist
+        low_layers[i] = hist.to(torch.int32) if sizes[i] < 2**31 else hist  # 64K bins per layer kept
     cum_low = low.cumsum(0) + before
     bottom = int(torch.searchsorted(cum_low, torch.tensor(target, dtype=torch.int64)))
-    below = [int(h[:top].sum()) for h in high]
+    below = [int(v) for v in high[:, :top].sum(1)]
     ties = [0] * len(sizes)
     for i, hist in low_layers.items():
-        below[i] += int(hist[:bottom].sum())
+        below[i] += int(hist[:bottom].sum(dtype=torch.int64))
         ties[i] = int(hist[bottom])
     remaining = target - sum(below)
     counts = []

@@ -85,7 +85,7 @@ class LayerWeights(Sequence[torch.Tensor]):
 
 
 def work_units(
-    targets: Sequence[TargetLayer], todo: Sequence[int], gram_dtype: torch.dtype, max_batch_bytes: int = 1 << 27
+    targets: Sequence[TargetLayer], todo: Sequence[int], gram_dtype: torch.dtype, max_batch_bytes: int = 1 << 25
 ) -> list[WorkUnit]:
     """Indices of ``todo`` cut into units of one (shape, device) whose Gram matrices fit ``max_batch_bytes``.
 
@@ -131,7 +131,7 @@ def fit_target_layers(
     reuse: Mapping[str, SpectralFit] | None = None,
     distributed: bool = False,
     process_group: object | None = None,
-    max_batch_bytes: int = 1 << 27,
+    max_batch_bytes: int = 1 << 25,
 ) -> tuple[list[SpectralFit | None], list[str]]:
     """Fit MP to every target layer, one bounded work unit at a time.
 
