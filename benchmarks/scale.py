@@ -23,12 +23,14 @@ model and the interpreter). Stages:
   with ``git archive`` into a temporary directory;
 * ``apply``: ``mp.apply(model, plan)`` (magnitude 2:4) with the saved plan;
 * ``restore``: ``mp.apply(model, plan, calibration, restore=RestoreConfig(sequential=True,
-  dtype="float32"))`` on 8192 random tokens (8 batches of 2 × 512), one decoder layer at a
-  time on cached block inputs (``mp_plugin.restore.chain``); per layer: solve time, solver,
-  CG iterations and the calibration output error before/after restore;
-* ``restore-float64``: the same with the default ``dtype="float64"``;
-* ``restore-noreplay``: float32 without block replay (a model forward up to every block,
-  the path before ``chain``), for the ratio.
+  dtype="float32", max_iter=10))`` on 8192 random tokens (8 batches of 2 × 512), one decoder
+  layer at a time on cached block inputs (``mp_plugin.restore.chain``); per layer: solve
+  time, solver, CG iterations and the calibration output error before/after restore;
+* ``restore-converged``: the same with CG run to its default tolerance (1e-3, ≤ 200 steps),
+  for what the 10-step cap costs in output error;
+* ``restore-float64``: the capped restore with the default ``dtype="float64"``;
+* ``restore-noreplay``: the capped restore without block replay (a model forward up to
+  every block, the path before ``chain``), for the ratio.
 
 The 7 B / 70 B projection fits per-layer MP time t = a·p²n + b·p³ (p ≤ n the matrix
 sides: Gram product and eigen-solve) to the measured work units, and the budget's
@@ -64,6 +66,7 @@ PROJECTED = {
 }
 VOCAB = 32000
 CALIB_BATCHES, CALIB_SEQS_PER_BATCH, CALIB_TOKENS = 8, 2, 512  # 8192 calibration tokens
+RESTORE_MAX_ITER = 10  # CG steps after the OBS warm start; "restore-converged" runs to tol 1e-3 (≤ 200)
 
 
 # ----------------------------------------------------------------------------- child side
@@ -226,7 +229,11 @@ def child(stage: str, name: str, threads: int, plan_path: str, legacy_dir: str) 
         driver.restore_layer, driver.capture_grams, driver.replay_run = timed_restore, timed_grams, timed_replay
         if stage == "restore-noreplay":  # the path before block replay: a model forward up to every block
             driver.block_runs = lambda keys, blocks: []
-        cfg = RestoreConfig(sequential=True, dtype="float64" if stage == "restore-float64" else "float32")
+        cfg = RestoreConfig(
+            sequential=True,
+            dtype="float64" if stage == "restore-float64" else "float32",
+            max_iter=200 if stage == "restore-converged" else RESTORE_MAX_ITER,
+        )
         mp.apply(model, plan, calib, restore=cfg)
         out.update(phase)
         out["calibration_tokens"] = CALIB_BATCHES * CALIB_SEQS_PER_BATCH * CALIB_TOKENS
@@ -465,7 +472,8 @@ def main() -> None:
             stages += ["plan-float64"] * (name in split(args.float64_models))
             stages += ["plan-legacy"] * (name in split(args.legacy_models))
             stages += ["restore"] * (name in split(args.restore_models))
-            stages += ["restore-float64", "restore-noreplay"] * (name in split(args.restore_extra_models))
+            extra = ["restore-converged", "restore-float64", "restore-noreplay"]
+            stages += extra * (name in split(args.restore_extra_models))
             for stage in stages:
                 res = run_child(stage, name, args.threads, plan_path, legacy)
                 if stage == "plan" and "error" not in res:
