@@ -166,3 +166,42 @@ def test_chained_blocks_with_a_shared_side_input_replay(monkeypatch) -> None:
         b, _ = _restored(dense, calib, monkeypatch, False, sparsity=0.5, pattern="2:4", budget="uniform")
         _assert_same_weights(a, b)
         assert len(replayed) == (0 if per_block else 3)
+
+
+def test_a_block_whose_rerun_differs_is_not_replayed(monkeypatch) -> None:
+    class Growing(nn.Module):  # like a KV cache the replay does not know: each call sees more state
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(32, 32)
+            self.calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return x + self.fc(x) * (1.0 + 0.1 * self.calls)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([Growing() for _ in range(3)])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    torch.manual_seed(5)
+    calib = [torch.randn(160, 32)]
+    real = driver.replay_run
+    replayed: list[list[str]] = []
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        for item in real(*args, **kwargs):
+            replayed.append(item[0])
+            yield item
+
+    monkeypatch.setattr(driver, "replay_run", spy)
+    model = Net().eval()
+    p = mp.plan(model, sparsity=0.5, pattern="2:4", budget="uniform")
+    mp.apply(model, p, calib, restore=RestoreConfig(sequential=True))
+    assert replayed == []  # block 0 re-run on its cached inputs did not reproduce the forward: ordinary path
+    assert all("restore" in p.applied["layers"][lp.name] for lp in p.layers)
