@@ -205,3 +205,23 @@ def test_a_block_whose_rerun_differs_is_not_replayed(monkeypatch) -> None:
     mp.apply(model, p, calib, restore=RestoreConfig(sequential=True))
     assert replayed == []  # block 0 re-run on its cached inputs did not reproduce the forward: ordinary path
     assert all("restore" in p.applied["layers"][lp.name] for lp in p.layers)
+
+
+def test_efficientnet_stages_replay_with_the_same_weights(monkeypatch) -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    dense = timm.create_model("efficientnet_lite0", pretrained=False).eval()
+    calib = [torch.randn(4, 3, 64, 64) for _ in range(2)]
+    real = driver.replay_run
+    replayed: list[list[str]] = []
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        for item in real(*args, **kwargs):
+            replayed.append(item[0])
+            yield item
+
+    monkeypatch.setattr(driver, "replay_run", spy)
+    a, _ = _restored(dense, calib, monkeypatch, True, sparsity=0.5, pattern="2:4")
+    assert len(replayed) == len(dense.blocks)  # every stage blocks.N replayed on cached inputs
+    b, _ = _restored(dense, calib, monkeypatch, False, sparsity=0.5, pattern="2:4")
+    _assert_same_weights(a, b)
