@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from decoders import decoder
 from torch import nn
 
 import mp_plugin as mp
@@ -36,6 +37,20 @@ def _restored(model: nn.Module, calib, monkeypatch, replay: bool, **plan_kw) -> 
     return model, p
 
 
+def _spy_replays(monkeypatch) -> list[list[str]]:  # noqa: ANN001
+    """Record the blocks ``replay_run`` yields (replayed on cached inputs) from now on."""
+    real = driver.replay_run
+    replayed: list[list[str]] = []
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        for item in real(*args, **kwargs):
+            replayed.append(item[0])
+            yield item
+
+    monkeypatch.setattr(driver, "replay_run", spy)
+    return replayed
+
+
 def _calls(module: nn.Module) -> list[int]:
     count = [0]
     module.register_forward_pre_hook(lambda mod, args: count.__setitem__(0, count[0] + 1))
@@ -55,25 +70,10 @@ def test_block_runs_groups_consecutive_sibling_blocks() -> None:
     assert block_runs(["a.0", "a.1"], [["a.0.w"], ["elsewhere"]]) == []  # a layer outside its block
 
 
-def _llama(layers: int = 3) -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        hidden_size=128,
-        intermediate_size=344,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
 def test_llama_replay_equals_the_full_forward_path_and_runs_each_block_a_bounded_number_of_times(
     monkeypatch,
 ) -> None:
-    dense = _llama(layers=4)
+    dense = decoder("llama", layers=4)
     g = torch.Generator().manual_seed(3)
     mask = torch.ones(8, 48, dtype=torch.long)
     mask[2, 30:] = 0  # padding: only real tokens count in both paths
@@ -150,19 +150,11 @@ def test_chained_blocks_with_a_shared_side_input_replay(monkeypatch) -> None:
 
     torch.manual_seed(4)
     calib = [torch.randn(160, 32) for _ in range(2)]
-    real = driver.replay_run
     for per_block in (False, True):  # a side input that changes per block: no replay, result unchanged
         dense = Net(per_block).eval()
-        replayed: list[list[str]] = []
-
-        def spy(*args, replayed=replayed, **kwargs):  # noqa: ANN002, ANN003, ANN202
-            for item in real(*args, **kwargs):
-                replayed.append(item[0])
-                yield item
-
-        monkeypatch.setattr(driver, "replay_run", spy)
-        a, _ = _restored(dense, calib, monkeypatch, True, sparsity=0.5, pattern="2:4", budget="uniform")
-        monkeypatch.setattr(driver, "replay_run", real)
+        with monkeypatch.context() as m:
+            replayed = _spy_replays(m)
+            a, _ = _restored(dense, calib, m, True, sparsity=0.5, pattern="2:4", budget="uniform")
         b, _ = _restored(dense, calib, monkeypatch, False, sparsity=0.5, pattern="2:4", budget="uniform")
         _assert_same_weights(a, b)
         assert len(replayed) == (0 if per_block else 3)
@@ -191,15 +183,7 @@ def test_a_block_whose_rerun_differs_is_not_replayed(monkeypatch) -> None:
 
     torch.manual_seed(5)
     calib = [torch.randn(160, 32)]
-    real = driver.replay_run
-    replayed: list[list[str]] = []
-
-    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        for item in real(*args, **kwargs):
-            replayed.append(item[0])
-            yield item
-
-    monkeypatch.setattr(driver, "replay_run", spy)
+    replayed = _spy_replays(monkeypatch)
     model = Net().eval()
     p = mp.plan(model, sparsity=0.5, pattern="2:4", budget="uniform")
     mp.apply(model, p, calib, restore=RestoreConfig(sequential=True))
@@ -212,15 +196,7 @@ def test_efficientnet_stages_replay_with_the_same_weights(monkeypatch) -> None:
     torch.manual_seed(0)
     dense = timm.create_model("efficientnet_lite0", pretrained=False).eval()
     calib = [torch.randn(4, 3, 64, 64) for _ in range(2)]
-    real = driver.replay_run
-    replayed: list[list[str]] = []
-
-    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        for item in real(*args, **kwargs):
-            replayed.append(item[0])
-            yield item
-
-    monkeypatch.setattr(driver, "replay_run", spy)
+    replayed = _spy_replays(monkeypatch)
     a, _ = _restored(dense, calib, monkeypatch, True, sparsity=0.5, pattern="2:4")
     assert len(replayed) == len(dense.blocks)  # every stage blocks.N replayed on cached inputs
     b, _ = _restored(dense, calib, monkeypatch, False, sparsity=0.5, pattern="2:4")

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from decoders import DECODERS, decoder
 
 from mp_plugin.masks.counts import global_prune_counts
 from mp_plugin.spectrum import fit_many, float32_sigma_error, gram_matrix, squared_singular_values
@@ -120,36 +121,12 @@ def test_radix_select_counts_equal_kth_value_counts(dtype: torch.dtype, monkeypa
 
 # ----------------------------------------------------------------------------- Hugging Face decoders
 
-_DECODERS = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM"),
-    "mistral": ("MistralConfig", "MistralForCausalLM"),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-}
 
-
-def _decoder(family: str, layers: int = 2, tie: bool = False) -> torch.nn.Module:
-    """A random-init decoder of width 256 with grouped-query attention (8 query heads, 2 key/value heads)."""
-    transformers = pytest.importorskip("transformers")
-    config_cls, model_cls = (getattr(transformers, n) for n in _DECODERS[family])
-    config = config_cls(
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=layers,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        vocab_size=384,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-    )
-    torch.manual_seed(0)
-    return model_cls(config).eval()
-
-
-@pytest.mark.parametrize("family", sorted(_DECODERS))
+@pytest.mark.parametrize("family", sorted(DECODERS))
 def test_decoder_blocks_are_found_and_the_heads_left_out(family: str) -> None:
     from mp_plugin import LayerSelection, find_target_layers
 
-    model = _decoder(family)
+    model = decoder(family)
     targets, skipped = find_target_layers(model)
     names = [t.name for t in targets]
     expected = [
@@ -172,7 +149,7 @@ def test_decoder_blocks_are_found_and_the_heads_left_out(family: str) -> None:
     assert [t.layer_type for t in targets[:7]] == ["attn"] * 4 + ["mlp"] * 3
     assert {s.name: s.reason for s in skipped} == {"lm_head": "classifier head"}
     # a tied lm_head is the input embedding: left out even when heads are allowed
-    tied = _decoder(family, tie=True)
+    tied = decoder(family, tie=True)
     _, skipped = find_target_layers(tied, LayerSelection(exclude_head=False))
     assert {s.name: s.reason for s in skipped} == {"lm_head": "weight tied to the input embedding model.embed_tokens"}
 
@@ -194,7 +171,7 @@ def test_llama_plans_and_prunes_to_2_4_and_still_runs() -> None:
     import mp_plugin as mp
     from mp_plugin.masks.select import check_nm
 
-    model = _decoder("llama")
+    model = decoder("llama")
     ids = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(0))
     dense_logits = model(input_ids=ids).logits
     p = mp.plan(model, sparsity=0.5, pattern="2:4")
@@ -213,7 +190,7 @@ def test_llama_plans_and_prunes_to_2_4_and_still_runs() -> None:
 def test_token_batches_count_only_real_tokens() -> None:
     from mp_plugin.layers.calibration import capture_covariances
 
-    model = _decoder("llama", layers=1)
+    model = decoder("llama", layers=1)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 384, (2, 10), generator=g)
     mask = torch.ones(2, 10, dtype=torch.long)
@@ -279,7 +256,7 @@ def test_llama_restore_runs_one_decoder_layer_at_a_time() -> None:
     from mp_plugin.masks.select import check_nm
     from mp_plugin.restore import RestoreConfig, execution_order, forward_blocks
 
-    dense = _decoder("llama")
+    dense = decoder("llama")
     g = torch.Generator().manual_seed(2)
     mask = torch.ones(16, 64, dtype=torch.long)
     mask[1, 40:] = 0
@@ -318,7 +295,7 @@ def test_plan_of_a_disk_offloaded_llama_equals_the_in_memory_plan(tmp_path) -> N
 
     import mp_plugin as mp
 
-    model = _decoder("llama")
+    model = decoder("llama")
     in_memory = mp.plan(copy.deepcopy(model), sparsity=0.6, pattern="unstructured")
     disk_offload(model, str(tmp_path / "offload"), execution_device="cpu")
     q = model.model.layers[0].self_attn.q_proj

@@ -52,6 +52,7 @@ __all__ = [
     "token_mask",
     "active_token_mask",
     "real_tokens",
+    "eval_mode",
     "first_batch",
     "calibration_loss",
     "group_index",
@@ -129,6 +130,17 @@ def real_tokens(mask: torch.Tensor | None) -> Iterator[None]:
         yield
     finally:
         _TOKEN_MASK.reset(token)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside the ``with`` block; its training flag is restored on exit."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def layer_input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

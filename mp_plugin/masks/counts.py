@@ -33,36 +33,39 @@ _CHUNK = 1 << 22  # entries scored at once: the workspace of global_prune_counts
 
 
 def _score_bits(
-    weight: torch.Tensor, layer_w: float, shift: int = 0, buffer: torch.Tensor | None = None
-) -> Iterator[torch.Tensor]:
+    weight: torch.Tensor, layer_w: float, shift: int, scratch: dict[torch.device, tuple[torch.Tensor, torch.Tensor]]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The float32 scores |W|/w_ℓ·2^-shift of one layer as int32 bit patterns, slice by slice.
 
-    For non-negative floats the bit pattern orders like the value, so counting
-    bit patterns below a threshold is counting scores below it. ``shift`` (the same
-    for every layer, see :func:`_score_shift`) keeps float64 weights far outside
+    Yields ``(bits, bits >> 16)`` per slice of at most ``_CHUNK`` weights. For
+    non-negative floats the bit pattern orders like the value, so counting bit
+    patterns below a threshold is counting scores below it. ``shift`` (the same for
+    every layer, see :func:`_score_shift`) keeps float64 weights far outside
     float32's range (|W| ~ 1e100) from all becoming inf or 0.
 
-    With ``buffer`` (float32, at least ``_CHUNK`` entries, on the weight's device) every
-    slice is written into it and the yielded tensor is a view of it, valid until the next
-    slice: the same memory serves every slice of every layer, so a pass over a large
-    model does not churn the allocator (freed 16 MiB blocks fragment glibc's heap and
-    stay in the process's RSS).
+    Both tensors are views of two ``_CHUNK``-sized buffers per device, kept in
+    ``scratch`` and valid until the next slice: the same memory serves every slice of
+    every layer, so a pass over a large model does not churn the allocator (freed
+    16 MiB blocks fragment glibc's heap and stay in the process's RSS).
     """
     flat = weight.detach().reshape(-1)
+    if flat.device not in scratch:
+        scratch[flat.device] = (
+            torch.empty(_CHUNK, dtype=torch.float32, device=flat.device),
+            torch.empty(_CHUNK, dtype=torch.int32, device=flat.device),
+        )
+    scores, high = scratch[flat.device]
     for start in range(0, flat.numel(), _CHUNK):
         piece = flat[start : start + _CHUNK]
+        out = scores[: piece.numel()]
         if shift:
-            scaled = torch.ldexp(piece.abs().double(), torch.tensor(float(-shift), dtype=torch.float64)) / float(
-                layer_w
-            )
-            yield scaled.float().view(torch.int32)
-        elif buffer is not None and buffer.device == piece.device:
-            out = buffer[: piece.numel()]
+            scaled = torch.ldexp(piece.abs().double(), torch.tensor(float(-shift), dtype=torch.float64))
+            out.copy_(scaled / float(layer_w))
+        else:
             out.copy_(piece)
             out.abs_().div_(float(layer_w))
-            yield out.view(torch.int32)
-        else:
-            yield (piece.abs().float() / float(layer_w)).view(torch.int32)
+        bits = out.view(torch.int32)
+        yield bits, torch.bitwise_right_shift(bits, 16, out=high[: piece.numel()])
 
 
 def _score_shift(weights: Sequence[torch.Tensor], layer_w: Sequence[float]) -> int:
@@ -101,13 +104,10 @@ def global_prune_counts(weights: Sequence[torch.Tensor], layer_w: Sequence[float
     if target == 0:
         return [0] * len(sizes)
     shift = _score_shift(weights, layer_w)
-    device = weights[0].device if len(weights) else torch.device("cpu")
-    buffer = torch.empty(_CHUNK, dtype=torch.float32, device=device)
-    shifted = torch.empty(_CHUNK, dtype=torch.int32, device=device)
+    scratch: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
     high = torch.zeros(len(sizes), 1 << 15, dtype=torch.int64)
     for i, (w, lw) in enumerate(zip(weights, layer_w)):
-        for bits in _score_bits(w, lw, shift, buffer):
-            top_bits = torch.bitwise_right_shift(bits, 16, out=shifted[: bits.numel()])
+        for _, top_bits in _score_bits(w, lw, shift, scratch):
             high[i] += torch.bincount(top_bits, minlength=1 << 15).cpu()
     cum = high.sum(0).cumsum(0)
     top = int(torch.searchsorted(cum, torch.tensor(target, dtype=torch.int64)))  # first bin reaching target
@@ -118,8 +118,7 @@ def global_prune_counts(weights: Sequence[torch.Tensor], layer_w: Sequence[float
         if int(high[i, top]) == 0:
             continue
         hist = torch.zeros(1 << 16, dtype=torch.int64)
-        for bits in _score_bits(w, lw, shift, buffer):
-            top_bits = torch.bitwise_right_shift(bits, 16, out=shifted[: bits.numel()])
+        for bits, top_bits in _score_bits(w, lw, shift, scratch):
             inside = bits[top_bits == top] & 0xFFFF
             if inside.numel():
                 hist += torch.bincount(inside, minlength=1 << 16).cpu()

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mp_plugin.layers.calibration import active_token_mask, real_tokens, run_batches
-from mp_plugin.restore.hessian import LayerGram, StopForward, gram_hooks, grams_of
+from mp_plugin.layers.calibration import active_token_mask, eval_mode, real_tokens
+from mp_plugin.restore.hessian import LayerGram, StopForward, gram_hooks, grams_of, run_stoppable
 
 __all__ = ["block_runs", "CachedRun", "cache_run_inputs", "replay_run"]
 
@@ -80,7 +80,7 @@ class CachedRun:
         modules: the run's block modules, in forward order.
         slot: where the hidden input sits: ``("arg", position)`` or ``("kwarg", name)``.
         args: per batch, the block's positional arguments.
-        kwargs: per batch, its keyword arguments (KV caches removed).
+        kwargs: per batch, its keyword arguments (KV caches replaced by None, ``use_cache=False``).
         masks: per batch, the real-token mask (None for non-token batches).
         first_output: block 0's output on batch 0 in the full forward (for the re-run check).
     """
@@ -91,6 +91,14 @@ class CachedRun:
     kwargs: list[dict[str, Any]] = field(default_factory=list)
     masks: list[torch.Tensor | None] = field(default_factory=list)
     first_output: torch.Tensor | None = None
+
+    def add(self, args: tuple, kwargs: dict[str, Any], mask: torch.Tensor | None) -> None:
+        """Cache one batch's call of the first block (KV caches replaced by None)."""
+        self.args.append(list(args))
+        self.kwargs.append({k: None if _is_cache(k, v) else v for k, v in kwargs.items()})
+        if "use_cache" in kwargs:
+            self.kwargs[-1]["use_cache"] = False
+        self.masks.append(mask)
 
 
 def _hidden(output: Any) -> torch.Tensor | None:
@@ -115,19 +123,14 @@ def _same(a: Any, b: Any) -> bool:
     return False
 
 
-def _clean_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    out = dict(kwargs)
-    for key, value in kwargs.items():
-        if key in _CACHE_KWARGS or type(value).__name__.endswith("Cache"):
-            out[key] = None
-    if "use_cache" in out:
-        out["use_cache"] = False
-    return out
+def _is_cache(key: str, value: Any) -> bool:
+    """A KV cache argument, which a re-run must not extend."""
+    return key in _CACHE_KWARGS or type(value).__name__.endswith("Cache")
 
 
 def _side_inputs(args: Sequence[Any], kwargs: dict[str, Any], slot: tuple[str, Any]) -> tuple[list, dict]:
     a = [x for i, x in enumerate(args) if slot != ("arg", i)]
-    k = {n: v for n, v in kwargs.items() if slot != ("kwarg", n) and n not in _CACHE_KWARGS}  # caches: same object
+    k = {n: v for n, v in kwargs.items() if slot != ("kwarg", n) and not _is_cache(n, v)}
     return a, k
 
 
@@ -141,12 +144,14 @@ def cache_run_inputs(model: nn.Module, modules: Sequence[nn.Module], calibration
     batches = calibration if isinstance(calibration, list) else [calibration]
     calls: list[tuple[tuple, dict] | None] = [None] * len(modules)
     outs: list[torch.Tensor | None] = [None] * len(modules)
-    handles = []
+    first_mask: list[torch.Tensor | None] = [None]
 
     def pre(i: int):  # noqa: ANN202
         def fn(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if calls[i] is None:
                 calls[i] = (args, kwargs)
+                if i == 0:
+                    first_mask[0] = active_token_mask()
 
         return fn
 
@@ -159,26 +164,15 @@ def cache_run_inputs(model: nn.Module, modules: Sequence[nn.Module], calibration
 
         return fn
 
-    first_mask: list[torch.Tensor | None] = [None]
-
-    def mask_pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        first_mask[0] = active_token_mask()
-
-    was_training = model.training
-    model.eval()
+    handles = []
     try:
-        handles.append(modules[0].register_forward_pre_hook(mask_pre, with_kwargs=True))
         for i, m in enumerate(modules):
             handles.append(m.register_forward_pre_hook(pre(i), with_kwargs=True))
             handles.append(m.register_forward_hook(post(i), with_kwargs=True))
-        try:
-            run_batches(model, [batches[0]])
-        except StopForward:
-            pass
+        run_stoppable(model, batches[0])
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     if calls[0] is None or calls[1] is None or outs[0] is None:
         return None, 0
     slots = _slots(calls[1], outs[0])
@@ -194,12 +188,17 @@ def cache_run_inputs(model: nn.Module, modules: Sequence[nn.Module], calibration
     if n < 2:
         return None, 0
     cache = CachedRun(list(modules[:n]), slot, first_output=outs[0])
-    args0, kwargs0 = calls[0]
-    cache.args.append(list(args0))
-    cache.kwargs.append(_clean_kwargs(kwargs0))
-    cache.masks.append(first_mask[0])
-    if len(batches) > 1:
-        _capture_rest(model, modules[0], batches[1:], cache)
+    cache.add(*calls[0], first_mask[0])
+
+    def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        cache.add(args, kwargs, active_token_mask())
+        raise StopForward
+
+    handle = modules[0].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        run_stoppable(model, batches[1:])
+    finally:
+        handle.remove()
     return cache, n
 
 
@@ -208,27 +207,6 @@ def _slots(call: tuple[tuple, dict], prev: torch.Tensor) -> list[tuple[str, Any]
     found: list[tuple[str, Any]] = [("arg", i) for i, a in enumerate(args) if a is prev]
     found += [("kwarg", k) for k, v in kwargs.items() if v is prev]
     return found
-
-
-def _capture_rest(model: nn.Module, first: nn.Module, batches: list, cache: CachedRun) -> None:
-    def fn(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        cache.args.append(list(args))
-        cache.kwargs.append(_clean_kwargs(kwargs))
-        cache.masks.append(active_token_mask())
-        raise StopForward
-
-    was_training = model.training
-    model.eval()
-    handle = first.register_forward_pre_hook(fn, with_kwargs=True)
-    try:
-        for batch in batches:
-            try:
-                run_batches(model, [batch])
-            except StopForward:
-                pass
-    finally:
-        handle.remove()
-        model.train(was_training)
 
 
 def _run_block(module: nn.Module, cache: CachedRun, b: int) -> torch.Tensor:
@@ -259,30 +237,19 @@ def replay_run(
     The caller prunes and restores the block between yields; on resuming, the block is
     re-run on its inputs to give the next block's. Before anything is yielded, block 0
     re-run on batch 0 must reproduce the full forward's output; if it does not, nothing is
-    yielded and the caller falls back (a ``StopIteration`` with value False).
+    yielded and the caller falls back.
     """
-    was_training = model.training
     for i, (module, names) in enumerate(zip(cache.modules, blocks)):
-        model.eval()
-        try:
-            with torch.no_grad(), gram_hooks(model, names, dtype, max_rows) as hooks:
-                for b in range(len(cache.args)):
-                    out = _run_block(module, cache, b)
-                    if i == 0 and b == 0 and not _close(out, cache.first_output):
-                        return False
-        finally:
-            model.train(was_training)
+        with eval_mode(model), torch.no_grad(), gram_hooks(model, names, dtype, max_rows) as hooks:
+            for b in range(len(cache.args)):
+                out = _run_block(module, cache, b)
+                if i == 0 and b == 0 and not _close(out, cache.first_output):
+                    return
         yield list(names), grams_of(hooks)
         if i + 1 < len(cache.modules):
-            model.eval()
-            try:
-                with torch.no_grad():
-                    for b in range(len(cache.args)):
-                        _set_hidden(cache, b, _run_block(module, cache, b))
-            finally:
-                model.train(was_training)
-    cache.first_output = None
-    return True
+            with eval_mode(model), torch.no_grad():
+                for b in range(len(cache.args)):
+                    _set_hidden(cache, b, _run_block(module, cache, b))
 
 
 def _close(a: torch.Tensor, b: torch.Tensor | None) -> bool:

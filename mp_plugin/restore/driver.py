@@ -7,9 +7,10 @@ into blocks (a transformer block, a conv stage: the module-name prefix up to its
 first index, e.g. ``blocks.3``, ``encoder.layer.2``, ``model.layers.5``), and
 each block's Grams are captured on the model already pruned and restored before
 it, so every layer also corrects its predecessors' error (what SparseGPT and
-llm-compressor's sequential pipeline do). Only the current block's Grams are held. A run of sibling blocks (``model.layers.0 … N``)
-is replayed on cached block inputs (``mp_plugin.restore.chain``): one block forward per
-block instead of a forward of everything before it.
+llm-compressor's sequential pipeline do). Only the current block's Grams are held.
+A run of sibling blocks (``model.layers.0 … N``) is replayed on cached block inputs
+(``mp_plugin.restore.chain``): one block forward per block instead of a forward of
+everything before it.
 """
 
 from __future__ import annotations
@@ -119,11 +120,11 @@ def block_grams(
         return
     blocks = forward_blocks(order)
     keys = [block_key(b[0]) for b in blocks]
-    runs = {i: j for i, j in block_runs(keys, blocks)}
-    modules = dict(model.named_modules())
+    runs = dict(block_runs(keys, blocks))
+    modules = dict(model.named_modules())  # a block key is a prefix of its layers' names: always a module
     i = 0
     while i < len(blocks):
-        if i in runs and all(k in modules for k in keys[i : runs[i]]):
+        if i in runs:
             cache, n = cache_run_inputs(model, [modules[k] for k in keys[i : runs[i]]], calibration)
             if cache is not None:
                 replay = replay_run(model, cache, blocks[i : i + n], dt, config.max_rows)

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from mp_plugin.errors import MPPluginError
-from mp_plugin.layers.calibration import layer_input_rows, run_batches
+from mp_plugin.layers.calibration import eval_mode, layer_input_rows, run_batches
 from mp_plugin.layers.layout import kn_input_columns
 
-__all__ = ["LayerGram", "capture_grams", "gram_hooks", "grams_of", "RestoreError", "StopForward"]
+__all__ = ["LayerGram", "capture_grams", "gram_hooks", "grams_of", "RestoreError", "StopForward", "run_stoppable"]
 
 
 class RestoreError(MPPluginError):
@@ -167,24 +167,25 @@ def capture_grams(
     Raises:
         RestoreError: a layer's input is not finite.
     """
-    batches = data if isinstance(data, list) else [data]
-    was_training = model.training
-    handle = None
-    try:
-        model.eval()
-        with gram_hooks(model, names, dtype, max_rows, seed) as hooks:
-            if stop_after is not None:
-                handle = dict(model.named_modules())[stop_after].register_forward_hook(_stop)
-            for batch in batches:
-                try:
-                    run_batches(model, [batch])
-                except StopForward:
-                    pass
-    finally:
-        if handle is not None:
-            handle.remove()
-        model.train(was_training)
+    with gram_hooks(model, names, dtype, max_rows, seed) as hooks:
+        handle = None if stop_after is None else dict(model.named_modules())[stop_after].register_forward_hook(_stop)
+        try:
+            run_stoppable(model, data)
+        finally:
+            if handle is not None:
+                handle.remove()
     return grams_of(hooks)
+
+
+def run_stoppable(model: nn.Module, data: Any) -> None:
+    """Run calibration ``data`` through ``model`` in eval mode, each batch's forward ending early
+    where a hook raises :class:`StopForward` (see ``mp_plugin.layers.calibration.run_batches``)."""
+    with eval_mode(model):
+        for batch in data if isinstance(data, list) else [data]:
+            try:
+                run_batches(model, [batch])
+            except StopForward:
+                pass
 
 
 def _stop(module: nn.Module, inputs: tuple, output: Any) -> None:

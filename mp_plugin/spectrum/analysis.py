@@ -39,6 +39,7 @@ from mp_plugin.spectrum.eigen import resolve_gram_dtype
 __all__ = ["WorkUnit", "work_units", "fit_target_layers", "onloaded", "LayerWeights"]
 
 WorkUnit = list[int]
+UNIT_BYTES = 1 << 25  # Gram bytes of one work unit: 32 MiB keeps plan within weights + 1 GB on 1.1 B
 
 
 def _offloaded(module: nn.Module) -> bool:
@@ -85,7 +86,7 @@ class LayerWeights(Sequence[torch.Tensor]):
 
 
 def work_units(
-    targets: Sequence[TargetLayer], todo: Sequence[int], gram_dtype: torch.dtype, max_batch_bytes: int = 1 << 25
+    targets: Sequence[TargetLayer], todo: Sequence[int], gram_dtype: torch.dtype, max_batch_bytes: int = UNIT_BYTES
 ) -> list[WorkUnit]:
     """Indices of ``todo`` cut into units of one (shape, device) whose Gram matrices fit ``max_batch_bytes``.
 
@@ -131,7 +132,7 @@ def fit_target_layers(
     reuse: Mapping[str, SpectralFit] | None = None,
     distributed: bool = False,
     process_group: object | None = None,
-    max_batch_bytes: int = 1 << 25,
+    max_batch_bytes: int = UNIT_BYTES,
 ) -> tuple[list[SpectralFit | None], list[str]]:
     """Fit MP to every target layer, one bounded work unit at a time.
 
