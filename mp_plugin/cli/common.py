@@ -101,7 +101,7 @@ def add_plan_args(parser: argparse.ArgumentParser) -> None:
         dest="budget",
         default=DEFAULT_BUDGET,
         help=f"budget method (default {DEFAULT_BUDGET}): magnitude | uniform | seb (the paper's rule) | seb-hill | "
-        "alpha | bounded-bulk-energy | bounded-spikes | bounded-edge",
+        "mp-bulk | alpha | bounded-bulk-energy | bounded-spikes | bounded-edge",
     )
     parser.add_argument("--include-head", action="store_true", help="also prune the classifier head")
     parser.add_argument("--include-stem", action="store_true", help="also prune the stem conv (C_in=3)")

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from mp_plugin.budget.bounded import BoundedConfig  # importing it registers alpha, bounded-*, owl, noise-floor
+from mp_plugin.budget.bulk_share import BulkShareConfig  # importing it registers mp-bulk
 from mp_plugin.budget.mix import MIX_RULES
 from mp_plugin.budget.rules import SEBConfig
 from mp_plugin.errors import ConfigError, MPPluginError, PlanFormatError, PlanMismatchError
@@ -58,6 +59,7 @@ class PlanConfig:
             relative tolerance is refitted in float64 (None: never).
         bounded: :class:`~mp_plugin.budget.bounded.BoundedConfig` for the bounded budgets
             (``alpha``, ``bounded-*``, ``owl``, ``noise-floor``).
+        bulk_share: :class:`~mp_plugin.budget.bulk_share.BulkShareConfig` for ``mp-bulk``.
         mix_rule: with ``pattern="auto"``, ``auto_patterns=("dense", "2:4")`` and s < 0.5,
             how the layers that take 2:4 are chosen (:data:`mp_plugin.budget.mix.MIX_RULES`;
             ``"round"`` = round each budget to the nearest pattern instead).
@@ -76,6 +78,7 @@ class PlanConfig:
     gram_dtype: str = "float32"
     float32_sigma_rtol: float | None = 1e-6
     bounded: BoundedConfig = field(default_factory=BoundedConfig)
+    bulk_share: BulkShareConfig = field(default_factory=BulkShareConfig)
     mix_rule: str = "mp"
     mix_scores: dict[str, float] | None = None
     mix_costs: dict[str, float] | None = None
@@ -83,6 +86,8 @@ class PlanConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.bounded, BoundedConfig):
             raise ConfigError(f"bounded must be a BoundedConfig, got {type(self.bounded).__name__}")
+        if not isinstance(self.bulk_share, BulkShareConfig):
+            raise ConfigError(f"bulk_share must be a BulkShareConfig, got {type(self.bulk_share).__name__}")
         if self.mix_rule not in MIX_RULES:
             raise ConfigError(f"mix_rule must be one of {MIX_RULES}, got {self.mix_rule!r}")
         check_fit_options(self.alpha, self.beta, self.estimator, self.edge_compat)
@@ -113,6 +118,7 @@ class PlanConfig:
             "gram_dtype": self.gram_dtype,
             "float32_sigma_rtol": self.float32_sigma_rtol,
             "bounded": self.bounded.to_dict(),
+            "bulk_share": self.bulk_share.to_dict(),
             "mix_rule": self.mix_rule,
             "mix_scores": self.mix_scores,
             "mix_costs": self.mix_costs,
@@ -126,6 +132,7 @@ class PlanConfig:
         d["selection"] = LayerSelection(**d.get("selection", {}))
         d["auto_patterns"] = tuple(d.get("auto_patterns", ("dense", "12:16", "2:4")))
         d["bounded"] = BoundedConfig.from_dict(d.get("bounded", {}))
+        d["bulk_share"] = BulkShareConfig.from_dict(d.get("bulk_share", {}))
         return cls(**d)
 
 
