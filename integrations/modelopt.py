@@ -27,7 +27,8 @@ in DataParallel/DDP or ``torch.compile``. Nothing is set on the user's model.
 
 Search config keys (all optional): ``sparsity`` (0.5), ``pattern`` ("2:4";
 "unstructured", "auto", "k:n" and ModelOpt's "2:4 sparsity" spelling),
-``budget`` (``mp_plugin.budget.rules.DEFAULT_BUDGET``; any key of ``BUDGET_METHODS``), ``projection``
+``budget`` (None: ``mp_plugin.budget.rules.default_budget(restore)``, i.e. ``DEFAULT_BUDGET``, or
+``DEFAULT_RESTORE_BUDGET`` with ``restore``; any key of ``BUDGET_METHODS``), ``projection``
 ("magnitude" | "cast" | "obs" | "cast-obs"), ``restore`` (False, True or a
 ``mp_plugin.restore.RestoreConfig``: re-solve the kept weights on the calibration
 data; the restored values go into the module's real parameter), ``permute``
@@ -70,7 +71,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without modelopt
     ) from exc
 
 from mp_plugin import apply as mp_apply
-from mp_plugin.budget.rules import DEFAULT_BUDGET
+from mp_plugin.budget.rules import default_budget
 from mp_plugin.errors import MPPluginError
 from mp_plugin.layers.discovery import LayerSelection
 from mp_plugin.layers.patterns import Pattern
@@ -123,7 +124,7 @@ class MPSearcher(BaseSparseSearcher):
             **super().default_search_config,
             "pattern": "2:4",
             "sparsity": 0.5,
-            "budget": DEFAULT_BUDGET,
+            "budget": None,
             "projection": "magnitude",
             "restore": False,
             "permute": False,
@@ -175,7 +176,10 @@ class MPSearcher(BaseSparseSearcher):
             module.set_mask(None)  # masks off: ``module.weight`` is the raw parameter, read and written in place
         base = cfg["plan_config"] or PlanConfig()
         sel = LayerSelection(**{**base.selection.to_dict(), "include_only": [f"^{re.escape(n)}$" for n in sparse]})
-        budget_method, projection = split_method(cfg["budget"], cfg["projection"], cfg["method"], "mts.sparsify")
+        budget = cfg["budget"]
+        if budget is None and cfg["method"] is None:
+            budget = default_budget(cfg["restore"])
+        budget_method, projection = split_method(budget, cfg["projection"], cfg["method"], "mts.sparsify")
         try:
             calibration = cfg["calibration"]
             if calibration is None and self.forward_loop is not None:

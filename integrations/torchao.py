@@ -49,7 +49,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without torchao
 
 from mp_plugin.integrations.torchao_targets import FilterFn, reached_layers
 
-from mp_plugin.budget.rules import BUDGET_METHODS, DEFAULT_BUDGET
+from mp_plugin.budget.rules import BUDGET_METHODS, default_budget
 from mp_plugin.errors import ConfigError, MPPluginError, NoPrunableLayersError, PlanMismatchError
 from mp_plugin.layers.discovery import LayerSelection
 from mp_plugin.layers.patterns import Pattern
@@ -73,8 +73,9 @@ class MPSparsifier(AOBaseConfig):
         sparsity: global fraction of target weights to remove (the k:n
             projection's unstructured guide when ``pattern`` is k:n).
         pattern: ``"2:4"`` (default), another ``"k:n"``, ``"unstructured"`` or ``"auto"``.
-        budget: budget method, a key of ``mp_plugin.budget.rules.BUDGET_METHODS`` (default
-            ``mp_plugin.budget.rules.DEFAULT_BUDGET``; the paper's rule is ``"seb"``).
+        budget: budget method, a key of ``mp_plugin.budget.rules.BUDGET_METHODS`` (default None:
+            ``mp_plugin.budget.rules.default_budget(restore)``, i.e. ``DEFAULT_BUDGET``, or
+            ``DEFAULT_RESTORE_BUDGET`` with ``restore``; the paper's rule is ``"seb"``).
         permute: ``None``, ``"swap"`` or ``"interleave"``: channel permutation
             folded into the weights before k:n masking (needs :meth:`for_model`).
         accelerate: on CUDA, turn 2:4 Linear weights into
@@ -97,7 +98,7 @@ class MPSparsifier(AOBaseConfig):
 
     sparsity: float = 0.5
     pattern: str = "2:4"
-    budget: str = DEFAULT_BUDGET
+    budget: str | None = None
     permute: str | None = None
     accelerate: bool = False
     plan_config: dict | None = None
@@ -113,6 +114,8 @@ class MPSparsifier(AOBaseConfig):
                 "MPSparsifier holds plain data only (torchao serialises it with config_to_dict); give the "
                 "calibration batches to MPSparsifier.for_model(model, calibration=batches, ...)"
             )
+        if self.budget is None and self.method is None:
+            self.budget = default_budget(self.restore)
         self.budget, self.projection = split_method(self.budget, self.projection, self.method, "MPSparsifier")
         self.method = None
         if self.projection not in MASK_METHODS:

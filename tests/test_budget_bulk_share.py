@@ -97,3 +97,14 @@ def test_bad_beta_is_refused(beta: object) -> None:
         BulkShareConfig(beta=beta)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="bulk_share"):
         PlanConfig(bulk_share={"beta": 0.2})  # type: ignore[arg-type]
+
+
+def test_route_defaults(net: _TwoLayers) -> None:
+    """One-shot routes default to mp-bulk; routes with prune–restore keep global magnitude (the measurement)."""
+    from mp_plugin.budget.rules import DEFAULT_BUDGET, DEFAULT_RESTORE_BUDGET, default_budget
+    from mp_plugin.restore import RestoreConfig
+
+    assert (DEFAULT_BUDGET, DEFAULT_RESTORE_BUDGET) == ("mp-bulk", "magnitude")
+    assert default_budget() == default_budget(False) == default_budget(None) == DEFAULT_BUDGET
+    assert default_budget(True) == default_budget(RestoreConfig()) == default_budget({}) == DEFAULT_RESTORE_BUDGET
+    assert plan(net, 0.5).method == DEFAULT_BUDGET

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mp_plugin.budget.rules import DEFAULT_RESTORE_BUDGET
 from mp_plugin.cli.main import main
 from mp_plugin.evaluation.models import load_model
 from mp_plugin.masks.select import check_nm
@@ -86,6 +87,7 @@ def test_prune_restore_efficientnet_lite0_cli(efficientnet_lite0, tmp_path: Path
     assert "err restored" in printed and "k:n valid: yes" in printed
     plan = PrunePlan.load(out / "plan.json")
     assert plan.applied["restore"]["damp"] == 0.01
+    assert plan.method == DEFAULT_RESTORE_BUDGET  # the restore route's default budget
     recs = {n: e["restore"] for n, e in plan.applied["layers"].items() if "restore" in e}
     assert set(recs) == {lp.name for lp in plan.layers if lp.pattern == "2:4"}
     assert all(r["rel_error_after"] <= r["rel_error_before"] for r in recs.values())

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import mp_plugin as mp
+from mp_plugin.budget.rules import DEFAULT_BUDGET, DEFAULT_RESTORE_BUDGET
 from mp_plugin.masks.select import check_nm, nm_mask
 from mp_plugin.permute import PermutationRecord, align_to_permuted
 
@@ -272,6 +273,7 @@ def test_mp_mode_restore_with_forward_loop_round_trips_bit_exact(tmp_path) -> No
     assert torch.equal(raw, fc1.weight.detach())  # restored values live in the parameter itself
     assert check_nm(raw, 2, 4)
     assert "restore" in mpm.plan_of(model).applied["layers"]["blocks.0.mlp.fc1"]
+    assert mpm.plan_of(model).method == DEFAULT_RESTORE_BUDGET and mpm.plan_of(masked).method == DEFAULT_BUDGET
     with torch.no_grad():
         ref = dense(test)
         assert (model(test) - ref).square().mean() < (masked(test) - ref).square().mean()

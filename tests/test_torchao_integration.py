@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import mp_plugin as mp
+from mp_plugin.budget.rules import DEFAULT_BUDGET, DEFAULT_RESTORE_BUDGET
 from mp_plugin.masks.select import check_nm
 
 torchao = pytest.importorskip("torchao")
@@ -438,6 +439,7 @@ def test_restore_through_sparsify_matches_the_core_route_and_beats_masking(vit: 
     sparsify_(vit, cfg)
     p = cfg.plan_for(vit)
     assert mp.sparsity_report(vit, p).kn_valid and p.applied["restore"]["damp"] == 0.01
+    assert cfg.budget == p.method == DEFAULT_RESTORE_BUDGET and MPSparsifier().budget == DEFAULT_BUDGET
     ref_plan = mp.plan(core, 0.5, "2:4", config=LINEAR_ONLY)
     mp.apply(core, ref_plan, calibration=calib, projection="cast-obs", restore=True)
     for (name, a), b in zip(vit.named_parameters(), core.parameters()):

@@ -94,10 +94,7 @@ def _config(ctx: BudgetContext) -> BulkShareConfig:
 
 def _counts(ctx: BudgetContext) -> tuple[list[int], np.ndarray, np.ndarray]:
     w, z = bulk_share_weights(ctx.fits, _config(ctx).beta)
-    counts = global_prune_counts(ctx.weights, w.tolist(), ctx.sparsity)
-    frac = np.asarray(counts, dtype=np.float64) / np.asarray(ctx.numels, dtype=np.float64)
-    rel = frac / ctx.sparsity if ctx.sparsity > 0 else np.ones_like(frac)
-    return counts, rel, z
+    return global_prune_counts(ctx.weights, w.tolist(), ctx.sparsity), w, z  # w recorded as the plan's w_ℓ
 
 
 register_budget_method(

@@ -36,6 +36,8 @@ __all__ = [
     "BUDGET_METHODS",
     "BudgetContext",
     "DEFAULT_BUDGET",
+    "DEFAULT_RESTORE_BUDGET",
+    "default_budget",
     "register_budget_method",
     "check_sparsity",
     "seb_layer_weights",
@@ -195,17 +197,28 @@ class _BudgetMethod:
 
 BUDGET_METHODS: dict[str, _BudgetMethod] = {}
 
-DEFAULT_BUDGET = "magnitude"
-"""The budget ``plan``, the CLI and the adapters use when none is given: global magnitude.
+DEFAULT_BUDGET = "mp-bulk"
+"""The budget ``plan``, the CLI and the adapters use when none is given and no prune–restore follows.
 
 It follows the measurement (``benchmarks/budgets.py``, benchmarks/README.md "Layer
-budgets"): no MP-derived rule (SEB, the AlphaPruning mapping on our Hill α, the bounded
-mappings on bulk energy, spikes per dimension or σ₊ over the iid edge, their
-magnitude-anchored versions, the noise-floor allocation) was at least as good as one
-global |W| threshold on every model and sparsity tested, so the default is global
-magnitude. ``plan`` still fits MP to every layer and reports σ₊, spikes, bulk share and
-fit error; the paper's rule stays available as ``budget="seb"``.
+budgets"): ``mp-bulk`` (:mod:`mp_plugin.budget.bulk_share`, global magnitude weighted by
+the MP bulk energy share) was at least as good as one global |W| threshold on every
+model and sparsity of the benchmark without restore and better on all three models.
+The paper's rule stays available as ``budget="seb"``.
 """
+
+DEFAULT_RESTORE_BUDGET = "magnitude"
+"""The default budget when prune–restore follows (the CLI's ``--restore``, the adapters' ``restore=``).
+
+After restore ``mp-bulk`` was worse than global magnitude on EfficientNet-Lite0 at
+50/60/70 % (``benchmarks/budgets.py``), so that route keeps global magnitude.
+"""
+
+
+def default_budget(restore: Any = False) -> str:
+    """The default budget of a route: :data:`DEFAULT_RESTORE_BUDGET` when ``restore`` is set
+    (True, a :class:`~mp_plugin.restore.RestoreConfig` or its dict), else :data:`DEFAULT_BUDGET`."""
+    return DEFAULT_RESTORE_BUDGET if restore is not None and restore is not False else DEFAULT_BUDGET
 
 
 def register_budget_method(

@@ -13,7 +13,7 @@ import argparse
 import torch
 from torch import nn
 
-from mp_plugin.budget.rules import DEFAULT_BUDGET
+from mp_plugin.budget.rules import DEFAULT_BUDGET, DEFAULT_RESTORE_BUDGET, default_budget
 from mp_plugin.evaluation.model_source import load_named_model, weights_description
 
 MODEL_HELP = "built-in name (efficientnet_lite0, minilm, fmnist_cnn, …) or a timm model name"
@@ -99,8 +99,9 @@ def add_plan_args(parser: argparse.ArgumentParser) -> None:
         "--budget",
         "--method",
         dest="budget",
-        default=DEFAULT_BUDGET,
-        help=f"budget method (default {DEFAULT_BUDGET}): magnitude | uniform | seb (the paper's rule) | seb-hill | "
+        default=None,
+        help=f"budget method (default {DEFAULT_BUDGET}, or {DEFAULT_RESTORE_BUDGET} with --restore): magnitude | "
+        "uniform | seb (the paper's rule) | seb-hill | "
         "mp-bulk | alpha | bounded-bulk-energy | bounded-spikes | bounded-edge",
     )
     parser.add_argument("--include-head", action="store_true", help="also prune the classifier head")
@@ -124,7 +125,8 @@ def plan_from_args(args: argparse.Namespace, model):
         model,
         sparsity=args.sparsity,
         pattern=args.pattern,
-        budget=args.budget,
+        budget=args.budget
+        or default_budget(getattr(args, "restore", False) or getattr(args, "restore_sequential", False)),
         config=plan_config_from_args(args),
         model_name=args.model or str(args.checkpoint),
         show_progress=True,
