@@ -42,6 +42,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import TASKS, Task, minilm_task  # noqa: E402
+from budgets_report import (  # noqa: E402
+    BETA_SWEEP,
+    BUDGETS,
+    MIX_RULES,
+    correlation_markdown,
+    load_results,
+    to_markdown,
+    verdict_markdown,
+    write_readme,
+)
 from common import RESULTS, write_result  # noqa: E402
 
 from mp_plugin.budget.bounded import BoundedConfig  # noqa: E402
@@ -58,35 +68,7 @@ from mp_plugin.restore import RestoreConfig  # noqa: E402
 
 UNSTRUCTURED = (0.5, 0.6, 0.7)
 MIX = (0.25, 0.35, 0.45)
-BUDGETS = (
-    ("uniform", "uniform"),
-    ("global magnitude", "magnitude"),
-    ("SEB (paper)", "seb"),
-    ("alpha (AlphaPruning map)", "alpha"),
-    ("bounded bulk energy", "bounded-bulk-energy"),
-    ("bounded spikes/dim", "bounded-spikes"),
-    ("bounded edge/iid", "bounded-edge"),
-    ("OWL (calibration)", "owl"),
-    ("noise floor (calibration)", "noise-floor"),
-    ("mag + alpha", "mag-alpha"),
-    ("mag + bulk energy", "mag-bulk-energy"),
-    ("mag + spikes/dim", "mag-spikes"),
-    ("mag + edge/iid", "mag-edge"),
-    ("mag + noise floor (calibration)", "mag-noise-floor"),
-    ("mp-bulk (bulk share weighting)", "mp-bulk"),
-    ("sensitivity oracle", None),
-)
-# (label, mix rule, budget whose per-layer sparsities the "budget" rule ranks by)
-MIX_RULES = (
-    ("MP: 2:4 energy / noise", "mp", "magnitude"),
-    ("MP: bulk energy", "bulk-energy", "magnitude"),
-    ("size (largest first)", "size", "magnitude"),
-    ("global-magnitude budget", "budget", "magnitude"),
-    ("MP: mp-bulk budget", "budget", "mp-bulk"),
-    ("measured 2:4 sensitivity", "scores", "magnitude"),
-)
-BETA_SWEEP = (0.5, 1.0)  # extra mp-bulk rows besides the default β = 0.25
-VERDICT_MODELS = ("fmnist_cnn", "efficientnet_lite0", "minilm")  # the issue's three; others are held out
+README = Path(__file__).resolve().parent / "README.md"
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -366,154 +348,6 @@ def bench(task: Task, restore_cfg: RestoreConfig, parts: tuple[str, ...]) -> dic
     }
 
 
-DATA_FREE = (
-    "seb",
-    "alpha",
-    "bounded-bulk-energy",
-    "bounded-spikes",
-    "bounded-edge",
-    "mag-alpha",
-    "mag-bulk-energy",
-    "mag-spikes",
-    "mag-edge",
-    "mp-bulk",
-    *(f"mp-bulk beta={b}" for b in BETA_SWEEP),
-)
-
-
-def default_verdict(results: list[dict], restore: bool = False) -> dict[str, dict]:
-    """For each budget: on how many (model, sparsity) it is not worse / better than global magnitude.
-
-    Not worse: Δ ≤ SE (the loss difference to global magnitude within one standard error
-    of the paired evaluation-sample difference); better: Δ < −2·SE. Only the models of
-    :data:`VERDICT_MODELS` count; any other model is a held-out check.
-    """
-    out: dict[str, dict] = {}
-    for res in results:
-        if res["model"] not in VERDICT_MODELS:
-            continue
-        for r in res["rows"]:
-            if r["part"] != "unstr" or r["restore"] != restore or "delta_vs_reference" not in r:
-                continue
-            v = out.setdefault(
-                r["budget"], {"cases": 0, "not_worse": 0, "better": 0, "worse_in": [], "models_better": []}
-            )
-            v["cases"] += 1
-            d, se = r["delta_vs_reference"], r["se_delta"]
-            if d <= se:
-                v["not_worse"] += 1
-            else:
-                v["worse_in"].append(f"{res['model']} {r['setting']}")
-            if d < -2 * se:
-                v["better"] += 1
-                if res["model"] not in v["models_better"]:
-                    v["models_better"].append(res["model"])
-    for v in out.values():
-        v["qualifies"] = v["not_worse"] == v["cases"] and v["better"] > v["cases"] / 2 and len(v["models_better"]) >= 2
-    return out
-
-
-def qualifies_as_default(plain: dict, restored: dict | None) -> bool:
-    """The default's test: one-shot not worse everywhere and better on most cases and on ≥ 2 models,
-    and after prune–restore not worse anywhere (a default must not hurt the restore route)."""
-    if not plain.get("qualifies"):
-        return False
-    return restored is not None and restored["not_worse"] == restored["cases"]
-
-
-def verdict_markdown(results: list[dict]) -> str:
-    """The qualification table of the default budget (without restore and with restore)."""
-    lines = [
-        "| budget | data | not worse than global magnitude (no restore) | better | better on models "
-        "| not worse (+restore) | better (+restore) | worse in (+restore) | qualifies as default |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    plain, rest = default_verdict(results, False), default_verdict(results, True)
-    for budget, v in plain.items():
-        w = rest.get(budget)
-        data = "data-free" if budget in DATA_FREE or budget in ("uniform",) else "calibration"
-        ok = qualifies_as_default(v, w) and data == "data-free"
-        w = w or {}
-        lines.append(
-            f"| {budget} | {data} | {v['not_worse']}/{v['cases']} | {v['better']}/{v['cases']} | "
-            f"{', '.join(v['models_better']) or '-'} | {w.get('not_worse', 0)}/{w.get('cases', 0)} | "
-            f"{w.get('better', 0)}/{w.get('cases', 0)} | {', '.join(w.get('worse_in', [])) or '-'} | "
-            f"{'yes' if ok else 'no'} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def to_markdown(results: list[dict]) -> str:
-    """Tables: unstructured (loss per setting, without / with restore) and the mix."""
-    out = []
-    for res in results:
-        rows = res["rows"]
-        held = "" if res["model"] in VERDICT_MODELS else " — held out (not counted in the default's test)"
-        out.append(f"### {res['model']}: loss = {res['loss']} (lower is better; Δ vs global magnitude ± SE){held}\n")
-        settings = [f"{int(100 * s)}%" for s in UNSTRUCTURED]
-        out.append("| budget | " + " | ".join(f"{s} | {s} +restore" for s in settings) + " |")
-        out.append("|---|" + "---|---|" * len(settings))
-        labels = [label for label, _ in BUDGETS]
-        labels[labels.index("mp-bulk (bulk share weighting)") + 1 : 0] = [f"mp-bulk, β = {b}" for b in BETA_SWEEP]
-        for label in labels:
-            cells = []
-            for s in settings:
-                for restore in (False, True):
-                    r = next(
-                        (
-                            x
-                            for x in rows
-                            if x["part"] == "unstr"
-                            and x["setting"] == s
-                            and x["method"] == label
-                            and x["restore"] == restore
-                        ),
-                        None,
-                    )
-                    if r is None:
-                        cells.append("")
-                    elif "delta_vs_reference" in r:
-                        cells.append(f"{r['loss']:.4f} ({r['delta_vs_reference']:+.4f}±{r['se_delta']:.4f})")
-                    else:
-                        cells.append(f"{r['loss']:.4f}")
-            if any(cells):
-                out.append(f"| {label} | " + " | ".join(cells) + " |")
-        mix = [x for x in rows if x["part"] == "mix"]
-        if mix:
-            out.append("")
-            out.append(f"Dense/2:4 mix ({res['model']}): loss (removed weights / saved MACs of the whole forward)\n")
-            msets = [f"{int(100 * s)}%" for s in MIX]
-            out.append("| 2:4 layers chosen by | " + " | ".join(f"{s} | {s} +restore" for s in msets) + " |")
-            out.append("|---|" + "---|---|" * len(msets))
-            for label in dict.fromkeys(x["method"] for x in mix):
-                cells = []
-                for s in msets:
-                    for restore in (False, True):
-                        r = next(
-                            (x for x in mix if x["setting"] == s and x["method"] == label and x["restore"] == restore),
-                            None,
-                        )
-                        cells.append(
-                            ""
-                            if r is None
-                            else f"{r['loss']:.4f} ({r['removed_fraction']:.2f}/{r.get('saved_mac_fraction', 0):.2f})"
-                        )
-                out.append(f"| {label} | " + " | ".join(cells) + " |")
-        out.append("")
-    return "\n".join(out) + "\n"
-
-
-def correlation_markdown(results: list[dict]) -> str:
-    """ρ of each MP signal with the single-layer sensitivity (50 % unstructured / 2:4), per model."""
-    lines = ["| model | signal | ρ vs 50 % sensitivity | ρ vs 2:4 sensitivity |", "|---|---|---|---|"]
-    for res in results:
-        for sig, rho in res.get("signal_vs_sensitivity", {}).items():
-            lines.append(
-                f"| {res['model']} | {sig} | {rho.get('50%', float('nan')):+.2f} | {rho.get('2:4', float('nan')):+.2f} |"
-            )
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: list[str] | None = None) -> None:
     """CLI entry: writes benchmarks/results/budgets-<model>.json and budgets.md (all models present)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -526,6 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--solver", default="obs", choices=("auto", "direct", "obs", "cg"), help="restore solver")
     ap.add_argument("--table-only", action="store_true", help="rewrite budgets.md from the stored JSON")
     ap.add_argument("--quick", action="store_true", help="smoke run: 50 %% and 35 %% only, results not written")
+    ap.add_argument("--write-readme", action="store_true", help="rewrite the generated tables of benchmarks/README.md")
     args = ap.parse_args(argv)
     global UNSTRUCTURED, MIX
     if args.quick:
@@ -547,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"wrote {path}", flush=True)
     if args.quick:
         return
-    results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("budgets-*.json"))]
+    results = load_results()
     text = (
         to_markdown(results)
         + "\n### Which budget qualifies as the default\n\n"
@@ -557,6 +392,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     (RESULTS / "budgets.md").write_text(text)
     print(text)
+    if args.write_readme:
+        write_readme(README, results)
+        print(f"rewrote the generated block of {README}")
 
 
 if __name__ == "__main__":

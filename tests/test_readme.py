@@ -78,3 +78,15 @@ def test_restore_section_of_benchmarks_readme_is_generated_from_the_json() -> No
     block = module.readme_block((ROOT / "benchmarks" / "README.md").read_text())
     assert block is not None, "benchmarks/README.md lost its restore markers"
     assert block == module.render(), "restore section differs: run python benchmarks/restore_report.py --write"
+
+
+def test_budget_tables_are_the_ones_generated_from_the_committed_json() -> None:
+    """benchmarks/README.md's layer-budget tables are ``budgets_report.readme_block`` of the results JSON."""
+    spec = importlib.util.spec_from_file_location("budgets_report", ROOT / "benchmarks" / "budgets_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    block = report.readme_section((ROOT / "benchmarks" / "README.md").read_text())
+    assert block is not None, "benchmarks/README.md lost its budgets markers"
+    results = report.load_results()
+    assert {r["model"] for r in results} >= {"minilm", "efficientnet_lite0", "fmnist_cnn"}
+    assert block == report.readme_block(results), "run: python benchmarks/budgets.py --table-only --write-readme"
