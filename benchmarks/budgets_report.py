@@ -8,9 +8,11 @@ the block between the ``budgets:begin``/``budgets:end`` markers of benchmarks/RE
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, read_marked_block, write_marked_block  # noqa: E402
 
 BUDGETS = (
     ("uniform", "uniform"),
@@ -294,17 +296,10 @@ def readme_block(results: list[dict]) -> str:
 
 
 def readme_section(text: str) -> str | None:
-    """The text between the markers of ``text`` (None when they are missing)."""
-    if MARK_BEGIN not in text or MARK_END not in text:
-        return None
-    return text.split(MARK_BEGIN, 1)[1].split(MARK_END, 1)[0].strip("\n") + "\n"
+    """The generated block of ``text`` between the markers (None when they are missing)."""
+    return read_marked_block(text, MARK_BEGIN, MARK_END)
 
 
 def write_readme(path: Path, results: list[dict]) -> None:
     """Replace the block between the markers of ``path`` with :func:`readme_block`."""
-    text = path.read_text()
-    if readme_section(text) is None:
-        raise SystemExit(f"{path} has no {MARK_BEGIN} … {MARK_END} markers")
-    head, rest = text.split(MARK_BEGIN, 1)
-    tail = rest.split(MARK_END, 1)[1]
-    path.write_text(f"{head}{MARK_BEGIN}\n{readme_block(results)}{MARK_END}{tail}")
+    write_marked_block(path, MARK_BEGIN, MARK_END, readme_block(results))

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mp_plugin.budget.rules import DEFAULT_BUDGET
 from mp_plugin.errors import ConfigError, MPPluginError
 from mp_plugin.evaluation.metrics import batched_outputs, output_fidelity
 from mp_plugin.evaluation.model_source import load_named_model, weights_description
@@ -54,6 +55,7 @@ DEFAULT_VARIANTS = (
     Variant("MP 2:4 (CAST-OBS+perm+restore)", "seb", "2:4", projection="cast-obs", permute="swap", restore=True),
     Variant("global magnitude 50%", "magnitude", "unstructured", family="baseline"),
     Variant("MP SEB 50%", "seb", "unstructured"),
+    Variant("MP 50% (mp-bulk budget)", "mp-bulk", "unstructured"),
 )
 
 
@@ -128,8 +130,8 @@ def run_main_job(cfg: MainJobConfig, log: Callable[[str], None] = _log) -> dict[
     log(f"      data: {data_desc}: {len(x_eval)} eval + {len(x_calib)} calibration images")
     dense_out = batched_outputs(dense, x_eval, desc="dense forward", show=True)
 
-    log("[2/6] fitting the Marchenko–Pastur law to every layer and planning budgets (SEB)")
-    analysis = plan(dense, cfg.sparsity, "unstructured", "seb", cfg.plan_config, cfg.model, show_progress=True)
+    log(f"[2/6] fitting the Marchenko–Pastur law to every layer and planning budgets ({DEFAULT_BUDGET})")
+    analysis = plan(dense, cfg.sparsity, "unstructured", DEFAULT_BUDGET, cfg.plan_config, cfg.model, show_progress=True)
     analysis.save(out / "plan.json")
     log(analysis.to_table(max_rows=12))
     if cfg.plots:
