@@ -157,7 +157,8 @@ class BudgetContext:
 
     Attributes:
         names: target layer names, in module order.
-        weights: the target weights (parameters; read only).
+        weights: the target weights (parameters, read only; a sequence that brings an
+            accelerate-offloaded weight in as it is read, so index it rather than keep it).
         numels: weights per layer.
         layer_types: ``"attn"``/``"mlp"``/``"other"`` per layer.
         fits: the MP fit per layer (None where undefined).
@@ -168,7 +169,7 @@ class BudgetContext:
     """
 
     names: list[str]
-    weights: list[torch.Tensor]
+    weights: Sequence[torch.Tensor]
     numels: list[int]
     layer_types: list[str]
     fits: list

@@ -179,7 +179,7 @@ def plan(
             raise ConfigError(f"budget method {method!r} needs calibration data: plan(..., calibration=batches)")
         ctx = BudgetContext(
             names=[t.name for t in targets],
-            weights=weights,
+            weights=LayerWeights(targets),  # an accelerate-offloaded weight is brought in as it is read
             numels=[int(t.weight.numel()) for t in targets],
             layer_types=types,
             fits=list(fits),
