@@ -71,7 +71,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without modelopt
     ) from exc
 
 from mp_plugin import apply as mp_apply
-from mp_plugin.budget.rules import default_budget
 from mp_plugin.errors import MPPluginError
 from mp_plugin.layers.discovery import LayerSelection
 from mp_plugin.layers.patterns import Pattern
@@ -176,10 +175,9 @@ class MPSearcher(BaseSparseSearcher):
             module.set_mask(None)  # masks off: ``module.weight`` is the raw parameter, read and written in place
         base = cfg["plan_config"] or PlanConfig()
         sel = LayerSelection(**{**base.selection.to_dict(), "include_only": [f"^{re.escape(n)}$" for n in sparse]})
-        budget = cfg["budget"]
-        if budget is None and cfg["method"] is None:
-            budget = default_budget(cfg["restore"])
-        budget_method, projection = split_method(budget, cfg["projection"], cfg["method"], "mts.sparsify")
+        budget_method, projection = split_method(
+            cfg["budget"], cfg["projection"], cfg["method"], "mts.sparsify", cfg["restore"]
+        )
         try:
             calibration = cfg["calibration"]
             if calibration is None and self.forward_loop is not None:

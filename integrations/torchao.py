@@ -49,7 +49,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without torchao
 
 from mp_plugin.integrations.torchao_targets import FilterFn, reached_layers
 
-from mp_plugin.budget.rules import BUDGET_METHODS, default_budget
+from mp_plugin.budget.rules import BUDGET_METHODS
 from mp_plugin.errors import ConfigError, MPPluginError, NoPrunableLayersError, PlanMismatchError
 from mp_plugin.layers.discovery import LayerSelection
 from mp_plugin.layers.patterns import Pattern
@@ -114,9 +114,9 @@ class MPSparsifier(AOBaseConfig):
                 "MPSparsifier holds plain data only (torchao serialises it with config_to_dict); give the "
                 "calibration batches to MPSparsifier.for_model(model, calibration=batches, ...)"
             )
-        if self.budget is None and self.method is None:
-            self.budget = default_budget(self.restore)
-        self.budget, self.projection = split_method(self.budget, self.projection, self.method, "MPSparsifier")
+        self.budget, self.projection = split_method(
+            self.budget, self.projection, self.method, "MPSparsifier", self.restore
+        )
         self.method = None
         if self.projection not in MASK_METHODS:
             raise ConfigError(f"unknown projection {self.projection!r}; use one of {MASK_METHODS}")

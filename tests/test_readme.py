@@ -10,12 +10,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _headline():
-    spec = importlib.util.spec_from_file_location("headline", ROOT / "benchmarks" / "headline.py")
+def _bench_module(name: str):
+    """``benchmarks/<name>.py`` loaded as module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["headline"] = module  # dataclasses look their module up
+    sys.modules[name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def _headline():
+    return _bench_module("headline")
 
 
 def test_headline_table_is_the_one_generated_from_the_committed_json() -> None:
@@ -72,9 +77,7 @@ def test_main_job_table_is_the_one_generated_from_results_main_job_json() -> Non
 
 
 def test_restore_section_of_benchmarks_readme_is_generated_from_the_json() -> None:
-    spec = importlib.util.spec_from_file_location("restore_report", ROOT / "benchmarks" / "restore_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _bench_module("restore_report")
     block = module.readme_block((ROOT / "benchmarks" / "README.md").read_text())
     assert block is not None, "benchmarks/README.md lost its restore markers"
     assert block == module.render(), "restore section differs: run python benchmarks/restore_report.py --write"
@@ -82,9 +85,7 @@ def test_restore_section_of_benchmarks_readme_is_generated_from_the_json() -> No
 
 def test_budget_tables_are_the_ones_generated_from_the_committed_json() -> None:
     """benchmarks/README.md's layer-budget tables are ``budgets_report.readme_block`` of the results JSON."""
-    spec = importlib.util.spec_from_file_location("budgets_report", ROOT / "benchmarks" / "budgets_report.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    report = _bench_module("budgets_report")
     block = report.readme_section((ROOT / "benchmarks" / "README.md").read_text())
     assert block is not None, "benchmarks/README.md lost its budgets markers"
     results = report.load_results()

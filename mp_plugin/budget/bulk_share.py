@@ -17,8 +17,8 @@ global magnitude would; a layer whose energy is concentrated in a few spikes abo
 the edge is pruned more. β = 0 is global magnitude. The direction is the reverse of
 the "noise is prunable" reading that ``bounded-bulk-energy`` and SEB follow: on the
 three benchmark models the single-layer pruning sensitivity rises with the bulk share
-(Spearman ρ = +0.52 MiniLM, +0.67 EfficientNet-Lite0; ``benchmarks/budgets.py``
-records it), and this rule is what that measurement supports. It is a measured
+(Spearman ρ = +0.42 MiniLM, +0.66 EfficientNet-Lite0 at 50 %, in
+``benchmarks/results/budgets.md``), and this rule is what that measurement supports. It is a measured
 regularity, not a derived guarantee.
 
 Importing this module registers ``mp-bulk`` in :data:`mp_plugin.budget.rules.BUDGET_METHODS`.

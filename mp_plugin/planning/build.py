@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from mp_plugin.budget.mix import DEPLOYABLE_MIX, choose_kn_layers, mix_order
-from mp_plugin.budget.rules import BUDGET_METHODS, DEFAULT_BUDGET, BudgetContext
+from mp_plugin.budget.rules import BUDGET_METHODS, DEFAULT_BUDGET, BudgetContext, default_budget
 from mp_plugin.errors import ConfigError, NoPrunableLayersError, PatternError
 from mp_plugin.layers.discovery import TargetLayer, find_target_layers
 from mp_plugin.layers.patterns import Pattern, round_budget_to_pattern
@@ -62,13 +62,20 @@ def _fit_layers(
 PROJECTIONS = ("magnitude", "cast")  # k:n projections an adapter's old ``method`` could name
 
 
-def split_method(budget: str, projection: str, method: str | None, who: str) -> tuple[str, str]:
-    """Resolve an adapter's deprecated ``method`` into ``(budget, projection)``.
+def split_method(
+    budget: str | None, projection: str, method: str | None, who: str, restore: Any = False
+) -> tuple[str, str]:
+    """Resolve an adapter's ``budget`` and deprecated ``method`` into ``(budget, projection)``.
+
+    ``budget=None`` (no ``method``) is the route's default, :func:`~mp_plugin.budget.rules.default_budget`
+    of ``restore``.
 
     The adapters' old ``method`` meant both: ``"cast"`` was SEB budgets plus the CAST
     projection, any other value the budget method. ``budget="cast"`` (the old value
     passed positionally) is read the same way. Both emit a DeprecationWarning.
     """
+    if method is None and budget is None:
+        return default_budget(restore), projection
     if method is None and budget != "cast":
         return budget, projection
     old = method if method is not None else budget
