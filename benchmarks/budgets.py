@@ -15,10 +15,13 @@ baseline), ``noise-floor`` (calibration) and the sensitivity oracle of
 ``budget_diagnosis.py`` (measured single-layer sensitivity, w = exp(−z)),
 each without and with prune–restore (one-shot).
 
-Dense/2:4 mix 25/35/45 %: the layers that take 2:4 are chosen by the MP rule
-(2:4 removed energy over MP noise energy), bulk energy, size, the global-magnitude
-budget, and measured single-layer 2:4 sensitivity, at equal removed weights and
-at equal sparse-execution MACs (``mp_plugin.masks.macs``), without and with restore.
+Dense/2:4 mix 25/35/45 %: the layers that take 2:4 are chosen by the default MP
+rule ``mp-bulk`` (2:4 removed energy in the units of the mp-bulk budget), the older MP
+rules (2:4 removed energy over MP noise energy; spike energy share), size, the
+global-magnitude and mp-bulk budgets, and measured single-layer 2:4 sensitivity, at
+equal removed weights and at equal sparse-execution MACs (``mp_plugin.masks.macs``),
+without and with restore. ``--parts mix`` reruns only the mix and merges it into the
+stored results.
 
 Usage::
 
@@ -48,11 +51,12 @@ from budgets_report import (  # noqa: E402
     MIX_RULES,
     correlation_markdown,
     load_results,
+    mix_verdict_markdown,
     to_markdown,
     verdict_markdown,
     write_readme,
 )
-from common import RESULTS, write_result  # noqa: E402
+from common import RESULTS, machine, versions, write_result  # noqa: E402
 
 from mp_plugin.budget.bounded import BoundedConfig  # noqa: E402
 from mp_plugin.budget.bulk_share import BulkShareConfig  # noqa: E402
@@ -214,7 +218,9 @@ def bench(task: Task, restore_cfg: RestoreConfig, parts: tuple[str, ...]) -> dic
         sens, sens_source = sensitivities(task, names, dense_out, kn=False), "measured here"
     t1 = time.perf_counter()
     bcfg = BoundedConfig()
-    curves = noise_floor_curves(task.model, names, task.calibration, bcfg.noise_grid, bcfg.noise_rows)
+    curves = {}
+    if "unstructured" in parts:  # the calibrated budgets need them; the mix does not
+        curves = noise_floor_curves(task.model, names, task.calibration, bcfg.noise_grid, bcfg.noise_rows)
     bcfg.noise_curves = curves
     cfg = PlanConfig(bounded=bcfg)
     t_curves = time.perf_counter() - t1
@@ -348,6 +354,27 @@ def bench(task: Task, restore_cfg: RestoreConfig, parts: tuple[str, ...]) -> dic
     }
 
 
+def merge_mix(res: dict, path: Path) -> dict:
+    """A mix-only run merged into the stored results: the unstructured rows, budgets and curves are kept.
+
+    The mix rows, the 2:4 sensitivities and the signal correlations are this run's; this run's
+    machine, versions, date, time and load go under ``mix_run``, the stored ones stay at the top.
+    """
+    if not path.exists():
+        return res
+    old = json.loads(path.read_text())
+    merged = dict(old)
+    merged["rows"] = [r for r in old["rows"] if r["part"] != "mix"] + [r for r in res["rows"] if r["part"] == "mix"]
+    merged["mix"] = res["mix"]
+    merged["signal_vs_sensitivity"] = res["signal_vs_sensitivity"]
+    merged["mix_run"] = {
+        "machine": machine(),
+        "versions": versions("transformers"),
+        **{k: res[k] for k in ("seconds", "threads", "loadavg_end", "settings_note", "restore_config") if k in res},
+    }
+    return merged
+
+
 def main(argv: list[str] | None = None) -> None:
     """CLI entry: writes benchmarks/results/budgets-<model>.json and budgets.md (all models present)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -378,6 +405,8 @@ def main(argv: list[str] | None = None) -> None:
             if args.quick:
                 print(to_markdown([res]) + verdict_markdown([res]))
                 continue
+            if "unstructured" not in args.parts:
+                res = merge_mix(res, RESULTS / f"budgets-{name}.json")
             path = write_result(f"budgets-{name}", res, packages=("transformers",))
             print(f"wrote {path}", flush=True)
     if args.quick:
@@ -387,6 +416,8 @@ def main(argv: list[str] | None = None) -> None:
         to_markdown(results)
         + "\n### Which budget qualifies as the default\n\n"
         + verdict_markdown(results)
+        + "\n### The mix target: default MP choice of 2:4 layers vs size (equal removed weights)\n\n"
+        + mix_verdict_markdown(results)
         + "\n### MP signals against measured single-layer sensitivity (Spearman ρ)\n\n"
         + correlation_markdown(results)
     )

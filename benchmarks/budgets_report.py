@@ -34,6 +34,7 @@ BUDGETS = (
 )
 # (label, mix rule, budget whose per-layer sparsities the "budget" rule ranks by)
 MIX_RULES = (
+    ("MP: mp-bulk damage (default)", "mp-bulk", "magnitude"),
     ("MP: 2:4 energy / noise", "mp", "magnitude"),
     ("MP: bulk energy", "bulk-energy", "magnitude"),
     ("size (largest first)", "size", "magnitude"),
@@ -118,6 +119,77 @@ def verdict_markdown(results: list[dict]) -> str:
             f"{', '.join(v['models_better']) or '-'} | {w.get('not_worse', 0)}/{w.get('cases', 0)} | "
             f"{w.get('better', 0)}/{w.get('cases', 0)} | {', '.join(w.get('worse_in', [])) or '-'} | "
             f"{'yes' if ok else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+MIX_DEFAULT_LABEL = "MP: mp-bulk damage (default)"
+COMPARABLE_REMOVED = 0.02  # removed-weight fractions further apart than this are not "equal removed weights"
+MIX_REFERENCE_LABEL = "size (largest first)"
+
+
+def mix_verdict(results: list[dict], equal: str = "weights") -> list[dict]:
+    """The mix target: the default MP choice of 2:4 layers against choosing by size, per model × setting.
+
+    Each entry: model, setting, restore, the two losses, Δ ± SE (paired over the evaluation
+    samples) and the outcome: ``better`` (Δ < −2 SE), ``same layers`` (both rules chose the
+    same set), ``not worse`` (Δ ≤ SE), ``worse``, or ``not comparable`` when the removed
+    fractions differ by more than :data:`COMPARABLE_REMOVED` (a network with a few very
+    unequal layers cannot reach the target with either rule).
+    """
+    out = []
+    for res in results:
+        mix = [x for x in res["rows"] if x["part"] == "mix"]
+        for s in dict.fromkeys(x["setting"] for x in mix):
+            for restore in (False, True):
+                pick = {
+                    x["method"]: x
+                    for x in mix
+                    if x["setting"] == s and x["restore"] == restore and x["method"].endswith(f"[equal {equal}]")
+                }
+                mp, ref = (
+                    pick.get(f"{MIX_DEFAULT_LABEL} [equal {equal}]"),
+                    pick.get(f"{MIX_REFERENCE_LABEL} [equal {equal}]"),
+                )
+                if mp is None or ref is None:
+                    continue
+                same = mp.get("same_layers_as") == ref["method"]
+                d, se = (0.0, 0.0) if same else (mp.get("delta_vs_reference", 0.0), mp.get("se_delta", 0.0))
+                if same:
+                    outcome = "same layers"
+                elif abs(mp["removed_fraction"] - ref["removed_fraction"]) > COMPARABLE_REMOVED:
+                    outcome = "not comparable (removed differs)"
+                else:
+                    outcome = "better" if d < -2 * se else "not worse" if d <= se else "worse"
+                out.append(
+                    {
+                        "model": res["model"],
+                        "setting": s,
+                        "restore": restore,
+                        "mp": mp["loss"],
+                        "size": ref["loss"],
+                        "removed_mp": mp["removed_fraction"],
+                        "removed_size": ref["removed_fraction"],
+                        "delta": d,
+                        "se": se,
+                        "outcome": outcome,
+                    }
+                )
+    return out
+
+
+def mix_verdict_markdown(results: list[dict]) -> str:
+    """The mix target's table: default MP choice vs size at equal removed weights."""
+    lines = [
+        "| model | target | restore | MP (`mp-bulk` damage) | size | Δ ± SE | removed MP / size | outcome |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for v in mix_verdict(results):
+        held = "" if v["model"] in VERDICT_MODELS else " (held out)"
+        lines.append(
+            f"| {v['model']}{held} | {v['setting']} | {'yes' if v['restore'] else 'no'} | {_short(v['mp'])} | "
+            f"{_short(v['size'])} | {v['delta']:+.4f} ± {v['se']:.4f} | {v['removed_mp']:.3f} / "
+            f"{v['removed_size']:.3f} | {v['outcome']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -288,6 +360,8 @@ def readme_block(results: list[dict]) -> str:
                 "saved MACs of the whole forward):\n"
             )
             out.append(mix_table(res))
+    out.append("The mix target: the default MP choice of 2:4 layers against size, at equal removed weights:\n")
+    out.append(mix_verdict_markdown(results))
     out.append(f"Which budget qualifies as the default (counted on {', '.join(VERDICT_MODELS)}):\n")
     out.append(verdict_markdown(results))
     out.append("MP signals against the measured single-layer sensitivity (Spearman ρ over the layers):\n")

@@ -199,7 +199,7 @@ def test_choose_kn_layers_takes_the_count_closest_to_the_target() -> None:
     assert not choose_kn_layers(keys, costs, [True] * 4, 0.0).any()
 
 
-@pytest.mark.parametrize("rule", ("mp", "bulk-energy", "size", "budget"))
+@pytest.mark.parametrize("rule", ("mp-bulk", "mp", "bulk-energy", "size", "budget"))
 def test_auto_mix_only_dense_and_24_near_the_target(net: _Net, rule: str) -> None:
     cfg = PlanConfig(auto_patterns=("dense", "2:4"), mix_rule=rule)
     for s in (0.25, 0.35, 0.45):
@@ -232,7 +232,58 @@ def test_mix_size_rule_takes_the_largest_and_scores_rule_follows_scores(net: _Ne
         "magnitude",
         PlanConfig(auto_patterns=("dense", "2:4"), mix_rule="scores", mix_scores=scores, mix_costs=costs),
     )
-    assert sum(lp.pattern == "2:4" for lp in r.layers) > sum(lp.pattern == "2:4" for lp in q.layers)
+    # the damage rules solve the knapsack exactly: by weights, q + down of the last block remove exactly
+    # 10 %; by cost, two cost-100 layers come closest, and the two least damaging are taken
+    assert [lp.pattern for lp in q.layers][-3:] == ["2:4", "dense", "2:4"]
+    assert [lp.pattern for lp in r.layers][-3:] == ["2:4", "2:4", "dense"]
+
+
+def test_knapsack_takes_the_least_damage_where_the_greedy_overshoots() -> None:
+    from mp_plugin.budget.mix import choose_kn_layers, knapsack_kn_layers
+
+    costs = np.array([500.0, 300.0, 300.0])
+    damage = np.array([5.0, 2.7, 2.7])  # per cost 0.010, 0.009, 0.009: the greedy takes 1 and 2 (removes 300)
+    s = 250 / costs.sum()
+    greedy = choose_kn_layers(damage / costs, costs, [True] * 3, s)
+    exact = knapsack_kn_layers(damage, costs, [True] * 3, s)
+    assert greedy.tolist() == [False, True, True]
+    assert exact.tolist() == [True, False, False]  # removes exactly 250 with damage 5 < 5.4
+    # an ineligible layer is never taken; the closest reachable total is used when none is within tolerance
+    assert knapsack_kn_layers(damage, costs, [False, True, True], s).tolist() == [False, True, True]  # 300 is closest
+    # unknown damage (NaN) goes only where the target cannot be reached without it
+    d = np.array([np.nan, 1.0, 1.0, 1.0])
+    c = np.array([200.0, 200.0, 200.0, 200.0])
+    quarter = knapsack_kn_layers(d, c, [True] * 4, 0.25)
+    assert not quarter[0] and quarter.sum() == 2
+    assert knapsack_kn_layers(d, c, [True] * 4, 0.5).all()
+    assert not knapsack_kn_layers(d, c, [True] * 4, 0.0).any()
+    with pytest.raises(ConfigError):
+        knapsack_kn_layers(np.array([1.0, 1.0]), np.array([-1.0, 1.0]), [True, True], 0.25)
+    # a measured damage may be slightly negative (float noise of an unchanged output): still solved
+    assert knapsack_kn_layers(np.array([-1e-9, 1.0]), np.array([100.0, 100.0]), [True, True], 0.25).tolist() == [
+        True,
+        False,
+    ]
+
+
+def test_mp_bulk_mix_damage_is_removed_energy_in_budget_units(net: _Net) -> None:
+    from mp_plugin.budget.bulk_share import bulk_share_weights
+    from mp_plugin.budget.mix import kn_removed_energy, layer_damage
+
+    base = plan(net, 0.5, "unstructured", "magnitude")
+    mods = dict(net.named_modules())
+    weights = [mods[lp.name].weight for lp in base.layers]
+    fits = [lp.fit for lp in base.layers]
+    d = layer_damage("mp-bulk", weights, fits, [lp.name for lp in base.layers], beta=0.25)
+    w, _ = bulk_share_weights(fits, 0.25)
+    for x, dx, wx in zip(weights, d, w):
+        keep = x.detach().abs().reshape(-1, 4).argsort(-1)[:, 2:]  # the two largest of each group of 4
+        kept = x.detach().reshape(-1, 4).gather(-1, keep).square().sum()
+        assert dx == pytest.approx((x.detach().square().sum() - kept).item() / wx**2, rel=1e-5)
+        assert kn_removed_energy(x) == pytest.approx((x.detach().square().sum() - kept).item(), rel=1e-5)
+    # the default mix rule is mp-bulk, and β follows PlanConfig.bulk_share
+    p = plan(net, 0.25, "auto", "mp-bulk", PlanConfig(auto_patterns=("dense", "2:4")))
+    assert p.config.mix_rule == "mp-bulk" and {lp.pattern for lp in p.layers} <= {"dense", "2:4"}
 
 
 def test_mix_applies_exact_24_and_round_trips(net: _Net) -> None:
@@ -242,7 +293,7 @@ def test_mix_applies_exact_24_and_round_trips(net: _Net) -> None:
     p = plan(m, 0.35, "auto", "magnitude", PlanConfig(auto_patterns=("dense", "2:4")))
     back = PrunePlan.from_dict(p.to_dict())
     assert [lp.pattern for lp in back.layers] == [lp.pattern for lp in p.layers]
-    assert back.config.mix_rule == "mp" and back.config.bounded == p.config.bounded
+    assert back.config.mix_rule == "mp-bulk" and back.config.bounded == p.config.bounded
     apply(m, p)
     mods = dict(m.named_modules())
     for lp in p.layers:

@@ -65,6 +65,25 @@ def test_prune_unstructured_timm(tmp_path: Path, capsys) -> None:
     assert plan.applied["achieved_sparsity"] == pytest.approx(0.4, abs=1e-4)
 
 
+def test_prune_dense_24_mix_efficientnet_lite0(efficientnet_lite0, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "mix"
+    args = ["prune", "efficientnet_lite0", "--sparsity", "0.3", "--pattern", "auto", "--auto-patterns", "dense,2:4"]
+    assert main([*args, "--out", str(out)]) == 0
+    plan = PrunePlan.load(out / "plan.json")
+    assert plan.config.mix_rule == "mp-bulk" and plan.config.auto_patterns == ("dense", "2:4")
+    assert {lp.pattern for lp in plan.layers} == {"dense", "2:4"}
+    removed = sum(lp.n_prune for lp in plan.layers) / sum(lp.numel for lp in plan.layers)
+    assert abs(removed - 0.3) <= 0.01  # the knapsack lands within 0.5 % of the target when a set does
+    model = load_model("efficientnet_lite0", checkpoint=out / "model.safetensors")
+    modules = plan.check_model(model)
+    for lp in plan.layers:
+        w = modules[lp.name].weight
+        assert check_nm(w, 2, 4) if lp.pattern == "2:4" else int((w == 0).sum()) < w.numel() // 4, lp.name
+    bad = ["prune", "efficientnet_lite0", "--pattern", "auto", "--mix-rule", "largest", "--out", str(tmp_path / "b")]
+    assert main(bad) == 2
+    assert "mix_rule must be one of" in capsys.readouterr().err
+
+
 def test_prune_errors(tmp_path: Path, capsys) -> None:
     base = ["prune", "efficientnet_lite0", "--pattern", "2:4", "--out", str(tmp_path / "o")]
     assert main([*base, "--projection", "cast"]) == 2

@@ -2,13 +2,18 @@
 
 TensorRT and cuSPARSELt run 2:4 and nothing between, so "remove 30 % of the
 weights" really means: put 2:4 on layers holding 60 % of the weights (or of the
-MACs) and keep the rest dense. :func:`choose_kn_layers` makes that choice from a
-per-layer ranking; ``plan(model, s, "auto", config=PlanConfig(auto_patterns=("dense",
-"2:4")))`` uses it for s < 0.5 with the rule ``PlanConfig.mix_rule``:
+MACs) and keep the rest dense. :func:`choose_mix` makes that choice;
+``plan(model, s, "auto", config=PlanConfig(auto_patterns=("dense", "2:4")))`` (CLI:
+``--pattern auto --auto-patterns dense,2:4``) uses it for s < 0.5 with the rule
+``PlanConfig.mix_rule``:
 
 ==============  =============================================================  ==============
 rule            damage estimate d_ℓ of putting 2:4 on the layer                data
 ==============  =============================================================  ==============
+``mp-bulk``     the energy 2:4 removes in the units of the ``mp-bulk``          data-free
+                budget: ‖W − P₂:₄(W)‖²_F / w_ℓ², w_ℓ = exp(−β·z_ℓ) the
+                bulk-share weight of :mod:`mp_plugin.budget.bulk_share`
+                (same β, ``PlanConfig.bulk_share``) — the default
 ``mp``          the energy 2:4 removes against the layer's MP noise energy,    data-free
                 ‖W − P₂:₄(W)‖²_F / (σ̂²·N·M)
 ``bulk-energy`` the share of ‖W‖² in the MP spikes, Σ_spikes s² / Σ s²         data-free
@@ -19,15 +24,23 @@ rule            damage estimate d_ℓ of putting 2:4 on the layer               
                 auto pattern, the rule for s ≥ 0.5 and other candidates
 ==============  =============================================================  ==============
 
-The damage rules are a greedy knapsack: layers go by damage per unit of cost,
-d_ℓ / cost_ℓ, lowest first, so a large layer that is barely hurt comes before a
-small one that is barely hurt.
+The damage rules solve a knapsack exactly (:func:`knapsack_kn_layers`): of all the
+sets of eligible layers whose removed cost lies within ``tolerance`` (default 0.5 % of
+the total cost) of the target, the one with the least total damage Σ d_ℓ (dynamic
+programming over the removed cost, discretised to ``resolution`` steps). Summing the
+d_ℓ treats the layers' damages as additive, an approximation (the layers of a network
+interact). The rank rules (``size``, ``budget``) visit the layers in rank order and take a layer
+when it brings the removed total closer to the target (:func:`choose_kn_layers`).
+
+``mp-bulk`` is the default because it is the MP rule that measured best
+(``benchmarks/results/budgets.md``): it carries the default budget's per-layer weight
+w_ℓ over to the choice of whole layers, so that 2:4 goes where it removes the least
+of the budget's score energy Σ(|W|/w_ℓ)².
 
 The target is s · Σ cost over the eligible and ineligible target layers, cost =
 weights (default) or ``PlanConfig.mix_costs`` (e.g. each layer's dense MACs from
 ``mp_plugin.masks.macs.count_macs``: equal sparse-execution MACs). A 2:4 layer removes
-half its cost; layers are taken in rank order when they bring the removed total
-closer to the target.
+half its cost.
 """
 
 from __future__ import annotations
@@ -40,11 +53,32 @@ import torch
 
 from mp_plugin.errors import ConfigError
 
-__all__ = ["MIX_RULES", "DAMAGE_RULES", "DEPLOYABLE_MIX", "choose_kn_layers", "kn_noise_ratio", "mix_order"]
+__all__ = [
+    "MIX_RULES",
+    "DAMAGE_RULES",
+    "DEFAULT_MIX_RULE",
+    "DEPLOYABLE_MIX",
+    "choose_kn_layers",
+    "choose_mix",
+    "kn_noise_ratio",
+    "kn_removed_energy",
+    "knapsack_kn_layers",
+    "layer_damage",
+    "mix_order",
+]
 
-MIX_RULES = ("mp", "bulk-energy", "size", "budget", "scores", "round")
-DAMAGE_RULES = ("mp", "bulk-energy", "scores")
+MIX_RULES = ("mp-bulk", "mp", "bulk-energy", "size", "budget", "scores", "round")
+DAMAGE_RULES = ("mp-bulk", "mp", "bulk-energy", "scores")
+DEFAULT_MIX_RULE = "mp-bulk"
 DEPLOYABLE_MIX = ("dense", "2:4")
+
+
+def kn_removed_energy(weight: torch.Tensor, k: int = 2, n: int = 4) -> float:
+    """‖W − P_k:n(W)‖²_F: the energy (weight units²) that magnitude k:n removes from ``weight``."""
+    from mp_plugin.masks.select import nm_mask
+
+    w = weight.detach().to(torch.float64)
+    return float(w.masked_fill(nm_mask(w, k, n), 0.0).square().sum())
 
 
 def kn_noise_ratio(weight: torch.Tensor, fit: Any, k: int = 2, n: int = 4) -> float:
@@ -52,13 +86,43 @@ def kn_noise_ratio(weight: torch.Tensor, fit: Any, k: int = 2, n: int = 4) -> fl
 
     Below 1, k:n removes less than the fitted noise bulk holds. NaN without a fit.
     """
-    from mp_plugin.masks.select import nm_mask
-
     if fit is None or fit.degenerate or fit.sigma <= 0:
         return float("nan")
-    w = weight.detach().to(torch.float64)
-    removed = float(w.masked_fill(nm_mask(w, k, n), 0.0).square().sum())
-    return removed / (fit.sigma**2 * fit.shape[0] * fit.shape[1])
+    return kn_removed_energy(weight, k, n) / (fit.sigma**2 * fit.shape[0] * fit.shape[1])
+
+
+def layer_damage(
+    rule: str,
+    weights: Sequence[torch.Tensor],
+    fits: Sequence[Any],
+    names: Sequence[str],
+    scores: dict[str, float] | None = None,
+    beta: float = 0.25,
+) -> np.ndarray:
+    """(L,) damage estimates d_ℓ of putting 2:4 on each layer for a damage rule (NaN: unknown).
+
+    Args:
+        rule: one of :data:`DAMAGE_RULES` (see the module table).
+        weights: the layers' weights (any shape with the k:n layout of ``masks.select.nm_mask``).
+        fits: their MP fits (``None`` where missing).
+        names: layer names (keys of ``scores``).
+        scores: {name: damage} for ``"scores"``.
+        beta: β of the ``mp-bulk`` weights w_ℓ = exp(−β·z_ℓ).
+    """
+    if rule == "mp-bulk":
+        from mp_plugin.budget.bulk_share import bulk_share_weights
+
+        w, _ = bulk_share_weights(fits, beta)
+        return np.asarray([kn_removed_energy(x) for x in weights], dtype=np.float64) / np.square(w)
+    if rule == "mp":
+        return np.asarray([kn_noise_ratio(w, f) for w, f in zip(weights, fits)], dtype=np.float64)
+    if rule == "bulk-energy":
+        return np.asarray([f.spike_energy_fraction if f is not None else np.nan for f in fits], dtype=np.float64)
+    if rule == "scores":
+        if not scores:
+            raise ConfigError("mix rule 'scores' needs PlanConfig.mix_scores {layer name: score}")
+        return np.asarray([scores.get(nm, np.nan) for nm in names], dtype=np.float64)
+    raise ConfigError(f"{rule!r} is not a damage rule; use one of {DAMAGE_RULES}")
 
 
 def mix_order(
@@ -75,20 +139,14 @@ def mix_order(
     Damage rules (:data:`DAMAGE_RULES`) return d_ℓ / cost_ℓ (cost default: weights).
     """
     c = np.asarray([w.numel() for w in weights] if costs is None else costs, dtype=np.float64)
-    if rule == "mp":
-        return np.asarray([kn_noise_ratio(w, f) for w, f in zip(weights, fits)], dtype=np.float64) / c
-    if rule == "bulk-energy":
-        return np.asarray([f.spike_energy_fraction if f is not None else np.nan for f in fits], dtype=np.float64) / c
+    if rule in DAMAGE_RULES:
+        return layer_damage(rule, weights, fits, names, scores) / c
     if rule == "size":
         return -np.asarray([w.numel() for w in weights], dtype=np.float64)
     if rule == "budget":
         if budgets is None:
             raise ConfigError("mix rule 'budget' needs the per-layer budgets")
         return -np.asarray(budgets, dtype=np.float64)
-    if rule == "scores":
-        if not scores:
-            raise ConfigError("mix rule 'scores' needs PlanConfig.mix_scores {layer name: score}")
-        return np.asarray([scores.get(nm, np.nan) for nm in names], dtype=np.float64) / c
     raise ConfigError(f"unknown mix rule {rule!r}; use one of {MIX_RULES}")
 
 
@@ -122,3 +180,93 @@ def choose_kn_layers(
             chosen[i] = True
             removed += gain
     return chosen
+
+
+def knapsack_kn_layers(
+    damage: np.ndarray,
+    costs: Sequence[float],
+    eligible: Sequence[bool],
+    sparsity: float,
+    fraction: float = 0.5,
+    tolerance: float = 0.005,
+    resolution: int = 4096,
+) -> np.ndarray:
+    """The set of layers that takes the k:n pattern with the least total damage near the target.
+
+    Minimises Σ_{chosen} d_ℓ over the sets whose removed cost fraction·Σ_{chosen} c_ℓ lies
+    within ``tolerance``·Σ c of the target s·Σ c; when no set does, the reachable removed
+    cost closest to the target is used. Exact up to the discretisation of the removed cost
+    into ``resolution`` steps of Σ c / ``resolution`` (dynamic programming, O(L·resolution)).
+
+    Args:
+        damage: (L,) d_ℓ (a measured loss may be slightly negative; NaN: unknown, treated as
+            more than all known damages together, so such a layer is taken only when the
+            target cannot be reached without it).
+        costs: (L,) per-layer cost (weights or MACs), ≥ 0.
+        eligible: (L,) whether the layer can take the pattern.
+        sparsity: overall target s (fraction of the total cost to remove).
+        fraction: cost fraction the pattern removes (0.5 for 2:4).
+        tolerance: accepted distance from the target, as a fraction of the total cost.
+        resolution: number of cost steps of the discretisation.
+
+    Returns:
+        (L,) bool, True where the layer takes the pattern.
+    """
+    d = np.asarray(damage, dtype=np.float64)
+    c = np.asarray(costs, dtype=np.float64)
+    if d.shape != c.shape or len(eligible) != len(c):
+        raise ConfigError(
+            f"damage {d.shape}, costs {c.shape} and eligible ({len(eligible)}) must have one entry per layer"
+        )
+    if (c < 0).any():
+        raise ConfigError("knapsack_kn_layers: costs must be ≥ 0")
+    total = float(c.sum())
+    chosen = np.zeros(len(c), dtype=bool)
+    if total <= 0 or sparsity <= 0:
+        return chosen
+    known = np.isfinite(d)
+    d = np.where(known, d, float(np.abs(d[known]).sum()) + 1.0 if known.any() else 1.0)
+    unit = total / resolution
+    size = np.rint(fraction * c / unit).astype(np.int64)
+    ok = np.asarray(eligible, dtype=bool) & (size > 0)
+    top = int(size[ok].sum())
+    best = np.full(top + 1, np.inf)
+    best[0] = 0.0
+    took = np.zeros((len(c), top + 1), dtype=bool)
+    for i in np.flatnonzero(ok):
+        k = int(size[i])
+        cand = np.full(top + 1, np.inf)
+        cand[k:] = best[: top + 1 - k] + d[i]
+        better = cand < best
+        took[i] = better
+        best = np.where(better, cand, best)
+    reach = np.flatnonzero(np.isfinite(best))
+    target = float(sparsity) * total / unit
+    near = reach[np.abs(reach - target) <= tolerance * resolution]
+    if near.size == 0:
+        near = reach[np.abs(reach - target) == np.abs(reach - target).min()]
+    k = int(near[np.argmin(best[near])])
+    for i in np.flatnonzero(ok)[::-1]:
+        if took[i, k]:
+            chosen[i] = True
+            k -= int(size[i])
+    return chosen
+
+
+def choose_mix(
+    rule: str,
+    weights: Sequence[torch.Tensor],
+    fits: Sequence[Any],
+    names: Sequence[str],
+    eligible: Sequence[bool],
+    sparsity: float,
+    costs: Sequence[float] | None = None,
+    budgets: Sequence[float] | None = None,
+    scores: dict[str, float] | None = None,
+    beta: float = 0.25,
+) -> np.ndarray:
+    """(L,) bool: which layers take 2:4 under ``rule`` (damage rules: exact knapsack; rank rules: greedy)."""
+    c = np.asarray([w.numel() for w in weights] if costs is None else costs, dtype=np.float64)
+    if rule in DAMAGE_RULES:
+        return knapsack_kn_layers(layer_damage(rule, weights, fits, names, scores, beta), c, eligible, sparsity)
+    return choose_kn_layers(mix_order(rule, weights, fits, names, budgets, scores, c), c, eligible, sparsity)

@@ -104,6 +104,18 @@ def add_plan_args(parser: argparse.ArgumentParser) -> None:
         "uniform | seb (the paper's rule) | seb-hill | "
         "mp-bulk | alpha | bounded-bulk-energy | bounded-spikes | bounded-edge",
     )
+    parser.add_argument(
+        "--auto-patterns",
+        default=None,
+        help="comma-separated candidates of --pattern auto (default dense,12:16,2:4); 'dense,2:4' below "
+        "50 %% is the deployable mix: whole layers take 2:4, the rest stay dense",
+    )
+    parser.add_argument(
+        "--mix-rule",
+        default=None,
+        help="how the dense/2:4 mix picks its 2:4 layers (default mp-bulk): mp-bulk | mp | bulk-energy | size "
+        "| budget | round",
+    )
     parser.add_argument("--include-head", action="store_true", help="also prune the classifier head")
     parser.add_argument("--include-stem", action="store_true", help="also prune the stem conv (C_in=3)")
 
@@ -114,7 +126,12 @@ def plan_config_from_args(args: argparse.Namespace):
     from mp_plugin.planning.build import PlanConfig
 
     sel = LayerSelection(exclude_head=not args.include_head, exclude_stem=not args.include_stem)
-    return PlanConfig(selection=sel)
+    extra = {}
+    if getattr(args, "auto_patterns", None):
+        extra["auto_patterns"] = tuple(p.strip() for p in args.auto_patterns.split(",") if p.strip())
+    if getattr(args, "mix_rule", None):
+        extra["mix_rule"] = args.mix_rule
+    return PlanConfig(selection=sel, **extra)
 
 
 def plan_from_args(args: argparse.Namespace, model):

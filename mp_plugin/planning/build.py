@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from mp_plugin.budget.mix import DEPLOYABLE_MIX, choose_kn_layers, mix_order
+from mp_plugin.budget.mix import DEPLOYABLE_MIX, choose_mix
 from mp_plugin.budget.rules import BUDGET_METHODS, DEFAULT_BUDGET, BudgetContext, default_budget
 from mp_plugin.errors import ConfigError, NoPrunableLayersError, PatternError
 from mp_plugin.layers.discovery import TargetLayer, find_target_layers
@@ -93,10 +93,12 @@ def _choose_mix(targets: list[TargetLayer], fits: list, budgets: list[float], s:
     names = [t.name for t in targets]
     weights = [t.weight for t in targets]
     costs = [float((cfg.mix_costs or {}).get(n, w.numel())) for n, w in zip(names, weights)]
-    keys = mix_order(cfg.mix_rule, weights, fits, names, budgets, cfg.mix_scores, costs)
     kn = Pattern.parse("2:4")
     eligible = [kn.eligible(tuple(w.shape)) for w in weights]
-    return [bool(x) for x in choose_kn_layers(keys, costs, eligible, s)]
+    chosen = choose_mix(
+        cfg.mix_rule, weights, fits, names, eligible, s, costs, budgets, cfg.mix_scores, cfg.bulk_share.beta
+    )
+    return [bool(x) for x in chosen]
 
 
 def plan(

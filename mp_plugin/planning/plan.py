@@ -27,7 +27,7 @@ from torch import nn
 
 from mp_plugin.budget.bounded import BoundedConfig  # importing it registers alpha, bounded-*, owl, noise-floor
 from mp_plugin.budget.bulk_share import BulkShareConfig  # importing it registers mp-bulk
-from mp_plugin.budget.mix import MIX_RULES
+from mp_plugin.budget.mix import DEFAULT_MIX_RULE, MIX_RULES
 from mp_plugin.budget.rules import SEBConfig
 from mp_plugin.errors import ConfigError, MPPluginError, PlanFormatError, PlanMismatchError
 from mp_plugin.layers.discovery import LayerSelection
@@ -61,9 +61,10 @@ class PlanConfig:
             (``alpha``, ``bounded-*``, ``owl``, ``noise-floor``).
         bulk_share: :class:`~mp_plugin.budget.bulk_share.BulkShareConfig` for ``mp-bulk``.
         mix_rule: with ``pattern="auto"``, ``auto_patterns=("dense", "2:4")`` and s < 0.5,
-            how the layers that take 2:4 are chosen (:data:`mp_plugin.budget.mix.MIX_RULES`;
-            ``"round"`` = round each budget to the nearest pattern instead).
-        mix_scores: per-layer scores for ``mix_rule="scores"`` (lower → 2:4 first).
+            how the layers that take 2:4 are chosen (:data:`mp_plugin.budget.mix.MIX_RULES`,
+            default ``"mp-bulk"``; ``"round"`` = round each budget to the nearest pattern instead).
+        mix_scores: per-layer damage of putting 2:4 on the layer for ``mix_rule="scores"``
+            (e.g. the measured loss when only that layer is 2:4; lower → 2:4 sooner).
         mix_costs: per-layer cost the mix target counts (default: weights; e.g. dense
             MACs for equal sparse-execution MACs).
     """
@@ -79,7 +80,7 @@ class PlanConfig:
     float32_sigma_rtol: float | None = 1e-6
     bounded: BoundedConfig = field(default_factory=BoundedConfig)
     bulk_share: BulkShareConfig = field(default_factory=BulkShareConfig)
-    mix_rule: str = "mp"
+    mix_rule: str = DEFAULT_MIX_RULE
     mix_scores: dict[str, float] | None = None
     mix_costs: dict[str, float] | None = None
 
