@@ -147,23 +147,23 @@ def _classifier_task(name: str, model: torch.nn.Module, x_eval: torch.Tensor, y:
     return Task(name, model, calib, evaluate, task_metric, "logit_cosine" if y is not None else "kl")
 
 
-def efficientnet_task(n_eval: int = 48, n_calib: int = 32) -> Task:
-    """EfficientNet-Lite0 on real photo crops (fidelity only: no labels ship offline)."""
+def efficientnet_task(n_eval: int = 48, n_calib: int = 32, eval_seed: int = 1) -> Task:
+    """EfficientNet-Lite0 on real photo crops (fidelity only: no labels ship offline); ``eval_seed`` picks the crops."""
     from mp_plugin.evaluation.models import load_model
     from mp_plugin.evaluation.photos import real_photo_crops
 
     model = load_model("efficientnet_lite0")
-    x_eval = real_photo_crops(n_eval, 224, seed=1)
+    x_eval = real_photo_crops(n_eval, 224, seed=eval_seed)
     calib = real_photo_crops(n_calib, 224, seed=2)
     return _classifier_task("efficientnet_lite0", model, x_eval, None, [calib[:16], calib[16:]])
 
 
-def fmnist_task(name: str, n_eval: int = 2000, n_calib: int = 256) -> Task:
-    """A zoo network trained here on Fashion-MNIST: test accuracy + fidelity."""
+def fmnist_task(name: str, n_eval: int = 2000, n_calib: int = 256, model: torch.nn.Module | None = None) -> Task:
+    """A zoo network trained here on Fashion-MNIST (or ``model``, e.g. one trained at another seed)."""
     from mp_plugin.evaluation.fashion_mnist import load_fashion_mnist
     from mp_plugin.evaluation.zoo import trained_model
 
-    model = trained_model(name)
+    model = trained_model(name) if model is None else model
     test = load_fashion_mnist("test")
     train = load_fashion_mnist("train")
     x = test.images[:n_eval]

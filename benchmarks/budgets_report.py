@@ -268,6 +268,7 @@ def correlation_markdown(results: list[dict]) -> str:
 # --------------------------------------------------------------------------- the README block
 
 MARK_BEGIN, MARK_END = "<!-- budgets:begin -->", "<!-- budgets:end -->"
+SEEDS_BEGIN, SEEDS_END = "<!-- budget-seeds:begin -->", "<!-- budget-seeds:end -->"
 README_MODELS = ("minilm", "efficientnet_lite0", "fmnist_cnn")
 
 
@@ -377,3 +378,29 @@ def readme_section(text: str) -> str | None:
 def write_readme(path: Path, results: list[dict]) -> None:
     """Replace the block between the markers of ``path`` with :func:`readme_block`."""
     write_marked_block(path, MARK_BEGIN, MARK_END, readme_block(results))
+
+
+# --------------------------------------------------------------------------- budget_seeds.py
+
+
+def seeds_markdown(result: dict) -> str:
+    """The README table: mean Δ ± seed sd per model and sparsity."""
+    lines = [
+        "| model | sparsity | seeds | mean Δ (mp-bulk − magnitude) | sd over seeds | mean SE within a seed "
+        "| seeds where mp-bulk is worse | better by more than the seed spread |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for v in result["summary"]:
+        lines.append(
+            f"| {v['model']} | {int(round(100 * v['sparsity']))}% | {v['seeds']} | {v['mean_delta']:+.4g} | "
+            f"{v['sd_delta']:.3g} | {v['mean_se_within_seed']:.3g} | {v['worse_seeds']} | "
+            f"{'yes' if v['better_beyond_spread'] else 'no'} |"
+        )
+    what = "; ".join(f"{k}: {v}" for k, v in result["seed_changes"].items())
+    return "\n".join(lines) + f"\n\nWhat a seed changes — {what}.\n"
+
+
+def seeds_block(root: Path = RESULTS) -> str | None:
+    """The README block of ``budget_seeds.py`` from ``results/budget_seeds.json`` (None when it is missing)."""
+    path = root / "budget_seeds.json"
+    return seeds_markdown(json.loads(path.read_text())) if path.exists() else None

@@ -257,6 +257,9 @@ def test_knapsack_takes_the_least_damage_where_the_greedy_overshoots() -> None:
     assert not quarter[0] and quarter.sum() == 2
     assert knapsack_kn_layers(d, c, [True] * 4, 0.5).all()
     assert not knapsack_kn_layers(d, c, [True] * 4, 0.0).any()
+    # equally far below and above the target (at 25 % a set and its complement are): the larger total
+    tie = knapsack_kn_layers(np.array([1.0, 9.0]), np.array([10.0, 90.0]), [True, True], 0.25)
+    assert tie.tolist() == [False, True]
     with pytest.raises(ConfigError):
         knapsack_kn_layers(np.array([1.0, 1.0]), np.array([-1.0, 1.0]), [True, True], 0.25)
     # a measured damage may be slightly negative (float noise of an unchanged output): still solved

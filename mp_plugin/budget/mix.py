@@ -195,7 +195,8 @@ def knapsack_kn_layers(
 
     Minimises Σ_{chosen} d_ℓ over the sets whose removed cost fraction·Σ_{chosen} c_ℓ lies
     within ``tolerance``·Σ c of the target s·Σ c; when no set does, the reachable removed
-    cost closest to the target is used. Exact up to the discretisation of the removed cost
+    cost closest to the target is used (the larger of two equally close ones: the target
+    asked for that much sparsity). Exact up to the discretisation of the removed cost
     into ``resolution`` steps of Σ c / ``resolution`` (dynamic programming, O(L·resolution)).
 
     Args:
@@ -221,9 +222,8 @@ def knapsack_kn_layers(
     if (c < 0).any():
         raise ConfigError("knapsack_kn_layers: costs must be ≥ 0")
     total = float(c.sum())
-    chosen = np.zeros(len(c), dtype=bool)
     if total <= 0 or sparsity <= 0:
-        return chosen
+        return np.zeros(len(c), dtype=bool)
     known = np.isfinite(d)
     d = np.where(known, d, float(np.abs(d[known]).sum()) + 1.0 if known.any() else 1.0)
     unit = total / resolution
@@ -242,15 +242,26 @@ def knapsack_kn_layers(
         best = np.where(better, cand, best)
     reach = np.flatnonzero(np.isfinite(best))
     target = float(sparsity) * total / unit
+    items = np.flatnonzero(ok)
+
+    def members(k: int) -> np.ndarray:
+        out = np.zeros(len(c), dtype=bool)
+        for i in items[::-1]:
+            if took[i, k]:
+                out[i] = True
+                k -= int(size[i])
+        return out
+
     near = reach[np.abs(reach - target) <= tolerance * resolution]
-    if near.size == 0:
-        near = reach[np.abs(reach - target) == np.abs(reach - target).min()]
-    k = int(near[np.argmin(best[near])])
-    for i in np.flatnonzero(ok)[::-1]:
-        if took[i, k]:
-            chosen[i] = True
-            k -= int(size[i])
-    return chosen
+    if near.size:
+        return members(int(near[np.argmin(best[near])]))
+    # none within tolerance: the closest reachable total below or above, compared in exact (undiscretised)
+    # cost; of two equally close (at s = 25 % a set and its complement are), the larger
+    below, above = reach[reach <= target], reach[reach >= target]
+    sets = [members(int(k)) for k in ([below.max()] if below.size else []) + ([above.min()] if above.size else [])]
+    goal = float(sparsity) * total
+    removed = [fraction * float(c[m].sum()) for m in sets]
+    return min(zip(sets, removed), key=lambda t: (round(abs(t[1] - goal), 6), -t[1]))[0]
 
 
 def choose_mix(

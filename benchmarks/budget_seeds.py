@@ -1,0 +1,159 @@
+"""Seed-to-seed spread of the default budget's gain (issue 17): ``mp-bulk`` against global magnitude.
+
+``budgets.py`` compares deterministic budgets, so its ± is the standard error over the
+evaluation samples. Here each seed changes what a seed can change for the model, and the
+spread of the gain across seeds is measured:
+
+* ``fmnist_cnn``: the network itself: initialisation and data-order seed of its 2-epoch
+  training recipe (``mp_plugin.evaluation.zoo``);
+* ``minilm``: the probe texts (evaluation seed of ``accuracy.minilm_task``);
+* ``efficientnet_lite0``: the real photo crops evaluated (crop seed).
+
+For every seed and 50/60/70 % unstructured (no restore): the loss of ``mp-bulk`` and of
+global magnitude (``budgets.py``'s loss), and Δ = mp-bulk − magnitude. The table gives the
+mean Δ over seeds, its sample standard deviation, and whether mean Δ < −sd (better by more
+than the seed-to-seed spread). Usage::
+
+    python benchmarks/budget_seeds.py --seeds 0 1 2 3 4 --threads 2 [--write-readme]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import Task, efficientnet_task, fmnist_task, minilm_task  # noqa: E402
+from budgets import evaluate, per_sample_loss  # noqa: E402
+from budgets_report import SEEDS_BEGIN, SEEDS_END, seeds_block  # noqa: E402
+from common import read_marked_block, write_marked_block, write_result  # noqa: E402
+
+from mp_plugin.planning.build import plan  # noqa: E402
+from mp_plugin.pruning.apply_plan import apply  # noqa: E402
+
+SPARSITIES = (0.5, 0.6, 0.7)
+MODELS = ("fmnist_cnn", "minilm", "efficientnet_lite0")
+README = Path(__file__).resolve().parent / "README.md"
+
+
+def seeded_task(model: str, seed: int) -> Task:
+    """The benchmark task of ``model`` at ``seed`` (see the module docstring for what the seed changes)."""
+    if model == "minilm":
+        return minilm_task(n_calib=8, seed=seed)
+    if model == "efficientnet_lite0":
+        return efficientnet_task(n_calib=2, eval_seed=101 + seed)  # budgets.py's crops are seed 1
+    from mp_plugin.evaluation.classifier_training import train_classifier
+    from mp_plugin.evaluation.fashion_mnist import load_fashion_mnist
+    from mp_plugin.evaluation.zoo import ZOO
+
+    entry = ZOO[model]
+    torch.manual_seed(seed)
+    net = entry.build()
+    train = load_fashion_mnist("train")
+    train_classifier(net, train.images, train.labels, dataclasses.replace(entry.recipe, seed=seed))
+    return fmnist_task(model, model=net.eval())
+
+
+def run_seed(model: str, seed: int) -> list[dict]:
+    """mp-bulk and global-magnitude losses of one seed at every sparsity."""
+    task = seeded_task(model, seed)
+    _, dense = evaluate(task, copy.deepcopy(task.model))
+    base = plan(task.model, 0.5, "unstructured", "magnitude")
+    rows = []
+    for s in SPARSITIES:
+        loss = {}
+        for budget in ("magnitude", "mp-bulk"):
+            m = copy.deepcopy(task.model)
+            apply(m, plan(task.model, s, "unstructured", budget, reuse_fits=base))
+            loss[budget] = per_sample_loss(task, dense, evaluate(task, m)[1])
+        diff = loss["mp-bulk"] - loss["magnitude"]
+        rows.append(
+            {
+                "model": model,
+                "seed": seed,
+                "sparsity": s,
+                "magnitude": float(loss["magnitude"].mean()),
+                "mp_bulk": float(loss["mp-bulk"].mean()),
+                "delta": float(diff.mean()),
+                "se_within_seed": float(diff.std(ddof=1) / np.sqrt(len(diff))),
+                "loadavg": os.getloadavg()[0],
+            }
+        )
+        print(
+            f"[{model} seed {seed}] {int(100 * s)}%: magnitude {rows[-1]['magnitude']:.5f} mp-bulk "
+            f"{rows[-1]['mp_bulk']:.5f} Δ {rows[-1]['delta']:+.5f} load {rows[-1]['loadavg']:.1f}",
+            flush=True,
+        )
+    return rows
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Per model × sparsity: mean Δ over seeds, its sd, the mean within-seed SE, and the verdict."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for s in SPARSITIES:
+            d = np.asarray([r["delta"] for r in rows if r["model"] == model and r["sparsity"] == s])
+            if d.size < 2:
+                continue
+            mean, sd = float(d.mean()), float(d.std(ddof=1))
+            se = float(np.mean([r["se_within_seed"] for r in rows if r["model"] == model and r["sparsity"] == s]))
+            out.append(
+                {
+                    "model": model,
+                    "sparsity": s,
+                    "seeds": int(d.size),
+                    "mean_delta": mean,
+                    "sd_delta": sd,
+                    "mean_se_within_seed": se,
+                    "worse_seeds": int((d > 0).sum()),
+                    "better_beyond_spread": mean < -sd,
+                    "not_worse_beyond_spread": mean <= sd,
+                }
+            )
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry: writes benchmarks/results/budget_seeds.json (and the README block with --write-readme)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--write-readme", action="store_true", help="rewrite the generated block of benchmarks/README.md")
+    ap.add_argument("--table-only", action="store_true", help="re-render from the stored JSON")
+    args = ap.parse_args(argv)
+    if not args.table_only:
+        torch.set_num_threads(args.threads)
+        t0 = time.perf_counter()
+        rows = [r for m in args.models for seed in args.seeds for r in run_seed(m, seed)]
+        result = {
+            "rows": rows,
+            "summary": summary(rows),
+            "seed_changes": {
+                "fmnist_cnn": "initialisation and training data order (the network is retrained, 2 epochs)",
+                "minilm": "the probe texts evaluated",
+                "efficientnet_lite0": "the photo crops evaluated",
+            },
+            "threads": torch.get_num_threads(),
+            "seconds": time.perf_counter() - t0,
+            "loadavg_end": list(os.getloadavg()),
+        }
+        print(write_result("budget_seeds", result, packages=("transformers",)))
+    block = seeds_block()
+    print(block)
+    if args.write_readme and block is not None:
+        if read_marked_block(README.read_text(), SEEDS_BEGIN, SEEDS_END) is None:
+            raise SystemExit(f"{README}: add the markers {SEEDS_BEGIN} / {SEEDS_END} first")
+        write_marked_block(README, SEEDS_BEGIN, SEEDS_END, block)
+
+
+if __name__ == "__main__":
+    main()
