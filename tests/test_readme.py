@@ -91,3 +91,14 @@ def test_budget_tables_are_the_ones_generated_from_the_committed_json() -> None:
     results = report.load_results()
     assert {r["model"] for r in results} >= {"minilm", "efficientnet_lite0", "fmnist_cnn"}
     assert block == report.readme_block(results), "run: python benchmarks/budgets.py --table-only --write-readme"
+
+
+def test_budget_seed_table_is_the_one_generated_from_the_committed_json() -> None:
+    """benchmarks/README.md's seed-spread table is ``budgets_report.seeds_block`` of results/budget_seeds.json."""
+    report = _bench_module("budgets_report")
+    text = (ROOT / "benchmarks" / "README.md").read_text()
+    block = report.read_marked_block(text, report.SEEDS_BEGIN, report.SEEDS_END)
+    assert block is not None, "benchmarks/README.md lost its budget-seeds markers"
+    expected = report.seeds_block()
+    assert expected is not None, "benchmarks/results/budget_seeds.json is missing"
+    assert block.strip() == expected.strip(), "run: python benchmarks/budget_seeds.py --table-only --write-readme"

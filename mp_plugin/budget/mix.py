@@ -24,7 +24,9 @@ rule            damage estimate d_ℓ of putting 2:4 on the layer               
                 auto pattern, the rule for s ≥ 0.5 and other candidates
 ==============  =============================================================  ==============
 
-The damage rules solve a knapsack exactly (:func:`knapsack_kn_layers`): of all the
+The damage rules are a registry (:data:`DAMAGE_FUNCTIONS`; add one with
+:func:`register_mix_damage`, a function of :class:`MixLayers` returning d_ℓ) and solve a
+knapsack exactly (:func:`knapsack_kn_layers`): of all the
 sets of eligible layers whose removed cost lies within ``tolerance`` (default 0.5 % of
 the total cost) of the target, the one with the least total damage Σ d_ℓ (dynamic
 programming over the removed cost, discretised to ``resolution`` steps). Summing the
@@ -45,7 +47,8 @@ half its cost.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -54,9 +57,10 @@ import torch
 from mp_plugin.errors import ConfigError
 
 __all__ = [
-    "MIX_RULES",
-    "DAMAGE_RULES",
+    "DAMAGE_FUNCTIONS",
     "DEFAULT_MIX_RULE",
+    "MixLayers",
+    "RANK_RULES",
     "DEPLOYABLE_MIX",
     "choose_kn_layers",
     "choose_mix",
@@ -65,12 +69,48 @@ __all__ = [
     "knapsack_kn_layers",
     "layer_damage",
     "mix_order",
+    "mix_rules",
+    "register_mix_damage",
 ]
 
-MIX_RULES = ("mp-bulk", "mp", "bulk-energy", "size", "budget", "scores", "round")
-DAMAGE_RULES = ("mp-bulk", "mp", "bulk-energy", "scores")
+RANK_RULES = ("size", "budget", "round")  # no damage estimate: an order (or, for "round", no selection)
 DEFAULT_MIX_RULE = "mp-bulk"
 DEPLOYABLE_MIX = ("dense", "2:4")
+
+
+@dataclass(frozen=True)
+class MixLayers:
+    """What a damage rule reads about the L target layers.
+
+    Attributes:
+        weights: the layers' weights (any shape with the k:n layout of ``masks.select.nm_mask``).
+        fits: their MP fits (``None`` where missing).
+        names: layer names (keys of ``scores``).
+        scores: ``PlanConfig.mix_scores`` ({name: damage}) or None.
+        beta: β of the ``mp-bulk`` weights w_ℓ = exp(−β·z_ℓ) (``PlanConfig.bulk_share.beta``).
+    """
+
+    weights: Sequence[torch.Tensor]
+    fits: Sequence[Any]
+    names: Sequence[str]
+    scores: dict[str, float] | None = None
+    beta: float = 0.25
+
+
+DamageFn = Callable[[MixLayers], np.ndarray]
+DAMAGE_FUNCTIONS: dict[str, DamageFn] = {}
+
+
+def register_mix_damage(name: str, fn: DamageFn) -> None:
+    """Register a damage rule ``fn(layers) -> (L,) d_ℓ`` (NaN: unknown) as ``PlanConfig.mix_rule=name``."""
+    if name in RANK_RULES:
+        raise ConfigError(f"{name!r} is a built-in rank rule and cannot be a damage rule")
+    DAMAGE_FUNCTIONS[name] = fn
+
+
+def mix_rules() -> tuple[str, ...]:
+    """Every mix rule: the registered damage rules, then the rank rules."""
+    return (*DAMAGE_FUNCTIONS, *RANK_RULES)
 
 
 def kn_removed_energy(weight: torch.Tensor, k: int = 2, n: int = 4) -> float:
@@ -91,6 +131,33 @@ def kn_noise_ratio(weight: torch.Tensor, fit: Any, k: int = 2, n: int = 4) -> fl
     return kn_removed_energy(weight, k, n) / (fit.sigma**2 * fit.shape[0] * fit.shape[1])
 
 
+def _mp_bulk_damage(layers: MixLayers) -> np.ndarray:
+    from mp_plugin.budget.bulk_share import bulk_share_weights
+
+    w, _ = bulk_share_weights(layers.fits, layers.beta)
+    return np.asarray([kn_removed_energy(x) for x in layers.weights], dtype=np.float64) / np.square(w)
+
+
+def _noise_damage(layers: MixLayers) -> np.ndarray:
+    return np.asarray([kn_noise_ratio(w, f) for w, f in zip(layers.weights, layers.fits)], dtype=np.float64)
+
+
+def _spike_share_damage(layers: MixLayers) -> np.ndarray:
+    return np.asarray([f.spike_energy_fraction if f is not None else np.nan for f in layers.fits], dtype=np.float64)
+
+
+def _score_damage(layers: MixLayers) -> np.ndarray:
+    if not layers.scores:
+        raise ConfigError("mix rule 'scores' needs PlanConfig.mix_scores {layer name: score}")
+    return np.asarray([layers.scores.get(nm, np.nan) for nm in layers.names], dtype=np.float64)
+
+
+register_mix_damage("mp-bulk", _mp_bulk_damage)
+register_mix_damage("mp", _noise_damage)
+register_mix_damage("bulk-energy", _spike_share_damage)
+register_mix_damage("scores", _score_damage)
+
+
 def layer_damage(
     rule: str,
     weights: Sequence[torch.Tensor],
@@ -99,30 +166,13 @@ def layer_damage(
     scores: dict[str, float] | None = None,
     beta: float = 0.25,
 ) -> np.ndarray:
-    """(L,) damage estimates d_ℓ of putting 2:4 on each layer for a damage rule (NaN: unknown).
+    """(L,) damage estimates d_ℓ of putting 2:4 on each layer under a registered damage rule (NaN: unknown).
 
-    Args:
-        rule: one of :data:`DAMAGE_RULES` (see the module table).
-        weights: the layers' weights (any shape with the k:n layout of ``masks.select.nm_mask``).
-        fits: their MP fits (``None`` where missing).
-        names: layer names (keys of ``scores``).
-        scores: {name: damage} for ``"scores"``.
-        beta: β of the ``mp-bulk`` weights w_ℓ = exp(−β·z_ℓ).
+    The arguments are those of :class:`MixLayers`; ``rule`` is a key of :data:`DAMAGE_FUNCTIONS`.
     """
-    if rule == "mp-bulk":
-        from mp_plugin.budget.bulk_share import bulk_share_weights
-
-        w, _ = bulk_share_weights(fits, beta)
-        return np.asarray([kn_removed_energy(x) for x in weights], dtype=np.float64) / np.square(w)
-    if rule == "mp":
-        return np.asarray([kn_noise_ratio(w, f) for w, f in zip(weights, fits)], dtype=np.float64)
-    if rule == "bulk-energy":
-        return np.asarray([f.spike_energy_fraction if f is not None else np.nan for f in fits], dtype=np.float64)
-    if rule == "scores":
-        if not scores:
-            raise ConfigError("mix rule 'scores' needs PlanConfig.mix_scores {layer name: score}")
-        return np.asarray([scores.get(nm, np.nan) for nm in names], dtype=np.float64)
-    raise ConfigError(f"{rule!r} is not a damage rule; use one of {DAMAGE_RULES}")
+    if rule not in DAMAGE_FUNCTIONS:
+        raise ConfigError(f"{rule!r} is not a damage rule; use one of {tuple(DAMAGE_FUNCTIONS)}")
+    return DAMAGE_FUNCTIONS[rule](MixLayers(weights, fits, names, scores, beta))
 
 
 def mix_order(
@@ -136,10 +186,10 @@ def mix_order(
 ) -> np.ndarray:
     """Per-layer rank keys for ``rule`` (lower → takes 2:4 first); NaN keys go last.
 
-    Damage rules (:data:`DAMAGE_RULES`) return d_ℓ / cost_ℓ (cost default: weights).
+    Damage rules (:data:`DAMAGE_FUNCTIONS`) return d_ℓ / cost_ℓ (cost default: weights).
     """
     c = np.asarray([w.numel() for w in weights] if costs is None else costs, dtype=np.float64)
-    if rule in DAMAGE_RULES:
+    if rule in DAMAGE_FUNCTIONS:
         return layer_damage(rule, weights, fits, names, scores) / c
     if rule == "size":
         return -np.asarray([w.numel() for w in weights], dtype=np.float64)
@@ -147,7 +197,7 @@ def mix_order(
         if budgets is None:
             raise ConfigError("mix rule 'budget' needs the per-layer budgets")
         return -np.asarray(budgets, dtype=np.float64)
-    raise ConfigError(f"unknown mix rule {rule!r}; use one of {MIX_RULES}")
+    raise ConfigError(f"unknown mix rule {rule!r}; use one of {mix_rules()}")
 
 
 def choose_kn_layers(
@@ -278,6 +328,6 @@ def choose_mix(
 ) -> np.ndarray:
     """(L,) bool: which layers take 2:4 under ``rule`` (damage rules: exact knapsack; rank rules: greedy)."""
     c = np.asarray([w.numel() for w in weights] if costs is None else costs, dtype=np.float64)
-    if rule in DAMAGE_RULES:
+    if rule in DAMAGE_FUNCTIONS:
         return knapsack_kn_layers(layer_damage(rule, weights, fits, names, scores, beta), c, eligible, sparsity)
     return choose_kn_layers(mix_order(rule, weights, fits, names, budgets, scores, c), c, eligible, sparsity)
