@@ -247,7 +247,8 @@ def knapsack_kn_layers(
     within ``tolerance``·Σ c of the target s·Σ c; when no set does, the reachable removed
     cost closest to the target is used (the larger of two equally close ones: the target
     asked for that much sparsity). Exact up to the discretisation of the removed cost
-    into ``resolution`` steps of Σ c / ``resolution`` (dynamic programming, O(L·resolution)).
+    into ``resolution`` steps of Σ c / ``resolution`` (dynamic programming, O(L·resolution)
+    time and booleans); a layer that removes less than half a step stays dense.
 
     Args:
         damage: (L,) d_ℓ (a measured loss may be slightly negative; NaN: unknown, treated as
