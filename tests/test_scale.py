@@ -296,7 +296,8 @@ def test_plan_of_a_disk_offloaded_llama_equals_the_in_memory_plan(tmp_path) -> N
     import mp_plugin as mp
 
     model = decoder("llama")
-    in_memory = mp.plan(copy.deepcopy(model), sparsity=0.6, pattern="unstructured")
+    twin = copy.deepcopy(model)
+    in_memory = mp.plan(twin, sparsity=0.6, pattern="unstructured")
     disk_offload(model, str(tmp_path / "offload"), execution_device="cpu")
     q = model.model.layers[0].self_attn.q_proj
     assert q.weight.is_meta  # the weights live on disk; accelerate's hooks bring them in
@@ -304,6 +305,13 @@ def test_plan_of_a_disk_offloaded_llama_equals_the_in_memory_plan(tmp_path) -> N
     assert q.weight.is_meta  # and plan gave them back
     for a, b in zip(offloaded.layers, in_memory.layers):
         assert (a.name, a.n_prune, a.fit.sigma, a.fit.n_spikes) == (b.name, b.n_prune, b.fit.sigma, b.fit.n_spikes)
+    # the dense/2:4 mix reads the offloaded weights too (its damage is the 2:4-removed energy)
+    mix = mp.PlanConfig(auto_patterns=("dense", "2:4"))
+    kept = mp.plan(model, sparsity=0.3, pattern="auto", config=mix, reuse_fits=offloaded)
+    ref = mp.plan(twin, sparsity=0.3, pattern="auto", config=mix, reuse_fits=in_memory)
+    assert q.weight.is_meta
+    assert [lp.pattern for lp in kept.layers] == [lp.pattern for lp in ref.layers]
+    assert {lp.pattern for lp in kept.layers} == {"dense", "2:4"}
 
 
 # ----------------------------------------------------------------------------- the benchmark's README section

@@ -13,6 +13,7 @@ The module is ``mp_plugin.planning.build``; ``mp_plugin.plan`` is the function.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import warnings
 from typing import Any
 
@@ -91,10 +92,11 @@ def split_method(
 def _choose_mix(targets: list[TargetLayer], fits: list, budgets: list[float], s: float, cfg: PlanConfig) -> list[bool]:
     """The dense/2:4 mix of :mod:`mp_plugin.budget.mix` for ``cfg.mix_rule``: True = the layer takes 2:4."""
     names = [t.name for t in targets]
-    weights = [t.weight for t in targets]
-    costs = [float((cfg.mix_costs or {}).get(n, w.numel())) for n, w in zip(names, weights)]
+    shapes = [tuple(t.weight.shape) for t in targets]  # shapes and sizes never load an offloaded weight
+    costs = [float((cfg.mix_costs or {}).get(n, math.prod(sh))) for n, sh in zip(names, shapes)]
     kn = Pattern.parse("2:4")
-    eligible = [kn.eligible(tuple(w.shape)) for w in weights]
+    eligible = [kn.eligible(sh) for sh in shapes]
+    weights = LayerWeights(targets)  # an offloaded weight is read one layer at a time
     chosen = choose_mix(
         cfg.mix_rule, weights, fits, names, eligible, s, costs, budgets, cfg.mix_scores, cfg.bulk_share.beta
     )
