@@ -9,10 +9,11 @@ spread of the gain across seeds is measured:
 * ``minilm``: the probe texts (evaluation seed of ``accuracy.minilm_task``);
 * ``efficientnet_lite0``: the real photo crops evaluated (crop seed).
 
-For every seed and 50/60/70 % unstructured (no restore): the loss of ``mp-bulk`` and of
-global magnitude (``budgets.py``'s loss), and Δ = mp-bulk − magnitude. The table gives the
-mean Δ over seeds, its sample standard deviation, and whether mean Δ < −sd (better by more
-than the seed-to-seed spread). Usage::
+For every seed (no restore, ``budgets.py``'s loss): the ``mp-bulk`` budget against global
+magnitude at 50/60/70 % unstructured, and the dense/2:4 mix at 25/35/45 % with its 2:4 layers
+chosen by the default ``mp-bulk`` damage against choosing by size (equal removed weights);
+Δ = mp-bulk − reference. The table gives the mean Δ over seeds, its sample standard deviation,
+and whether mean Δ < −sd (better by more than the seed-to-seed spread). Usage::
 
     python benchmarks/budget_seeds.py --seeds 0 1 2 3 4 --threads 2 [--write-readme]
 """
@@ -25,6 +26,7 @@ import dataclasses
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +38,11 @@ from budgets import evaluate, per_sample_loss  # noqa: E402
 from budgets_report import SEEDS_BEGIN, SEEDS_END, seeds_block  # noqa: E402
 from common import read_marked_block, write_marked_block, write_result  # noqa: E402
 
-from mp_plugin.planning.build import plan  # noqa: E402
+from mp_plugin.planning.build import PlanConfig, PrunePlan, plan  # noqa: E402
 from mp_plugin.pruning.apply_plan import apply  # noqa: E402
 
-SPARSITIES = (0.5, 0.6, 0.7)
+SPARSITIES = (0.5, 0.6, 0.7)  # unstructured: mp-bulk budget against global magnitude
+MIX = (0.25, 0.35, 0.45)  # dense/2:4 mix at equal removed weights: mp-bulk damage against size
 MODELS = ("fmnist_cnn", "minilm", "efficientnet_lite0")
 README = Path(__file__).resolve().parent / "README.md"
 
@@ -62,62 +65,85 @@ def seeded_task(model: str, seed: int) -> Task:
     return fmnist_task(model, model=net.eval())
 
 
+def _loss(task: Task, dense: torch.Tensor, p: PrunePlan) -> np.ndarray:
+    m = copy.deepcopy(task.model)
+    apply(m, p)
+    return per_sample_loss(task, dense, evaluate(task, m)[1])
+
+
 def run_seed(model: str, seed: int) -> list[dict]:
-    """mp-bulk and global-magnitude losses of one seed at every sparsity."""
+    """One seed: mp-bulk vs global magnitude (unstructured) and the mp-bulk vs size dense/2:4 mix."""
     task = seeded_task(model, seed)
     _, dense = evaluate(task, copy.deepcopy(task.model))
     base = plan(task.model, 0.5, "unstructured", "magnitude")
+    mix = PlanConfig(auto_patterns=("dense", "2:4"))
+    cases = [
+        ("unstructured", s, plan(task.model, s, "unstructured", "magnitude", reuse_fits=base), "magnitude")
+        for s in SPARSITIES
+    ] + [
+        ("mix", s, plan(task.model, s, "auto", "magnitude", replace(mix, mix_rule="size"), reuse_fits=base), "size")
+        for s in MIX
+    ]
     rows = []
-    for s in SPARSITIES:
-        loss = {}
-        for budget in ("magnitude", "mp-bulk"):
-            m = copy.deepcopy(task.model)
-            apply(m, plan(task.model, s, "unstructured", budget, reuse_fits=base))
-            loss[budget] = per_sample_loss(task, dense, evaluate(task, m)[1])
-        diff = loss["mp-bulk"] - loss["magnitude"]
+    for part, s, ref, ref_name in cases:
+        cand = (
+            plan(task.model, s, "unstructured", "mp-bulk", reuse_fits=base)
+            if part == "unstructured"
+            else plan(task.model, s, "auto", "magnitude", mix, reuse_fits=base)
+        )
+        same = [lp.n_prune for lp in cand.layers] == [lp.n_prune for lp in ref.layers] and part == "mix"
+        a = _loss(task, dense, ref)
+        b = a if same else _loss(task, dense, cand)
+        diff = b - a
         rows.append(
             {
+                "part": part,
                 "model": model,
                 "seed": seed,
                 "sparsity": s,
-                "magnitude": float(loss["magnitude"].mean()),
-                "mp_bulk": float(loss["mp-bulk"].mean()),
+                "reference": ref_name,
+                "reference_loss": float(a.mean()),
+                "mp_bulk_loss": float(b.mean()),
                 "delta": float(diff.mean()),
                 "se_within_seed": float(diff.std(ddof=1) / np.sqrt(len(diff))),
+                "same_layers": same,
+                "removed": [ref.planned_sparsity, cand.planned_sparsity],
                 "loadavg": os.getloadavg()[0],
             }
         )
         print(
-            f"[{model} seed {seed}] {int(100 * s)}%: magnitude {rows[-1]['magnitude']:.5f} mp-bulk "
-            f"{rows[-1]['mp_bulk']:.5f} Δ {rows[-1]['delta']:+.5f} load {rows[-1]['loadavg']:.1f}",
+            f"[{model} seed {seed}] {part} {int(100 * s)}%: {ref_name} {a.mean():.5f} mp-bulk {b.mean():.5f} "
+            f"Δ {rows[-1]['delta']:+.5f} load {rows[-1]['loadavg']:.1f}",
             flush=True,
         )
     return rows
 
 
 def summary(rows: list[dict]) -> list[dict]:
-    """Per model × sparsity: mean Δ over seeds, its sd, the mean within-seed SE, and the verdict."""
+    """Per part × model × sparsity: mean Δ over seeds, its sd, the mean within-seed SE, and the verdict."""
     out = []
-    for model in dict.fromkeys(r["model"] for r in rows):
-        for s in SPARSITIES:
-            d = np.asarray([r["delta"] for r in rows if r["model"] == model and r["sparsity"] == s])
-            if d.size < 2:
-                continue
-            mean, sd = float(d.mean()), float(d.std(ddof=1))
-            se = float(np.mean([r["se_within_seed"] for r in rows if r["model"] == model and r["sparsity"] == s]))
-            out.append(
-                {
-                    "model": model,
-                    "sparsity": s,
-                    "seeds": int(d.size),
-                    "mean_delta": mean,
-                    "sd_delta": sd,
-                    "mean_se_within_seed": se,
-                    "worse_seeds": int((d > 0).sum()),
-                    "better_beyond_spread": mean < -sd,
-                    "not_worse_beyond_spread": mean <= sd,
-                }
-            )
+    for part, model, s in dict.fromkeys((r["part"], r["model"], r["sparsity"]) for r in rows):
+        sel = [r for r in rows if (r["part"], r["model"], r["sparsity"]) == (part, model, s)]
+        d = np.asarray([r["delta"] for r in sel])
+        if d.size < 2:
+            continue
+        mean, sd = float(d.mean()), float(d.std(ddof=1))
+        out.append(
+            {
+                "part": part,
+                "model": model,
+                "sparsity": s,
+                "reference": sel[0]["reference"],
+                "seeds": int(d.size),
+                "mean_delta": mean,
+                "sd_delta": sd,
+                "mean_se_within_seed": float(np.mean([r["se_within_seed"] for r in sel])),
+                "worse_seeds": int((d > 0).sum()),
+                "same_layers_seeds": int(sum(r["same_layers"] for r in sel)),
+                "better_beyond_spread": mean < -sd,
+                "not_worse_beyond_spread": mean <= sd,
+            }
+        )
     return out
 
 

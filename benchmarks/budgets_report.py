@@ -384,17 +384,19 @@ def write_readme(path: Path, results: list[dict]) -> None:
 
 
 def seeds_markdown(result: dict) -> str:
-    """The README table: mean Δ ± seed sd per model and sparsity."""
+    """The README table: mean Δ ± seed sd per comparison, model and sparsity."""
     lines = [
-        "| model | sparsity | seeds | mean Δ (mp-bulk − magnitude) | sd over seeds | mean SE within a seed "
-        "| seeds where mp-bulk is worse | better by more than the seed spread |",
-        "|---|---|---|---|---|---|---|---|",
+        "| comparison | model | target | seeds | mean Δ (MP − reference) | sd over seeds | mean SE within a seed "
+        "| seeds where MP is worse | better by more than the seed spread |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    names = {"unstructured": "`mp-bulk` budget vs global magnitude", "mix": "2:4 mix: `mp-bulk` damage vs size"}
     for v in result["summary"]:
+        same = f" (same layers in {v['same_layers_seeds']})" if v.get("same_layers_seeds") else ""
         lines.append(
-            f"| {v['model']} | {int(round(100 * v['sparsity']))}% | {v['seeds']} | {v['mean_delta']:+.4g} | "
-            f"{v['sd_delta']:.3g} | {v['mean_se_within_seed']:.3g} | {v['worse_seeds']} | "
-            f"{'yes' if v['better_beyond_spread'] else 'no'} |"
+            f"| {names[v.get('part', 'unstructured')]} | {v['model']} | {int(round(100 * v['sparsity']))}% | "
+            f"{v['seeds']} | {v['mean_delta']:+.4g} | {v['sd_delta']:.3g} | {v['mean_se_within_seed']:.3g} | "
+            f"{v['worse_seeds']}{same} | {'yes' if v['better_beyond_spread'] else 'no'} |"
         )
     what = "; ".join(f"{k}: {v}" for k, v in result["seed_changes"].items())
     return "\n".join(lines) + f"\n\nWhat a seed changes — {what}.\n"
