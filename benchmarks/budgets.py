@@ -16,7 +16,8 @@ baseline), ``noise-floor`` (calibration) and the sensitivity oracle of
 each without and with prune–restore (one-shot).
 
 Dense/2:4 mix 25/35/45 %: the layers that take 2:4 are chosen by the default MP
-rule ``mp-bulk`` (2:4 removed energy in the units of the mp-bulk budget), the older MP
+rule ``mp-bulk`` (2:4 removed energy in the units of the mp-bulk weights, β = 1, with
+β = 0.25 and 0.5 as extra rows), the older MP
 rules (2:4 removed energy over MP noise energy; spike energy share), size, the
 global-magnitude and mp-bulk budgets, and measured single-layer 2:4 sensitivity, at
 equal removed weights and at equal sparse-execution MACs (``mp_plugin.masks.macs``),
@@ -300,12 +301,15 @@ def bench(task: Task, restore_cfg: RestoreConfig, parts: tuple[str, ...]) -> dic
             setting = f"{int(100 * s)}%"
             for equal in ("weights", "macs"):
                 seen: dict[tuple, str] = {}
-                for label, rule, mix_budget in sorted(MIX_RULES, key=lambda x: x[1] != "size"):  # the reference first
+                for label, rule, mix_budget, *beta in sorted(
+                    MIX_RULES, key=lambda x: x[1] != "size"
+                ):  # reference first
                     mcfg = PlanConfig(
                         auto_patterns=("dense", "2:4"),
                         mix_rule=rule,
                         mix_scores=kn_sens if rule == "scores" else None,
                         mix_costs=macs if equal == "macs" else None,
+                        bulk_share=BulkShareConfig(mix_beta=beta[0]) if beta else BulkShareConfig(),
                     )
                     p = plan(task.model, s, "auto", mix_budget, mcfg, reuse_fits=base)
                     chosen = tuple(lp.pattern == "2:4" for lp in p.layers)

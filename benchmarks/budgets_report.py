@@ -33,8 +33,11 @@ BUDGETS = (
     ("sensitivity oracle", None),
 )
 # (label, mix rule, budget whose per-layer sparsities the "budget" rule ranks by)
+# an optional 4th entry is the mix damage's β (BulkShareConfig.mix_beta; default 1.0)
 MIX_RULES = (
     ("MP: mp-bulk damage (default)", "mp-bulk", "magnitude"),
+    ("MP: mp-bulk damage, β = 0.25", "mp-bulk", "magnitude", 0.25),
+    ("MP: mp-bulk damage, β = 0.5", "mp-bulk", "magnitude", 0.5),
     ("MP: 2:4 energy / noise", "mp", "magnitude"),
     ("MP: bulk energy", "bulk-energy", "magnitude"),
     ("size (largest first)", "size", "magnitude"),

@@ -20,6 +20,7 @@ from mp_plugin.budget.bounded import (
     layer_blocks,
     ratios_to_counts,
 )
+from mp_plugin.budget.bulk_share import BulkShareConfig
 from mp_plugin.budget.calibrated import noise_floor_counts
 from mp_plugin.budget.mix import choose_kn_layers
 from mp_plugin.budget.rules import BUDGET_METHODS, BudgetContext
@@ -287,6 +288,25 @@ def test_mp_bulk_mix_damage_is_removed_energy_in_budget_units(net: _Net) -> None
     # the default mix rule is mp-bulk, and β follows PlanConfig.bulk_share
     p = plan(net, 0.25, "auto", "mp-bulk", PlanConfig(auto_patterns=("dense", "2:4")))
     assert p.config.mix_rule == "mp-bulk" and {lp.pattern for lp in p.layers} <= {"dense", "2:4"}
+    assert p.config.bulk_share.mix_beta == 1.0
+    back = PrunePlan.from_dict(p.to_dict())
+    assert back.config.bulk_share == p.config.bulk_share
+    assert BulkShareConfig.from_dict({"beta": 0.5}).mix_beta == 1.0  # plans saved before mix_beta still load
+    with pytest.raises(ConfigError, match="mix_beta"):
+        BulkShareConfig(mix_beta=-1.0)
+    # mix_beta = 0: the damage is the plain 2:4-removed energy; the plan follows it
+    flat = plan(
+        net,
+        0.25,
+        "auto",
+        "magnitude",
+        PlanConfig(auto_patterns=("dense", "2:4"), bulk_share=BulkShareConfig(mix_beta=0.0)),
+    )
+    energy = layer_damage("mp-bulk", weights, fits, [lp.name for lp in base.layers], beta=0.0)
+    from mp_plugin.budget.mix import knapsack_kn_layers
+
+    chosen = knapsack_kn_layers(energy, [lp.numel for lp in base.layers], [True] * len(energy), 0.25)
+    assert [lp.pattern == "2:4" for lp in flat.layers] == chosen.tolist()
 
 
 def test_mix_applies_exact_24_and_round_trips(net: _Net) -> None:

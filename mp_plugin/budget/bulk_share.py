@@ -36,7 +36,9 @@ from mp_plugin.budget.rules import BudgetContext, register_budget_method
 from mp_plugin.errors import ConfigError
 from mp_plugin.masks.counts import global_prune_counts
 
-__all__ = ["BulkShareConfig", "bulk_share_z", "bulk_share_weights"]
+DEFAULT_MIX_BETA = 1.0  # β of the mix damage (benchmarks/budgets.py, in-sample)
+
+__all__ = ["DEFAULT_MIX_BETA", "BulkShareConfig", "bulk_share_z", "bulk_share_weights"]
 
 
 @dataclass
@@ -46,19 +48,25 @@ class BulkShareConfig:
     Attributes:
         beta: β ≥ 0, the strength of the correction: w_ℓ = exp(−β·z_ℓ). 0 is global
             magnitude; 0.25 is the value measured in ``benchmarks/budgets.py``.
+        mix_beta: the β of the same weights in the ``mp-bulk`` damage of the dense/2:4 mix
+            (:mod:`mp_plugin.budget.mix`), where whole layers are chosen: d_ℓ = ‖W − P₂:₄(W)‖² /
+            w_ℓ², w_ℓ = exp(−mix_beta·z_ℓ). 1.0 is the value measured in ``benchmarks/budgets.py``
+            (of 0.25, 0.5 and 1, the only one not worse than choosing by size in any case there).
     """
 
     beta: float = 0.25
+    mix_beta: float = DEFAULT_MIX_BETA
 
     def __post_init__(self) -> None:
-        b = self.beta
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not np.isfinite(b) or b < 0:
-            raise ConfigError(f"BulkShareConfig.beta must be a finite number ≥ 0, got {b!r}")
-        self.beta = float(b)
+        for name in ("beta", "mix_beta"):
+            b = getattr(self, name)
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not np.isfinite(b) or b < 0:
+                raise ConfigError(f"BulkShareConfig.{name} must be a finite number ≥ 0, got {b!r}")
+            setattr(self, name, float(b))
 
     def to_dict(self) -> dict:
         """JSON-ready copy."""
-        return {"beta": self.beta}
+        return {"beta": self.beta, "mix_beta": self.mix_beta}
 
     @classmethod
     def from_dict(cls, d: dict) -> BulkShareConfig:

@@ -13,7 +13,7 @@ rule            damage estimate d_ℓ of putting 2:4 on the layer               
 ``mp-bulk``     the energy 2:4 removes in the units of the ``mp-bulk``          data-free
                 budget: ‖W − P₂:₄(W)‖²_F / w_ℓ², w_ℓ = exp(−β·z_ℓ) the
                 bulk-share weight of :mod:`mp_plugin.budget.bulk_share`
-                (same β, ``PlanConfig.bulk_share``) — the default
+                (β = ``PlanConfig.bulk_share.mix_beta``, 1.0) — the default
 ``mp``          the energy 2:4 removes against the layer's MP noise energy,    data-free
                 ‖W − P₂:₄(W)‖²_F / (σ̂²·N·M)
 ``bulk-energy`` the share of ‖W‖² in the MP spikes, Σ_spikes s² / Σ s²         data-free
@@ -37,7 +37,8 @@ when it brings the removed total closer to the target (:func:`choose_kn_layers`)
 ``mp-bulk`` is the default because it is the MP rule that measured best
 (``benchmarks/results/budgets.md``): it carries the default budget's per-layer weight
 w_ℓ over to the choice of whole layers, so that 2:4 goes where it removes the least
-of the budget's score energy Σ(|W|/w_ℓ)².
+score energy Σ(|W|/w_ℓ)². Its β (``mix_beta`` = 1.0, stronger than the budget's 0.25)
+was chosen on the benchmark's own models (in-sample), as the budget's β was.
 
 The target is s · Σ cost over the eligible and ineligible target layers, cost =
 weights (default) or ``PlanConfig.mix_costs`` (e.g. each layer's dense MACs from
@@ -54,6 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mp_plugin.budget.bulk_share import DEFAULT_MIX_BETA, bulk_share_weights
 from mp_plugin.errors import ConfigError
 
 __all__ = [
@@ -87,14 +89,14 @@ class MixLayers:
         fits: their MP fits (``None`` where missing).
         names: layer names (keys of ``scores``).
         scores: ``PlanConfig.mix_scores`` ({name: damage}) or None.
-        beta: β of the ``mp-bulk`` weights w_ℓ = exp(−β·z_ℓ) (``PlanConfig.bulk_share.beta``).
+        beta: β of the ``mp-bulk`` weights w_ℓ = exp(−β·z_ℓ) (``PlanConfig.bulk_share.mix_beta``).
     """
 
     weights: Sequence[torch.Tensor]
     fits: Sequence[Any]
     names: Sequence[str]
     scores: dict[str, float] | None = None
-    beta: float = 0.25
+    beta: float = DEFAULT_MIX_BETA
 
 
 DamageFn = Callable[[MixLayers], np.ndarray]
@@ -132,8 +134,6 @@ def kn_noise_ratio(weight: torch.Tensor, fit: Any, k: int = 2, n: int = 4) -> fl
 
 
 def _mp_bulk_damage(layers: MixLayers) -> np.ndarray:
-    from mp_plugin.budget.bulk_share import bulk_share_weights
-
     w, _ = bulk_share_weights(layers.fits, layers.beta)
     return np.asarray([kn_removed_energy(x) for x in layers.weights], dtype=np.float64) / np.square(w)
 
@@ -164,7 +164,7 @@ def layer_damage(
     fits: Sequence[Any],
     names: Sequence[str],
     scores: dict[str, float] | None = None,
-    beta: float = 0.25,
+    beta: float = DEFAULT_MIX_BETA,
 ) -> np.ndarray:
     """(L,) damage estimates d_ℓ of putting 2:4 on each layer under a registered damage rule (NaN: unknown).
 
@@ -325,7 +325,7 @@ def choose_mix(
     costs: Sequence[float] | None = None,
     budgets: Sequence[float] | None = None,
     scores: dict[str, float] | None = None,
-    beta: float = 0.25,
+    beta: float = DEFAULT_MIX_BETA,
 ) -> np.ndarray:
     """(L,) bool: which layers take 2:4 under ``rule`` (damage rules: exact knapsack; rank rules: greedy)."""
     c = np.asarray([w.numel() for w in weights] if costs is None else costs, dtype=np.float64)

@@ -98,7 +98,7 @@ def _choose_mix(targets: list[TargetLayer], fits: list, budgets: list[float], s:
     eligible = [kn.eligible(sh) for sh in shapes]
     weights = LayerWeights(targets)  # an offloaded weight is read one layer at a time
     chosen = choose_mix(
-        cfg.mix_rule, weights, fits, names, eligible, s, costs, budgets, cfg.mix_scores, cfg.bulk_share.beta
+        cfg.mix_rule, weights, fits, names, eligible, s, costs, budgets, cfg.mix_scores, cfg.bulk_share.mix_beta
     )
     return [bool(x) for x in chosen]
 
