@@ -11,7 +11,7 @@ spread of the gain across seeds is measured:
 
 For every seed (no restore, ``budgets.py``'s loss): the ``mp-bulk`` budget against global
 magnitude at 50/60/70 % unstructured, and the dense/2:4 mix at 25/35/45 % with its 2:4 layers
-chosen by the default ``mp-bulk`` damage against choosing by size (equal removed weights);
+chosen by the default ``mp-bulk`` damage (and at β = 1) against choosing by size (equal removed weights);
 Δ = mp-bulk − reference. The table gives the mean Δ over seeds, its sample standard deviation,
 and whether mean Δ < −sd (better by more than the seed-to-seed spread). Usage::
 
@@ -38,11 +38,13 @@ from budgets import evaluate, per_sample_loss  # noqa: E402
 from budgets_report import SEEDS_BEGIN, SEEDS_END, seeds_block  # noqa: E402
 from common import read_marked_block, write_marked_block, write_result  # noqa: E402
 
+from mp_plugin.budget.bulk_share import BulkShareConfig  # noqa: E402
 from mp_plugin.planning.build import PlanConfig, PrunePlan, plan  # noqa: E402
 from mp_plugin.pruning.apply_plan import apply  # noqa: E402
 
 SPARSITIES = (0.5, 0.6, 0.7)  # unstructured: mp-bulk budget against global magnitude
 MIX = (0.25, 0.35, 0.45)  # dense/2:4 mix at equal removed weights: mp-bulk damage against size
+MIX_BETAS = (1.0,)  # the mix damage at another β than the default, also against size
 MODELS = ("fmnist_cnn", "minilm", "efficientnet_lite0")
 README = Path(__file__).resolve().parent / "README.md"
 
@@ -84,14 +86,16 @@ def run_seed(model: str, seed: int) -> list[dict]:
         ("mix", s, plan(task.model, s, "auto", "magnitude", replace(mix, mix_rule="size"), reuse_fits=base), "size")
         for s in MIX
     ]
+    cases += [(f"mix beta={b}", s, ref, name) for b in MIX_BETAS for part, s, ref, name in cases if part == "mix"]
     rows = []
     for part, s, ref, ref_name in cases:
-        cand = (
-            plan(task.model, s, "unstructured", "mp-bulk", reuse_fits=base)
-            if part == "unstructured"
-            else plan(task.model, s, "auto", "magnitude", mix, reuse_fits=base)
-        )
-        same = [lp.n_prune for lp in cand.layers] == [lp.n_prune for lp in ref.layers] and part == "mix"
+        if part == "unstructured":
+            cand = plan(task.model, s, "unstructured", "mp-bulk", reuse_fits=base)
+        else:
+            beta = float(part.split("=")[1]) if "=" in part else mix.bulk_share.mix_beta
+            cfg = replace(mix, bulk_share=BulkShareConfig(mix_beta=beta))
+            cand = plan(task.model, s, "auto", "magnitude", cfg, reuse_fits=base)
+        same = [lp.n_prune for lp in cand.layers] == [lp.n_prune for lp in ref.layers] and part != "unstructured"
         a = _loss(task, dense, ref)
         b = a if same else _loss(task, dense, cand)
         diff = b - a

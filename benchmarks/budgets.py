@@ -16,8 +16,8 @@ baseline), ``noise-floor`` (calibration) and the sensitivity oracle of
 each without and with prune–restore (one-shot).
 
 Dense/2:4 mix 25/35/45 %: the layers that take 2:4 are chosen by the default MP
-rule ``mp-bulk`` (2:4 removed energy in the units of the mp-bulk weights, β = 1, with
-β = 0.25 and 0.5 as extra rows), the older MP
+rule ``mp-bulk`` (2:4 removed energy in the units of the mp-bulk weights, β = 0.25, with
+β = 0.5 and 1 as extra rows), the older MP
 rules (2:4 removed energy over MP noise energy; spike energy share), size, the
 global-magnitude and mp-bulk budgets, and measured single-layer 2:4 sensitivity, at
 equal removed weights and at equal sparse-execution MACs (``mp_plugin.masks.macs``),

@@ -33,11 +33,11 @@ BUDGETS = (
     ("sensitivity oracle", None),
 )
 # (label, mix rule, budget whose per-layer sparsities the "budget" rule ranks by)
-# an optional 4th entry is the mix damage's β (BulkShareConfig.mix_beta; default 1.0)
+# an optional 4th entry is the mix damage's β (BulkShareConfig.mix_beta; default 0.25)
 MIX_RULES = (
     ("MP: mp-bulk damage (default)", "mp-bulk", "magnitude"),
-    ("MP: mp-bulk damage, β = 0.25", "mp-bulk", "magnitude", 0.25),
     ("MP: mp-bulk damage, β = 0.5", "mp-bulk", "magnitude", 0.5),
+    ("MP: mp-bulk damage, β = 1.0", "mp-bulk", "magnitude", 1.0),
     ("MP: 2:4 energy / noise", "mp", "magnitude"),
     ("MP: bulk energy", "bulk-energy", "magnitude"),
     ("size (largest first)", "size", "magnitude"),
@@ -396,8 +396,10 @@ def seeds_markdown(result: dict) -> str:
     names = {"unstructured": "`mp-bulk` budget vs global magnitude", "mix": "2:4 mix: `mp-bulk` damage vs size"}
     for v in result["summary"]:
         same = f" (same layers in {v['same_layers_seeds']})" if v.get("same_layers_seeds") else ""
+        part = v.get("part", "unstructured")
+        name = names.get(part) or f"2:4 mix: `mp-bulk` damage at β = {part.split('=')[1]} vs size"
         lines.append(
-            f"| {names[v.get('part', 'unstructured')]} | {v['model']} | {int(round(100 * v['sparsity']))}% | "
+            f"| {name} | {v['model']} | {int(round(100 * v['sparsity']))}% | "
             f"{v['seeds']} | {v['mean_delta']:+.4g} | {v['sd_delta']:.3g} | {v['mean_se_within_seed']:.3g} | "
             f"{v['worse_seeds']}{same} | {'yes' if v['better_beyond_spread'] else 'no'} |"
         )

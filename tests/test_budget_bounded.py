@@ -288,10 +288,10 @@ def test_mp_bulk_mix_damage_is_removed_energy_in_budget_units(net: _Net) -> None
     # the default mix rule is mp-bulk, and β follows PlanConfig.bulk_share
     p = plan(net, 0.25, "auto", "mp-bulk", PlanConfig(auto_patterns=("dense", "2:4")))
     assert p.config.mix_rule == "mp-bulk" and {lp.pattern for lp in p.layers} <= {"dense", "2:4"}
-    assert p.config.bulk_share.mix_beta == 1.0
+    assert p.config.bulk_share.mix_beta == p.config.bulk_share.beta == 0.25
     back = PrunePlan.from_dict(p.to_dict())
     assert back.config.bulk_share == p.config.bulk_share
-    assert BulkShareConfig.from_dict({"beta": 0.5}).mix_beta == 1.0  # plans saved before mix_beta still load
+    assert BulkShareConfig.from_dict({"beta": 0.5}).mix_beta == 0.25  # plans saved before mix_beta still load
     with pytest.raises(ConfigError, match="mix_beta"):
         BulkShareConfig(mix_beta=-1.0)
     # mix_beta = 0: the damage is the plain 2:4-removed energy; the plan follows it

@@ -13,7 +13,8 @@ rule            damage estimate d_ℓ of putting 2:4 on the layer               
 ``mp-bulk``     the energy 2:4 removes in the units of the ``mp-bulk``          data-free
                 budget: ‖W − P₂:₄(W)‖²_F / w_ℓ², w_ℓ = exp(−β·z_ℓ) the
                 bulk-share weight of :mod:`mp_plugin.budget.bulk_share`
-                (β = ``PlanConfig.bulk_share.mix_beta``, 1.0) — the default
+                (β = ``PlanConfig.bulk_share.mix_beta``, 0.25 as the budget's)
+                — the default
 ``mp``          the energy 2:4 removes against the layer's MP noise energy,    data-free
                 ‖W − P₂:₄(W)‖²_F / (σ̂²·N·M)
 ``bulk-energy`` the share of ‖W‖² in the MP spikes, Σ_spikes s² / Σ s²         data-free
@@ -37,8 +38,7 @@ when it brings the removed total closer to the target (:func:`choose_kn_layers`)
 ``mp-bulk`` is the default because it is the MP rule that measured best
 (``benchmarks/results/budgets.md``): it carries the default budget's per-layer weight
 w_ℓ over to the choice of whole layers, so that 2:4 goes where it removes the least
-score energy Σ(|W|/w_ℓ)². Its β (``mix_beta`` = 1.0, stronger than the budget's 0.25)
-was chosen on the benchmark's own models (in-sample), as the budget's β was.
+score energy Σ(|W|/w_ℓ)², with the budget's β (no parameter of its own).
 
 The target is s · Σ cost over the eligible and ineligible target layers, cost =
 weights (default) or ``PlanConfig.mix_costs`` (e.g. each layer's dense MACs from
