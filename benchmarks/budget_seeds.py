@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import os
 import sys
 import time
@@ -63,7 +62,7 @@ def seeded_task(model: str, seed: int) -> Task:
     torch.manual_seed(seed)
     net = entry.build()
     train = load_fashion_mnist("train")
-    train_classifier(net, train.images, train.labels, dataclasses.replace(entry.recipe, seed=seed))
+    train_classifier(net, train.images, train.labels, replace(entry.recipe, seed=seed))
     return fmnist_task(model, model=net.eval())
 
 

@@ -20,9 +20,9 @@ from mp_plugin.budget.bounded import (
     layer_blocks,
     ratios_to_counts,
 )
-from mp_plugin.budget.bulk_share import BulkShareConfig
+from mp_plugin.budget.bulk_share import BulkShareConfig, bulk_share_weights
 from mp_plugin.budget.calibrated import noise_floor_counts
-from mp_plugin.budget.mix import choose_kn_layers
+from mp_plugin.budget.mix import choose_kn_layers, kn_removed_energy, knapsack_kn_layers, layer_damage
 from mp_plugin.budget.rules import BUDGET_METHODS, BudgetContext
 from mp_plugin.errors import ConfigError
 from mp_plugin.masks.select import check_nm
@@ -240,8 +240,6 @@ def test_mix_size_rule_takes_the_largest_and_scores_rule_follows_scores(net: _Ne
 
 
 def test_knapsack_takes_the_least_damage_where_the_greedy_overshoots() -> None:
-    from mp_plugin.budget.mix import choose_kn_layers, knapsack_kn_layers
-
     costs = np.array([500.0, 300.0, 300.0])
     damage = np.array([5.0, 2.7, 2.7])  # per cost 0.010, 0.009, 0.009: the greedy takes 1 and 2 (removes 300)
     s = 250 / costs.sum()
@@ -271,9 +269,6 @@ def test_knapsack_takes_the_least_damage_where_the_greedy_overshoots() -> None:
 
 
 def test_mp_bulk_mix_damage_is_removed_energy_in_budget_units(net: _Net) -> None:
-    from mp_plugin.budget.bulk_share import bulk_share_weights
-    from mp_plugin.budget.mix import kn_removed_energy, layer_damage
-
     base = plan(net, 0.5, "unstructured", "magnitude")
     mods = dict(net.named_modules())
     weights = [mods[lp.name].weight for lp in base.layers]
@@ -303,8 +298,6 @@ def test_mp_bulk_mix_damage_is_removed_energy_in_budget_units(net: _Net) -> None
         PlanConfig(auto_patterns=("dense", "2:4"), bulk_share=BulkShareConfig(mix_beta=0.0)),
     )
     energy = layer_damage("mp-bulk", weights, fits, [lp.name for lp in base.layers], beta=0.0)
-    from mp_plugin.budget.mix import knapsack_kn_layers
-
     chosen = knapsack_kn_layers(energy, [lp.numel for lp in base.layers], [True] * len(energy), 0.25)
     assert [lp.pattern == "2:4" for lp in flat.layers] == chosen.tolist()
 

@@ -73,12 +73,17 @@ def test_prune_dense_24_mix_efficientnet_lite0(efficientnet_lite0, tmp_path: Pat
     assert plan.config.mix_rule == "mp-bulk" and plan.config.auto_patterns == ("dense", "2:4")
     assert {lp.pattern for lp in plan.layers} == {"dense", "2:4"}
     removed = sum(lp.n_prune for lp in plan.layers) / sum(lp.numel for lp in plan.layers)
-    assert abs(removed - 0.3) <= 0.01  # the knapsack lands within 0.5 % of the target when a set does
+    # within the knapsack's 0.5 % tolerance, plus at most half a 1/4096 cost step per chosen layer
+    assert abs(removed - 0.3) <= 0.005 + sum(lp.pattern == "2:4" for lp in plan.layers) / 8192
     model = load_model("efficientnet_lite0", checkpoint=out / "model.safetensors")
     modules = plan.check_model(model)
+    dense = dict(efficientnet_lite0.named_modules())
     for lp in plan.layers:
         w = modules[lp.name].weight
-        assert check_nm(w, 2, 4) if lp.pattern == "2:4" else int((w == 0).sum()) < w.numel() // 4, lp.name
+        if lp.pattern == "2:4":
+            assert check_nm(w, 2, 4) and int((w == 0).sum()) >= lp.numel // 2, lp.name
+        else:
+            assert torch.equal(w, dense[lp.name].weight), lp.name  # a dense layer is left as it was
     bad = ["prune", "efficientnet_lite0", "--pattern", "auto", "--mix-rule", "largest", "--out", str(tmp_path / "b")]
     assert main(bad) == 2
     assert "mix_rule must be one of" in capsys.readouterr().err

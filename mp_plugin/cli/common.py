@@ -13,6 +13,7 @@ import argparse
 import torch
 from torch import nn
 
+from mp_plugin.budget.mix import DEFAULT_MIX_RULE, mix_rules
 from mp_plugin.budget.rules import DEFAULT_BUDGET, DEFAULT_RESTORE_BUDGET, default_budget
 from mp_plugin.evaluation.model_source import load_named_model, weights_description
 
@@ -113,8 +114,7 @@ def add_plan_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mix-rule",
         default=None,
-        help="how the dense/2:4 mix picks its 2:4 layers (default mp-bulk): mp-bulk | mp | bulk-energy | size "
-        "| budget | round",
+        help=f"how the dense/2:4 mix picks its 2:4 layers (default {DEFAULT_MIX_RULE}): {' | '.join(mix_rules())}",
     )
     parser.add_argument("--include-head", action="store_true", help="also prune the classifier head")
     parser.add_argument("--include-stem", action="store_true", help="also prune the stem conv (C_in=3)")
