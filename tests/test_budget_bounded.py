@@ -268,6 +268,27 @@ def test_knapsack_takes_the_least_damage_where_the_greedy_overshoots() -> None:
     ]
 
 
+def test_a_registered_damage_rule_is_a_mix_rule(net: _Net) -> None:
+    from mp_plugin.budget.mix import DAMAGE_FUNCTIONS, mix_rules, register_mix_damage
+
+    def last_layer_cheapest(layers):  # noqa: ANN001, ANN202
+        return np.asarray([0.0 if i == len(layers.names) - 1 else 1.0 for i in range(len(layers.names))])
+
+    register_mix_damage("test-last-first", last_layer_cheapest)
+    try:
+        assert "test-last-first" in mix_rules()
+        p = plan(net, 0.05, "auto", "magnitude", PlanConfig(auto_patterns=("dense", "2:4"), mix_rule="test-last-first"))
+        assert [lp.pattern == "2:4" for lp in p.layers] == [False] * (len(p.layers) - 1) + [True]
+    finally:
+        DAMAGE_FUNCTIONS.pop("test-last-first")
+    with pytest.raises(ConfigError, match="rank rule"):
+        register_mix_damage("size", last_layer_cheapest)
+    with pytest.raises(ConfigError, match="mix_rule must be one of"):
+        PlanConfig(mix_rule="test-last-first")
+    with pytest.raises(ConfigError, match="at least one pattern"):
+        PlanConfig(auto_patterns=())
+
+
 def test_mp_bulk_mix_damage_is_removed_energy_in_budget_units(net: _Net) -> None:
     base = plan(net, 0.5, "unstructured", "magnitude")
     mods = dict(net.named_modules())

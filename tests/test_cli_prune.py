@@ -87,6 +87,9 @@ def test_prune_dense_24_mix_efficientnet_lite0(efficientnet_lite0, tmp_path: Pat
     bad = ["prune", "efficientnet_lite0", "--pattern", "auto", "--mix-rule", "largest", "--out", str(tmp_path / "b")]
     assert main(bad) == 2
     assert "mix_rule must be one of" in capsys.readouterr().err
+    empty = ["prune", "efficientnet_lite0", "--pattern", "auto", "--auto-patterns", ",", "--out", str(tmp_path / "e")]
+    assert main(empty) == 2
+    assert "auto_patterns needs at least one pattern" in capsys.readouterr().err
 
 
 def test_prune_errors(tmp_path: Path, capsys) -> None:

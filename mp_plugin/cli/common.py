@@ -127,7 +127,7 @@ def plan_config_from_args(args: argparse.Namespace):
 
     sel = LayerSelection(exclude_head=not args.include_head, exclude_stem=not args.include_stem)
     extra = {}
-    if getattr(args, "auto_patterns", None):
+    if getattr(args, "auto_patterns", None) is not None:
         extra["auto_patterns"] = tuple(p.strip() for p in args.auto_patterns.split(",") if p.strip())
     if getattr(args, "mix_rule", None):
         extra["mix_rule"] = args.mix_rule

@@ -103,6 +103,8 @@ class PlanConfig:
         if isinstance(self.auto_patterns, str) or not all(isinstance(p, str) for p in self.auto_patterns):
             raise ConfigError(f"auto_patterns must be a tuple of pattern strings, got {self.auto_patterns!r}")
         self.auto_patterns = tuple(self.auto_patterns)
+        if not self.auto_patterns:
+            raise ConfigError("auto_patterns needs at least one pattern, e.g. ('dense', '2:4')")
         for text in self.auto_patterns:
             Pattern.parse(text)
 
