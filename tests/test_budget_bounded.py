@@ -359,3 +359,23 @@ def test_damage_rules_rank_by_damage_per_cost() -> None:
     ]  # equal damage: the larger layer first; c's damage per weight is highest
     keys = mix_order("scores", weights, [None] * 3, names, scores={"a": 1.0, "b": 1.0, "c": 0.6}, costs=[1, 1, 1])
     assert np.argsort(keys, kind="stable").tolist() == [2, 0, 1]
+
+
+def test_size_rule_reads_layer_sizes_without_loading_weights() -> None:
+    from mp_plugin.budget.mix import choose_mix, layer_sizes
+
+    class _Unloadable(list):  # like LayerWeights of an offloaded model: sizes known, reading a weight is costly
+        def numels(self) -> list[int]:
+            return [100, 400, 200]
+
+        def __getitem__(self, i):  # noqa: ANN001, ANN204
+            raise AssertionError("the size rule loaded a weight")
+
+        def __iter__(self):  # noqa: ANN204
+            raise AssertionError("the size rule loaded a weight")
+
+    weights = _Unloadable([None, None, None])
+    assert layer_sizes(weights).tolist() == [100.0, 400.0, 200.0]
+    chosen = choose_mix("size", weights, [None] * 3, ["a", "b", "c"], [True] * 3, 200 / 700)
+    assert chosen.tolist() == [False, True, False]  # the largest layer alone removes 200 of 700
+    assert layer_sizes([torch.zeros(3, 4), torch.zeros(2, 2)]).tolist() == [12.0, 4.0]

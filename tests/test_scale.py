@@ -312,6 +312,16 @@ def test_plan_of_a_disk_offloaded_llama_equals_the_in_memory_plan(tmp_path) -> N
     assert q.weight.is_meta
     assert [lp.pattern for lp in kept.layers] == [lp.pattern for lp in ref.layers]
     assert {lp.pattern for lp in kept.layers} == {"dense", "2:4"}
+    # the size rule needs only the layers' sizes, which LayerWeights gives without loading anything
+    by_size = mp.PlanConfig(auto_patterns=("dense", "2:4"), mix_rule="size")
+    sized = mp.plan(model, sparsity=0.3, pattern="auto", config=by_size, reuse_fits=offloaded)
+    sized_ref = mp.plan(twin, sparsity=0.3, pattern="auto", config=by_size, reuse_fits=in_memory)
+    assert [lp.pattern for lp in sized.layers] == [lp.pattern for lp in sized_ref.layers]
+    from mp_plugin.layers.discovery import find_target_layers
+    from mp_plugin.spectrum.analysis import LayerWeights
+
+    sizes = LayerWeights(find_target_layers(model)[0]).numels()
+    assert q.weight.is_meta and sizes == [lp.numel for lp in in_memory.layers]
 
 
 # ----------------------------------------------------------------------------- the benchmark's README section

@@ -70,6 +70,7 @@ __all__ = [
     "kn_removed_energy",
     "knapsack_kn_layers",
     "layer_damage",
+    "layer_sizes",
     "mix_order",
     "mix_rules",
     "register_mix_damage",
@@ -113,6 +114,12 @@ def register_mix_damage(name: str, fn: DamageFn) -> None:
 def mix_rules() -> tuple[str, ...]:
     """Every mix rule: the registered damage rules, then the rank rules."""
     return (*DAMAGE_FUNCTIONS, *RANK_RULES)
+
+
+def layer_sizes(weights: Sequence[torch.Tensor]) -> np.ndarray:
+    """(L,) number of weights per layer; a sequence with ``numels()`` (``LayerWeights``) is not loaded."""
+    numels = getattr(weights, "numels", None)
+    return np.asarray(numels() if callable(numels) else [w.numel() for w in weights], dtype=np.float64)
 
 
 def kn_removed_energy(weight: torch.Tensor, k: int = 2, n: int = 4) -> float:
@@ -188,11 +195,11 @@ def mix_order(
 
     Damage rules (:data:`DAMAGE_FUNCTIONS`) return d_ℓ / cost_ℓ (cost default: weights).
     """
-    c = np.asarray([w.numel() for w in weights] if costs is None else costs, dtype=np.float64)
+    c = layer_sizes(weights) if costs is None else np.asarray(costs, dtype=np.float64)
     if rule in DAMAGE_FUNCTIONS:
         return layer_damage(rule, weights, fits, names, scores) / c
     if rule == "size":
-        return -np.asarray([w.numel() for w in weights], dtype=np.float64)
+        return -layer_sizes(weights)
     if rule == "budget":
         if budgets is None:
             raise ConfigError("mix rule 'budget' needs the per-layer budgets")
@@ -328,7 +335,7 @@ def choose_mix(
     beta: float = DEFAULT_MIX_BETA,
 ) -> np.ndarray:
     """(L,) bool: which layers take 2:4 under ``rule`` (damage rules: exact knapsack; rank rules: greedy)."""
-    c = np.asarray([w.numel() for w in weights] if costs is None else costs, dtype=np.float64)
+    c = layer_sizes(weights) if costs is None else np.asarray(costs, dtype=np.float64)
     if rule in DAMAGE_FUNCTIONS:
         return knapsack_kn_layers(layer_damage(rule, weights, fits, names, scores, beta), c, eligible, sparsity)
     return choose_kn_layers(mix_order(rule, weights, fits, names, budgets, scores, c), c, eligible, sparsity)

@@ -77,6 +77,10 @@ class LayerWeights(Sequence[torch.Tensor]):
     def __len__(self) -> int:
         return len(self.targets)
 
+    def numels(self) -> list[int]:
+        """Each layer's number of weights, read from the parameter's shape (nothing is loaded)."""
+        return [int(t.weight.numel()) for t in self.targets]
+
     def __getitem__(self, i: int) -> torch.Tensor:  # type: ignore[override]
         module = self.targets[i].module
         if not _offloaded(module):
