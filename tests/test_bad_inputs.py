@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from fold_nets import FunctionalUse
 from torch import nn
 
 import mp_plugin as mp
@@ -246,16 +247,6 @@ def test_torchao_fqn_to_config_prunes_only_the_named_layer() -> None:
 
 
 # 9. permutations verify or refuse ---------------------------------------------------------------
-
-
-class FunctionalUse(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 8)
-        self.c = nn.Parameter(torch.randn(4, 32))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(torch.relu(self.a(x))) + nn.functional.linear(self.c, self.b.weight).sum()
 
 
 class Scale(nn.Module):

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from fold_nets import FunctionalUse
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -513,18 +514,6 @@ def test_fuzz_apply(
 
 
 # --------------------------------------------------------------------------- 4: permute_channels
-
-
-class FunctionalUse(nn.Module):
-    """The consumer's weight is also used functionally: folding would change that use."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 8)
-        self.c = nn.Parameter(torch.randn(4, 32))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(torch.relu(self.a(x))) + nn.functional.linear(self.c, self.b.weight).sum()
 
 
 class NonPersistentScale(nn.Module):

@@ -1,34 +1,9 @@
-"""SER: sparsify–estimate–restore in four phases (ALGORITHM.md §2 items 4–5).
+"""SER, sparsify–estimate–restore (Spectral Edge Reallocation), in four phases (ALGORITHM.md §2 items 4–5).
 
-**SER** has two expansions in the authors' sources, both for the same procedure:
-*sparsify–estimate–restore* (paper §3) and *Spectral Edge Reallocation*
-(ESM_2, README). :class:`SpectralEdgeReallocation` runs it in four phases:
-
-1. **over-prune** (:meth:`~SpectralEdgeReallocation.overprune`): remove the
-   globally smallest fraction s + extra of the SEB scores |W_ij|/w_ℓ (the core's
-   ``plan``/``global_prune_counts``, exact counts);
-2. **selection** (:meth:`~SpectralEdgeReallocation.select`): train *only* the
-   reservoir ℛ (the entries the over-prune removed). Kept weights and every other
-   parameter are frozen (gradient masking, zero weight decay) and recorded
-   |Δw_ij| = |w_after − w_before| on ℛ;
-3. **restore** (:meth:`~SpectralEdgeReallocation.restore`): rank ℛ by |Δw_ij|·ρ_ℓ
-   (ρ_ℓ = 1/w_ℓ by default, as in the paper's prose; ρ_ℓ = w_ℓ as in its algorithm
-   box) and restore the top entries so that the sparsity is *exactly* s; the other
-   reservoir entries go back to zero;
-4. **frozen-mask fine-tuning** (:meth:`~SpectralEdgeReallocation.finetune`) with
-   :func:`mp_plugin.recover.distill.distill` and a :class:`MaskKeeper`.
-
-:func:`hybrid_magnitude_ser` is the protocol of the paper's Tables 1–2: along a
-cumulative schedule of sparsities, exact global magnitude (plus a short
-fine-tune) up to s = 0.20, then SER steps.
-
-[D] choices the sources leave open: the reservoir holds only the entries newly
-pruned by this step (``reservoir="new"``, so masks stay cumulative along a
-schedule; ``"all"`` also lets earlier-pruned entries back); restored entries keep
-their selection-phase values (``restore_value="trained"``; ``"dense"`` puts back
-the pre-prune values); the selection loss is KD to the reference model plus
-``logit_l2_weight``·mean squared logit difference (the authors'
-``selection-logit-l2-weight``).
+:class:`SpectralEdgeReallocation` runs over-prune → selection → restore →
+frozen-mask fine-tuning, configured by :class:`SERConfig`; the phases, the two
+expansions of "SER" in the authors' sources and the [D] choices they leave open
+are described once, in the package docstring (:mod:`mp_plugin.recover.ser`).
 """
 
 from __future__ import annotations
