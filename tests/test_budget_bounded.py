@@ -25,7 +25,7 @@ from mp_plugin.budget.calibrated import noise_floor_counts
 from mp_plugin.budget.mix import choose_kn_layers, kn_removed_energy, knapsack_kn_layers, layer_damage
 from mp_plugin.budget.rules import BUDGET_METHODS, BudgetContext
 from mp_plugin.errors import ConfigError
-from mp_plugin.masks.select import check_nm
+from mp_plugin.masks.select import check_nm, nm_mask
 from mp_plugin.planning.build import PlanConfig, PrunePlan, plan
 from mp_plugin.pruning.apply_plan import apply
 
@@ -379,3 +379,69 @@ def test_size_rule_reads_layer_sizes_without_loading_weights() -> None:
     chosen = choose_mix("size", weights, [None] * 3, ["a", "b", "c"], [True] * 3, 200 / 700)
     assert chosen.tolist() == [False, True, False]  # the largest layer alone removes 200 of 700
     assert layer_sizes([torch.zeros(3, 4), torch.zeros(2, 2)]).tolist() == [12.0, 4.0]
+
+
+def test_measured_mix_damage_is_the_relative_output_error_and_leaves_the_model(net: _Net, calib: list) -> None:
+    import copy
+
+    from mp_plugin.budget.mix_measured import measured_kn_damage
+
+    names = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    before = copy.deepcopy(net.state_dict())
+    net.train()
+    d = measured_kn_damage(net, names, calib)
+    assert net.training  # the flag is put back
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())  # and every weight
+    assert set(d) == set(names) and all(v > 0 for v in d.values())
+    # one layer by hand: only layers.1.up at magnitude 2:4
+    x = calib[0]
+    twin = copy.deepcopy(net).eval()
+    w = twin.layers[1].up.weight
+    with torch.no_grad():
+        y = twin(x).double()
+        w.mul_(nm_mask(w, 2, 4).to(w.dtype))
+        y1 = twin(x).double()
+    assert d["layers.1.up"] == pytest.approx(float((y1 - y).square().sum() / y.square().sum()), rel=1e-9)
+    # a layer already 2:4 loses nothing more
+    with torch.no_grad():
+        w0 = twin.layers[0].q.weight
+        w0.mul_(nm_mask(w0, 2, 4).to(w0.dtype))
+    assert measured_kn_damage(twin, ["layers.0.q"], calib)["layers.0.q"] == 0.0
+
+
+def test_measured_mix_rule_plans_with_calibration_and_refuses_without(net: _Net, calib: list) -> None:
+    from mp_plugin.budget.mix_measured import measured_kn_damage
+
+    cfg = PlanConfig(auto_patterns=("dense", "2:4"), mix_rule="measured")
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        plan(net, 0.3, "auto", "magnitude", cfg)
+    p = plan(net, 0.3, "auto", "magnitude", cfg, calibration=calib)
+    assert {lp.pattern for lp in p.layers} == {"dense", "2:4"}
+    # the same choice as handing the measured damages to the 'scores' rule
+    scores = measured_kn_damage(net, [lp.name for lp in p.layers], calib)
+    q = plan(
+        net, 0.3, "auto", "magnitude", PlanConfig(auto_patterns=("dense", "2:4"), mix_rule="scores", mix_scores=scores)
+    )
+    assert [lp.pattern for lp in p.layers] == [lp.pattern for lp in q.layers]
+    # and the least damaging layer by measurement is among the 2:4 ones
+    assert dict((lp.name, lp.pattern) for lp in p.layers)[min(scores, key=scores.get)] == "2:4"
+    # outside the mix (s ≥ 50 % or other candidates) no calibration is needed
+    assert plan(net, 0.6, "auto", "magnitude", cfg).layers
+
+
+def test_model_output_finds_the_tensor() -> None:
+    from mp_plugin.budget.mix_measured import model_output
+    from mp_plugin.errors import CalibrationError
+
+    t = torch.ones(2, 3)
+    assert model_output(t) is t
+    assert model_output((t, torch.zeros(1))) is t
+    assert model_output({"logits": t, "other": torch.zeros(1)}) is t
+    assert model_output({"hidden": t}) is t
+
+    class _Out:
+        last_hidden_state = t
+
+    assert model_output(_Out()) is t
+    with pytest.raises(CalibrationError, match="no tensor"):
+        model_output("text")

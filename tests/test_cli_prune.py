@@ -92,6 +92,24 @@ def test_prune_dense_24_mix_efficientnet_lite0(efficientnet_lite0, tmp_path: Pat
     assert "auto_patterns needs at least one pattern" in capsys.readouterr().err
 
 
+def test_prune_measured_mix_on_calibration_photos(efficientnet_lite0, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "measured"
+    args = ["prune", "efficientnet_lite0", "--sparsity", "0.3", "--pattern", "auto", "--auto-patterns", "dense,2:4"]
+    args += ["--mix-rule", "measured", "--data", "builtin-photos", "--n-calib", "4", "--image-size", "64"]
+    assert main([*args, "--out", str(out)]) == 0
+    plan = PrunePlan.load(out / "plan.json")
+    assert plan.config.mix_rule == "measured" and {lp.pattern for lp in plan.layers} == {"dense", "2:4"}
+    removed = sum(lp.n_prune for lp in plan.layers) / sum(lp.numel for lp in plan.layers)
+    assert abs(removed - 0.3) <= 0.005 + sum(lp.pattern == "2:4" for lp in plan.layers) / 8192
+    capsys.readouterr()
+    # without calibration images the rule says what it needs, in prune and in analyze
+    bad = ["--sparsity", "0.3", "--pattern", "auto", "--auto-patterns", "dense,2:4", "--mix-rule", "measured"]
+    assert main(["prune", "efficientnet_lite0", *bad, "--out", str(tmp_path / "b")]) == 2
+    assert "--data DIR or --data builtin-photos" in capsys.readouterr().err
+    assert main(["analyze", "efficientnet_lite0", *bad, "--out", str(tmp_path / "a")]) == 2
+    assert "measures each layer on calibration images" in capsys.readouterr().err
+
+
 def test_prune_errors(tmp_path: Path, capsys) -> None:
     base = ["prune", "efficientnet_lite0", "--pattern", "2:4", "--out", str(tmp_path / "o")]
     assert main([*base, "--projection", "cast"]) == 2

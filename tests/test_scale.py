@@ -324,6 +324,154 @@ def test_plan_of_a_disk_offloaded_llama_equals_the_in_memory_plan(tmp_path) -> N
     assert q.weight.is_meta and sizes == [lp.numel for lp in in_memory.layers]
 
 
+def _offload(model: torch.nn.Module, how: str, folder) -> None:
+    """Offload ``model`` with accelerate in one of the ways a large model is loaded."""
+    from accelerate import cpu_offload, disk_offload, dispatch_model
+
+    if how == "disk":  # .dat memory maps plus index.json in the folder
+        disk_offload(model, str(folder), execution_device="cpu")
+    elif how == "cpu":  # a dict of CPU tensors; on a CPU execution device the loaded weight is the stored tensor
+        cpu_offload(model, execution_device="cpu")
+    elif how == "cpu-float64":  # the store keeps float64, so the loaded float32 weight is a copy (as on a GPU)
+        store = {k: v.double() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+        cpu_offload(model, execution_device="cpu", state_dict=store)
+    elif how == "safetensors":  # weights read from a checkpoint file (transformers' device_map="disk" loading)
+        from safetensors.torch import save_file
+
+        save_file(model.state_dict(), str(folder / "model.safetensors"))
+        index = {
+            k: {"safetensors_file": str(folder / "model.safetensors"), "weight_name": k, "dtype": str(v.dtype)[6:]}
+            for k, v in model.state_dict().items()
+        }
+        dispatch_model(model, {"": "disk"}, main_device="cpu", offload_dir=str(folder / "new"), offload_index=index)
+    elif how == "device_map":  # decoder layer 1 on disk, everything else in memory
+        device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk"}
+        device_map.update({"model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"})
+        dispatch_model(model, device_map, main_device="cpu", offload_dir=str(folder))
+    else:
+        raise ValueError(how)
+
+
+@pytest.mark.parametrize(
+    ("how", "pattern"),
+    [
+        ("disk", "2:4"),
+        ("disk", "unstructured"),
+        ("cpu", "2:4"),
+        ("cpu-float64", "unstructured"),
+        ("safetensors", "2:4"),
+        ("device_map", "2:4"),
+    ],
+)
+def test_apply_to_an_offloaded_llama_writes_the_pruned_weights_back(tmp_path, how: str, pattern: str) -> None:
+    pytest.importorskip("accelerate")
+    import copy
+    import hashlib
+
+    from accelerate.utils import align_module_device
+
+    import mp_plugin as mp
+    from mp_plugin.masks.select import check_nm
+
+    model = decoder("llama")
+    twin = copy.deepcopy(model)
+    p = mp.plan(twin, sparsity=0.5, pattern=pattern)
+    ids = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense_logits = twin(input_ids=ids).logits
+    _offload(model, how, tmp_path)
+    checkpoint = tmp_path / "model.safetensors"
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest() if how == "safetensors" else None
+    modules = dict(model.named_modules())
+    offloaded = [lp.name for lp in p.layers if modules[lp.name].weight.is_meta]
+    assert "model.layers.1.mlp.down_proj" in offloaded and len(offloaded) == (7 if how == "device_map" else 14)
+
+    on_disk, in_memory = copy.deepcopy(p), copy.deepcopy(p)
+    assert mp.apply(model, on_disk) is model
+    mp.apply(twin, in_memory)
+
+    assert all(modules[name].weight.is_meta for name in offloaded)  # offloaded again: memory stays bounded
+    twin_modules = dict(twin.named_modules())
+    for lp in p.layers:  # the store holds the pruned weight, exactly the in-memory one
+        with align_module_device(modules[lp.name]):
+            stored = modules[lp.name].weight.detach().clone()
+        assert torch.equal(stored, twin_modules[lp.name].weight), lp.name
+        if pattern == "2:4":
+            assert check_nm(stored, 2, 4), lp.name
+        else:
+            assert int((stored == 0).sum()) == lp.n_prune > 0, lp.name
+    assert on_disk.applied == in_memory.applied
+    assert mp.sparsity_report(model, on_disk).to_dict() == mp.sparsity_report(twin, in_memory).to_dict()
+    with torch.no_grad():  # the next forward loads the pruned weights from the store
+        logits, ref = model(input_ids=ids).logits, twin(input_ids=ids).logits
+    torch.testing.assert_close(logits, ref, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(logits, dense_logits, atol=1e-3)
+    if how == "safetensors":  # the checkpoint is not modified; the pruned weights went to new .dat files
+        assert hashlib.sha256(checkpoint.read_bytes()).hexdigest() == digest
+        loader = modules["model.layers.0.self_attn.q_proj"]._hf_hook.weights_map.dataset
+        assert "safetensors_file" not in loader.index["model.layers.0.self_attn.q_proj.weight"]
+        assert (tmp_path / "new" / "model.layers.0.self_attn.q_proj.weight.dat").is_file()
+    mp.apply(model, on_disk)  # a second apply finds every layer pruned and changes nothing
+    assert all(e["method"] in ("magnitude", "dense") for e in on_disk.applied["layers"].values())
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("extra", ["cast", "sequential restore"])
+def test_calibrated_apply_to_a_disk_offloaded_llama_equals_the_in_memory_one(tmp_path, extra: str) -> None:
+    pytest.importorskip("accelerate")
+    import copy
+
+    from accelerate.utils import align_module_device
+
+    import mp_plugin as mp
+
+    model = decoder("llama")
+    twin = copy.deepcopy(model)
+    p = mp.plan(twin, sparsity=0.5, pattern="2:4")
+    g = torch.Generator().manual_seed(3)
+    calib = [{"input_ids": torch.randint(0, 384, (2, 32), generator=g)} for _ in range(2)]
+    held_out = torch.randint(0, 384, (2, 12), generator=g)
+    kwargs = {"projection": "cast"} if extra == "cast" else {"restore": mp.RestoreConfig(sequential=True)}
+    _offload(model, "disk", tmp_path)
+    on_disk, in_memory = copy.deepcopy(p), copy.deepcopy(p)
+    mp.apply(model, on_disk, calib, **kwargs)  # calibration runs through accelerate's hooks
+    mp.apply(twin, in_memory, calib, **kwargs)
+    assert on_disk.applied == in_memory.applied
+    methods = {e["method"] for e in on_disk.applied["layers"].values()}
+    assert methods == ({"cast"} if extra == "cast" else {"cast-obs"})
+    if extra != "cast":
+        assert all("restore" in e for e in on_disk.applied["layers"].values())
+    modules, twin_modules = dict(model.named_modules()), dict(twin.named_modules())
+    for lp in p.layers:
+        assert modules[lp.name].weight.is_meta
+        with align_module_device(modules[lp.name]):
+            assert torch.equal(modules[lp.name].weight, twin_modules[lp.name].weight), lp.name
+    with torch.no_grad():
+        logits, ref = model(input_ids=held_out).logits, twin(input_ids=held_out).logits
+    torch.testing.assert_close(logits, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_apply_refuses_to_permute_an_offloaded_model(tmp_path) -> None:
+    pytest.importorskip("accelerate")
+    import copy
+
+    from accelerate.utils import align_module_device
+
+    import mp_plugin as mp
+
+    model = decoder("llama", layers=1)
+    twin = copy.deepcopy(model)
+    p = mp.plan(twin, sparsity=0.5, pattern="2:4")
+    _offload(model, "disk", tmp_path)
+    with pytest.raises(mp.ConfigError, match="offloaded"):
+        mp.apply(model, p, permute="swap")
+    assert "layers" not in p.applied
+    q = model.model.layers[0].self_attn.q_proj
+    with align_module_device(q):
+        assert torch.equal(q.weight, twin.model.layers[0].self_attn.q_proj.weight)  # untouched
+
+
 # ----------------------------------------------------------------------------- the benchmark's README section
 
 

@@ -18,6 +18,9 @@ rule            damage estimate d_ℓ of putting 2:4 on the layer               
 ``mp``          the energy 2:4 removes against the layer's MP noise energy,    data-free
                 ‖W − P₂:₄(W)‖²_F / (σ̂²·N·M)
 ``bulk-energy`` the share of ‖W‖² in the MP spikes, Σ_spikes s² / Σ s²         data-free
+``measured``    the model's relative output error on the calibration data     calibration
+                with only this layer magnitude 2:4, Σ‖y_ℓ − y‖² / Σ‖y‖²
+                (:mod:`mp_plugin.budget.mix_measured`; a measurement)
 ``scores``      ``PlanConfig.mix_scores[name]`` (e.g. measured sensitivity)    user scores
 ``size``        (no damage) largest layer first                                data-free
 ``budget``      (no damage) largest sparsity of the plan's budget first        per budget
@@ -56,9 +59,11 @@ import numpy as np
 import torch
 
 from mp_plugin.budget.bulk_share import DEFAULT_MIX_BETA, bulk_share_weights
+from mp_plugin.budget.mix_measured import measured_damage_array
 from mp_plugin.errors import ConfigError
 
 __all__ = [
+    "CALIBRATED_MIX_RULES",
     "DAMAGE_FUNCTIONS",
     "DEFAULT_MIX_RULE",
     "MixLayers",
@@ -76,6 +81,7 @@ __all__ = [
     "register_mix_damage",
 ]
 
+CALIBRATED_MIX_RULES = ("measured",)  # damage rules that run the model on calibration data
 RANK_RULES = ("size", "budget", "round")  # no damage estimate: an order (or, for "round", no selection)
 DEFAULT_MIX_RULE = "mp-bulk"
 DEPLOYABLE_MIX = ("dense", "2:4")
@@ -91,6 +97,9 @@ class MixLayers:
         names: layer names (keys of ``scores``).
         scores: ``PlanConfig.mix_scores`` ({name: damage}) or None.
         beta: β of the ``mp-bulk`` weights w_ℓ = exp(−β·z_ℓ) (``PlanConfig.bulk_share.mix_beta``).
+        model: the model the layers belong to (for rules that measure; ``names`` are its module names).
+        calibration: calibration batches (for rules that measure), or None.
+        show_progress: whether a measuring rule shows a progress bar.
     """
 
     weights: Sequence[torch.Tensor]
@@ -98,6 +107,9 @@ class MixLayers:
     names: Sequence[str]
     scores: dict[str, float] | None = None
     beta: float = DEFAULT_MIX_BETA
+    model: Any = None
+    calibration: Any = None
+    show_progress: bool = False
 
 
 DamageFn = Callable[[MixLayers], np.ndarray]
@@ -163,6 +175,7 @@ register_mix_damage("mp-bulk", _mp_bulk_damage)
 register_mix_damage("mp", _noise_damage)
 register_mix_damage("bulk-energy", _spike_share_damage)
 register_mix_damage("scores", _score_damage)
+register_mix_damage("measured", measured_damage_array)
 
 
 def layer_damage(
@@ -172,6 +185,9 @@ def layer_damage(
     names: Sequence[str],
     scores: dict[str, float] | None = None,
     beta: float = DEFAULT_MIX_BETA,
+    model: Any = None,
+    calibration: Any = None,
+    show_progress: bool = False,
 ) -> np.ndarray:
     """(L,) damage estimates d_ℓ of putting 2:4 on each layer under a registered damage rule (NaN: unknown).
 
@@ -179,7 +195,7 @@ def layer_damage(
     """
     if rule not in DAMAGE_FUNCTIONS:
         raise ConfigError(f"{rule!r} is not a damage rule; use one of {tuple(DAMAGE_FUNCTIONS)}")
-    return DAMAGE_FUNCTIONS[rule](MixLayers(weights, fits, names, scores, beta))
+    return DAMAGE_FUNCTIONS[rule](MixLayers(weights, fits, names, scores, beta, model, calibration, show_progress))
 
 
 def mix_order(
@@ -333,9 +349,16 @@ def choose_mix(
     budgets: Sequence[float] | None = None,
     scores: dict[str, float] | None = None,
     beta: float = DEFAULT_MIX_BETA,
+    model: Any = None,
+    calibration: Any = None,
+    show_progress: bool = False,
 ) -> np.ndarray:
-    """(L,) bool: which layers take 2:4 under ``rule`` (damage rules: exact knapsack; rank rules: greedy)."""
+    """(L,) bool: which layers take 2:4 under ``rule`` (damage rules: exact knapsack; rank rules: greedy).
+
+    ``model`` and ``calibration`` are read by the rules of :data:`CALIBRATED_MIX_RULES` only.
+    """
     c = layer_sizes(weights) if costs is None else np.asarray(costs, dtype=np.float64)
     if rule in DAMAGE_FUNCTIONS:
-        return knapsack_kn_layers(layer_damage(rule, weights, fits, names, scores, beta), c, eligible, sparsity)
+        damage = layer_damage(rule, weights, fits, names, scores, beta, model, calibration, show_progress)
+        return knapsack_kn_layers(damage, c, eligible, sparsity)
     return choose_kn_layers(mix_order(rule, weights, fits, names, budgets, scores, c), c, eligible, sparsity)

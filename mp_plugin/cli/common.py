@@ -13,8 +13,9 @@ import argparse
 import torch
 from torch import nn
 
-from mp_plugin.budget.mix import DEFAULT_MIX_RULE, mix_rules
+from mp_plugin.budget.mix import CALIBRATED_MIX_RULES, DEFAULT_MIX_RULE, mix_rules
 from mp_plugin.budget.rules import DEFAULT_BUDGET, DEFAULT_RESTORE_BUDGET, default_budget
+from mp_plugin.errors import MPPluginError
 from mp_plugin.evaluation.model_source import load_named_model, weights_description
 
 MODEL_HELP = "built-in name (efficientnet_lite0, minilm, fmnist_cnn, …) or a timm model name"
@@ -134,10 +135,19 @@ def plan_config_from_args(args: argparse.Namespace):
     return PlanConfig(selection=sel, **extra)
 
 
-def plan_from_args(args: argparse.Namespace, model):
-    """``mp_plugin.plan`` for ``model`` with the :func:`add_plan_args` settings, with a progress bar."""
+def plan_from_args(args: argparse.Namespace, model, calibration=None):
+    """``mp_plugin.plan`` for ``model`` with the :func:`add_plan_args` settings, with a progress bar.
+
+    ``calibration`` (a batch) is what a calibrated mix rule (``--mix-rule measured``) measures on.
+    """
     from mp_plugin.planning.build import plan
 
+    rule = getattr(args, "mix_rule", None)
+    if rule in CALIBRATED_MIX_RULES and calibration is None:
+        raise MPPluginError(
+            f"--mix-rule {rule} measures each layer on calibration images: "
+            "run 'prune' with --data DIR or --data builtin-photos"
+        )
     return plan(
         model,
         sparsity=args.sparsity,
@@ -147,4 +157,5 @@ def plan_from_args(args: argparse.Namespace, model):
         config=plan_config_from_args(args),
         model_name=args.model or str(args.checkpoint),
         show_progress=True,
+        calibration=calibration,
     )

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         if calibration is None:
             raise MPPluginError("--restore needs calibration images: --data DIR or --data builtin-photos")
         restore = RestoreConfig(damp=args.restore_damp, sequential=args.restore_sequential)
-    result = plan_from_args(args, model)
+    result = plan_from_args(args, model, calibration)
     apply(
         model,
         result,

@@ -215,13 +215,20 @@ def model_expects(model: nn.Module) -> str:
 
 
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    device, dtype = torch.device("cpu"), torch.get_default_dtype()
-    for i, p in enumerate(model.parameters()):
-        if i == 0:
+    """The device of the first parameter that holds data (CPU if none does) and the first floating dtype.
+
+    A parameter on the meta device (offloaded by accelerate, whose hooks move the inputs to
+    each module's execution device) names no device to send inputs to.
+    """
+    device, dtype = None, None
+    for p in model.parameters():
+        if device is None and not p.is_meta:
             device = p.device
-        if p.is_floating_point():
-            return device, p.dtype
-    return device, dtype
+        if dtype is None and p.is_floating_point():
+            dtype = p.dtype
+        if device is not None and dtype is not None:
+            break
+    return device or torch.device("cpu"), dtype or torch.get_default_dtype()
 
 
 def _prepare(obj: Any, device: torch.device, dtype: torch.dtype, what: str) -> Any:

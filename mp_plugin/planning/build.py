@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from mp_plugin.budget.mix import DEPLOYABLE_MIX, choose_mix
+from mp_plugin.budget.mix import CALIBRATED_MIX_RULES, DEPLOYABLE_MIX, choose_mix
 from mp_plugin.budget.rules import BUDGET_METHODS, DEFAULT_BUDGET, BudgetContext, default_budget
 from mp_plugin.errors import ConfigError, NoPrunableLayersError, PatternError
 from mp_plugin.layers.discovery import TargetLayer, find_target_layers
@@ -89,7 +89,16 @@ def split_method(
     return ("seb", "cast") if old == "cast" else (old, projection)
 
 
-def _choose_mix(targets: list[TargetLayer], fits: list, budgets: list[float], s: float, cfg: PlanConfig) -> list[bool]:
+def _choose_mix(
+    targets: list[TargetLayer],
+    fits: list,
+    budgets: list[float],
+    s: float,
+    cfg: PlanConfig,
+    model: nn.Module,
+    calibration: Any,
+    show_progress: bool,
+) -> list[bool]:
     """The dense/2:4 mix of :mod:`mp_plugin.budget.mix` for ``cfg.mix_rule``: True = the layer takes 2:4."""
     names = [t.name for t in targets]
     shapes = [tuple(t.weight.shape) for t in targets]  # shapes and sizes never load an offloaded weight
@@ -98,7 +107,19 @@ def _choose_mix(targets: list[TargetLayer], fits: list, budgets: list[float], s:
     eligible = [kn.eligible(sh) for sh in shapes]
     weights = LayerWeights(targets)  # an offloaded weight is read one layer at a time
     chosen = choose_mix(
-        cfg.mix_rule, weights, fits, names, eligible, s, costs, budgets, cfg.mix_scores, cfg.bulk_share.mix_beta
+        cfg.mix_rule,
+        weights,
+        fits,
+        names,
+        eligible,
+        s,
+        costs,
+        budgets,
+        cfg.mix_scores,
+        cfg.bulk_share.mix_beta,
+        model,
+        calibration,
+        show_progress,
     )
     return [bool(x) for x in chosen]
 
@@ -146,7 +167,7 @@ def plan(
             copy of the model, fits a share of the layers, and all ranks get the same
             plan (see :mod:`mp_plugin.spectrum.analysis`).
         calibration: a batch or list of batches, for budget methods that need data
-            (``"owl"``, ``"noise-floor"``); not stored in the plan.
+            (``"owl"``, ``"noise-floor"``) and the ``"measured"`` mix rule; not stored in the plan.
 
     Returns:
         A :class:`PrunePlan`. Nothing in ``model`` is modified.
@@ -174,6 +195,9 @@ def plan(
     pat = None if pattern == "auto" else Pattern.parse(pattern)
     if pat is not None and pat.kind == "dense":
         raise PatternError(f"pattern {pattern!r} prunes nothing; use 'unstructured', 'auto' or a k:n pattern")
+    use_mix = pat is None and set(cfg.auto_patterns) == set(DEPLOYABLE_MIX) and s < 0.5 and cfg.mix_rule != "round"
+    if use_mix and cfg.mix_rule in CALIBRATED_MIX_RULES and calibration is None:
+        raise ConfigError(f"mix rule {cfg.mix_rule!r} needs calibration data: plan(..., calibration=batches)")
     model = unwrap_model(model)
     targets, skipped = find_target_layers(model, cfg.selection)
     if not targets:
@@ -205,8 +229,9 @@ def plan(
         layer_weights = LayerWeights(targets)  # accelerate-offloaded weights are read one layer at a time
         counts = uniform_prune_counts(weights, s) if spec.uniform else global_prune_counts(layer_weights, w, s)
     mix = None
-    if pat is None and set(cfg.auto_patterns) == set(DEPLOYABLE_MIX) and s < 0.5 and cfg.mix_rule != "round":
-        mix = _choose_mix(targets, fits, [c / int(t.weight.numel()) for t, c in zip(targets, counts)], s, cfg)
+    if use_mix:
+        budgets = [c / int(t.weight.numel()) for t, c in zip(targets, counts)]
+        mix = _choose_mix(targets, fits, budgets, s, cfg, model, calibration, show_progress)
     layers = []
     for i, (t, f, note, wl, zl, c) in enumerate(zip(targets, fits, notes, w, z, counts)):
         numel = int(t.weight.numel())

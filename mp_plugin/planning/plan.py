@@ -62,7 +62,8 @@ class PlanConfig:
         bulk_share: :class:`~mp_plugin.budget.bulk_share.BulkShareConfig` for ``mp-bulk``.
         mix_rule: with ``pattern="auto"``, ``auto_patterns=("dense", "2:4")`` and s < 0.5,
             how the layers that take 2:4 are chosen (:func:`mp_plugin.budget.mix.mix_rules`,
-            default ``"mp-bulk"``; ``"round"`` = round each budget to the nearest pattern instead).
+            default ``"mp-bulk"``; ``"measured"`` measures each layer's 2:4 damage on the
+            ``calibration`` of :func:`plan`; ``"round"`` = round each budget to the nearest pattern instead).
         mix_scores: per-layer damage of putting 2:4 on the layer for ``mix_rule="scores"``
             (e.g. the measured loss when only that layer is 2:4; lower → 2:4 sooner).
         mix_costs: per-layer cost the mix target counts (default: weights; e.g. dense

@@ -14,6 +14,15 @@ parametrizations, hooks, extra state_dict keys or attributes. What was done is
 recorded in ``plan.applied`` (the channel permutation, if any, in
 ``plan.applied["permutation"]``), so it travels with the plan, not the model. A layer that already satisfies its pattern is left as it is,
 so a second call is a no-op.
+
+A model offloaded by Hugging Face ``accelerate`` (``cpu_offload``, ``disk_offload``,
+``dispatch_model`` with a ``device_map`` sending modules to ``"cpu"``/``"disk"``) is pruned
+one layer at a time: the layer's weight is brought in with accelerate's
+``align_module_device``, masked (and restored) exactly as in memory, written back to
+accelerate's offload store (its CPU dict or the ``.dat`` files of its offload folder,
+:func:`mp_plugin.layers.offload.write_back`) and released, so the weight is on the meta
+device again and the next forward loads the pruned weight. Calibration runs through the
+model's own hooks. Only ``permute`` is refused on an offloaded model.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from torch import nn
 
 from mp_plugin.errors import MPPluginError, PatternError, PlanMismatchError
 from mp_plugin.layers.calibration import capture_covariances, first_batch
+from mp_plugin.layers.offload import onloaded
 from mp_plugin.layers.patterns import Pattern
 from mp_plugin.layers.wrappers import unwrap_model
 from mp_plugin.masks.cast import CastConfig, cast_project, cast_source
@@ -95,6 +105,11 @@ def apply(
     Args:
         model: the model the plan was made for (same layer names and weight shapes); a
             wrapped model (``torch.compile``, DDP, …) is pruned through the model inside it.
+            A model offloaded by Hugging Face ``accelerate`` (CPU or disk offload) is pruned
+            one layer at a time and its pruned weights are written back to accelerate's
+            offload store, so they stay offloaded (on the meta device between forwards) and
+            the next forward uses them; this holds for every projection, calibration and
+            ``restore`` (but not ``permute``).
         plan: a :class:`PrunePlan`; ``plan.applied`` is filled in.
         calibration: a batch or list of batches (tensor → ``model(x)``, tuple →
             ``model(*x)``, dict → ``model(**x)``); needed for ``projection="cast"``.
@@ -134,6 +149,7 @@ def apply(
             plan layers share one weight.
         PatternError: a k:n layer's input size is not divisible by n.
         MPPluginError: unknown method, or CAST without calibration data.
+        ConfigError: ``permute`` asked of an accelerate-offloaded model.
     """
     if method is not None:
         warnings.warn("apply(method=...) is deprecated: use projection=...", DeprecationWarning, stacklevel=2)
@@ -165,12 +181,12 @@ def apply(
         permuted = _permute(model, plan, perm_method, first_batch(calibration), show_progress)
         new_folds = permuted.folds[before:]
 
-    todo = {
-        lp.name
-        for lp in plan.layers
-        if patterns[lp.name].kind != "dense"
-        and not _already_done(modules[lp.name].weight.detach(), patterns[lp.name], lp.n_prune)
-    }
+    todo = set()
+    for lp in plan.layers:
+        if patterns[lp.name].kind != "dense":
+            with onloaded([modules[lp.name]]):  # an accelerate-offloaded weight: one layer at a time
+                if not _already_done(modules[lp.name].weight.detach(), patterns[lp.name], lp.n_prune):
+                    todo.add(lp.name)
     restore_cfg = resolve_restore(restore)
     stats: dict = {}
     driven: dict[str, dict] = {}
@@ -193,31 +209,37 @@ def apply(
                 )
 
     layer_log: dict[str, dict] = dict(plan.applied.get("layers", {}))
+    zeros = 0
     bar = progress(plan.layers, desc="prune", unit="layer", disable=not show_progress or bool(driven))
     for lp in bar:
         pat = patterns[lp.name]
-        weight = modules[lp.name].weight
+        module = modules[lp.name]
         entry: dict[str, Any] = {"pattern": str(pat)}
-        if pat.kind == "dense":
-            entry["method"] = "dense"
-        elif lp.name not in todo:
-            entry["method"] = layer_log.get(lp.name, {}).get("method", "already pruned")
-        elif lp.name in driven:
-            entry.update(driven[lp.name])
-        elif pat.kind == "unstructured":
-            mask = unstructured_mask(weight, lp.n_prune)
-            entry["method"] = "magnitude"
-            _write(weight, weight.detach() * mask)
-        else:
-            entry.update(_project_kn(modules[lp.name], lp.n_prune, pat, method, stats.get(lp.name), cfg))
-        w = weight.detach()
-        entry["sparsity"] = float((w == 0).sum()) / w.numel()
-        if pat.is_kn:
-            entry["kn_valid"] = check_nm(w, pat.k, pat.n)
+        prune_here = lp.name in todo and lp.name not in driven
+        # an accelerate-offloaded layer is brought in, pruned, and its pruned weight written back to the store
+        with onloaded([module], write=prune_here):
+            weight = module.weight
+            if pat.kind == "dense":
+                entry["method"] = "dense"
+            elif lp.name not in todo:
+                entry["method"] = layer_log.get(lp.name, {}).get("method", "already pruned")
+            elif lp.name in driven:
+                entry.update(driven[lp.name])
+            elif pat.kind == "unstructured":
+                mask = unstructured_mask(weight, lp.n_prune)
+                entry["method"] = "magnitude"
+                _write(weight, weight.detach() * mask)
+            else:
+                entry.update(_project_kn(module, lp.n_prune, pat, method, stats.get(lp.name), cfg))
+            w = weight.detach()
+            n_zero = int((w == 0).sum())
+            entry["sparsity"] = n_zero / w.numel()
+            if pat.is_kn:
+                entry["kn_valid"] = check_nm(w, pat.k, pat.n)
+        zeros += n_zero
         layer_log[lp.name] = entry
     bar.close()
 
-    zeros = sum(int((modules[lp.name].weight == 0).sum()) for lp in plan.layers)
     plan.applied.update(
         {
             "method": method,
@@ -351,7 +373,8 @@ def sparsity_report(model: nn.Module, plan: PrunePlan | None = None) -> Sparsity
     """Measure the zeros of ``model``'s weights.
 
     Args:
-        model: any model (a wrapped one is read through the model inside it).
+        model: any model (a wrapped one is read through the model inside it; an
+            accelerate-offloaded weight is brought in one layer at a time).
         plan: if given, report exactly the plan's layers and check each k:n
             layer's pattern; otherwise report every Linear/Conv weight (a shared
             weight once).
@@ -361,7 +384,7 @@ def sparsity_report(model: nn.Module, plan: PrunePlan | None = None) -> Sparsity
     """
     if plan is not None:
         modules = plan.check_model(model)
-        items = [(lp.name, modules[lp.name].weight, Pattern.parse(lp.pattern)) for lp in plan.layers]
+        items = [(lp.name, modules[lp.name], Pattern.parse(lp.pattern)) for lp in plan.layers]
     else:
         items = []
         seen: set[int] = set()
@@ -370,10 +393,12 @@ def sparsity_report(model: nn.Module, plan: PrunePlan | None = None) -> Sparsity
             if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and isinstance(w, torch.Tensor):
                 if id(w) not in seen:
                     seen.add(id(w))
-                    items.append((name, w, None))
+                    items.append((name, mod, None))
     layers = []
-    for name, w, pat in items:
-        w = w.detach()
-        valid = check_nm(w, pat.k, pat.n) if pat is not None and pat.is_kn else None
-        layers.append(LayerSparsity(name, tuple(w.shape), int(w.numel()), int((w == 0).sum()), str(pat or ""), valid))
+    for name, mod, pat in items:
+        with onloaded([mod]):  # an accelerate-offloaded weight is read one layer at a time
+            w = mod.weight.detach()
+            valid = check_nm(w, pat.k, pat.n) if pat is not None and pat.is_kn else None
+            zeros = int((w == 0).sum())
+        layers.append(LayerSparsity(name, tuple(w.shape), int(w.numel()), zeros, str(pat or ""), valid))
     return SparsityReport(layers)

@@ -6,7 +6,9 @@ plan that was tampered with, and weights that cannot be pruned in place (meta
 device, NaN/Inf, complex, a parametrization such as ``weight_norm`` that
 recomputes the weight on every access) are refused here with a named
 :class:`~mp_plugin.errors.MPPluginError`, so the model is untouched when
-``apply`` fails.
+``apply`` fails. A weight that Hugging Face ``accelerate`` offloaded (meta tensor
+behind its hook) is brought in one layer at a time for the NaN/Inf check; a
+channel permutation of an offloaded model is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from mp_plugin.errors import CalibrationError, ConfigError, InvalidWeightError, PlanFormatError
+from mp_plugin.layers.offload import is_offloaded, onloaded
 from mp_plugin.layers.patterns import Pattern
 from mp_plugin.planning.schema import check_plan_object
 
@@ -100,9 +103,10 @@ def check_apply_inputs(
         PlanFormatError: ``plan`` is not a PrunePlan or its layers are inconsistent
             (e.g. a string, float or negative ``n_prune``).
         PlanMismatchError: the model lacks a plan layer or a shape differs.
-        InvalidWeightError: a plan layer's weight is on the meta device, not real
-            floating point, parametrized/recomputed, or (for layers to prune) NaN/Inf.
-        ConfigError: ``prior_alpha``, ``permute``, ``cast_config`` or ``max_calibration_rows`` invalid.
+        InvalidWeightError: a plan layer's weight is on the meta device (and not
+            offloaded by accelerate), not real floating point, parametrized/recomputed, or (for layers to prune) NaN/Inf.
+        ConfigError: ``prior_alpha``, ``permute``, ``cast_config`` or ``max_calibration_rows`` invalid,
+            or a permutation asked of an accelerate-offloaded model.
         CalibrationError: ``calibration`` is an empty list.
     """
     from mp_plugin.planning.plan import PrunePlan
@@ -123,23 +127,33 @@ def check_apply_inputs(
     if isinstance(calibration, list) and not calibration:
         raise CalibrationError("calibration is an empty list: give at least one batch, or None")
     modules = plan.check_model(model)
+    if not any(permute is v or (isinstance(v, str) and permute == v) for v in (False, None, "none")):
+        offloaded = next((name for name, m in model.named_modules() if is_offloaded(m)), None)
+        if offloaded is not None:
+            raise ConfigError(
+                f"permute={permute!r} is not supported on an accelerate-offloaded model ({offloaded!r} is "
+                "offloaded): the permutation is folded into many modules' weights; permute the model in memory"
+            )
     for lp in plan.layers:
         mod = modules[lp.name]
         why = derived_weight_reason(mod)
         if why is not None:
             raise InvalidWeightError(f"layer {lp.name!r}: {why}")
         w = mod.weight
-        if w.is_meta:
+        if w.is_meta and not is_offloaded(mod):
             raise InvalidWeightError(
                 f"layer {lp.name!r}: weight is on the meta device (no data); materialise the model "
                 "(e.g. model.to_empty(device='cpu') and load its weights) before apply"
             )
         if w.is_complex() or not w.is_floating_point():
             raise InvalidWeightError(f"layer {lp.name!r}: weight dtype {w.dtype} is not real floating point")
-        if Pattern.parse(lp.pattern).kind != "dense" and not bool(torch.isfinite(w.detach()).all()):
-            raise InvalidWeightError(
-                f"layer {lp.name!r}: weight contains NaN or Inf; a mask cannot be chosen (and NaN·0 stays NaN)"
-            )
+        if Pattern.parse(lp.pattern).kind != "dense":
+            with onloaded([mod]):  # an accelerate-offloaded weight is brought in, one layer at a time
+                finite = bool(torch.isfinite(mod.weight.detach()).all())
+            if not finite:
+                raise InvalidWeightError(
+                    f"layer {lp.name!r}: weight contains NaN or Inf; a mask cannot be chosen (and NaN·0 stays NaN)"
+                )
 
 
 @contextmanager

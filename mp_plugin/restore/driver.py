@@ -25,6 +25,7 @@ from torch import nn
 
 from mp_plugin.errors import MPPluginError
 from mp_plugin.layers.calibration import first_batch, run_batches
+from mp_plugin.layers.offload import onloaded
 from mp_plugin.layers.patterns import Pattern
 from mp_plugin.masks.cast import CastConfig
 from mp_plugin.masks.select import check_nm
@@ -188,27 +189,39 @@ def prune_and_restore(
     for block, grams in blocks:
         for name in block:
             task = by_name[name]
-            weight = task.module.weight
-            dense = weight.detach().clone()
-            gram = grams.get(name)
-            groups = int(getattr(task.module, "groups", 1))
-            entry: dict[str, Any] = {"pattern": str(task.pattern)}
-            if needs_gram and gram is None:
-                mask = select_mask(dense, task.pattern, task.n_prune, "magnitude", None, cfg, cast_config, groups)
-                entry["method"] = "magnitude (layer not reached by calibration; not restored)"
-                with torch.no_grad():
-                    weight.copy_(dense * mask)
-            else:
-                mask = select_mask(dense, task.pattern, task.n_prune, projection, gram, cfg, cast_config, groups)
-                entry["method"] = projection
-                with torch.no_grad():
-                    weight.copy_(dense * mask)
-                if restore is not None:
-                    entry["restore"] = restore_layer(weight, dense, gram, cfg, groups=groups)
-                    if task.pattern.is_kn and not check_nm(weight.detach(), task.pattern.k, task.pattern.n):
-                        raise MPPluginError(f"layer {name!r}: restore broke the {task.pattern} pattern")
-            records[name] = entry
-            del dense
+            with onloaded([task.module], write=True):  # accelerate-offloaded: in, pruned, written back
+                records[name] = _prune_one(task, grams.get(name), needs_gram, projection, restore, cfg, cast_config)
             bar.update(1)
     bar.close()
     return records
+
+
+def _prune_one(
+    task: LayerTask,
+    gram: LayerGram | None,
+    needs_gram: bool,
+    projection: str,
+    restore: RestoreConfig | None,
+    cfg: RestoreConfig,
+    cast_config: CastConfig | None,
+) -> dict[str, Any]:
+    """Prune (and restore) one layer in place; its record."""
+    weight = task.module.weight
+    dense = weight.detach().clone()
+    groups = int(getattr(task.module, "groups", 1))
+    entry: dict[str, Any] = {"pattern": str(task.pattern)}
+    if needs_gram and gram is None:
+        mask = select_mask(dense, task.pattern, task.n_prune, "magnitude", None, cfg, cast_config, groups)
+        entry["method"] = "magnitude (layer not reached by calibration; not restored)"
+        with torch.no_grad():
+            weight.copy_(dense * mask)
+        return entry
+    mask = select_mask(dense, task.pattern, task.n_prune, projection, gram, cfg, cast_config, groups)
+    entry["method"] = projection
+    with torch.no_grad():
+        weight.copy_(dense * mask)
+    if restore is not None:
+        entry["restore"] = restore_layer(weight, dense, gram, cfg, groups=groups)
+        if task.pattern.is_kn and not check_nm(weight.detach(), task.pattern.k, task.pattern.n):
+            raise MPPluginError(f"layer {task.name!r}: restore broke the {task.pattern} pattern")
+    return entry

@@ -23,15 +23,14 @@ time for the budget, so a model larger than memory can be planned.
 
 from __future__ import annotations
 
-import contextlib
-import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
-from torch import nn
 
 from mp_plugin.errors import MPPluginError, SpectrumFitError
 from mp_plugin.layers.discovery import TargetLayer
+from mp_plugin.layers.offload import is_offloaded as _offloaded
+from mp_plugin.layers.offload import onloaded
 from mp_plugin.progress import progress
 from mp_plugin.spectrum import SpectralFit, fit_many
 from mp_plugin.spectrum.eigen import resolve_gram_dtype
@@ -40,29 +39,6 @@ __all__ = ["WorkUnit", "work_units", "fit_target_layers", "onloaded", "LayerWeig
 
 WorkUnit = list[int]
 UNIT_BYTES = 1 << 25  # Gram bytes of one work unit: 32 MiB keeps plan within weights + 1 GB on 1.1 B
-
-
-def _offloaded(module: nn.Module) -> bool:
-    """True for a module whose weight accelerate offloaded (meta tensor behind an ``_hf_hook``)."""
-    weight = getattr(module, "weight", None)
-    return getattr(module, "_hf_hook", None) is not None and isinstance(weight, torch.Tensor) and weight.is_meta
-
-
-@contextlib.contextmanager
-def onloaded(modules: Sequence[nn.Module]) -> Iterator[None]:
-    """Inside the block, accelerate-offloaded ``modules`` hold their weights on their execution device.
-
-    Uses ``accelerate.utils.align_module_device`` of the accelerate that offloaded them (an
-    offloaded model has loaded it; the core never imports it); other modules are untouched.
-    """
-    with contextlib.ExitStack() as stack:
-        for module in modules:
-            if _offloaded(module):
-                utils = sys.modules.get("accelerate.utils")
-                if utils is None or not hasattr(utils, "align_module_device"):
-                    raise MPPluginError("an accelerate-offloaded layer needs accelerate>=1.0 loaded to bring it in")
-                stack.enter_context(utils.align_module_device(module))
-        yield
 
 
 class LayerWeights(Sequence[torch.Tensor]):

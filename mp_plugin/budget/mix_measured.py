@@ -1,0 +1,121 @@
+"""``measured``: the dense/2:4 mix chosen by each layer's measured 2:4 damage on calibration data.
+
+For every eligible target layer alone, magnitude 2:4 is put on its weight, the
+calibration batches run through the model, and the damage is the relative output
+error of the whole model,
+
+    d_ℓ = Σ_batches ‖y_ℓ − y‖²_F / Σ_batches ‖y‖²_F   (dimensionless),
+
+with y the dense model's output and y_ℓ the output with only layer ℓ 2:4. The
+layer's weight is put back exactly afterwards, so the model leaves unchanged. The
+output is the model's tensor, or its ``logits``, ``last_hidden_state``, or the first
+tensor of a tuple or dict. The model runs in eval mode (no dropout noise) and the
+training flag is restored. Cost: one forward pass over the calibration data per
+eligible layer, plus one dense pass.
+
+This is the calibrated counterpart of the benchmark's in-sample "measured 2:4
+sensitivity" row: a measurement, not an MP estimate. Registered as the mix rule
+``measured`` (``plan(..., "auto", config=PlanConfig(auto_patterns=("dense", "2:4"),
+mix_rule="measured"), calibration=batches)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mp_plugin.errors import CalibrationError, ConfigError
+from mp_plugin.layers.calibration import call_model, real_tokens, token_mask
+from mp_plugin.layers.patterns import Pattern
+from mp_plugin.masks.select import nm_mask
+from mp_plugin.progress import progress
+
+__all__ = ["model_output", "measured_kn_damage"]
+
+
+def model_output(out: Any) -> torch.Tensor:
+    """The tensor a model's output stands for: itself, ``.logits``, ``.last_hidden_state``, or the first tensor."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        value = out.get(key) if isinstance(out, Mapping) else getattr(out, key, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    items = out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else ()
+    for value in items:
+        if isinstance(value, torch.Tensor):
+            return value
+    raise CalibrationError(f"the model's output ({type(out).__name__}) holds no tensor to measure the 2:4 damage on")
+
+
+def _outputs(model: nn.Module, batches: list[Any]) -> list[torch.Tensor]:
+    outs = []
+    for i, batch in enumerate(batches):
+        with real_tokens(token_mask(batch)):
+            y = model_output(call_model(model, batch, f"calibration batch {i}"))
+        outs.append(y.detach().to(torch.float64))
+    return outs
+
+
+@torch.no_grad()
+def measured_kn_damage(
+    model: nn.Module,
+    names: Sequence[str],
+    calibration: Any,
+    k: int = 2,
+    n: int = 4,
+    show_progress: bool = False,
+) -> dict[str, float]:
+    """{layer name: d_ℓ}: the model's relative output error on ``calibration`` with only that layer k:n.
+
+    Args:
+        model: the dense model (left unchanged; weights must be in memory).
+        names: target layer names (modules with a ``weight``); layers whose input
+            width the pattern does not divide are skipped (absent from the result).
+        calibration: one batch or a list of batches (tensor, tuple or dict, as
+            :func:`mp_plugin.layers.calibration.run_batches` takes).
+        k, n: the pattern (magnitude k:n: the k largest |W| of each n along the input).
+        show_progress: a progress bar over the layers.
+
+    Returns:
+        d_ℓ ≥ 0, dimensionless (0 when the dense output is all zero).
+    """
+    batches = calibration if isinstance(calibration, list) else [calibration]
+    if not batches:
+        raise CalibrationError("calibration data is an empty list: give at least one batch")
+    modules = dict(model.named_modules())
+    pattern = Pattern.parse(f"{k}:{n}")
+    was_training = model.training
+    model.eval()
+    try:
+        dense = _outputs(model, batches)
+        energy = sum(float(y.square().sum()) for y in dense)
+        out: dict[str, float] = {}
+        for name in progress(list(names), desc="2:4 damage per layer", unit="layer", disable=not show_progress):
+            weight = modules[name].weight
+            if weight.is_meta:
+                raise ConfigError(f"mix rule 'measured' needs layer {name!r} in memory; its weight is on meta")
+            if not pattern.eligible(tuple(weight.shape)):
+                continue
+            original = weight.detach().clone()
+            try:
+                weight.mul_(nm_mask(weight, k, n).to(weight.dtype))
+                err = sum(float((y - d).square().sum()) for y, d in zip(_outputs(model, batches), dense))
+            finally:
+                weight.copy_(original)
+            out[name] = err / energy if energy > 0 else 0.0
+        return out
+    finally:
+        model.train(was_training)
+
+
+def measured_damage_array(layers: Any) -> np.ndarray:
+    """The ``measured`` damage rule of :mod:`mp_plugin.budget.mix` (NaN: layer not measured)."""
+    if layers.model is None or layers.calibration is None:
+        raise ConfigError("mix rule 'measured' needs calibration data: plan(..., calibration=batches)")
+    d = measured_kn_damage(layers.model, layers.names, layers.calibration, show_progress=layers.show_progress)
+    return np.asarray([d.get(name, np.nan) for name in layers.names], dtype=np.float64)
