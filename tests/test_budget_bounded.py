@@ -445,3 +445,30 @@ def test_model_output_finds_the_tensor() -> None:
     assert model_output(_Out()) is t
     with pytest.raises(CalibrationError, match="no tensor"):
         model_output("text")
+
+
+def test_measured_mix_damage_counts_only_real_tokens() -> None:
+    from mp_plugin.budget.mix_measured import measured_kn_damage
+
+    class _Tok(nn.Module):  # per-token output; a padded token's output is different and must not count
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            h = self.lin(self.emb(input_ids))
+            return h + 1e6 * (attention_mask == 0).unsqueeze(-1) * h
+
+    torch.manual_seed(0)
+    m = _Tok()
+    ids = torch.randint(0, 10, (2, 5))
+    full = {"input_ids": ids, "attention_mask": torch.ones(2, 5, dtype=torch.long)}
+    padded = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])}
+    real = [  # the same real tokens, unpadded, as two batches
+        {"input_ids": ids[:1, :3], "attention_mask": torch.ones(1, 3, dtype=torch.long)},
+        {"input_ids": ids[1:], "attention_mask": torch.ones(1, 5, dtype=torch.long)},
+    ]
+    d_padded = measured_kn_damage(m, ["lin"], padded)["lin"]
+    assert d_padded == pytest.approx(measured_kn_damage(m, ["lin"], real)["lin"], rel=1e-9)
+    assert d_padded != pytest.approx(measured_kn_damage(m, ["lin"], full)["lin"], rel=1e-3)

@@ -9,7 +9,8 @@ error of the whole model,
 with y the dense model's output and y_ℓ the output with only layer ℓ 2:4. The
 layer's weight is put back exactly afterwards, so the model leaves unchanged. The
 output is the model's tensor, or its ``logits``, ``last_hidden_state``, or the first
-tensor of a tuple or dict. The model runs in eval mode (no dropout noise) and the
+tensor of a tuple or dict; of a per-token output of a token batch (a dict with an
+``attention_mask``) only the real tokens count. The model runs in eval mode (no dropout noise) and the
 training flag is restored. Cost: one forward pass over the calibration data per
 eligible layer, plus one dense pass.
 
@@ -53,10 +54,14 @@ def model_output(out: Any) -> torch.Tensor:
 
 
 def _outputs(model: nn.Module, batches: list[Any]) -> list[torch.Tensor]:
+    """Each batch's output in float64; a per-token output (B, T, …) keeps only the real tokens."""
     outs = []
     for i, batch in enumerate(batches):
-        with real_tokens(token_mask(batch)):
+        mask = token_mask(batch)
+        with real_tokens(mask):
             y = model_output(call_model(model, batch, f"calibration batch {i}"))
+        if mask is not None and y.ndim >= 2 and tuple(y.shape[:2]) == tuple(mask.shape):
+            y = y[mask.to(y.device).bool()]
         outs.append(y.detach().to(torch.float64))
     return outs
 

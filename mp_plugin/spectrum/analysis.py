@@ -17,8 +17,13 @@ Offloading: a model dispatched by Hugging Face ``accelerate`` (``device_map`` wi
 CPU or disk offload, ``cpu_offload``, ``disk_offload``) keeps offloaded weights on
 the meta device behind an ``AlignDevicesHook``. Each work unit's weights are
 brought in with accelerate's own ``align_module_device`` for the fit and released
-after it (:func:`onloaded`), and :class:`LayerWeights` does the same one layer at a
-time for the budget, so a model larger than memory can be planned.
+after it (:func:`onloaded`, from :mod:`mp_plugin.layers.offload`), and
+:class:`LayerWeights` does the same one layer at a time for the budget, so a model
+larger than memory can be planned. ``mp_plugin.apply`` prunes such a model too (any
+projection, calibration and ``restore``; not ``permute``): one layer at a time it
+brings the weight in, prunes it as in memory and writes it back to accelerate's
+offload store (:func:`mp_plugin.layers.offload.write_back`), so the pruned weight
+stays offloaded and the model's next forward uses it.
 """
 
 from __future__ import annotations
