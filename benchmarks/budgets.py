@@ -19,7 +19,10 @@ Dense/2:4 mix 25/35/45 %: the layers that take 2:4 are chosen by the default MP
 rule ``mp-bulk`` (2:4 removed energy in the units of the mp-bulk weights, β = 0.25, with
 β = 0.5 and 1 as extra rows), the older MP
 rules (2:4 removed energy over MP noise energy; spike energy share), size, the
-global-magnitude and mp-bulk budgets, and measured single-layer 2:4 sensitivity, at
+global-magnitude and mp-bulk budgets, measured single-layer 2:4 sensitivity (in-sample, on
+the evaluation set) and the library's ``measured`` and ``measured-restore`` rules (the same
+measurement on the calibration data, relative output error; the second after restoring the
+layer, ``RestoreConfig()``), at
 equal removed weights and at equal sparse-execution MACs (``mp_plugin.masks.macs``),
 without and with restore. ``--parts mix`` reruns only the mix and merges it into the
 stored results.
@@ -62,7 +65,7 @@ from common import RESULTS, machine, versions, write_result  # noqa: E402
 from mp_plugin.budget.bounded import BoundedConfig  # noqa: E402
 from mp_plugin.budget.bulk_share import BulkShareConfig  # noqa: E402
 from mp_plugin.budget.calibrated import noise_floor_curves  # noqa: E402
-from mp_plugin.budget.mix import kn_noise_ratio  # noqa: E402
+from mp_plugin.budget.mix import CALIBRATED_MIX_RULES, kn_noise_ratio  # noqa: E402
 from mp_plugin.layers.patterns import Pattern  # noqa: E402
 from mp_plugin.masks.counts import global_prune_counts  # noqa: E402
 from mp_plugin.masks.macs import count_macs  # noqa: E402
@@ -311,7 +314,8 @@ def bench(task: Task, restore_cfg: RestoreConfig, parts: tuple[str, ...]) -> dic
                         mix_costs=macs if equal == "macs" else None,
                         bulk_share=BulkShareConfig(mix_beta=beta[0]) if beta else BulkShareConfig(),
                     )
-                    p = plan(task.model, s, "auto", mix_budget, mcfg, reuse_fits=base)
+                    calib = task.calibration if rule in CALIBRATED_MIX_RULES else None
+                    p = plan(task.model, s, "auto", mix_budget, mcfg, reuse_fits=base, calibration=calib)
                     chosen = tuple(lp.pattern == "2:4" for lp in p.layers)
                     saved = sum(macs.get(lp.name, 0.0) / 2 for lp in p.layers if lp.pattern == "2:4")
                     full = f"{label} [equal {equal}]"

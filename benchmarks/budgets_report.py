@@ -44,6 +44,8 @@ MIX_RULES = (
     ("global-magnitude budget", "budget", "magnitude"),
     ("MP: mp-bulk budget", "budget", "mp-bulk"),
     ("measured 2:4 sensitivity", "scores", "magnitude"),
+    ("measured on calibration data (rule `measured`)", "measured", "magnitude"),
+    ("measured after restore on calibration data (rule `measured-restore`)", "measured-restore", "magnitude"),
 )
 BETA_SWEEP = (0.5, 1.0)  # extra mp-bulk rows besides the default β = 0.25
 VERDICT_MODELS = ("fmnist_cnn", "efficientnet_lite0", "minilm")  # the issue's three; others are held out
@@ -389,11 +391,15 @@ def write_readme(path: Path, results: list[dict]) -> None:
 def seeds_markdown(result: dict) -> str:
     """The README table: mean Δ ± seed sd per comparison, model and sparsity."""
     lines = [
-        "| comparison | model | target | seeds | mean Δ (MP − reference) | sd over seeds | mean SE within a seed "
-        "| seeds where MP is worse | better by more than the seed spread |",
+        "| comparison | model | target | seeds | mean Δ (candidate − reference) | sd over seeds "
+        "| mean SE within a seed | seeds where the candidate is worse | better by more than the seed spread |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    names = {"unstructured": "`mp-bulk` budget vs global magnitude", "mix": "2:4 mix: `mp-bulk` damage vs size"}
+    names = {
+        "unstructured": "`mp-bulk` budget vs global magnitude",
+        "mix": "2:4 mix: `mp-bulk` damage vs size",
+        "mix measured": "2:4 mix: `measured` on calibration data (not MP) vs size",
+    }
     for v in result["summary"]:
         same = f" (same layers in {v['same_layers_seeds']})" if v.get("same_layers_seeds") else ""
         part = v.get("part", "unstructured")

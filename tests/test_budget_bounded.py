@@ -472,3 +472,34 @@ def test_measured_mix_damage_counts_only_real_tokens() -> None:
     d_padded = measured_kn_damage(m, ["lin"], padded)["lin"]
     assert d_padded == pytest.approx(measured_kn_damage(m, ["lin"], real)["lin"], rel=1e-9)
     assert d_padded != pytest.approx(measured_kn_damage(m, ["lin"], full)["lin"], rel=1e-3)
+
+
+def test_measured_restore_damage_measures_after_restoring_that_layer(net: _Net, calib: list) -> None:
+    import copy
+
+    from mp_plugin.budget.mix_measured import measured_kn_damage
+    from mp_plugin.restore import RestoreConfig, capture_grams, restore_layer
+
+    names = ["layers.0.q", "layers.2.down"]
+    before = copy.deepcopy(net.state_dict())
+    plain = measured_kn_damage(net, names, calib)
+    restored = measured_kn_damage(net, names, calib, restore=RestoreConfig())
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    # the last layer writes the output (plus the residual): restoring it must lower the output error
+    assert 0 < restored["layers.2.down"] < plain["layers.2.down"]
+    # by hand for that layer
+    twin = copy.deepcopy(net).eval()
+    w = twin.layers[2].down.weight
+    dense = w.detach().clone()
+    with torch.no_grad():
+        y = twin(calib[0]).double()
+        w.mul_(nm_mask(w, 2, 4).to(w.dtype))
+        restore_layer(w, dense, capture_grams(twin, ["layers.2.down"], calib)["layers.2.down"], RestoreConfig())
+        y1 = twin(calib[0]).double()
+    assert restored["layers.2.down"] == pytest.approx(float((y1 - y).square().sum() / y.square().sum()), rel=1e-6)
+    # as a mix rule, with calibration
+    cfg = PlanConfig(auto_patterns=("dense", "2:4"), mix_rule="measured-restore")
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        plan(net, 0.3, "auto", "magnitude", cfg)
+    p = plan(net, 0.3, "auto", "magnitude", cfg, calibration=calib)
+    assert {lp.pattern for lp in p.layers} == {"dense", "2:4"}

@@ -21,6 +21,8 @@ rule            damage estimate d_ℓ of putting 2:4 on the layer               
 ``measured``    the model's relative output error on the calibration data     calibration
                 with only this layer magnitude 2:4, Σ‖y_ℓ − y‖² / Σ‖y‖²
                 (:mod:`mp_plugin.budget.mix_measured`; a measurement)
+``measured-     the same after prune–restore of that layer alone (its kept    calibration
+restore``       weights re-solved on its input Gram): for ``apply(restore=)``
 ``scores``      ``PlanConfig.mix_scores[name]`` (e.g. measured sensitivity)    user scores
 ``size``        (no damage) largest layer first                                data-free
 ``budget``      (no damage) largest sparsity of the plan's budget first        per budget
@@ -59,7 +61,7 @@ import numpy as np
 import torch
 
 from mp_plugin.budget.bulk_share import DEFAULT_MIX_BETA, bulk_share_weights
-from mp_plugin.budget.mix_measured import measured_damage_array
+from mp_plugin.budget.mix_measured import measured_damage_array, measured_restore_damage_array
 from mp_plugin.errors import ConfigError
 
 __all__ = [
@@ -81,7 +83,7 @@ __all__ = [
     "register_mix_damage",
 ]
 
-CALIBRATED_MIX_RULES = ("measured",)  # damage rules that run the model on calibration data
+CALIBRATED_MIX_RULES = ("measured", "measured-restore")  # damage rules that run the model on calibration data
 RANK_RULES = ("size", "budget", "round")  # no damage estimate: an order (or, for "round", no selection)
 DEFAULT_MIX_RULE = "mp-bulk"
 DEPLOYABLE_MIX = ("dense", "2:4")
@@ -176,6 +178,7 @@ register_mix_damage("mp", _noise_damage)
 register_mix_damage("bulk-energy", _spike_share_damage)
 register_mix_damage("scores", _score_damage)
 register_mix_damage("measured", measured_damage_array)
+register_mix_damage("measured-restore", measured_restore_damage_array)
 
 
 def layer_damage(

@@ -1,4 +1,4 @@
-"""``measured``: the dense/2:4 mix chosen by each layer's measured 2:4 damage on calibration data.
+"""``measured`` / ``measured-restore``: the dense/2:4 mix chosen by each layer's 2:4 damage measured on calibration data.
 
 For every eligible target layer alone, magnitude 2:4 is put on its weight, the
 calibration batches run through the model, and the damage is the relative output
@@ -14,9 +14,15 @@ tensor of a tuple or dict; of a per-token output of a token batch (a dict with a
 training flag is restored. Cost: one forward pass over the calibration data per
 eligible layer, plus one dense pass.
 
+``measured-restore`` measures the same after prune–restore of that layer: its kept
+weights re-solved on the layer's calibration input Gram (:func:`mp_plugin.restore.restore_layer`,
+``RestoreConfig()``), the damage the layer does when ``apply(..., restore=...)`` follows.
+The Gram is captured one layer at a time (the forward stops after the layer), so the
+memory is one layer's Gram; the cost is one partial and one full pass per layer.
+
 This is the calibrated counterpart of the benchmark's in-sample "measured 2:4
-sensitivity" row: a measurement, not an MP estimate. Registered as the mix rule
-``measured`` (``plan(..., "auto", config=PlanConfig(auto_patterns=("dense", "2:4"),
+sensitivity" row: a measurement, not an MP estimate. Registered as the mix rules
+``measured`` and ``measured-restore`` (``plan(..., "auto", config=PlanConfig(auto_patterns=("dense", "2:4"),
 mix_rule="measured"), calibration=batches)``).
 """
 
@@ -34,6 +40,7 @@ from mp_plugin.layers.calibration import call_model, real_tokens, token_mask
 from mp_plugin.layers.patterns import Pattern
 from mp_plugin.masks.select import nm_mask
 from mp_plugin.progress import progress
+from mp_plugin.restore import RestoreConfig, capture_grams, restore_layer
 
 __all__ = ["model_output", "measured_kn_damage"]
 
@@ -74,6 +81,7 @@ def measured_kn_damage(
     k: int = 2,
     n: int = 4,
     show_progress: bool = False,
+    restore: RestoreConfig | None = None,
 ) -> dict[str, float]:
     """{layer name: d_ℓ}: the model's relative output error on ``calibration`` with only that layer k:n.
 
@@ -85,6 +93,8 @@ def measured_kn_damage(
             :func:`mp_plugin.layers.calibration.run_batches` takes).
         k, n: the pattern (magnitude k:n: the k largest |W| of each n along the input).
         show_progress: a progress bar over the layers.
+        restore: when given, the layer's kept weights are re-solved with this config
+            (prune–restore of that layer alone) before the output is measured.
 
     Returns:
         d_ℓ ≥ 0, dimensionless (0 when the dense output is all zero).
@@ -109,6 +119,12 @@ def measured_kn_damage(
             original = weight.detach().clone()
             try:
                 weight.mul_(nm_mask(weight, k, n).to(weight.dtype))
+                if restore is not None:
+                    grams = capture_grams(model, [name], batches, stop_after=name)
+                    if name in grams:  # a layer the calibration never reaches keeps its plain 2:4
+                        restore_layer(
+                            weight, original, grams[name], restore, groups=int(getattr(modules[name], "groups", 1))
+                        )
                 err = sum(float((y - d).square().sum()) for y, d in zip(_outputs(model, batches), dense))
             finally:
                 weight.copy_(original)
@@ -123,4 +139,14 @@ def measured_damage_array(layers: Any) -> np.ndarray:
     if layers.model is None or layers.calibration is None:
         raise ConfigError("mix rule 'measured' needs calibration data: plan(..., calibration=batches)")
     d = measured_kn_damage(layers.model, layers.names, layers.calibration, show_progress=layers.show_progress)
+    return np.asarray([d.get(name, np.nan) for name in layers.names], dtype=np.float64)
+
+
+def measured_restore_damage_array(layers: Any) -> np.ndarray:
+    """The ``measured-restore`` damage rule of :mod:`mp_plugin.budget.mix` (NaN: layer not measured)."""
+    if layers.model is None or layers.calibration is None:
+        raise ConfigError("mix rule 'measured-restore' needs calibration data: plan(..., calibration=batches)")
+    d = measured_kn_damage(
+        layers.model, layers.names, layers.calibration, show_progress=layers.show_progress, restore=RestoreConfig()
+    )
     return np.asarray([d.get(name, np.nan) for name in layers.names], dtype=np.float64)
