@@ -503,3 +503,24 @@ def test_measured_restore_damage_measures_after_restoring_that_layer(net: _Net, 
         plan(net, 0.3, "auto", "magnitude", cfg)
     p = plan(net, 0.3, "auto", "magnitude", cfg, calibration=calib)
     assert {lp.pattern for lp in p.layers} == {"dense", "2:4"}
+
+
+def test_default_mix_rule_is_measured_with_calibration_and_mp_bulk_without(net: _Net, calib: list) -> None:
+    from mp_plugin.budget.mix import default_mix_rule
+
+    assert default_mix_rule(None) == "mp-bulk" and default_mix_rule(calib) == "measured"
+    cfg = PlanConfig(auto_patterns=("dense", "2:4"))
+    assert cfg.mix_rule is None  # resolved by plan, which records the rule it used
+    free = plan(net, 0.3, "auto", "magnitude", cfg)
+    data = plan(net, 0.3, "auto", "magnitude", cfg, calibration=calib)
+    assert cfg.mix_rule is None  # the caller's config is not changed
+    assert free.config.mix_rule == "mp-bulk" and data.config.mix_rule == "measured"
+    explicit = PlanConfig(auto_patterns=("dense", "2:4"), mix_rule="measured")
+    assert [lp.pattern for lp in data.layers] == [
+        lp.pattern for lp in plan(net, 0.3, "auto", "magnitude", explicit, calibration=calib).layers
+    ]
+    # an explicit rule wins over the default, with or without data
+    sized = PlanConfig(auto_patterns=("dense", "2:4"), mix_rule="size")
+    assert plan(net, 0.3, "auto", "magnitude", sized, calibration=calib).config.mix_rule == "size"
+    # and the recorded rule survives save/load
+    assert PrunePlan.from_dict(data.to_dict()).config.mix_rule == "measured"

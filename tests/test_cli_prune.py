@@ -101,6 +101,12 @@ def test_prune_measured_mix_on_calibration_photos(efficientnet_lite0, tmp_path: 
     assert plan.config.mix_rule == "measured" and {lp.pattern for lp in plan.layers} == {"dense", "2:4"}
     removed = sum(lp.n_prune for lp in plan.layers) / sum(lp.numel for lp in plan.layers)
     assert abs(removed - 0.3) <= 0.005 + sum(lp.pattern == "2:4" for lp in plan.layers) / 8192
+    # with calibration images 'measured' is also the default rule of the mix
+    default = [a for a in args if a not in ("--mix-rule", "measured")]
+    assert main([*default, "--out", str(tmp_path / "default")]) == 0
+    chosen = PrunePlan.load(tmp_path / "default" / "plan.json")
+    assert chosen.config.mix_rule == "measured"
+    assert [lp.pattern for lp in chosen.layers] == [lp.pattern for lp in plan.layers]
     capsys.readouterr()
     # without calibration images the rule says what it needs, in prune and in analyze
     bad = ["--sparsity", "0.3", "--pattern", "auto", "--auto-patterns", "dense,2:4", "--mix-rule", "measured"]

@@ -73,6 +73,7 @@ __all__ = [
     "DEPLOYABLE_MIX",
     "choose_kn_layers",
     "choose_mix",
+    "default_mix_rule",
     "kn_noise_ratio",
     "kn_removed_energy",
     "knapsack_kn_layers",
@@ -123,6 +124,16 @@ def register_mix_damage(name: str, fn: DamageFn) -> None:
     if name in RANK_RULES:
         raise ConfigError(f"{name!r} is a built-in rank rule and cannot be a damage rule")
     DAMAGE_FUNCTIONS[name] = fn
+
+
+def default_mix_rule(calibration: Any = None) -> str:
+    """The mix rule ``plan`` uses when ``PlanConfig.mix_rule`` is None.
+
+    ``"measured"`` when calibration data is given (it beat size and every MP rule without
+    restore on MiniLM and EfficientNet-Lite0 in ``benchmarks/results/budgets.md``), else
+    :data:`DEFAULT_MIX_RULE` (``"mp-bulk"``, data-free).
+    """
+    return "measured" if calibration is not None else DEFAULT_MIX_RULE
 
 
 def mix_rules() -> tuple[str, ...]:

@@ -115,7 +115,8 @@ def add_plan_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mix-rule",
         default=None,
-        help=f"how the dense/2:4 mix picks its 2:4 layers (default {DEFAULT_MIX_RULE}): {' | '.join(mix_rules())}",
+        help=f"how the dense/2:4 mix picks its 2:4 layers (default: measured when prune has --data, else "
+        f"{DEFAULT_MIX_RULE}): {' | '.join(mix_rules())}; measured and measured-restore need --data",
     )
     parser.add_argument("--include-head", action="store_true", help="also prune the classifier head")
     parser.add_argument("--include-stem", action="store_true", help="also prune the stem conv (C_in=3)")

@@ -12,6 +12,7 @@ The module is ``mp_plugin.planning.build``; ``mp_plugin.plan`` is the function.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import math
 import warnings
@@ -19,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from mp_plugin.budget.mix import CALIBRATED_MIX_RULES, DEPLOYABLE_MIX, choose_mix
+from mp_plugin.budget.mix import CALIBRATED_MIX_RULES, DEPLOYABLE_MIX, choose_mix, default_mix_rule
 from mp_plugin.budget.rules import BUDGET_METHODS, DEFAULT_BUDGET, BudgetContext, default_budget
 from mp_plugin.errors import ConfigError, NoPrunableLayersError, PatternError
 from mp_plugin.layers.discovery import TargetLayer, find_target_layers
@@ -195,6 +196,8 @@ def plan(
     pat = None if pattern == "auto" else Pattern.parse(pattern)
     if pat is not None and pat.kind == "dense":
         raise PatternError(f"pattern {pattern!r} prunes nothing; use 'unstructured', 'auto' or a k:n pattern")
+    if cfg.mix_rule is None:  # the plan records the rule it used
+        cfg = dataclasses.replace(cfg, mix_rule=default_mix_rule(calibration))
     use_mix = pat is None and set(cfg.auto_patterns) == set(DEPLOYABLE_MIX) and s < 0.5 and cfg.mix_rule != "round"
     if use_mix and cfg.mix_rule in CALIBRATED_MIX_RULES and calibration is None:
         raise ConfigError(f"mix rule {cfg.mix_rule!r} needs calibration data: plan(..., calibration=batches)")

@@ -27,7 +27,7 @@ from torch import nn
 
 from mp_plugin.budget.bounded import BoundedConfig  # importing it registers alpha, bounded-*, owl, noise-floor
 from mp_plugin.budget.bulk_share import BulkShareConfig  # importing it registers mp-bulk
-from mp_plugin.budget.mix import DEFAULT_MIX_RULE, mix_rules
+from mp_plugin.budget.mix import mix_rules
 from mp_plugin.budget.rules import SEBConfig
 from mp_plugin.errors import ConfigError, MPPluginError, PlanFormatError, PlanMismatchError
 from mp_plugin.layers.discovery import LayerSelection
@@ -61,9 +61,11 @@ class PlanConfig:
             (``alpha``, ``bounded-*``, ``owl``, ``noise-floor``).
         bulk_share: :class:`~mp_plugin.budget.bulk_share.BulkShareConfig` for ``mp-bulk``.
         mix_rule: with ``pattern="auto"``, ``auto_patterns=("dense", "2:4")`` and s < 0.5,
-            how the layers that take 2:4 are chosen (:func:`mp_plugin.budget.mix.mix_rules`,
-            default ``"mp-bulk"``; ``"measured"`` measures each layer's 2:4 damage on the
-            ``calibration`` of :func:`plan`; ``"round"`` = round each budget to the nearest pattern instead).
+            how the layers that take 2:4 are chosen (:func:`mp_plugin.budget.mix.mix_rules`).
+            None (default): :func:`mp_plugin.budget.mix.default_mix_rule`, i.e. ``"measured"``
+            (each layer's 2:4 damage measured on the ``calibration`` of :func:`plan`) when
+            calibration is given, else ``"mp-bulk"`` (data-free); the plan records the rule it
+            used. ``"round"`` = round each budget to the nearest pattern instead.
         mix_scores: per-layer damage of putting 2:4 on the layer for ``mix_rule="scores"``
             (e.g. the measured loss when only that layer is 2:4; lower → 2:4 sooner).
         mix_costs: per-layer cost the mix target counts (default: weights; e.g. dense
@@ -81,7 +83,7 @@ class PlanConfig:
     float32_sigma_rtol: float | None = 1e-6
     bounded: BoundedConfig = field(default_factory=BoundedConfig)
     bulk_share: BulkShareConfig = field(default_factory=BulkShareConfig)
-    mix_rule: str = DEFAULT_MIX_RULE
+    mix_rule: str | None = None
     mix_scores: dict[str, float] | None = None
     mix_costs: dict[str, float] | None = None
 
@@ -90,7 +92,7 @@ class PlanConfig:
             raise ConfigError(f"bounded must be a BoundedConfig, got {type(self.bounded).__name__}")
         if not isinstance(self.bulk_share, BulkShareConfig):
             raise ConfigError(f"bulk_share must be a BulkShareConfig, got {type(self.bulk_share).__name__}")
-        if self.mix_rule not in mix_rules():
+        if self.mix_rule is not None and self.mix_rule not in mix_rules():
             raise ConfigError(f"mix_rule must be one of {mix_rules()}, got {self.mix_rule!r}")
         check_fit_options(self.alpha, self.beta, self.estimator, self.edge_compat)
         self.gram_dtype = str(resolve_gram_dtype(self.gram_dtype)).removeprefix("torch.")
