@@ -524,3 +524,14 @@ def test_default_mix_rule_is_measured_with_calibration_and_mp_bulk_without(net: 
     assert plan(net, 0.3, "auto", "magnitude", sized, calibration=calib).config.mix_rule == "size"
     # and the recorded rule survives save/load
     assert PrunePlan.from_dict(data.to_dict()).config.mix_rule == "measured"
+
+
+def test_measured_damage_without_the_dense_cache_is_the_same(net: _Net, calib: list) -> None:
+    from mp_plugin.budget.mix_measured import measured_kn_damage
+
+    names = ["layers.0.up", "layers.2.q"]
+    cached = measured_kn_damage(net, names, [calib[0][:128], calib[0][128:]])
+    recomputed = measured_kn_damage(net, names, [calib[0][:128], calib[0][128:]], max_cache_bytes=0)
+    assert cached.keys() == recomputed.keys()
+    for name in names:
+        assert recomputed[name] == pytest.approx(cached[name], rel=1e-6)

@@ -312,6 +312,11 @@ def test_plan_of_a_disk_offloaded_llama_equals_the_in_memory_plan(tmp_path) -> N
     assert q.weight.is_meta
     assert [lp.pattern for lp in kept.layers] == [lp.pattern for lp in ref.layers]
     assert {lp.pattern for lp in kept.layers} == {"dense", "2:4"}
+    # with calibration the default mix rule would measure each layer; an offloaded model keeps mp-bulk
+    tokens = {"input_ids": torch.randint(0, 384, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+    with_data = mp.plan(model, sparsity=0.3, pattern="auto", config=mix, reuse_fits=offloaded, calibration=[tokens])
+    assert with_data.config.mix_rule == "mp-bulk"
+    assert [lp.pattern for lp in with_data.layers] == [lp.pattern for lp in ref.layers]
     # the size rule needs only the layers' sizes, which LayerWeights gives without loading anything
     by_size = mp.PlanConfig(auto_patterns=("dense", "2:4"), mix_rule="size")
     sized = mp.plan(model, sparsity=0.3, pattern="auto", config=by_size, reuse_fits=offloaded)

@@ -126,14 +126,15 @@ def register_mix_damage(name: str, fn: DamageFn) -> None:
     DAMAGE_FUNCTIONS[name] = fn
 
 
-def default_mix_rule(calibration: Any = None) -> str:
+def default_mix_rule(calibration: Any = None, offloaded: bool = False) -> str:
     """The mix rule ``plan`` uses when ``PlanConfig.mix_rule`` is None.
 
     ``"measured"`` when calibration data is given (it beat size and every MP rule without
-    restore on MiniLM and EfficientNet-Lite0 in ``benchmarks/results/budgets.md``), else
-    :data:`DEFAULT_MIX_RULE` (``"mp-bulk"``, data-free).
+    restore on MiniLM and EfficientNet-Lite0 in ``benchmarks/results/budgets.md``) and the
+    model's layers are in memory, else :data:`DEFAULT_MIX_RULE` (``"mp-bulk"``, data-free;
+    also for an accelerate-offloaded model, which the measurement cannot change layer by layer).
     """
-    return "measured" if calibration is not None else DEFAULT_MIX_RULE
+    return "measured" if calibration is not None and not offloaded else DEFAULT_MIX_RULE
 
 
 def mix_rules() -> tuple[str, ...]:

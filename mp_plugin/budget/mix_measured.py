@@ -42,7 +42,9 @@ from mp_plugin.masks.select import nm_mask
 from mp_plugin.progress import progress
 from mp_plugin.restore import RestoreConfig, capture_grams, restore_layer
 
-__all__ = ["model_output", "measured_kn_damage"]
+__all__ = ["DENSE_CACHE_BYTES", "model_output", "measured_kn_damage"]
+
+DENSE_CACHE_BYTES = 1 << 30  # dense outputs kept up to 1 GiB; beyond, recomputed batch by batch
 
 
 def model_output(out: Any) -> torch.Tensor:
@@ -60,17 +62,14 @@ def model_output(out: Any) -> torch.Tensor:
     raise CalibrationError(f"the model's output ({type(out).__name__}) holds no tensor to measure the 2:4 damage on")
 
 
-def _outputs(model: nn.Module, batches: list[Any]) -> list[torch.Tensor]:
-    """Each batch's output in float64; a per-token output (B, T, …) keeps only the real tokens."""
-    outs = []
-    for i, batch in enumerate(batches):
-        mask = token_mask(batch)
-        with real_tokens(mask):
-            y = model_output(call_model(model, batch, f"calibration batch {i}"))
-        if mask is not None and y.ndim >= 2 and tuple(y.shape[:2]) == tuple(mask.shape):
-            y = y[mask.to(y.device).bool()]
-        outs.append(y.detach().to(torch.float64))
-    return outs
+def _output(model: nn.Module, batch: Any, i: int) -> torch.Tensor:
+    """One batch's output as float32 on the CPU; a per-token output (B, T, …) keeps only the real tokens."""
+    mask = token_mask(batch)
+    with real_tokens(mask):
+        y = model_output(call_model(model, batch, f"calibration batch {i}"))
+    if mask is not None and y.ndim >= 2 and tuple(y.shape[:2]) == tuple(mask.shape):
+        y = y[mask.to(y.device).bool()]
+    return y.detach().to("cpu", torch.float32)
 
 
 @torch.no_grad()
@@ -82,6 +81,7 @@ def measured_kn_damage(
     n: int = 4,
     show_progress: bool = False,
     restore: RestoreConfig | None = None,
+    max_cache_bytes: int = DENSE_CACHE_BYTES,
 ) -> dict[str, float]:
     """{layer name: d_ℓ}: the model's relative output error on ``calibration`` with only that layer k:n.
 
@@ -95,6 +95,9 @@ def measured_kn_damage(
         show_progress: a progress bar over the layers.
         restore: when given, the layer's kept weights are re-solved with this config
             (prune–restore of that layer alone) before the output is measured.
+        max_cache_bytes: the dense outputs (float32, CPU) are kept when they fit in this
+            many bytes; otherwise each batch's dense output is recomputed next to its pruned
+            one (twice the passes; e.g. a language model's logits over many tokens).
 
     Returns:
         d_ℓ ≥ 0, dimensionless (0 when the dense output is all zero).
@@ -107,13 +110,22 @@ def measured_kn_damage(
     was_training = model.training
     model.eval()
     try:
-        dense = _outputs(model, batches)
-        energy = sum(float(y.square().sum()) for y in dense)
+        cache: list[torch.Tensor] | None = []
+        energy, size = 0.0, 0
+        for i, batch in enumerate(batches):
+            y = _output(model, batch, i)
+            energy += float(y.double().square().sum())
+            size += y.numel() * y.element_size()
+            if cache is not None:
+                cache = cache + [y] if size <= max_cache_bytes else None
         out: dict[str, float] = {}
         for name in progress(list(names), desc="2:4 damage per layer", unit="layer", disable=not show_progress):
             weight = modules[name].weight
             if weight.is_meta:
-                raise ConfigError(f"mix rule 'measured' needs layer {name!r} in memory; its weight is on meta")
+                raise ConfigError(
+                    f"mix rules 'measured'/'measured-restore' run the model with one layer changed; layer {name!r} "
+                    "is offloaded (weight on meta): use mix_rule='mp-bulk' or plan the model in memory"
+                )
             if not pattern.eligible(tuple(weight.shape)):
                 continue
             original = weight.detach().clone()
@@ -125,7 +137,16 @@ def measured_kn_damage(
                         restore_layer(
                             weight, original, grams[name], restore, groups=int(getattr(modules[name], "groups", 1))
                         )
-                err = sum(float((y - d).square().sum()) for y, d in zip(_outputs(model, batches), dense))
+                pruned = weight.detach().clone()
+                err = 0.0
+                for i, batch in enumerate(batches):
+                    if cache is None:
+                        weight.copy_(original)
+                        dense = _output(model, batch, i)
+                        weight.copy_(pruned)
+                    else:
+                        dense = cache[i]
+                    err += float((_output(model, batch, i) - dense).double().square().sum())
             finally:
                 weight.copy_(original)
             out[name] = err / energy if energy > 0 else 0.0

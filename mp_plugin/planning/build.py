@@ -24,6 +24,7 @@ from mp_plugin.budget.mix import CALIBRATED_MIX_RULES, DEPLOYABLE_MIX, choose_mi
 from mp_plugin.budget.rules import BUDGET_METHODS, DEFAULT_BUDGET, BudgetContext, default_budget
 from mp_plugin.errors import ConfigError, NoPrunableLayersError, PatternError
 from mp_plugin.layers.discovery import TargetLayer, find_target_layers
+from mp_plugin.layers.offload import is_offloaded
 from mp_plugin.layers.patterns import Pattern, round_budget_to_pattern
 from mp_plugin.layers.wrappers import unwrap_model
 from mp_plugin.masks.counts import check_sparsity, global_prune_counts, uniform_prune_counts
@@ -196,8 +197,6 @@ def plan(
     pat = None if pattern == "auto" else Pattern.parse(pattern)
     if pat is not None and pat.kind == "dense":
         raise PatternError(f"pattern {pattern!r} prunes nothing; use 'unstructured', 'auto' or a k:n pattern")
-    if cfg.mix_rule is None:  # the plan records the rule it used
-        cfg = dataclasses.replace(cfg, mix_rule=default_mix_rule(calibration))
     use_mix = pat is None and set(cfg.auto_patterns) == set(DEPLOYABLE_MIX) and s < 0.5 and cfg.mix_rule != "round"
     if use_mix and cfg.mix_rule in CALIBRATED_MIX_RULES and calibration is None:
         raise ConfigError(f"mix rule {cfg.mix_rule!r} needs calibration data: plan(..., calibration=batches)")
@@ -208,6 +207,9 @@ def plan(
             f"{type(model).__name__} has no prunable Linear/Conv layer under the selection rules"
             + (f" ({len(skipped)} skipped: {skipped[0].name}: {skipped[0].reason}, …)" if skipped else "")
         )
+    if cfg.mix_rule is None:  # the plan records the rule it used
+        offloaded = any(is_offloaded(t.module) for t in targets)
+        cfg = dataclasses.replace(cfg, mix_rule=default_mix_rule(calibration, offloaded))
     fits, notes = _fit_layers(targets, cfg, show_progress, reuse_fits, distributed)
     types = [t.layer_type for t in targets]
     spec = BUDGET_METHODS[method]
