@@ -1,4 +1,4 @@
-"""The core API in a few lines: fit, plan, apply, keep masks, certify.
+"""The core API in a few lines: fit, plan, apply, keep masks, certify; and the deployable dense/2:4 mix.
 
 Run: python examples/python_api.py   (MP_PLUGIN_EXAMPLE_QUICK=1: fewer, smaller crops — what the tests run)
 """
@@ -30,3 +30,11 @@ print(mp.sparsity_report(model, plan).to_table(max_rows=3))
 
 cert = mp.certify(dense, model, x[half:], mode="empirical")  # measured; mode="bound" is the proven one
 print(cert.summary(max_layers=3))
+
+# the deployable dense/2:4 mix at 30 % removed: whole layers take 2:4; with calibration data the layers
+# are chosen by their 2:4 damage measured on it (mix rule "measured"), without it by the MP rule "mp-bulk"
+mix = mp.plan(dense, 0.3, "auto", config=mp.PlanConfig(auto_patterns=("dense", "2:4")), calibration=x[:half])
+n24 = sum(lp.pattern == "2:4" for lp in mix.layers)
+print(
+    f"dense/2:4 mix ({mix.config.mix_rule}): {n24} of {len(mix.layers)} layers 2:4, {mix.planned_sparsity:.1%} removed"
+)

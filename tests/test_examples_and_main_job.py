@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 # what each example must print when it worked (a k:n check, a sparsity report, a certificate)
 EXPECT = {
-    "python_api.py": ["k:n valid: yes", "certificate: MEASURED"],
+    "python_api.py": ["k:n valid: yes", "certificate: MEASURED", "dense/2:4 mix (measured)"],
     "torchao_sparsify.py": ["k:n valid: yes", "embedding retention vs dense"],
     "modelopt_distill.py": ["2:4, after distillation", "k:n valid: yes"],
     "torch_ao_pruning.py": ["after:", "layers"],
