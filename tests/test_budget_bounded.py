@@ -22,7 +22,13 @@ from mp_plugin.budget.bounded import (
 )
 from mp_plugin.budget.bulk_share import BulkShareConfig, bulk_share_weights
 from mp_plugin.budget.calibrated import noise_floor_counts
-from mp_plugin.budget.mix import choose_kn_layers, kn_removed_energy, knapsack_kn_layers, layer_damage
+from mp_plugin.budget.mix import (
+    MixLayers,
+    choose_kn_layers,
+    kn_removed_energy,
+    knapsack_kn_layers,
+    layer_damage,
+)
 from mp_plugin.budget.rules import BUDGET_METHODS, BudgetContext
 from mp_plugin.errors import ConfigError
 from mp_plugin.masks.select import check_nm, nm_mask
@@ -294,7 +300,7 @@ def test_mp_bulk_mix_damage_is_removed_energy_in_budget_units(net: _Net) -> None
     mods = dict(net.named_modules())
     weights = [mods[lp.name].weight for lp in base.layers]
     fits = [lp.fit for lp in base.layers]
-    d = layer_damage("mp-bulk", weights, fits, [lp.name for lp in base.layers], beta=0.25)
+    d = layer_damage("mp-bulk", MixLayers(weights, fits, [lp.name for lp in base.layers], beta=0.25))
     w, _ = bulk_share_weights(fits, 0.25)
     for x, dx, wx in zip(weights, d, w):
         keep = x.detach().abs().reshape(-1, 4).argsort(-1)[:, 2:]  # the two largest of each group of 4
@@ -318,7 +324,7 @@ def test_mp_bulk_mix_damage_is_removed_energy_in_budget_units(net: _Net) -> None
         "magnitude",
         PlanConfig(auto_patterns=("dense", "2:4"), bulk_share=BulkShareConfig(mix_beta=0.0)),
     )
-    energy = layer_damage("mp-bulk", weights, fits, [lp.name for lp in base.layers], beta=0.0)
+    energy = layer_damage("mp-bulk", MixLayers(weights, fits, [lp.name for lp in base.layers], beta=0.0))
     chosen = knapsack_kn_layers(energy, [lp.numel for lp in base.layers], [True] * len(energy), 0.25)
     assert [lp.pattern == "2:4" for lp in flat.layers] == chosen.tolist()
 
@@ -351,13 +357,15 @@ def test_damage_rules_rank_by_damage_per_cost() -> None:
 
     weights = [torch.zeros(8, 8), torch.zeros(32, 8), torch.zeros(4, 8)]
     names = ["a", "b", "c"]
-    keys = mix_order("scores", weights, [None] * 3, names, scores={"a": 1.0, "b": 1.0, "c": 0.6})
+    keys = mix_order("scores", MixLayers(weights, [None] * 3, names, scores={"a": 1.0, "b": 1.0, "c": 0.6}))
     assert np.argsort(keys).tolist() == [
         1,
         0,
         2,
     ]  # equal damage: the larger layer first; c's damage per weight is highest
-    keys = mix_order("scores", weights, [None] * 3, names, scores={"a": 1.0, "b": 1.0, "c": 0.6}, costs=[1, 1, 1])
+    keys = mix_order(
+        "scores", MixLayers(weights, [None] * 3, names, scores={"a": 1.0, "b": 1.0, "c": 0.6}), costs=[1, 1, 1]
+    )
     assert np.argsort(keys, kind="stable").tolist() == [2, 0, 1]
 
 
@@ -376,7 +384,7 @@ def test_size_rule_reads_layer_sizes_without_loading_weights() -> None:
 
     weights = _Unloadable([None, None, None])
     assert layer_sizes(weights).tolist() == [100.0, 400.0, 200.0]
-    chosen = choose_mix("size", weights, [None] * 3, ["a", "b", "c"], [True] * 3, 200 / 700)
+    chosen = choose_mix("size", MixLayers(weights, [None] * 3, ["a", "b", "c"]), [True] * 3, 200 / 700)
     assert chosen.tolist() == [False, True, False]  # the largest layer alone removes 200 of 700
     assert layer_sizes([torch.zeros(3, 4), torch.zeros(2, 2)]).tolist() == [12.0, 4.0]
 

@@ -193,44 +193,31 @@ register_mix_damage("measured", measured_damage_array)
 register_mix_damage("measured-restore", measured_restore_damage_array)
 
 
-def layer_damage(
-    rule: str,
-    weights: Sequence[torch.Tensor],
-    fits: Sequence[Any],
-    names: Sequence[str],
-    scores: dict[str, float] | None = None,
-    beta: float = DEFAULT_MIX_BETA,
-    model: Any = None,
-    calibration: Any = None,
-    show_progress: bool = False,
-) -> np.ndarray:
+def layer_damage(rule: str, layers: MixLayers) -> np.ndarray:
     """(L,) damage estimates d_ℓ of putting 2:4 on each layer under a registered damage rule (NaN: unknown).
 
-    The arguments are those of :class:`MixLayers`; ``rule`` is a key of :data:`DAMAGE_FUNCTIONS`.
+    ``rule`` is a key of :data:`DAMAGE_FUNCTIONS`; ``layers`` is what the rule reads.
     """
     if rule not in DAMAGE_FUNCTIONS:
         raise ConfigError(f"{rule!r} is not a damage rule; use one of {tuple(DAMAGE_FUNCTIONS)}")
-    return DAMAGE_FUNCTIONS[rule](MixLayers(weights, fits, names, scores, beta, model, calibration, show_progress))
+    return DAMAGE_FUNCTIONS[rule](layers)
 
 
 def mix_order(
     rule: str,
-    weights: Sequence[torch.Tensor],
-    fits: Sequence[Any],
-    names: Sequence[str],
+    layers: MixLayers,
     budgets: Sequence[float] | None = None,
-    scores: dict[str, float] | None = None,
     costs: Sequence[float] | None = None,
 ) -> np.ndarray:
     """Per-layer rank keys for ``rule`` (lower → takes 2:4 first); NaN keys go last.
 
     Damage rules (:data:`DAMAGE_FUNCTIONS`) return d_ℓ / cost_ℓ (cost default: weights).
     """
-    c = layer_sizes(weights) if costs is None else np.asarray(costs, dtype=np.float64)
+    c = layer_sizes(layers.weights) if costs is None else np.asarray(costs, dtype=np.float64)
     if rule in DAMAGE_FUNCTIONS:
-        return layer_damage(rule, weights, fits, names, scores) / c
+        return layer_damage(rule, layers) / c
     if rule == "size":
-        return -layer_sizes(weights)
+        return -layer_sizes(layers.weights)
     if rule == "budget":
         if budgets is None:
             raise ConfigError("mix rule 'budget' needs the per-layer budgets")
@@ -355,25 +342,17 @@ def knapsack_kn_layers(
 
 def choose_mix(
     rule: str,
-    weights: Sequence[torch.Tensor],
-    fits: Sequence[Any],
-    names: Sequence[str],
+    layers: MixLayers,
     eligible: Sequence[bool],
     sparsity: float,
     costs: Sequence[float] | None = None,
     budgets: Sequence[float] | None = None,
-    scores: dict[str, float] | None = None,
-    beta: float = DEFAULT_MIX_BETA,
-    model: Any = None,
-    calibration: Any = None,
-    show_progress: bool = False,
 ) -> np.ndarray:
     """(L,) bool: which layers take 2:4 under ``rule`` (damage rules: exact knapsack; rank rules: greedy).
 
-    ``model`` and ``calibration`` are read by the rules of :data:`CALIBRATED_MIX_RULES` only.
+    ``layers.model`` and ``layers.calibration`` are read by the rules of :data:`CALIBRATED_MIX_RULES` only.
     """
-    c = layer_sizes(weights) if costs is None else np.asarray(costs, dtype=np.float64)
+    c = layer_sizes(layers.weights) if costs is None else np.asarray(costs, dtype=np.float64)
     if rule in DAMAGE_FUNCTIONS:
-        damage = layer_damage(rule, weights, fits, names, scores, beta, model, calibration, show_progress)
-        return knapsack_kn_layers(damage, c, eligible, sparsity)
-    return choose_kn_layers(mix_order(rule, weights, fits, names, budgets, scores, c), c, eligible, sparsity)
+        return knapsack_kn_layers(layer_damage(rule, layers), c, eligible, sparsity)
+    return choose_kn_layers(mix_order(rule, layers, budgets, c), c, eligible, sparsity)

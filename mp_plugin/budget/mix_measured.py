@@ -155,19 +155,21 @@ def measured_kn_damage(
         model.train(was_training)
 
 
+def _damage_array(layers: Any, rule: str, restore: RestoreConfig | None) -> np.ndarray:
+    """(L,) measured d_ℓ of the layers in ``layers`` (a ``MixLayers``), NaN where a layer was not measured."""
+    if layers.model is None or layers.calibration is None:
+        raise ConfigError(f"mix rule {rule!r} needs calibration data: plan(..., calibration=batches)")
+    d = measured_kn_damage(
+        layers.model, layers.names, layers.calibration, show_progress=layers.show_progress, restore=restore
+    )
+    return np.asarray([d.get(name, np.nan) for name in layers.names], dtype=np.float64)
+
+
 def measured_damage_array(layers: Any) -> np.ndarray:
     """The ``measured`` damage rule of :mod:`mp_plugin.budget.mix` (NaN: layer not measured)."""
-    if layers.model is None or layers.calibration is None:
-        raise ConfigError("mix rule 'measured' needs calibration data: plan(..., calibration=batches)")
-    d = measured_kn_damage(layers.model, layers.names, layers.calibration, show_progress=layers.show_progress)
-    return np.asarray([d.get(name, np.nan) for name in layers.names], dtype=np.float64)
+    return _damage_array(layers, "measured", None)
 
 
 def measured_restore_damage_array(layers: Any) -> np.ndarray:
     """The ``measured-restore`` damage rule of :mod:`mp_plugin.budget.mix` (NaN: layer not measured)."""
-    if layers.model is None or layers.calibration is None:
-        raise ConfigError("mix rule 'measured-restore' needs calibration data: plan(..., calibration=batches)")
-    d = measured_kn_damage(
-        layers.model, layers.names, layers.calibration, show_progress=layers.show_progress, restore=RestoreConfig()
-    )
-    return np.asarray([d.get(name, np.nan) for name in layers.names], dtype=np.float64)
+    return _damage_array(layers, "measured-restore", RestoreConfig())

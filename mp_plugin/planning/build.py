@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from mp_plugin.budget.mix import CALIBRATED_MIX_RULES, DEPLOYABLE_MIX, choose_mix, default_mix_rule
+from mp_plugin.budget.mix import CALIBRATED_MIX_RULES, DEPLOYABLE_MIX, MixLayers, choose_mix, default_mix_rule
 from mp_plugin.budget.rules import BUDGET_METHODS, DEFAULT_BUDGET, BudgetContext, default_budget
 from mp_plugin.errors import ConfigError, NoPrunableLayersError, PatternError
 from mp_plugin.layers.discovery import TargetLayer, find_target_layers
@@ -107,22 +107,17 @@ def _choose_mix(
     costs = [float((cfg.mix_costs or {}).get(n, math.prod(sh))) for n, sh in zip(names, shapes)]
     kn = Pattern.parse("2:4")
     eligible = [kn.eligible(sh) for sh in shapes]
-    weights = LayerWeights(targets)  # an offloaded weight is read one layer at a time
-    chosen = choose_mix(
-        cfg.mix_rule,
-        weights,
+    layers = MixLayers(
+        LayerWeights(targets),  # an offloaded weight is read one layer at a time
         fits,
         names,
-        eligible,
-        s,
-        costs,
-        budgets,
         cfg.mix_scores,
         cfg.bulk_share.mix_beta,
         model,
         calibration,
         show_progress,
     )
+    chosen = choose_mix(cfg.mix_rule, layers, eligible, s, costs, budgets)
     return [bool(x) for x in chosen]
 
 

@@ -127,7 +127,7 @@ def check_apply_inputs(
     if isinstance(calibration, list) and not calibration:
         raise CalibrationError("calibration is an empty list: give at least one batch, or None")
     modules = plan.check_model(model)
-    if not any(permute is v or (isinstance(v, str) and permute == v) for v in (False, None, "none")):
+    if permute not in (False, None, "none"):  # validated above: one of PERMUTE_VALUES
         offloaded = next((name for name, m in model.named_modules() if is_offloaded(m)), None)
         if offloaded is not None:
             raise ConfigError(
