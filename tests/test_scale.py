@@ -312,7 +312,8 @@ def test_plan_of_a_disk_offloaded_llama_equals_the_in_memory_plan(tmp_path) -> N
     assert q.weight.is_meta
     assert [lp.pattern for lp in kept.layers] == [lp.pattern for lp in ref.layers]
     assert {lp.pattern for lp in kept.layers} == {"dense", "2:4"}
-    # with calibration the default mix rule would measure each layer; an offloaded model keeps mp-bulk
+    # with calibration the default mix rule would measure each layer (one pass of the offloaded model per layer);
+    # an offloaded model keeps the data-free mp-bulk unless the measured rule is asked for
     tokens = {"input_ids": torch.randint(0, 384, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
     with_data = mp.plan(model, sparsity=0.3, pattern="auto", config=mix, reuse_fits=offloaded, calibration=[tokens])
     assert with_data.config.mix_rule == "mp-bulk"
@@ -455,6 +456,45 @@ def test_calibrated_apply_to_a_disk_offloaded_llama_equals_the_in_memory_one(tmp
     with torch.no_grad():
         logits, ref = model(input_ids=held_out).logits, twin(input_ids=held_out).logits
     torch.testing.assert_close(logits, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("how", ["disk", "device_map"])
+def test_measured_mix_damage_of_an_offloaded_llama_equals_the_in_memory_one(tmp_path, how: str) -> None:
+    pytest.importorskip("accelerate")
+    import copy
+
+    import mp_plugin as mp
+    from mp_plugin.budget.mix_measured import measured_kn_damage
+
+    model = decoder("llama")
+    twin = copy.deepcopy(model)
+    ref_plan = mp.plan(twin, sparsity=0.5, pattern="unstructured")
+    names = [lp.name for lp in ref_plan.layers]
+    g = torch.Generator().manual_seed(5)
+    calib = [{"input_ids": torch.randint(0, 384, (2, 16), generator=g)} for _ in range(2)]
+    held_out = torch.randint(0, 384, (2, 12), generator=g)
+    _offload(model, how, tmp_path)
+    modules = dict(model.named_modules())
+    assert modules["model.layers.1.mlp.down_proj"].weight.is_meta
+    offloaded = mp.plan(model, sparsity=0.5, pattern="unstructured")
+    d, ref = measured_kn_damage(model, names, calib), measured_kn_damage(twin, names, calib)
+    assert d.keys() == ref.keys() == set(names) and all(v > 0 for v in ref.values())
+    for name in names:
+        assert d[name] == pytest.approx(ref[name], rel=1e-6), name
+    some = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    restored = measured_kn_damage(model, some, calib, restore=mp.RestoreConfig())
+    restored_ref = measured_kn_damage(twin, some, calib, restore=mp.RestoreConfig())
+    for name in some:
+        assert restored[name] == pytest.approx(restored_ref[name], rel=1e-6), name
+    # the mix rule plans the offloaded model as the in-memory one, and nothing was written to the store
+    cfg = mp.PlanConfig(auto_patterns=("dense", "2:4"), mix_rule="measured")
+    mixed = mp.plan(model, sparsity=0.3, pattern="auto", config=cfg, reuse_fits=offloaded, calibration=calib)
+    mixed_ref = mp.plan(twin, sparsity=0.3, pattern="auto", config=cfg, reuse_fits=ref_plan, calibration=calib)
+    assert [lp.pattern for lp in mixed.layers] == [lp.pattern for lp in mixed_ref.layers]
+    assert {lp.pattern for lp in mixed.layers} == {"dense", "2:4"}
+    assert modules["model.layers.1.mlp.down_proj"].weight.is_meta
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=held_out).logits, twin(input_ids=held_out).logits)
 
 
 def test_apply_refuses_to_permute_an_offloaded_model(tmp_path) -> None:

@@ -132,7 +132,8 @@ def default_mix_rule(calibration: Any = None, offloaded: bool = False) -> str:
     ``"measured"`` when calibration data is given (it beat size and every MP rule without
     restore on MiniLM and EfficientNet-Lite0 in ``benchmarks/results/budgets.md``) and the
     model's layers are in memory, else :data:`DEFAULT_MIX_RULE` (``"mp-bulk"``, data-free;
-    also for an accelerate-offloaded model, which the measurement cannot change layer by layer).
+    also for an accelerate-offloaded model: ``measured`` runs there when asked for, but each
+    layer costs one pass of the offloaded model, reading every offloaded weight again).
     """
     return "measured" if calibration is not None and not offloaded else DEFAULT_MIX_RULE
 

@@ -7,7 +7,12 @@ error of the whole model,
     d_ℓ = Σ_batches ‖y_ℓ − y‖²_F / Σ_batches ‖y‖²_F   (dimensionless),
 
 with y the dense model's output and y_ℓ the output with only layer ℓ 2:4. The
-layer's weight is put back exactly afterwards, so the model leaves unchanged. The
+weight itself is never changed: a forward hook on layer ℓ subtracts the part of its
+output that 2:4 removes, f(x; W − P₂:₄(W)) (a Linear or convolution is linear in its
+weight, so y − f(x; ΔW) = f(x; P₂:₄(W)) + b up to float rounding). The model
+therefore leaves unchanged, and an accelerate-offloaded layer (weight on meta) is
+brought in only to form ΔW (:func:`mp_plugin.layers.offload.onloaded`), one layer at a
+time, without writing anything to its offload store. The
 output is the model's tensor, or its ``logits``, ``last_hidden_state``, or the first
 tensor of a tuple or dict; of a per-token output of a token batch (a dict with an
 ``attention_mask``) only the real tokens count. The model runs in eval mode (no dropout noise) and the
@@ -28,15 +33,18 @@ mix_rule="measured"), calibration=batches)``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mp_plugin.errors import CalibrationError, ConfigError
-from mp_plugin.layers.calibration import call_model, real_tokens, token_mask
+from mp_plugin.layers.calibration import call_model, eval_mode, real_tokens, token_mask
+from mp_plugin.layers.offload import onloaded
 from mp_plugin.layers.patterns import Pattern
 from mp_plugin.masks.select import nm_mask
 from mp_plugin.progress import progress
@@ -72,6 +80,47 @@ def _output(model: nn.Module, batch: Any, i: int) -> torch.Tensor:
     return y.detach().to("cpu", torch.float32)
 
 
+def _weight_term(module: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """f(x; w): the part of the layer's output that is linear in its weight (no bias)."""
+    if isinstance(module, nn.Linear):
+        return lambda x, w: F.linear(x, w)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return lambda x, w: module._conv_forward(x, w, None)
+    raise ConfigError(
+        f"mix rules 'measured'/'measured-restore' measure Linear and Conv1d/2d layers, not {type(module).__name__}"
+    )
+
+
+@contextlib.contextmanager
+def _without(module: nn.Module, removed: torch.Tensor) -> Iterator[None]:
+    """Inside the block the layer outputs f(x; W − ``removed``) + b: its forward minus f(x; ``removed``)."""
+    term = _weight_term(module)
+    moved: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def hook(mod: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor:
+        x = args[0] if args else next(iter(kwargs.values()))
+        key = (x.device, x.dtype)
+        if key not in moved:
+            moved[key] = removed.to(x.device, x.dtype)
+        return out - term(x, moved[key])
+
+    handle = module.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _removed(module: nn.Module, k: int, n: int, restore: RestoreConfig | None, gram: Any) -> torch.Tensor:
+    """ΔW = W − W̃ of one layer: W̃ its magnitude k:n weight, re-solved on ``gram`` when ``restore`` is given."""
+    with onloaded([module]):  # an offloaded weight is brought in (read only) and released
+        dense = module.weight.detach()
+        pruned = dense * nm_mask(dense, k, n).to(dense.dtype)
+        if restore is not None and gram is not None:
+            restore_layer(pruned, dense, gram, restore, groups=int(getattr(module, "groups", 1)))
+        return (dense - pruned).clone()
+
+
 @torch.no_grad()
 def measured_kn_damage(
     model: nn.Module,
@@ -86,8 +135,9 @@ def measured_kn_damage(
     """{layer name: d_ℓ}: the model's relative output error on ``calibration`` with only that layer k:n.
 
     Args:
-        model: the dense model (left unchanged; weights must be in memory).
-        names: target layer names (modules with a ``weight``); layers whose input
+        model: the dense model (left unchanged; a layer offloaded by accelerate is read
+            one at a time and its store is not written).
+        names: target layer names (Linear or Conv1d/2d modules); layers whose input
             width the pattern does not divide are skipped (absent from the result).
         calibration: one batch or a list of batches (tensor, tuple or dict, as
             :func:`mp_plugin.layers.calibration.run_batches` takes).
@@ -107,9 +157,7 @@ def measured_kn_damage(
         raise CalibrationError("calibration data is an empty list: give at least one batch")
     modules = dict(model.named_modules())
     pattern = Pattern.parse(f"{k}:{n}")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         cache: list[torch.Tensor] | None = []
         energy, size = 0.0, 0
         for i, batch in enumerate(batches):
@@ -120,39 +168,21 @@ def measured_kn_damage(
                 cache = cache + [y] if size <= max_cache_bytes else None
         out: dict[str, float] = {}
         for name in progress(list(names), desc="2:4 damage per layer", unit="layer", disable=not show_progress):
-            weight = modules[name].weight
-            if weight.is_meta:
-                raise ConfigError(
-                    f"mix rules 'measured'/'measured-restore' run the model with one layer changed; layer {name!r} "
-                    "is offloaded (weight on meta): use mix_rule='mp-bulk' or plan the model in memory"
-                )
-            if not pattern.eligible(tuple(weight.shape)):
+            module = modules[name]
+            _weight_term(module)  # an unsupported layer type fails before any pass
+            if not pattern.eligible(tuple(module.weight.shape)):
                 continue
-            original = weight.detach().clone()
-            try:
-                weight.mul_(nm_mask(weight, k, n).to(weight.dtype))
-                if restore is not None:
-                    grams = capture_grams(model, [name], batches, stop_after=name)
-                    if name in grams:  # a layer the calibration never reaches keeps its plain 2:4
-                        restore_layer(
-                            weight, original, grams[name], restore, groups=int(getattr(modules[name], "groups", 1))
-                        )
-                pruned = weight.detach().clone()
-                err = 0.0
-                for i, batch in enumerate(batches):
-                    if cache is None:
-                        weight.copy_(original)
-                        dense = _output(model, batch, i)
-                        weight.copy_(pruned)
-                    else:
-                        dense = cache[i]
+            gram = None
+            if restore is not None:  # a layer the calibration never reaches keeps its plain k:n
+                gram = capture_grams(model, [name], batches, stop_after=name).get(name)
+            removed = _removed(module, k, n, restore, gram)
+            err = 0.0
+            for i, batch in enumerate(batches):
+                dense = _output(model, batch, i) if cache is None else cache[i]
+                with _without(module, removed):
                     err += float((_output(model, batch, i) - dense).double().square().sum())
-            finally:
-                weight.copy_(original)
             out[name] = err / energy if energy > 0 else 0.0
         return out
-    finally:
-        model.train(was_training)
 
 
 def _damage_array(layers: Any, rule: str, restore: RestoreConfig | None) -> np.ndarray:
