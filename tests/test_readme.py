@@ -7,6 +7,8 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -102,3 +104,27 @@ def test_budget_seed_table_is_the_one_generated_from_the_committed_json() -> Non
     expected = report.seeds_block()
     assert expected is not None, "benchmarks/results/budget_seeds.json is missing"
     assert block.strip() == expected.strip(), "run: python benchmarks/budget_seeds.py --table-only --write-readme"
+
+
+def test_budget_figures_draw_the_committed_json_rows(tmp_path: Path) -> None:
+    """benchmarks/budgets_plot.py plots exactly the JSON rows and writes both figures the README shows."""
+    pytest.importorskip("matplotlib")
+    import json
+
+    plot = _bench_module("budgets_plot")
+    mix = plot.mix_series()
+    rows = json.loads((ROOT / "benchmarks" / "results" / "budgets-minilm.json").read_text())["rows"]
+    size45 = next(
+        r
+        for r in rows
+        if r["part"] == "mix" and not r["restore"] and r["setting"] == "45%" and r["method"] == plot.MIX_LINES["size"]
+    )
+    assert mix["minilm"]["plain"]["size"][2] == size45["loss"]
+    assert set(mix["efficientnet_lite0"]["restore"]) == set(plot.MIX_LINES)
+    layers = plot.layer_series()
+    assert all(len(v) == 3 for v in layers["fmnist_cnn"].values())
+    paths = plot.draw(out_dir=tmp_path)
+    assert [p.name for p in paths] == ["budgets-mix.png", "budgets-layers.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+    text = (ROOT / "benchmarks" / "README.md").read_text()
+    assert all(f"results/{p.name}" in text and (ROOT / "benchmarks" / "results" / p.name).is_file() for p in paths)
