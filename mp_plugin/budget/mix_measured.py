@@ -6,13 +6,13 @@ error of the whole model,
 
     d_ℓ = Σ_batches ‖y_ℓ − y‖²_F / Σ_batches ‖y‖²_F   (dimensionless),
 
-with y the dense model's output and y_ℓ the output with only layer ℓ 2:4. The
-weight itself is never changed: a forward hook on layer ℓ subtracts the part of its
-output that 2:4 removes, f(x; W − P₂:₄(W)) (a Linear or convolution is linear in its
-weight, so y − f(x; ΔW) = f(x; P₂:₄(W)) + b up to float rounding). The model
-therefore leaves unchanged, and an accelerate-offloaded layer (weight on meta) is
-brought in only to form ΔW (:func:`mp_plugin.layers.offload.onloaded`), one layer at a
-time, without writing anything to its offload store. The
+with y the dense model's output and y_ℓ the output with only layer ℓ 2:4. A layer in
+memory gets its 2:4 weight for the passes and its exact original back afterwards, so the
+model leaves unchanged. An accelerate-offloaded layer (weight on meta) is read once
+(:func:`mp_plugin.layers.offload.onloaded`) and never written: a forward hook subtracts
+the part of its output that 2:4 removes, f(x; W − P₂:₄(W)) (a Linear or convolution is
+linear in its weight, so y − f(x; ΔW) = f(x; P₂:₄(W)) + b up to float rounding); such a
+layer must run as a module (a weight used only functionally is refused). The
 output is the model's tensor, or its ``logits``, ``last_hidden_state``, or the first
 tensor of a tuple or dict; of a per-token output of a token batch (a dict with an
 ``attention_mask``) only the real tokens count. The model runs in eval mode (no dropout noise) and the
@@ -44,7 +44,7 @@ from torch import nn
 
 from mp_plugin.errors import CalibrationError, ConfigError
 from mp_plugin.layers.calibration import call_model, eval_mode, real_tokens, token_mask
-from mp_plugin.layers.offload import onloaded
+from mp_plugin.layers.offload import is_offloaded, onloaded
 from mp_plugin.layers.patterns import Pattern
 from mp_plugin.masks.select import nm_mask
 from mp_plugin.progress import progress
@@ -91,9 +91,36 @@ def _weight_term(module: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], to
     )
 
 
+def _kn_change(
+    module: nn.Module, offloaded: bool, k: int, n: int, restore: RestoreConfig | None, gram: Any
+) -> torch.Tensor:
+    """What makes one layer k:n: W̃ (its magnitude k:n weight, re-solved on ``gram`` when ``restore``
+    is given) for a layer in memory, ΔW = W − W̃ for an accelerate-offloaded one (read, not written)."""
+    with onloaded([module]):
+        dense = module.weight.detach()
+        pruned = dense * nm_mask(dense, k, n).to(dense.dtype)
+        if restore is not None and gram is not None:
+            restore_layer(pruned, dense, gram, restore, groups=int(getattr(module, "groups", 1)))
+        return dense - pruned if offloaded else pruned
+
+
 @contextlib.contextmanager
-def _without(module: nn.Module, removed: torch.Tensor) -> Iterator[None]:
-    """Inside the block the layer outputs f(x; W − ``removed``) + b: its forward minus f(x; ``removed``)."""
+def _kn_applied(module: nn.Module, name: str, change: torch.Tensor, offloaded: bool) -> Iterator[None]:
+    """Inside the block the layer computes with W̃; afterwards it is exactly as before.
+
+    In memory, W̃ is swapped into the weight and the original put back (this also covers a
+    weight used outside the module's own forward). Offloaded, the weight is not touched: a
+    forward hook subtracts f(x; ΔW) from the layer's output.
+    """
+    if not offloaded:
+        weight = module.weight.detach()
+        original = weight.clone()
+        weight.copy_(change)
+        try:
+            yield
+        finally:
+            weight.copy_(original)
+        return
     term = _weight_term(module)
     moved: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
@@ -101,7 +128,7 @@ def _without(module: nn.Module, removed: torch.Tensor) -> Iterator[None]:
         x = args[0] if args else next(iter(kwargs.values()))
         key = (x.device, x.dtype)
         if key not in moved:
-            moved[key] = removed.to(x.device, x.dtype)
+            moved[key] = change.to(x.device, x.dtype)
         return out - term(x, moved[key])
 
     handle = module.register_forward_hook(hook, with_kwargs=True)
@@ -109,16 +136,11 @@ def _without(module: nn.Module, removed: torch.Tensor) -> Iterator[None]:
         yield
     finally:
         handle.remove()
-
-
-def _removed(module: nn.Module, k: int, n: int, restore: RestoreConfig | None, gram: Any) -> torch.Tensor:
-    """ΔW = W − W̃ of one layer: W̃ its magnitude k:n weight, re-solved on ``gram`` when ``restore`` is given."""
-    with onloaded([module]):  # an offloaded weight is brought in (read only) and released
-        dense = module.weight.detach()
-        pruned = dense * nm_mask(dense, k, n).to(dense.dtype)
-        if restore is not None and gram is not None:
-            restore_layer(pruned, dense, gram, restore, groups=int(getattr(module, "groups", 1)))
-        return (dense - pruned).clone()
+    if not moved:
+        raise ConfigError(
+            f"offloaded layer {name!r} never ran as a module on the calibration data (is its weight used "
+            "functionally?): the measured mix rules cannot change it there; use mix_rule='mp-bulk'"
+        )
 
 
 @torch.no_grad()
@@ -169,17 +191,19 @@ def measured_kn_damage(
         out: dict[str, float] = {}
         for name in progress(list(names), desc="2:4 damage per layer", unit="layer", disable=not show_progress):
             module = modules[name]
-            _weight_term(module)  # an unsupported layer type fails before any pass
+            offloaded = is_offloaded(module)
+            if offloaded:
+                _weight_term(module)  # a layer type the hook cannot subtract fails before any pass
             if not pattern.eligible(tuple(module.weight.shape)):
                 continue
             gram = None
             if restore is not None:  # a layer the calibration never reaches keeps its plain k:n
                 gram = capture_grams(model, [name], batches, stop_after=name).get(name)
-            removed = _removed(module, k, n, restore, gram)
+            change = _kn_change(module, offloaded, k, n, restore, gram)
             err = 0.0
             for i, batch in enumerate(batches):
                 dense = _output(model, batch, i) if cache is None else cache[i]
-                with _without(module, removed):
+                with _kn_applied(module, name, change, offloaded):
                     err += float((_output(model, batch, i) - dense).double().square().sum())
             out[name] = err / energy if energy > 0 else 0.0
         return out
