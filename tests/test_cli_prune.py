@@ -71,6 +71,8 @@ def test_prune_dense_24_mix_efficientnet_lite0(efficientnet_lite0, tmp_path: Pat
     assert main([*args, "--out", str(out)]) == 0
     plan = PrunePlan.load(out / "plan.json")
     assert plan.config.mix_rule == "mp-bulk" and plan.config.auto_patterns == ("dense", "2:4")
+    n24 = sum(lp.pattern == "2:4" for lp in plan.layers)
+    assert f"dense/2:4 mix: {n24} of {len(plan.layers)} layers take 2:4" in capsys.readouterr().out
     assert {lp.pattern for lp in plan.layers} == {"dense", "2:4"}
     removed = sum(lp.n_prune for lp in plan.layers) / sum(lp.numel for lp in plan.layers)
     # within the knapsack's 0.5 % tolerance, plus at most half a 1/4096 cost step per chosen layer
@@ -99,6 +101,7 @@ def test_prune_measured_mix_on_calibration_photos(efficientnet_lite0, tmp_path: 
     assert main([*args, "--out", str(out)]) == 0
     plan = PrunePlan.load(out / "plan.json")
     assert plan.config.mix_rule == "measured" and {lp.pattern for lp in plan.layers} == {"dense", "2:4"}
+    assert "chosen by mix rule 'measured' (each layer's 2:4 damage measured" in capsys.readouterr().out
     removed = sum(lp.n_prune for lp in plan.layers) / sum(lp.numel for lp in plan.layers)
     assert abs(removed - 0.3) <= 0.005 + sum(lp.pattern == "2:4" for lp in plan.layers) / 8192
     # with calibration images 'measured' is also the default rule of the mix
