@@ -423,6 +423,20 @@ def test_apply_to_an_offloaded_llama_writes_the_pruned_weights_back(tmp_path, ho
         torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=1e-6, atol=1e-6)
 
 
+def _llama_twins(pattern: str, seed: int, tokens: int) -> tuple:
+    """A tiny Llama, its deep copy, the copy's 50 % plan, two calibration batches and a held-out batch."""
+    import copy
+
+    import mp_plugin as mp
+
+    model = decoder("llama")
+    twin = copy.deepcopy(model)
+    p = mp.plan(twin, sparsity=0.5, pattern=pattern)
+    g = torch.Generator().manual_seed(seed)
+    calib = [{"input_ids": torch.randint(0, 384, (2, tokens), generator=g)} for _ in range(2)]
+    return model, twin, p, calib, torch.randint(0, 384, (2, 12), generator=g)
+
+
 @pytest.mark.parametrize("extra", ["cast", "sequential restore"])
 def test_calibrated_apply_to_a_disk_offloaded_llama_equals_the_in_memory_one(tmp_path, extra: str) -> None:
     pytest.importorskip("accelerate")
@@ -432,12 +446,7 @@ def test_calibrated_apply_to_a_disk_offloaded_llama_equals_the_in_memory_one(tmp
 
     import mp_plugin as mp
 
-    model = decoder("llama")
-    twin = copy.deepcopy(model)
-    p = mp.plan(twin, sparsity=0.5, pattern="2:4")
-    g = torch.Generator().manual_seed(3)
-    calib = [{"input_ids": torch.randint(0, 384, (2, 32), generator=g)} for _ in range(2)]
-    held_out = torch.randint(0, 384, (2, 12), generator=g)
+    model, twin, p, calib, held_out = _llama_twins("2:4", seed=3, tokens=32)
     kwargs = {"projection": "cast"} if extra == "cast" else {"restore": mp.RestoreConfig(sequential=True)}
     _offload(model, "disk", tmp_path)
     on_disk, in_memory = copy.deepcopy(p), copy.deepcopy(p)
@@ -461,18 +470,12 @@ def test_calibrated_apply_to_a_disk_offloaded_llama_equals_the_in_memory_one(tmp
 @pytest.mark.parametrize("how", ["disk", "device_map"])
 def test_measured_mix_damage_of_an_offloaded_llama_equals_the_in_memory_one(tmp_path, how: str) -> None:
     pytest.importorskip("accelerate")
-    import copy
 
     import mp_plugin as mp
     from mp_plugin.budget.mix_measured import measured_kn_damage
 
-    model = decoder("llama")
-    twin = copy.deepcopy(model)
-    ref_plan = mp.plan(twin, sparsity=0.5, pattern="unstructured")
+    model, twin, ref_plan, calib, held_out = _llama_twins("unstructured", seed=5, tokens=16)
     names = [lp.name for lp in ref_plan.layers]
-    g = torch.Generator().manual_seed(5)
-    calib = [{"input_ids": torch.randint(0, 384, (2, 16), generator=g)} for _ in range(2)]
-    held_out = torch.randint(0, 384, (2, 12), generator=g)
     _offload(model, how, tmp_path)
     modules = dict(model.named_modules())
     assert modules["model.layers.1.mlp.down_proj"].weight.is_meta
