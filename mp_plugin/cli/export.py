@@ -55,9 +55,9 @@ def run(args: argparse.Namespace) -> int:
 
         plan = PrunePlan.load(args.plan)
     if args.magnitude_24:
-        from mp_plugin.evaluation.latency import prune_24_
+        from mp_plugin.masks.select import magnitude_kn_
 
-        print(f"magnitude-pruned {len(prune_24_(model))} layers to 2:4")
+        print(f"magnitude-pruned {len(magnitude_kn_(model, 2, 4))} layers to 2:4")
     report = export_onnx(
         model,
         args.out,
