@@ -102,6 +102,11 @@ def test_prune_measured_mix_on_calibration_photos(efficientnet_lite0, tmp_path: 
     plan = PrunePlan.load(out / "plan.json")
     assert plan.config.mix_rule == "measured" and {lp.pattern for lp in plan.layers} == {"dense", "2:4"}
     assert "chosen by mix rule 'measured' (each layer's 2:4 damage measured" in capsys.readouterr().out
+    # at 50 % the candidates are rounded per layer, not chosen as a mix: no mix line, no rule recorded
+    half = [a if a != "0.3" else "0.5" for a in args if a not in ("--mix-rule", "measured")]
+    assert main([*half, "--out", str(tmp_path / "half")]) == 0
+    assert "dense/2:4 mix:" not in capsys.readouterr().out
+    assert PrunePlan.load(tmp_path / "half" / "plan.json").config.mix_rule is None
     removed = sum(lp.n_prune for lp in plan.layers) / sum(lp.numel for lp in plan.layers)
     assert abs(removed - 0.3) <= 0.005 + sum(lp.pattern == "2:4" for lp in plan.layers) / 8192
     # with calibration images 'measured' is also the default rule of the mix

@@ -496,6 +496,11 @@ def test_measured_mix_damage_of_an_offloaded_llama_equals_the_in_memory_one(tmp_
     assert [lp.pattern for lp in mixed.layers] == [lp.pattern for lp in mixed_ref.layers]
     assert {lp.pattern for lp in mixed.layers} == {"dense", "2:4"}
     assert modules["model.layers.1.mlp.down_proj"].weight.is_meta
+    # the calibrated noise-floor budget reads each offloaded weight the same way
+    floor = mp.plan(model, 0.5, "unstructured", "noise-floor", reuse_fits=offloaded, calibration=calib)
+    floor_ref = mp.plan(twin, 0.5, "unstructured", "noise-floor", reuse_fits=ref_plan, calibration=calib)
+    assert [lp.n_prune for lp in floor.layers] == [lp.n_prune for lp in floor_ref.layers]
+    assert modules["model.layers.1.mlp.down_proj"].weight.is_meta
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=held_out).logits, twin(input_ids=held_out).logits)
 

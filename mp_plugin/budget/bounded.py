@@ -4,12 +4,13 @@ The paper's SEB rule z-scores a spectral signal and lets a global threshold turn
 any spread into large reallocations (``benchmarks/budget_diagnosis.py``). The
 methods here instead follow AlphaPruning's mapping (Lu et al., NeurIPS 2024):
 
-1. a per-layer signal v_ℓ (NaN → the mean of the finite ones);
+1. a per-layer signal v_ℓ (NaN where the layer has no usable fit);
 2. averaged per block (``block_average``: the layers sharing a transformer
    block / conv stage prefix, :func:`layer_blocks`; AlphaPruning averages per
-   decoder block);
-3. mapped linearly onto u_ℓ = 2(v_ℓ − min v)/(max v − min v) − 1 ∈ [−1, 1]
-   (all 0 when the signal does not vary);
+   decoder block), NaN entries left out, so a NaN takes its block's mean;
+3. mapped linearly onto u_ℓ = 2(v_ℓ − min v)/(max v − min v) − 1 ∈ [−1, 1] over the
+   finite values (all 0 when the signal does not vary); a value still NaN gets u_ℓ = 0,
+   the middle of the band;
 4. r_ℓ = clip(s + c + d·ε·u_ℓ, max(0, s − ε), min(s + ε, max_sparsity)), with the
    direction d = ±1 of the method and one shift c found by bisection so that the
    parameter-weighted mean Σ n_ℓ r_ℓ / Σ n_ℓ is exactly s;

@@ -17,6 +17,7 @@ import torch
 from mp_plugin.budget.bounded import bounded_config, bounded_counts, magnitude_center, ratios_to_counts
 from mp_plugin.budget.rules import BudgetContext, register_budget_method
 from mp_plugin.errors import ConfigError
+from mp_plugin.layers.offload import onloaded
 from mp_plugin.masks.scores import input_norms, wanda_scores
 from mp_plugin.masks.select import unstructured_mask
 from mp_plugin.restore import RestoreConfig, capture_grams, restore_layer
@@ -90,12 +91,13 @@ def noise_floor_curves(
         if name not in grams:
             continue
         mod = modules[name]
-        dense = mod.weight.detach()
         errs = []
-        for g in grid:
-            w = dense * unstructured_mask(dense, int(round(g * dense.numel()))).to(dense.dtype)
-            rec = restore_layer(w, dense, grams[name], cfg, groups=int(getattr(mod, "groups", 1)))
-            errs.append(rec["rel_error_after"])
+        with onloaded([mod]):  # an accelerate-offloaded weight is read here, one layer at a time
+            dense = mod.weight.detach()
+            for g in grid:
+                w = dense * unstructured_mask(dense, int(round(g * dense.numel()))).to(dense.dtype)
+                rec = restore_layer(w, dense, grams[name], cfg, groups=int(getattr(mod, "groups", 1)))
+                errs.append(rec["rel_error_after"])
         out[name] = np.asarray(errs, dtype=np.float64)
     return out
 

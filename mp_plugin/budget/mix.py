@@ -35,7 +35,8 @@ The damage rules are a registry (:data:`DAMAGE_FUNCTIONS`; add one with
 knapsack exactly (:func:`knapsack_kn_layers`): of all the
 sets of eligible layers whose removed cost lies within ``tolerance`` (default 0.5 % of
 the total cost) of the target, the one with the least total damage Σ d_ℓ (dynamic
-programming over the removed cost, discretised to ``resolution`` steps). Summing the
+programming over the removed cost, discretised into at least 4096 steps and 100 per
+eligible layer; with thousands of layers, by damage per removed cost instead). Summing the
 d_ℓ treats the layers' damages as additive, an approximation (the layers of a network
 interact). The rank rules (``size``, ``budget``) visit the layers in rank order and take a layer
 when it brings the removed total closer to the target (:func:`choose_kn_layers`).
@@ -71,6 +72,7 @@ __all__ = [
     "MixLayers",
     "RANK_RULES",
     "DEPLOYABLE_MIX",
+    "MAX_KNAPSACK_CELLS",
     "choose_kn_layers",
     "choose_mix",
     "default_mix_rule",
@@ -88,6 +90,7 @@ CALIBRATED_MIX_RULES = ("measured", "measured-restore")  # damage rules that run
 RANK_RULES = ("size", "budget", "round")  # no damage estimate: an order (or, for "round", no selection)
 DEFAULT_MIX_RULE = "mp-bulk"
 DEPLOYABLE_MIX = ("dense", "2:4")
+MAX_KNAPSACK_CELLS = 50_000_000  # booleans of the knapsack table (50 MB); beyond, layers go by damage per cost
 
 
 @dataclass(frozen=True)
@@ -266,6 +269,7 @@ def knapsack_kn_layers(
     fraction: float = 0.5,
     tolerance: float = 0.005,
     resolution: int = 4096,
+    max_cells: int = MAX_KNAPSACK_CELLS,
 ) -> np.ndarray:
     """The set of layers that takes the k:n pattern with the least total damage near the target.
 
@@ -273,8 +277,14 @@ def knapsack_kn_layers(
     within ``tolerance``·Σ c of the target s·Σ c; when no set does, the reachable removed
     cost closest to the target is used (the larger of two equally close ones: the target
     asked for that much sparsity). Exact up to the discretisation of the removed cost
-    into ``resolution`` steps of Σ c / ``resolution`` (dynamic programming, O(L·resolution)
-    time and booleans); a layer that removes less than half a step stays dense.
+    into R steps of Σ c / R (dynamic programming, O(L·R) time and booleans), with
+    R = max(``resolution``, 100·L) for L eligible layers, so that the rounding of the chosen
+    layers' costs (at most half a step each) moves the total by at most ``tolerance`` more;
+    a layer that removes less than half a step stays dense. When L·R would exceed
+    ``max_cells`` (thousands of layers, e.g. the experts of a mixture-of-experts model,
+    each small against the total) the layers are instead taken in order of damage per
+    removed cost, d_ℓ / c_ℓ (:func:`choose_kn_layers`, exact costs; close to the optimum
+    when every layer is small against the target).
 
     Args:
         damage: (L,) d_ℓ (a measured loss may be slightly negative; NaN: unknown, treated as
@@ -285,7 +295,9 @@ def knapsack_kn_layers(
         sparsity: overall target s (fraction of the total cost to remove).
         fraction: cost fraction the pattern removes (0.5 for 2:4).
         tolerance: accepted distance from the target, as a fraction of the total cost.
-        resolution: number of cost steps of the discretisation.
+        resolution: the fewest cost steps of the discretisation (raised to 100 per eligible layer).
+        max_cells: the largest dynamic-programming table (layers × steps booleans) before the
+            damage-per-cost order is used instead.
 
     Returns:
         (L,) bool, True where the layer takes the pattern.
@@ -301,9 +313,14 @@ def knapsack_kn_layers(
     total = float(c.sum())
     if total <= 0 or sparsity <= 0:
         return np.zeros(len(c), dtype=bool)
+    n_ok = int((np.asarray(eligible, dtype=bool) & (c > 0)).sum())
+    steps = max(int(resolution), 100 * n_ok)
+    if n_ok * steps > max_cells:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return choose_kn_layers(np.where(c > 0, d / c, np.nan), c, eligible, sparsity, fraction)
     known = np.isfinite(d)
     d = np.where(known, d, float(np.abs(d[known]).sum()) + 1.0 if known.any() else 1.0)
-    unit = total / resolution
+    unit = total / steps
     size = np.rint(fraction * c / unit).astype(np.int64)
     ok = np.asarray(eligible, dtype=bool) & (size > 0)
     top = int(size[ok].sum())
@@ -329,7 +346,7 @@ def knapsack_kn_layers(
                 k -= int(size[i])
         return out
 
-    near = reach[np.abs(reach - target) <= tolerance * resolution]
+    near = reach[np.abs(reach - target) <= tolerance * steps]
     if near.size:
         return members(int(near[np.argmin(best[near])]))
     # none within tolerance: the closest reachable total below or above, compared in exact (undiscretised)

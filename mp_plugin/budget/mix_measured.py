@@ -12,7 +12,10 @@ model leaves unchanged. An accelerate-offloaded layer (weight on meta) is read o
 (:func:`mp_plugin.layers.offload.onloaded`) and never written: a forward hook subtracts
 the part of its output that 2:4 removes, f(x; W − P₂:₄(W)) (a Linear or convolution is
 linear in its weight, so y − f(x; ΔW) = f(x; P₂:₄(W)) + b up to float rounding); such a
-layer must run as a module (a weight used only functionally is refused). The
+layer must run as a module to be measured. A layer that never runs on the calibration data
+(and whose swap leaves the output unchanged) gets NaN, an unknown damage that the knapsack
+takes only when the target needs it; a layer whose weight is computed on access
+(a parametrization, weight_norm) is refused. The
 output is the model's tensor, or its ``logits``, ``last_hidden_state``, or the first
 tensor of a tuple or dict; of a per-token output of a token batch (a dict with an
 ``attention_mask``) only the real tokens count. The model runs in eval mode (no dropout noise) and the
@@ -33,14 +36,14 @@ mix_rule="measured"), calibration=batches)``).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from mp_plugin.errors import CalibrationError, ConfigError
 from mp_plugin.layers.calibration import call_model, eval_mode, real_tokens, token_mask
@@ -92,10 +95,17 @@ def _weight_term(module: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], to
 
 
 def _kn_change(
-    module: nn.Module, offloaded: bool, k: int, n: int, restore: RestoreConfig | None, gram: Any
+    module: nn.Module, name: str, offloaded: bool, k: int, n: int, restore: RestoreConfig | None, gram: Any
 ) -> torch.Tensor:
     """What makes one layer k:n: W̃ (its magnitude k:n weight, re-solved on ``gram`` when ``restore``
     is given) for a layer in memory, ΔW = W − W̃ for an accelerate-offloaded one (read, not written)."""
+    if parametrize.is_parametrized(module, "weight") or (
+        "weight" not in module._parameters and "weight" not in module._buffers
+    ):
+        raise ConfigError(
+            f"layer {name!r}: its weight is computed on every access (a parametrization or weight_norm), so the "
+            "measured mix rules cannot put 2:4 on it; remove that first, or use mix_rule='mp-bulk'"
+        )
     with onloaded([module]):
         dense = module.weight.detach()
         pruned = dense * nm_mask(dense, k, n).to(dense.dtype)
@@ -104,43 +114,49 @@ def _kn_change(
         return dense - pruned if offloaded else pruned
 
 
-@contextlib.contextmanager
-def _kn_applied(module: nn.Module, name: str, change: torch.Tensor, offloaded: bool) -> Iterator[None]:
-    """Inside the block the layer computes with W̃; afterwards it is exactly as before.
+class _KnSwitch:
+    """Turns one layer's k:n version on and off, and counts the layer's calls while it is on.
 
-    In memory, W̃ is swapped into the weight and the original put back (this also covers a
-    weight used outside the module's own forward). Offloaded, the weight is not touched: a
-    forward hook subtracts f(x; ΔW) from the layer's output.
+    In memory, W̃ is copied into the weight while on and the original copied back when off
+    (this also reaches a weight used outside the module's own forward). Offloaded, the weight
+    is never touched: while on, a forward hook subtracts f(x; ΔW) from the layer's output (on
+    the output's device and in its dtype). :meth:`close` puts everything back.
     """
-    if not offloaded:
-        weight = module.weight.detach()
-        original = weight.clone()
-        weight.copy_(change)
-        try:
-            yield
-        finally:
-            weight.copy_(original)
-        return
-    term = _weight_term(module)
-    moved: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
-    def hook(mod: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor:
+    def __init__(self, module: nn.Module, change: torch.Tensor, offloaded: bool) -> None:
+        self.module, self.change, self.offloaded = module, change, offloaded
+        self.term = _weight_term(module) if offloaded else None
+        self.original = None if offloaded else module.weight.detach().clone()
+        self.active, self.calls = False, 0
+        self.moved: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self.handle = module.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+        if not self.active:
+            return None
+        self.calls += 1
+        if self.term is None:
+            return None
         x = args[0] if args else next(iter(kwargs.values()))
+        x = x.to(out.device)  # accelerate moves the input to the layer's device after this hook's view of it
         key = (x.device, x.dtype)
-        if key not in moved:
-            moved[key] = change.to(x.device, x.dtype)
-        return out - term(x, moved[key])
+        if key not in self.moved:
+            self.moved[key] = self.change.to(x.device, x.dtype)
+        return out - self.term(x, self.moved[key]).to(out.dtype)
 
-    handle = module.register_forward_hook(hook, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-    if not moved:
-        raise ConfigError(
-            f"offloaded layer {name!r} never ran as a module on the calibration data (is its weight used "
-            "functionally?): the measured mix rules cannot change it there; use mix_rule='mp-bulk'"
-        )
+    def on(self) -> None:
+        self.active = True
+        if self.original is not None:
+            self.module.weight.detach().copy_(self.change)
+
+    def off(self) -> None:
+        self.active = False
+        if self.original is not None:
+            self.module.weight.detach().copy_(self.original)
+
+    def close(self) -> None:
+        self.off()
+        self.handle.remove()
 
 
 @torch.no_grad()
@@ -172,7 +188,12 @@ def measured_kn_damage(
             one (twice the passes; e.g. a language model's logits over many tokens).
 
     Returns:
-        d_ℓ ≥ 0, dimensionless (0 when the dense output is all zero).
+        d_ℓ ≥ 0, dimensionless (0 when the dense output is all zero); NaN for a layer that
+        never ran as a module on the calibration data and left its output unchanged (unknown).
+
+    Raises:
+        ConfigError: a layer's weight is computed on access (parametrization, weight_norm), or
+            an offloaded layer is not a Linear/Conv1d/Conv2d.
     """
     batches = calibration if isinstance(calibration, list) else [calibration]
     if not batches:
@@ -199,13 +220,20 @@ def measured_kn_damage(
             gram = None
             if restore is not None:  # a layer the calibration never reaches keeps its plain k:n
                 gram = capture_grams(model, [name], batches, stop_after=name).get(name)
-            change = _kn_change(module, offloaded, k, n, restore, gram)
+            switch = _KnSwitch(module, _kn_change(module, name, offloaded, k, n, restore, gram), offloaded)
             err = 0.0
-            for i, batch in enumerate(batches):
-                dense = _output(model, batch, i) if cache is None else cache[i]
-                with _kn_applied(module, name, change, offloaded):
+            try:
+                for i, batch in enumerate(batches):
+                    dense = _output(model, batch, i) if cache is None else cache[i]
+                    switch.on()
                     err += float((_output(model, batch, i) - dense).double().square().sum())
-            out[name] = err / energy if energy > 0 else 0.0
+                    switch.off()
+            finally:
+                switch.close()
+            if switch.calls == 0 and err == 0:  # never ran on this data: its damage is unknown, not zero
+                out[name] = float("nan")
+            else:
+                out[name] = err / energy if energy > 0 else 0.0
         return out
 
 

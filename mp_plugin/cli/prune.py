@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from mp_plugin.budget.mix import CALIBRATED_MIX_RULES, DEPLOYABLE_MIX
+from mp_plugin.budget.mix import CALIBRATED_MIX_RULES
 from mp_plugin.cli.common import add_model_args, add_plan_args, model_from_args, plan_from_args
 from mp_plugin.errors import MPPluginError
 from mp_plugin.evaluation.models import save_pruned_checkpoint
 from mp_plugin.evaluation.photos import image_folder_batch
-from mp_plugin.planning.build import PrunePlan
+from mp_plugin.planning.build import PrunePlan, uses_mix
 from mp_plugin.pruning.apply_plan import MASK_METHODS, apply, sparsity_report
 from mp_plugin.restore import RestoreConfig
 
@@ -74,18 +74,15 @@ def calibration_from_args(args: argparse.Namespace) -> torch.Tensor | None:
 
 def mix_summary(plan: PrunePlan) -> str | None:
     """One line on the dense/2:4 mix: how many layers took 2:4 and which rule chose them (None: no mix)."""
-    patterns = [lp.pattern for lp in plan.layers]
-    if set(plan.config.auto_patterns) != set(DEPLOYABLE_MIX) or set(patterns) != set(DEPLOYABLE_MIX):
+    if not uses_mix(plan.pattern, plan.config, plan.sparsity):
         return None
-    removed = sum(lp.n_prune for lp in plan.layers) / max(1, sum(lp.numel for lp in plan.layers))
-    how = (
-        " (each layer's 2:4 damage measured on the calibration images)"
-        if plan.config.mix_rule in CALIBRATED_MIX_RULES
-        else ""
-    )
+    patterns = [lp.pattern for lp in plan.layers]
+    removed = sum(lp.sparsity * lp.numel for lp in plan.layers) / max(1, sum(lp.numel for lp in plan.layers))
+    rule = plan.config.mix_rule
+    how = " (each layer's 2:4 damage measured on the calibration images)" if rule in CALIBRATED_MIX_RULES else ""
     return (
         f"dense/2:4 mix: {patterns.count('2:4')} of {len(patterns)} layers take 2:4 ({removed:.1%} of the target "
-        f"weights removed), chosen by mix rule {plan.config.mix_rule!r}{how}"
+        f"weights removed), chosen by mix rule {rule!r}{how}"
     )
 
 

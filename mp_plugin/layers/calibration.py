@@ -134,13 +134,18 @@ def real_tokens(mask: torch.Tensor | None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode inside the ``with`` block; its training flag is restored on exit."""
-    was_training = model.training
+    """``model`` in eval mode inside the ``with`` block; every submodule's training flag is restored on exit.
+
+    (``model.train(flag)`` would set all of them alike, losing e.g. a BatchNorm kept in eval mode
+    inside a model being trained.)
+    """
+    flags = {m: m.training for m in model.modules()}
     model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for m, flag in flags.items():
+            m.training = flag
 
 
 def layer_input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

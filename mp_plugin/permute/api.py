@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
 from mp_plugin.errors import ConfigError, MPPluginError, PatternError
-from mp_plugin.layers.calibration import call_model
+from mp_plugin.layers.calibration import call_model, eval_mode
 from mp_plugin.layers.discovery import find_target_layers
 from mp_plugin.layers.layout import kn_eligible
 from mp_plugin.layers.patterns import Pattern
@@ -44,17 +42,6 @@ def _default_input(model: nn.Module) -> torch.Tensor | None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, *size, generator=gen)
     return x.to(p.device, p.dtype) if p is not None else x
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, f in flags.items():
-            m.training = f
 
 
 def _flat(out: Any) -> list[torch.Tensor]:
@@ -92,7 +79,7 @@ def _max_diff(a: Any, b: Any) -> tuple[float, float]:
 def _recheck(model: nn.Module, name: str, captured: dict[str, tuple[tuple, dict, Any]]) -> float | None:
     """Re-run module ``name`` on its captured input; None when its output is unchanged, else max |Δ|."""
     args, kwargs, out = captured[name]
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), eval_mode(model):
         new_out = model.get_submodule(name)(*args, **kwargs)
     diff, scale = _max_diff(out, new_out)
     return None if diff <= _tolerance(out, scale) else diff
@@ -113,7 +100,7 @@ def _activation_energy(model: nn.Module, names: list[str], example: Any) -> dict
 
         handles.append(mod.register_forward_pre_hook(hook))
     try:
-        with torch.no_grad(), _eval_mode(model):
+        with torch.no_grad(), eval_mode(model):
             _run(model, example)
     finally:
         for h in handles:
@@ -213,7 +200,7 @@ def permute_channels(
     report.notes.extend(notes)
     if example is not None and partials:
         try:
-            with _eval_mode(model):
+            with eval_mode(model):
                 couplings += link_partials(model, partials, example, _run)
         except Exception as exc:
             if example_input is not None:
@@ -240,7 +227,7 @@ def permute_channels(
 
             handles.append(model.get_submodule(vname).register_forward_hook(hook, with_kwargs=True))
         try:
-            with torch.no_grad(), _eval_mode(model):
+            with torch.no_grad(), eval_mode(model):
                 reference = _run(model, example)
         except Exception as exc:
             if example_input is not None:
@@ -387,7 +374,7 @@ def permute_channels(
         report.skipped.append(SkippedPermutation(name, failure_reason.get(name, "no coupling found in the graph")))
 
     if reference is not None:
-        with torch.no_grad(), _eval_mode(model):
+        with torch.no_grad(), eval_mode(model):
             after_out = _run(model, example)
         diff, scale = _max_diff(reference, after_out)
         report.verified, report.max_abs_diff = diff <= _tolerance(reference, scale), diff

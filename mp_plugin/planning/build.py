@@ -91,6 +91,17 @@ def split_method(
     return ("seb", "cast") if old == "cast" else (old, projection)
 
 
+def uses_mix(pattern: str | Pattern, config: PlanConfig, sparsity: float) -> bool:
+    """Whether ``plan`` chooses the dense/2:4 mix: pattern "auto" with candidates dense and 2:4, 0 < s < 0.5,
+    and a mix rule other than ``"round"``."""
+    return (
+        pattern == "auto"
+        and set(config.auto_patterns) == set(DEPLOYABLE_MIX)
+        and 0 < sparsity < 0.5
+        and config.mix_rule != "round"
+    )
+
+
 def _choose_mix(
     targets: list[TargetLayer],
     fits: list,
@@ -104,6 +115,17 @@ def _choose_mix(
     """The dense/2:4 mix of :mod:`mp_plugin.budget.mix` for ``cfg.mix_rule``: True = the layer takes 2:4."""
     names = [t.name for t in targets]
     shapes = [tuple(t.weight.shape) for t in targets]  # shapes and sizes never load an offloaded weight
+    for field in ("mix_scores", "mix_costs"):
+        given = getattr(cfg, field) or {}
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            raise ConfigError(
+                f"{field} names {len(unknown)} layer(s) that are not target layers of this model, e.g. "
+                f"{unknown[:3]}; the targets are named like {names[:2]}"
+            )
+    missing = [n for n in names if cfg.mix_costs is not None and n not in cfg.mix_costs]
+    if missing:  # weights for some layers and MACs for others would be no cost at all
+        raise ConfigError(f"mix_costs has no cost for {len(missing)} target layer(s), e.g. {missing[:3]}; give all")
     costs = [float((cfg.mix_costs or {}).get(n, math.prod(sh))) for n, sh in zip(names, shapes)]
     kn = Pattern.parse("2:4")
     eligible = [kn.eligible(sh) for sh in shapes]
@@ -118,6 +140,17 @@ def _choose_mix(
         show_progress,
     )
     chosen = choose_mix(cfg.mix_rule, layers, eligible, s, costs, budgets)
+    total = sum(costs)
+    removed = 0.5 * sum(c for c, x in zip(costs, chosen) if x) / total
+    if abs(removed - s) > 0.01:
+        room = 0.5 * sum(c for c, ok in zip(costs, eligible) if ok) / total
+        unit = "MACs" if cfg.mix_costs is not None else "weights"
+        warnings.warn(
+            f"dense/2:4 mix: whole layers take 2:4, and the chosen ones remove {removed:.2%} of the target "
+            f"layers' {unit}, asked {s:.2%} (the closest the chosen rule reached; 2:4 on every eligible layer "
+            f"would remove {room:.2%})",
+            stacklevel=3,
+        )
     return [bool(x) for x in chosen]
 
 
@@ -192,7 +225,7 @@ def plan(
     pat = None if pattern == "auto" else Pattern.parse(pattern)
     if pat is not None and pat.kind == "dense":
         raise PatternError(f"pattern {pattern!r} prunes nothing; use 'unstructured', 'auto' or a k:n pattern")
-    use_mix = pat is None and set(cfg.auto_patterns) == set(DEPLOYABLE_MIX) and s < 0.5 and cfg.mix_rule != "round"
+    use_mix = uses_mix(pattern, cfg, s)
     if use_mix and cfg.mix_rule in CALIBRATED_MIX_RULES and calibration is None:
         raise ConfigError(f"mix rule {cfg.mix_rule!r} needs calibration data: plan(..., calibration=batches)")
     model = unwrap_model(model)
@@ -202,7 +235,7 @@ def plan(
             f"{type(model).__name__} has no prunable Linear/Conv layer under the selection rules"
             + (f" ({len(skipped)} skipped: {skipped[0].name}: {skipped[0].reason}, …)" if skipped else "")
         )
-    if cfg.mix_rule is None:  # the plan records the rule it used
+    if use_mix and cfg.mix_rule is None:  # the plan records the rule it used (None: no mix was chosen)
         offloaded = any(is_offloaded(t.module) for t in targets)
         cfg = dataclasses.replace(cfg, mix_rule=default_mix_rule(calibration, offloaded))
     fits, notes = _fit_layers(targets, cfg, show_progress, reuse_fits, distributed)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -60,16 +61,19 @@ class PlanConfig:
         bounded: :class:`~mp_plugin.budget.bounded.BoundedConfig` for the bounded budgets
             (``alpha``, ``bounded-*``, ``owl``, ``noise-floor``).
         bulk_share: :class:`~mp_plugin.budget.bulk_share.BulkShareConfig` for ``mp-bulk``.
-        mix_rule: with ``pattern="auto"``, ``auto_patterns=("dense", "2:4")`` and s < 0.5,
+        mix_rule: with ``pattern="auto"``, ``auto_patterns=("dense", "2:4")`` and 0 < s < 0.5,
             how the layers that take 2:4 are chosen (:func:`mp_plugin.budget.mix.mix_rules`).
             None (default): :func:`mp_plugin.budget.mix.default_mix_rule`, i.e. ``"measured"``
             (each layer's 2:4 damage measured on the ``calibration`` of :func:`plan`) when
-            calibration is given, else ``"mp-bulk"`` (data-free); the plan records the rule it
-            used. ``"round"`` = round each budget to the nearest pattern instead.
+            calibration is given, else ``"mp-bulk"`` (data-free); a plan that chose the mix
+            records the rule it used (otherwise it stays None). ``"round"`` = round each
+            budget to the nearest pattern instead. A plan whose chosen layers miss the target
+            by more than 1 % of the cost (whole layers only) warns.
         mix_scores: per-layer damage of putting 2:4 on the layer for ``mix_rule="scores"``
-            (e.g. the measured loss when only that layer is 2:4; lower → 2:4 sooner).
+            (e.g. the measured loss when only that layer is 2:4; lower → 2:4 sooner), keyed
+            by target layer name; finite, or NaN for unknown (taken only when needed).
         mix_costs: per-layer cost the mix target counts (default: weights; e.g. dense
-            MACs for equal sparse-execution MACs).
+            MACs for equal sparse-execution MACs): a finite cost ≥ 0 for every target layer.
     """
 
     alpha: float = 0.25
@@ -94,6 +98,19 @@ class PlanConfig:
             raise ConfigError(f"bulk_share must be a BulkShareConfig, got {type(self.bulk_share).__name__}")
         if self.mix_rule is not None and self.mix_rule not in mix_rules():
             raise ConfigError(f"mix_rule must be one of {mix_rules()}, got {self.mix_rule!r}")
+        for key, lowest in (("mix_scores", -math.inf), ("mix_costs", 0.0)):
+            values = getattr(self, key)
+            if values is None:
+                continue
+            if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+                raise ConfigError(f"{key} must be a dict {{layer name: number}}, got {type(values).__name__}")
+            for name, v in values.items():
+                ok = not isinstance(v, bool) and isinstance(v, numbers.Real)
+                if key == "mix_scores" and ok and math.isnan(v):
+                    continue  # an unknown damage: that layer takes 2:4 only when the target needs it
+                if not ok or not math.isfinite(v) or v < lowest:
+                    need = "a finite number ≥ 0" if key == "mix_costs" else "a finite number (or NaN: unknown)"
+                    raise ConfigError(f"{key}[{name!r}] must be {need}, got {v!r}")
         check_fit_options(self.alpha, self.beta, self.estimator, self.edge_compat)
         self.gram_dtype = str(resolve_gram_dtype(self.gram_dtype)).removeprefix("torch.")
         rtol = self.float32_sigma_rtol
