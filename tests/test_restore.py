@@ -234,9 +234,19 @@ def test_sequential_blocks_and_inputs_from_the_pruned_model():
         apply(model, p, calibration=calib, restore=RestoreConfig(sequential=seq))
         errs[seq] = _fidelity(model, dense, test)
         if seq:
-            # the last block's Gram was taken on the model pruned before it: recapturing it now gives the same H
-            gram = capture_grams(model, ["head"], calib)["head"]
-            assert p.applied["layers"]["head"]["restore"]["rows"] == gram.rows
+            # the last block's Gram was taken on the model pruned before it: its recorded error is the one on
+            # the pruned model's inputs to the head, not on the dense model's
+            w = dense.head.weight.double()
+            d = model.head.weight.double() - w
+
+            def rel_error(h: torch.Tensor, w: torch.Tensor = w, d: torch.Tensor = d) -> float:
+                return float(torch.trace(d @ h @ d.T) / torch.trace(w @ h @ w.T))
+
+            recorded = p.applied["layers"]["head"]["restore"]["rel_error_after"]
+            on_pruned = rel_error(capture_grams(model, ["head"], calib)["head"].gram[0].double())
+            on_dense = rel_error(capture_grams(dense, ["head"], calib)["head"].gram[0].double())
+            assert recorded == pytest.approx(on_pruned, rel=1e-6)
+            assert recorded != pytest.approx(on_dense, rel=1e-3)
     assert errs[True] < errs[False] * 1.05  # sequential is no worse here (it corrects predecessors' error)
 
 
@@ -395,3 +405,14 @@ def test_restore_table_survives_a_hand_edited_record():
     p.applied["restore"] = "tampered"
     table = p.restore_table()
     assert "one note" in table and "head" in table
+
+
+def test_apply_with_calibration_keeps_every_submodule_train_flag():
+    """A frozen BatchNorm inside a model in training stays frozen through obs projection and restore."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 8))
+    model.train()
+    model[1].eval()
+    p = mp.plan(model, sparsity=0.5, pattern="2:4", budget="uniform", config=_all_layers())
+    apply(model, p, calibration=[torch.randn(64, 16)], projection="obs", restore=RestoreConfig())
+    assert model.training and model[0].training and model[3].training and not model[1].training

@@ -543,3 +543,21 @@ def test_scale_section_of_benchmarks_readme_is_generated_from_the_json() -> None
     assert block == module.table(result), "scale section differs: run python benchmarks/scale.py --table-only"
     plan = result["summary"]["1.1b"]["plan"]
     assert plan["peak_rss_gib"] < 18.4 - 2  # the run of the old code peaked at 18.4 GB
+
+
+def test_preload_offloading_and_restore_model_on_an_offloaded_model_are_refused_by_name(tmp_path) -> None:
+    pytest.importorskip("accelerate")
+    from accelerate import cpu_offload
+
+    import mp_plugin as mp
+
+    model = decoder("llama", layers=1)
+    p = mp.plan(model, sparsity=0.5, pattern="2:4")
+    cpu_offload(model, execution_device="cpu", preload_module_classes=["LlamaDecoderLayer"])
+    for call in (lambda: mp.apply(model, p), lambda: mp.plan(model, sparsity=0.5)):
+        with pytest.raises(mp.InvalidWeightError, match="preload_module_classes"):
+            call()
+    offloaded, dense = decoder("llama", layers=1), decoder("llama", layers=1)
+    _offload(offloaded, "disk", tmp_path)
+    with pytest.raises(mp.MPPluginError, match="restore_model needs the layers in memory"):
+        mp.restore_model(offloaded, dense, [{"input_ids": torch.randint(0, 384, (1, 8))}])

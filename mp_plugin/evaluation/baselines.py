@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mp_plugin.errors import MPPluginError
-from mp_plugin.layers.calibration import first_batch, run_batches
+from mp_plugin.layers.calibration import eval_mode, first_batch, run_batches
 from mp_plugin.layers.patterns import Pattern
 from mp_plugin.masks.scores import input_norms, per_row_mask, wanda_scores
 from mp_plugin.masks.select import assert_kn_exact, check_nm, nm_mask
@@ -287,16 +287,14 @@ def _hook_input_refusals(model: nn.Module, modules: dict[str, nn.Module], calibr
 
         return fn
 
-    was_training = model.training
     try:
-        model.eval()
-        for name, module in modules.items():
-            handles.append(module.register_forward_hook(hook(name)))
-        run_batches(model, first_batch(calibration))
+        with eval_mode(model):
+            for name, module in modules.items():
+                handles.append(module.register_forward_hook(hook(name)))
+            run_batches(model, first_batch(calibration))
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     out = {name: reason for name, reason in seen.items() if reason is not None}
     out.update({name: "the calibration forward never reached it" for name in modules if name not in seen})
     return out
@@ -441,15 +439,12 @@ def torchao_wanda(
         raise BaselineNotApplicable("torchao's WandaSparsifier handles Linear layers only; this model has conv targets")
     level = float(sparsity) if not pat.is_kn else 0.5
     sparsifier = WandaSparsifier(sparsity_level=level, semi_structured_block_size=pat.n if pat.is_kn else None)
-    was_training = model.training
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), eval_mode(model):
         warnings.simplefilter("ignore")
         sparsifier.prepare(model, [{"tensor_fqn": f"{lp.name}.weight"} for lp in layers])
-        model.eval()
         run_batches(model, calibration)
         sparsifier.step()
         sparsifier.squash_mask()
-    model.train(was_training)
     return model
 
 

@@ -24,7 +24,8 @@ through ``sys.modules``.
 Not handled: a weight tied to another offloaded entry that is stored under a second key in a
 disk store (only the pruned key's file is rewritten; a CPU dict store holding one tensor under
 both keys is updated for both), and modules offloaded through a parent's hook
-(``preload_module_classes``), whose own weight has no hook of its own.
+(``preload_module_classes``), whose own weight has no hook of its own (``plan`` and
+``apply`` refuse them by name, :func:`preload_reason`).
 """
 
 from __future__ import annotations
@@ -40,13 +41,41 @@ from torch import nn
 
 from mp_plugin.errors import MPPluginError
 
-__all__ = ["is_offloaded", "onloaded", "write_back"]
+__all__ = ["is_offloaded", "offloading_ancestor", "onloaded", "preload_reason", "write_back"]
 
 
 def is_offloaded(module: nn.Module) -> bool:
     """True for a module whose weight accelerate offloaded (meta tensor behind an ``_hf_hook``)."""
     weight = getattr(module, "weight", None)
     return getattr(module, "_hf_hook", None) is not None and isinstance(weight, torch.Tensor) and weight.is_meta
+
+
+def offloading_ancestor(model: nn.Module, name: str) -> str | None:
+    """The name of the nearest ancestor of module ``name`` that carries an accelerate offload hook, or None.
+
+    A module offloaded through a parent's hook (``preload_module_classes``) has a meta weight and no
+    hook of its own; only the parent's forward brings it in.
+    """
+    modules = dict(model.named_modules())
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        prefix = ".".join(parts[:i])
+        hook = getattr(modules.get(prefix), "_hf_hook", None)
+        if hook is not None and getattr(hook, "offload", False):
+            return prefix or "<model>"
+    return None
+
+
+def preload_reason(model: nn.Module, name: str) -> str | None:
+    """Why layer ``name`` (weight on meta) cannot be brought in one at a time, when a parent offloads it; else None."""
+    parent = offloading_ancestor(model, name)
+    if parent is None:
+        return None
+    return (
+        f"layer {name!r} is offloaded through its parent {parent!r}'s accelerate hook (preload_module_classes), "
+        "which cannot be brought in one layer at a time; offload without preload_module_classes (e.g. a "
+        "device_map) or load the model in memory"
+    )
 
 
 def _accelerate_utils() -> Any:

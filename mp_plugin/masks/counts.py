@@ -98,7 +98,8 @@ def global_prune_counts(weights: Sequence[torch.Tensor], layer_w: Sequence[float
     concatenated scores.
     """
     s = check_sparsity(sparsity)
-    sizes = [int(w.numel()) for w in weights]
+    numels = getattr(weights, "numels", None)  # LayerWeights: sizes without loading an offloaded weight
+    sizes = [int(n) for n in numels()] if callable(numels) else [int(w.numel()) for w in weights]
     total = sum(sizes)
     target = int(round(s * total))
     if target == 0:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mp_plugin.errors import PatternError
-from mp_plugin.layers.calibration import layer_input_rows, run_batches
+from mp_plugin.layers.calibration import eval_mode, layer_input_rows, run_batches
 
 __all__ = ["input_norms", "wanda_scores", "per_row_mask"]
 
@@ -42,16 +42,14 @@ def input_norms(model: nn.Module, names: list[str], calibration: Any) -> dict[st
 
         return fn
 
-    was_training = model.training
     try:
-        model.eval()
-        for name in names:
-            handles.append(modules[name].register_forward_hook(hook(name)))
-        run_batches(model, calibration)
+        with eval_mode(model):
+            for name in names:
+                handles.append(modules[name].register_forward_hook(hook(name)))
+            run_batches(model, calibration)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return {name: s.sqrt() for name, s in sums.items()}
 
 

@@ -22,9 +22,9 @@ from torch import nn
 
 from mp_plugin.budget.mix import CALIBRATED_MIX_RULES, DEPLOYABLE_MIX, MixLayers, choose_mix, default_mix_rule
 from mp_plugin.budget.rules import BUDGET_METHODS, DEFAULT_BUDGET, BudgetContext, default_budget
-from mp_plugin.errors import ConfigError, NoPrunableLayersError, PatternError
+from mp_plugin.errors import ConfigError, InvalidWeightError, NoPrunableLayersError, PatternError
 from mp_plugin.layers.discovery import TargetLayer, find_target_layers
-from mp_plugin.layers.offload import is_offloaded
+from mp_plugin.layers.offload import is_offloaded, preload_reason
 from mp_plugin.layers.patterns import Pattern, round_budget_to_pattern
 from mp_plugin.layers.wrappers import unwrap_model
 from mp_plugin.masks.counts import check_sparsity, global_prune_counts, uniform_prune_counts
@@ -235,6 +235,10 @@ def plan(
             f"{type(model).__name__} has no prunable Linear/Conv layer under the selection rules"
             + (f" ({len(skipped)} skipped: {skipped[0].name}: {skipped[0].reason}, …)" if skipped else "")
         )
+    for t in targets:
+        why = preload_reason(model, t.name) if t.weight.is_meta and not is_offloaded(t.module) else None
+        if why is not None:
+            raise InvalidWeightError(why)
     if use_mix and cfg.mix_rule is None:  # the plan records the rule it used (None: no mix was chosen)
         offloaded = any(is_offloaded(t.module) for t in targets)
         cfg = dataclasses.replace(cfg, mix_rule=default_mix_rule(calibration, offloaded))

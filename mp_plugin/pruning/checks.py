@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from mp_plugin.errors import CalibrationError, ConfigError, InvalidWeightError, PlanFormatError
-from mp_plugin.layers.offload import is_offloaded, onloaded
+from mp_plugin.layers.offload import is_offloaded, onloaded, preload_reason
 from mp_plugin.layers.patterns import Pattern
 from mp_plugin.planning.schema import check_plan_object
 
@@ -141,6 +141,9 @@ def check_apply_inputs(
             raise InvalidWeightError(f"layer {lp.name!r}: {why}")
         w = mod.weight
         if w.is_meta and not is_offloaded(mod):
+            why = preload_reason(model, lp.name)
+            if why is not None:
+                raise InvalidWeightError(why)
             raise InvalidWeightError(
                 f"layer {lp.name!r}: weight is on the meta device (no data); materialise the model "
                 "(e.g. model.to_empty(device='cpu') and load its weights) before apply"

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from mp_plugin.errors import MPPluginError
-from mp_plugin.layers.calibration import first_batch, run_batches
+from mp_plugin.layers.calibration import eval_mode, first_batch, run_batches
 from mp_plugin.layers.offload import onloaded
 from mp_plugin.layers.patterns import Pattern
 from mp_plugin.masks.cast import CastConfig
@@ -63,18 +63,16 @@ def execution_order(model: nn.Module, names: Sequence[str], data: Any) -> list[s
 
         return fn
 
-    was_training = model.training
     try:
-        model.eval()
-        for name in names:
-            handles.append(modules[name].register_forward_pre_hook(hook(name)))
-        batch = first_batch(data)
-        if batch is not None:
-            run_batches(model, [batch])
+        with eval_mode(model):
+            for name in names:
+                handles.append(modules[name].register_forward_pre_hook(hook(name)))
+            batch = first_batch(data)
+            if batch is not None:
+                run_batches(model, [batch])
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return seen + [n for n in names if n not in seen]
 
 

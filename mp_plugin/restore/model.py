@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from mp_plugin.errors import MPPluginError, PlanMismatchError
+from mp_plugin.layers.offload import is_offloaded
 from mp_plugin.progress import progress
 from mp_plugin.restore.config import RestoreConfig
 from mp_plugin.restore.driver import block_grams
@@ -45,6 +46,14 @@ def restore_model(
     if calibration is None or (isinstance(calibration, list) and not calibration):
         raise MPPluginError("restore needs calibration data (one batch or a list of batches of model inputs)")
     modules = dict(pruned.named_modules())
+    for model in (pruned, dense) if isinstance(dense, nn.Module) else (pruned,):
+        offloaded = next((n for n, m in model.named_modules() if is_offloaded(m)), None)
+        if offloaded is not None:
+            raise MPPluginError(
+                f"restore_model needs the layers in memory, but {offloaded!r} is offloaded by accelerate; "
+                "for an offloaded model prune and restore in one step: mp.apply(model, plan, calibration, "
+                "restore=RestoreConfig())"
+            )
     if layers is None:
         layers = [
             n

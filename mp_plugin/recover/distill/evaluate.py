@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mp_plugin.errors import PlanMismatchError
+from mp_plugin.layers.calibration import eval_mode
 from mp_plugin.layers.patterns import Pattern
 from mp_plugin.planning.build import PrunePlan
 from mp_plugin.recover.distill.config import DistillConfig
@@ -96,26 +97,24 @@ def evaluate(
     """
     ctx = dist or DistContext()
     dev = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # n, correct, loss·n, agree
-    labelled = True
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        x, y = split_batch(batch)
-        x = x.to(dev)
-        logits = model(x).float()
-        sums[0] += x.shape[0]
-        if y is not None:
-            y = y.to(dev)
-            sums[1] += float((logits.argmax(-1) == y).sum())
-            sums[2] += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-        else:
-            labelled = False
-        if teacher is not None:
-            sums[3] += float((teacher(x).float().argmax(-1) == logits.argmax(-1)).sum())
-    model.train(was_training)
+    with eval_mode(model):
+        sums = torch.zeros(4, dtype=torch.float64)  # n, correct, loss·n, agree
+        labelled = True
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            x, y = split_batch(batch)
+            x = x.to(dev)
+            logits = model(x).float()
+            sums[0] += x.shape[0]
+            if y is not None:
+                y = y.to(dev)
+                sums[1] += float((logits.argmax(-1) == y).sum())
+                sums[2] += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            else:
+                labelled = False
+            if teacher is not None:
+                sums[3] += float((teacher(x).float().argmax(-1) == logits.argmax(-1)).sum())
     ctx.all_reduce_sum(sums)
     n = max(1.0, float(sums[0]))
     nan = float("nan")
