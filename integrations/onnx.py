@@ -173,7 +173,13 @@ def _parametrized_modules(model: nn.Module) -> list[str]:
 def _expected_layers(
     model: nn.Module, pattern: str | None, plan: PrunePlan | None, selection: LayerSelection | None
 ) -> dict[str, tuple[nn.Module, Pattern]]:
-    """{layer name: (module, k:n pattern)} for every target layer meant to be k:n."""
+    """{layer name: (module, k:n pattern)} for every target layer meant to be k:n.
+
+    With a plan, its own layer selection is used unless ``selection`` is given (a plan made
+    with the head or stem included names those layers).
+    """
+    if selection is None and plan is not None:
+        selection = plan.config.selection
     targets, _ = find_target_layers(model, selection)
     out: dict[str, tuple[nn.Module, Pattern]] = {}
     if plan is not None:
@@ -262,21 +268,33 @@ def rewrite_matmul_to_gemm(model: onnx.ModelProto) -> int:
 
 
 # ---------------------------------------------------------------------- export
+def _written_opset(path: Path) -> int:
+    """The default-domain opset of the ONNX file at ``path`` (-1 when it declares none)."""
+    proto = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)
+
+
 def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, opset: int | None) -> str:
+    """Export with the dynamo exporter, else TorchScript; the file must carry ``opset`` when one is asked for.
+
+    The dynamo exporter writes opset 18 or later and converts down only where onnxscript can (it
+    prints a traceback and keeps 18 otherwise): a file in another opset than the one asked for
+    counts as that exporter failing. Both exporters' console output is captured.
+    """
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1_800_000_000
     kwargs = {"input_names": ["input"], "output_names": ["output"], "opset_version": opset}
     errors = []
-    with contextlib.redirect_stdout(io.StringIO()):
-        try:
-            torch.onnx.export(model, (example,), str(path), dynamo=True, external_data=big, **kwargs)
-            return "dynamo"
-        except Exception as exc:  # noqa: BLE001 - fall back to the TorchScript exporter
-            errors.append(f"dynamo: {type(exc).__name__}: {str(exc)[:300]}")
-        try:
-            torch.onnx.export(model, (example,), str(path), dynamo=False, **kwargs)
-            return "torchscript"
-        except Exception as exc:  # noqa: BLE001
-            errors.append(f"torchscript: {type(exc).__name__}: {str(exc)[:300]}")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        for name, extra in (("dynamo", {"dynamo": True, "external_data": big}), ("torchscript", {"dynamo": False})):
+            try:
+                torch.onnx.export(model, (example,), str(path), **extra, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - try the other exporter
+                errors.append(f"{name}: {type(exc).__name__}: {str(exc)[:300]}")
+                continue
+            written = _written_opset(path)
+            if opset is None or written == opset:
+                return name
+            errors.append(f"{name}: wrote opset {written}, asked for {opset}")
     raise ExportError("torch.onnx.export failed with both exporters:\n  " + "\n  ".join(errors))
 
 
@@ -389,10 +407,19 @@ def export_onnx(
         bad = [c.layer or c.name for c in checks if not c.ok]
         raise ExportError(
             f"the exported file lost the k:n pattern: {len(bad)} initializers broken {bad[:10]}, "
-            f"{len(report.missing_layers)} layers not found {report.missing_layers[:10]}\n{report.to_text()}"
+            f"{len(report.missing_layers)} layers not found {report.missing_layers[:10]}; the file was moved to "
+            f"{_set_aside(path)}\n{report.to_text()}"
         )
     if not report.parity_ok:
         raise ExportError(
-            f"onnxruntime output differs from torch by {report.max_abs_diff:.3g} > {parity_tol:.3g} ({path})"
+            f"onnxruntime output differs from torch by {report.max_abs_diff:.3g} > {parity_tol:.3g}; the file "
+            f"was moved to {_set_aside(path)}"
         )
     return report
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename a file that failed verification to ``<name>.unverified.onnx`` (kept for inspection)."""
+    target = path.with_name(path.stem + ".unverified.onnx")
+    path.replace(target)
+    return target

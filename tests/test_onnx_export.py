@@ -203,3 +203,31 @@ def test_nm_violations_reads_conv_weights_along_input_channels():
     bad = (flat * keep).reshape(8, 8, 3, 3).numpy()
     assert nm_violations(bad, 2, 4, axis=1)[0] > 0
     assert nm_violations(np.zeros((8, 6, 2, 2), np.float32), 2, 4, axis=1) == (0, 0)  # 6 channels: not eligible
+
+
+def test_cli_export_of_a_plan_with_the_head_opset_and_nested_json(tmp_path, capsys):
+    """A plan made with --include-head exports (its own layer selection); --opset is honoured; --json makes its folder."""
+    import json
+
+    from mp_plugin.cli.main import main
+
+    out = tmp_path / "head"
+    assert main(["prune", "fmnist_cnn", "--pattern", "2:4", "--include-head", "--out", str(out)]) == 0
+    assert "9" in {lp["name"] for lp in json.loads((out / "plan.json").read_text())["layers"]}
+    onnx_path, report = tmp_path / "m.onnx", tmp_path / "new" / "dir" / "report.json"
+    argv = ["export", "fmnist_cnn", "--checkpoint", str(out / "model.safetensors"), "--plan", str(out / "plan.json")]
+    argv += ["--input-shape", "1,1,28,28", "--opset", "13", "--out", str(onnx_path), "--json", str(report)]
+    assert main(argv) == 0, capsys.readouterr().err
+    text = capsys.readouterr()
+    assert "opset 13" in text.out and "Traceback" not in text.err
+    assert json.loads(report.read_text())["opset"] == 13
+    assert onnx.load(str(onnx_path)).opset_import[0].version == 13
+
+
+def test_a_file_that_fails_verification_is_set_aside(tmp_path):
+    model = make_mlp()
+    prune_24(model)
+    path = tmp_path / "m.onnx"
+    with pytest.raises(ExportError, match="moved to"):
+        export_onnx(model, path, (2, 32), parity_tol=-1.0)  # no output can be that close
+    assert not path.exists() and (tmp_path / "m.unverified.onnx").exists()

@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {report.path} ({report.exporter} exporter, opset {report.opset}, {report.export_seconds:.1f} s)")
     print(report.to_text())
     if args.json_path:
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_path).write_text(json.dumps(report.to_dict(), indent=1))
         print(f"wrote {args.json_path}")
     if args.trtexec:
