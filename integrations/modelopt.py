@@ -29,7 +29,8 @@ Search config keys (all optional): ``sparsity`` (0.5), ``pattern`` ("2:4";
 "unstructured", "auto", "k:n" and ModelOpt's "2:4 sparsity" spelling),
 ``budget`` (None: ``mp_plugin.budget.rules.default_budget(restore)``, i.e. ``DEFAULT_BUDGET``, or
 ``DEFAULT_RESTORE_BUDGET`` with ``restore``; any key of ``BUDGET_METHODS``), ``projection``
-("magnitude" | "cast" | "obs" | "cast-obs"), ``restore`` (False, True or a
+("magnitude" | "cast" | "obs" | "cast-obs"; None: apply's default, ``"cast-obs"`` with
+``restore``, else ``"magnitude"``), ``restore`` (False, True or a
 ``mp_plugin.restore.RestoreConfig``: re-solve the kept weights on the calibration
 data; the restored values go into the module's real parameter), ``permute``
 (False, True = "swap", "swap" or "interleave": ``mp_plugin.permute.permute_channels``
@@ -124,7 +125,7 @@ class MPSearcher(BaseSparseSearcher):
             "pattern": "2:4",
             "sparsity": 0.5,
             "budget": None,
-            "projection": "magnitude",
+            "projection": None,
             "restore": False,
             "permute": False,
             "method": None,
@@ -174,6 +175,8 @@ class MPSearcher(BaseSparseSearcher):
         for module in sparse.values():
             module.set_mask(None)  # masks off: ``module.weight`` is the raw parameter, read and written in place
         base = cfg["plan_config"] or PlanConfig()
+        if isinstance(base, dict):  # a PlanConfig's to_dict(), as MPSparsifier also takes
+            base = PlanConfig.from_dict(base)
         sel = LayerSelection(**{**base.selection.to_dict(), "include_only": [f"^{re.escape(n)}$" for n in sparse]})
         budget_method, projection = split_method(
             cfg["budget"], cfg["projection"], cfg["method"], "mts.sparsify", cfg["restore"]

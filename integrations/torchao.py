@@ -54,7 +54,7 @@ from mp_plugin.errors import ConfigError, MPPluginError, NoPrunableLayersError, 
 from mp_plugin.layers.discovery import LayerSelection
 from mp_plugin.layers.patterns import Pattern
 from mp_plugin.planning.build import LayerPlan, PlanConfig, PrunePlan, plan, split_method
-from mp_plugin.pruning.apply_plan import MASK_METHODS, apply, sparsity_report
+from mp_plugin.pruning.apply_plan import MASK_METHODS, apply, default_projection, sparsity_report
 from mp_plugin.restore import resolve_restore
 
 __all__ = ["MPSparsifier", "convert_module"]
@@ -84,7 +84,8 @@ class MPSparsifier(AOBaseConfig):
         plan_config: a :class:`mp_plugin.PlanConfig` or its ``to_dict()`` (kept as the dict).
         projection: mask projection, ``"magnitude"``, ``"cast"`` (covariance-aware),
             ``"obs"`` or ``"cast-obs"`` (Hessian-aware); all but magnitude need
-            :meth:`for_model` with ``calibration``.
+            :meth:`for_model` with ``calibration``. None (default): ``apply``'s default,
+            ``"cast-obs"`` with ``restore``, else ``"magnitude"``.
         restore: ``True``, a :class:`mp_plugin.restore.RestoreConfig` or its dict (kept as the
             dict): re-solve the kept weights on calibration data after masking; needs
             :meth:`for_model` with ``calibration``.
@@ -102,7 +103,7 @@ class MPSparsifier(AOBaseConfig):
     permute: str | None = None
     accelerate: bool = False
     plan_config: dict | None = None
-    projection: str = "magnitude"
+    projection: str | None = None
     restore: bool | dict = False
     plan: dict | None = field(default=None, repr=False)
     method: str | None = None
@@ -118,6 +119,8 @@ class MPSparsifier(AOBaseConfig):
             self.budget, self.projection, self.method, "MPSparsifier", self.restore
         )
         self.method = None
+        if self.projection is None:  # apply's default: cast-obs with restore, else magnitude
+            self.projection = default_projection(self.restore)
         if self.projection not in MASK_METHODS:
             raise ConfigError(f"unknown projection {self.projection!r}; use one of {MASK_METHODS}")
         if isinstance(self.plan_config, PlanConfig):
@@ -155,7 +158,10 @@ class MPSparsifier(AOBaseConfig):
         Args:
             model: the model torchao will convert (weights plain dense tensors).
             filter_fn: the ``filter_fn`` you will give torchao (None: its default, Linear
-                layers); the plan covers exactly the layers it hands to the handler.
+                layers); the plan covers the layers it hands to the handler that the plan's
+                layer selection keeps: by default the classifier head stays dense (set
+                ``plan_config=PlanConfig(selection=LayerSelection(exclude_head=False))`` to
+                prune it). The literal line without ``for_model`` prunes the head it is handed.
             fqn_to_config: instead of ``filter_fn``, the torchao ``FqnToConfig`` (or its dict,
                 or its list of keys) you will give ``quantize_``: the plan covers the weights
                 it maps to an ``MPSparsifier``.

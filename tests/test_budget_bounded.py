@@ -706,3 +706,19 @@ def test_measured_damage_refuses_a_computed_weight_and_keeps_every_train_flag() 
     parametrizations.weight_norm(net[2])
     with pytest.raises(ConfigError, match="computed on every access"):
         measured_kn_damage(net, ["2"], [x])
+
+
+def test_mix_scores_with_nan_and_numpy_values_save_as_strict_json(net: _Net, tmp_path) -> None:
+    import json
+    import math
+
+    names = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    scores = {n: np.float32(i) for i, n in enumerate(names)}
+    scores[names[0]] = float("nan")
+    cfg = PlanConfig(auto_patterns=("dense", "2:4"), mix_rule="scores", mix_scores=scores)
+    p = plan(net, 0.3, "auto", "magnitude", cfg)
+    p.save(tmp_path / "plan.json")
+    text = (tmp_path / "plan.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in plan.json"))
+    back = PrunePlan.load(tmp_path / "plan.json").config.mix_scores
+    assert math.isnan(back[names[0]]) and back[names[1]] == 1.0

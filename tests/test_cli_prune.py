@@ -154,3 +154,23 @@ def test_prune_restore_efficientnet_lite0_cli(efficientnet_lite0, tmp_path: Path
     modules = plan.check_model(model)
     assert all(check_nm(modules[n].weight, 2, 4) for n in recs)
     assert main(["prune", "efficientnet_lite0", "--pattern", "2:4", "--restore", "--out", str(tmp_path / "o")]) == 2
+
+
+def test_prune_projection_follows_restore_and_prior_alpha_needs_cast(tmp_path: Path, capsys) -> None:
+    base = ["prune", "efficientnet_lite0", "--pattern", "2:4", "--data", "builtin-photos", "--n-calib", "4"]
+    base += ["--image-size", "64", "--threads", "1"]
+    assert main([*base, "--restore", "--out", str(tmp_path / "r")]) == 0
+    assert PrunePlan.load(tmp_path / "r" / "plan.json").applied["method"] == "cast-obs"  # as apply(restore=...)
+    capsys.readouterr()
+    assert main([*base, "--projection", "cast-obs", "--prior-alpha", "0.5", "--out", str(tmp_path / "a")]) == 2
+    assert "--prior-alpha is CAST's Hamming prior: it needs --projection cast" in capsys.readouterr().err
+
+
+def test_prune_a_pattern_no_layer_can_take_is_an_error(tmp_path: Path, capsys) -> None:
+    assert main(["prune", "fmnist_cnn", "--pattern", "2:5", "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "no target layer can take 2:5" in err and "not multiples of its n" in err
+    assert not (tmp_path / "p" / "plan.json").exists()
+    capsys.readouterr()
+    assert main(["prune", "efficientnet_lite0", "--budget", "owl", "--out", str(tmp_path / "o")]) == 2
+    assert "--budget owl needs calibration images" in capsys.readouterr().err

@@ -71,6 +71,15 @@ def test_mp_mode_unstructured_with_modelopt_pattern_spelling() -> None:
     assert not hasattr(model, "_mp_plan") and not hasattr(model2, "_mp_plan")  # nothing stuck on the user's model
 
 
+def test_plan_config_may_be_a_dict_and_the_projection_defaults_like_apply() -> None:
+    cfg = mp.PlanConfig(beta=0.7)
+    model = mts.sparsify(
+        _vit(0), mode="mp", config={"sparsity": 0.6, "pattern": "unstructured", "plan_config": cfg.to_dict()}
+    )
+    p = mpm.plan_of(model)
+    assert p.config.beta == 0.7 and p.applied["method"] == "magnitude"  # no restore: magnitude, as mp.apply
+
+
 def test_two_models_get_their_own_plans_one_after_another_and_concurrently() -> None:
     configs = [{"sparsity": 0.5, "pattern": "2:4"}, {"sparsity": 0.7, "pattern": "unstructured", "budget": "seb"}]
     first = mts.sparsify(_vit(0, depth=2), mode="mp", config=configs[0])

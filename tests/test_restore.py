@@ -416,3 +416,40 @@ def test_apply_with_calibration_keeps_every_submodule_train_flag():
     p = mp.plan(model, sparsity=0.5, pattern="2:4", budget="uniform", config=_all_layers())
     apply(model, p, calibration=[torch.randn(64, 16)], projection="obs", restore=RestoreConfig())
     assert model.training and model[0].training and model[3].training and not model[1].training
+
+
+class _Overflowing(nn.Module):
+    """Two blocks; the first overflows to Inf on large inputs, so a sequential restore fails at the second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            [nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)) for _ in range(2)]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks[1](torch.exp(200 * self.blocks[0](x)))
+
+
+@pytest.mark.parametrize("permute", ["none", "swap"])
+def test_a_sequential_restore_that_fails_part_way_records_what_it_did_and_resumes(permute: str):
+    torch.manual_seed(0)
+    model = _Overflowing().eval()
+    p = mp.plan(model, sparsity=0.5, pattern="2:4", config=_all_layers())
+    before = copy.deepcopy(model)
+    small, large = torch.randn(256, 64) * 1e-3, torch.randn(256, 64)
+    with pytest.raises(mp.MPPluginError, match="NaN or Inf") as info:
+        apply(model, p, [small, large], restore=RestoreConfig(sequential=True), permute=permute)
+    assert "apply the same plan again" in " ".join(getattr(info.value, "__notes__", []))
+    first = ["blocks.0.0", "blocks.0.2"]
+    assert "incomplete" in p.applied and sorted(p.applied["layers"]) == first
+    assert all(check_nm(model.get_submodule(n).weight, 2, 4) for n in first)  # valid in the basis they were cut in
+    assert (p.permutation is not None) == (permute == "swap")  # kept and recorded: undoing would break them
+    if permute == "none":
+        assert torch.equal(model.blocks[1][0].weight, before.blocks[1][0].weight)  # not reached: untouched
+    done = {n: model.get_submodule(n).weight.detach().clone() for n in first}
+    apply(model, p, [small], restore=RestoreConfig(sequential=True), permute=permute)  # the cause fixed: resume
+    assert "incomplete" not in p.applied and len(p.applied["layers"]) == 4
+    assert all(check_nm(model.get_submodule(n).weight, 2, 4) for n in p.applied["layers"])
+    if permute == "none":
+        assert all(torch.equal(model.get_submodule(n).weight, w) for n, w in done.items())  # kept, not redone

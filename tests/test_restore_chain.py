@@ -201,3 +201,28 @@ def test_efficientnet_stages_replay_with_the_same_weights(monkeypatch) -> None:
     assert len(replayed) == len(dense.blocks)  # every stage blocks.N replayed on cached inputs
     b, _ = _restored(dense, calib, monkeypatch, False, sparsity=0.5, pattern="2:4")
     _assert_same_weights(a, b)
+
+
+def test_caching_the_block_run_holds_a_few_hidden_states_not_one_per_block(monkeypatch) -> None:
+    """The replay checks run as the forward goes: an 8-block decoder keeps ≤ 3 (B, T, H) states, not 9."""
+    import gc
+
+    import mp_plugin.restore.chain as chain
+
+    torch.manual_seed(0)
+    model = decoder("llama", layers=8)
+    p = mp.plan(model, sparsity=0.5, pattern="2:4")
+    live: list[int] = []
+    original = chain.run_stoppable
+
+    def counting(m: nn.Module, data) -> None:
+        original(m, data)
+        if not live:  # right after the first (checking) forward
+            gc.collect()
+            live.append(sum(isinstance(o, torch.Tensor) and tuple(o.shape) == (2, 48, 256) for o in gc.get_objects()))
+
+    monkeypatch.setattr(chain, "run_stoppable", counting)
+    calib = [{"input_ids": torch.randint(0, 384, (2, 48))} for _ in range(2)]
+    mp.apply(model, p, calib, restore=RestoreConfig(sequential=True))
+    assert live and live[0] <= 3, live
+    assert all(e.get("restore") for e in p.applied["layers"].values())

@@ -561,3 +561,33 @@ def test_preload_offloading_and_restore_model_on_an_offloaded_model_are_refused_
     _offload(offloaded, "disk", tmp_path)
     with pytest.raises(mp.MPPluginError, match="restore_model needs the layers in memory"):
         mp.restore_model(offloaded, dense, [{"input_ids": torch.randint(0, 384, (1, 8))}])
+
+
+def test_an_unwritable_offload_store_is_refused_before_any_layer_is_pruned(tmp_path) -> None:
+    """Weights read from a safetensors checkpoint with no offload folder: apply fails up front, nothing changed."""
+    pytest.importorskip("accelerate")
+    import copy
+
+    from accelerate import dispatch_model
+    from safetensors.torch import save_file
+
+    import mp_plugin as mp
+
+    model = decoder("llama")
+    twin = copy.deepcopy(model)
+    p = mp.plan(twin, sparsity=0.5, pattern="2:4")
+    state = model.state_dict()
+    save_file(state, str(tmp_path / "model.safetensors"))
+    index = {
+        k: {"safetensors_file": str(tmp_path / "model.safetensors"), "weight_name": k, "dtype": str(v.dtype)[6:]}
+        for k, v in state.items()
+        if k.startswith("model.layers.1.")
+    }
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk"}
+    device_map.update({"model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"})
+    dispatch_model(model, device_map, main_device="cpu", offload_index=index)  # no offload_dir
+    with pytest.raises(mp.MPPluginError, match="offload_folder=DIR"):
+        mp.apply(model, p)
+    assert p.applied == {} or not p.applied.get("layers")
+    q = model.model.layers[0].self_attn.q_proj  # in memory, before the offloaded layers: untouched
+    assert torch.equal(q.weight, twin.model.layers[0].self_attn.q_proj.weight)

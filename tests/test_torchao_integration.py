@@ -433,15 +433,15 @@ def test_restore_through_sparsify_matches_the_core_route_and_beats_masking(vit: 
     dense = copy.deepcopy(vit)
     masked, core = copy.deepcopy(vit), copy.deepcopy(vit)
     sparsify_(masked, MPSparsifier.for_model(masked, sparsity=0.5, pattern="2:4", calibration=calib))
-    cfg = MPSparsifier.for_model(
-        vit, sparsity=0.5, pattern="2:4", calibration=calib, projection="cast-obs", restore=True
-    )
+    cfg = MPSparsifier.for_model(vit, sparsity=0.5, pattern="2:4", calibration=calib, restore=True)
     sparsify_(vit, cfg)
     p = cfg.plan_for(vit)
     assert mp.sparsity_report(vit, p).kn_valid and p.applied["restore"]["damp"] == 0.01
+    # the projection defaults like apply's: cast-obs with restore, magnitude without
+    assert cfg.projection == p.applied["method"] == "cast-obs" and MPSparsifier().projection == "magnitude"
     assert cfg.budget == p.method == DEFAULT_RESTORE_BUDGET and MPSparsifier().budget == DEFAULT_BUDGET
     ref_plan = mp.plan(core, 0.5, "2:4", config=LINEAR_ONLY)
-    mp.apply(core, ref_plan, calibration=calib, projection="cast-obs", restore=True)
+    mp.apply(core, ref_plan, calibration=calib, restore=True)
     for (name, a), b in zip(vit.named_parameters(), core.parameters()):
         assert torch.equal(a, b), name
     with torch.no_grad():

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mp_plugin.budget.mix import CALIBRATED_MIX_RULES, DEFAULT_MIX_RULE, mix_rules
-from mp_plugin.budget.rules import DEFAULT_BUDGET, DEFAULT_RESTORE_BUDGET, default_budget
+from mp_plugin.budget.rules import BUDGET_METHODS, DEFAULT_BUDGET, DEFAULT_RESTORE_BUDGET, default_budget
 from mp_plugin.errors import MPPluginError
 from mp_plugin.evaluation.model_source import load_named_model, weights_description
 
@@ -102,9 +102,11 @@ def add_plan_args(parser: argparse.ArgumentParser) -> None:
         "--method",
         dest="budget",
         default=None,
-        help=f"budget method (default {DEFAULT_BUDGET}, or {DEFAULT_RESTORE_BUDGET} with --restore): magnitude | "
-        "uniform | seb (the paper's rule) | seb-hill | "
-        "mp-bulk | alpha | bounded-bulk-energy | bounded-spikes | bounded-edge",
+        help=f"budget method (default {DEFAULT_BUDGET}, or {DEFAULT_RESTORE_BUDGET} with --restore; seb is the "
+        "paper's rule; "
+        + ", ".join(n for n in BUDGET_METHODS if BUDGET_METHODS[n].needs_calibration)
+        + " need --data): "
+        + " | ".join(BUDGET_METHODS),
     )
     parser.add_argument(
         "--auto-patterns",
@@ -143,20 +145,34 @@ def plan_from_args(args: argparse.Namespace, model, calibration=None):
     """
     from mp_plugin.planning.build import plan
 
+    budget = args.budget or default_budget(
+        getattr(args, "restore", False) or getattr(args, "restore_sequential", False)
+    )
+    spec = BUDGET_METHODS.get(budget)
+    if spec is not None and spec.needs_calibration and calibration is None:
+        raise MPPluginError(
+            f"--budget {budget} needs calibration images: run 'prune' with --data DIR or --data builtin-photos"
+        )
     rule = getattr(args, "mix_rule", None)
     if rule in CALIBRATED_MIX_RULES and calibration is None:
         raise MPPluginError(
             f"--mix-rule {rule} measures each layer on calibration images: "
             "run 'prune' with --data DIR or --data builtin-photos"
         )
-    return plan(
+    result = plan(
         model,
         sparsity=args.sparsity,
         pattern=args.pattern,
-        budget=args.budget
-        or default_budget(getattr(args, "restore", False) or getattr(args, "restore_sequential", False)),
+        budget=budget,
         config=plan_config_from_args(args),
         model_name=args.model or str(args.checkpoint),
         show_progress=True,
         calibration=calibration,
     )
+    if ":" in str(args.pattern) and all(lp.pattern == "dense" for lp in result.layers):
+        widths = sorted({int(lp.shape[1]) for lp in result.layers})
+        raise MPPluginError(
+            f"no target layer can take {args.pattern}: its groups run along each layer's input, and the input "
+            f"widths here ({widths[:6]}{' …' if len(widths) > 6 else ''}) are not multiples of its n"
+        )
+    return result

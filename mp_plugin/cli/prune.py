@@ -18,7 +18,7 @@ from mp_plugin.errors import MPPluginError
 from mp_plugin.evaluation.models import save_pruned_checkpoint
 from mp_plugin.evaluation.photos import image_folder_batch
 from mp_plugin.planning.build import PrunePlan, uses_mix
-from mp_plugin.pruning.apply_plan import MASK_METHODS, apply, sparsity_report
+from mp_plugin.pruning.apply_plan import MASK_METHODS, apply, default_projection, sparsity_report
 from mp_plugin.restore import RestoreConfig
 
 
@@ -28,7 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_plan_args(p)
     p.add_argument(
-        "--projection", choices=MASK_METHODS, default="magnitude", help="k:n projection (default: magnitude)"
+        "--projection",
+        choices=MASK_METHODS,
+        default=None,
+        help="k:n projection (default: cast-obs with --restore, else magnitude)",
     )
     p.add_argument("--prior-alpha", type=float, default=0.0, help="CAST Hamming prior weight α (default: 0)")
     p.add_argument("--permute", choices=("none", "swap", "interleave"), default="none", help="k:n channel permutation")
@@ -90,21 +93,22 @@ def run(args: argparse.Namespace) -> int:
     """Run ``prune``."""
     model = model_from_args(args)
     calibration = calibration_from_args(args)
-    if calibration is None and args.projection != "magnitude":
-        raise MPPluginError(
-            f"--projection {args.projection} needs calibration images: --data DIR or --data builtin-photos"
-        )
     restore = None
     if args.restore or args.restore_sequential:
         if calibration is None:
             raise MPPluginError("--restore needs calibration images: --data DIR or --data builtin-photos")
         restore = RestoreConfig(damp=args.restore_damp, sequential=args.restore_sequential)
+    projection = args.projection or default_projection(restore)
+    if calibration is None and projection != "magnitude":
+        raise MPPluginError(f"--projection {projection} needs calibration images: --data DIR or --data builtin-photos")
+    if args.prior_alpha and projection != "cast":
+        raise MPPluginError(f"--prior-alpha is CAST's Hamming prior: it needs --projection cast (got {projection})")
     result = plan_from_args(args, model, calibration)
     apply(
         model,
         result,
         calibration=calibration,
-        projection=args.projection,
+        projection=projection,
         prior_alpha=args.prior_alpha,
         show_progress=True,
         permute=args.permute,

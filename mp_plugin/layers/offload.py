@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Iterator, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -41,7 +41,7 @@ from torch import nn
 
 from mp_plugin.errors import MPPluginError
 
-__all__ = ["is_offloaded", "offloading_ancestor", "onloaded", "preload_reason", "write_back"]
+__all__ = ["is_offloaded", "offloading_ancestor", "onloaded", "preload_reason", "write_back", "write_back_problem"]
 
 
 def is_offloaded(module: nn.Module) -> bool:
@@ -124,34 +124,65 @@ def write_back(module: nn.Module, names: Sequence[str] = ("weight",)) -> None:
         MPPluginError: the module has no offload hook with a weights map, a tensor is not
             brought in, or the store is of a kind this does not know how to update.
     """
+    store = _weights_map(module)
+    for name in names:
+        value = getattr(module, name)
+        if not isinstance(value, torch.Tensor) or value.is_meta:
+            raise MPPluginError(f"{name} of {type(module).__name__} holds no data: bring it in (onloaded) first")
+        kind, target, key = _locate(store, name)
+        if kind == "dict":
+            _overwrite(target, key, value.detach())
+        else:
+            _rewrite_file(target, key, value.detach())
+
+
+def write_back_problem(module: nn.Module, names: Sequence[str] = ("weight",)) -> str | None:
+    """Why :func:`write_back` would fail for this offloaded module (None: it would not), found without writing.
+
+    ``apply`` asks this of every offloaded layer it will prune before it changes any, so an
+    unwritable store fails up front instead of after earlier layers were pruned.
+    """
+    try:
+        store = _weights_map(module)
+        for name in names:
+            kind, target, _ = _locate(store, name)
+            if kind == "file" and target.save_folder is None:
+                return _NO_FOLDER
+    except MPPluginError as exc:
+        return str(exc)
+    return None
+
+
+_NO_FOLDER = (
+    "the weight lives in a checkpoint file and accelerate's loader has no offload folder to write the changed "
+    "weight to; load the model with an offload folder (transformers: from_pretrained(..., offload_folder=DIR); "
+    "accelerate: dispatch_model(..., offload_dir=DIR))"
+)
+
+
+def _weights_map(module: nn.Module) -> Any:
     hook = getattr(module, "_hf_hook", None)
     store = getattr(hook, "weights_map", None)
     if store is None or not getattr(hook, "offload", False):
         raise MPPluginError(
             f"{type(module).__name__} has no accelerate offload hook with a weights map to write its weights back to"
         )
-    for name in names:
-        value = getattr(module, name)
-        if not isinstance(value, torch.Tensor) or value.is_meta:
-            raise MPPluginError(f"{name} of {type(module).__name__} holds no data: bring it in (onloaded) first")
-        _store(store, name, value.detach())
+    return store
 
 
-def _store(store: Mapping, key: str, value: torch.Tensor) -> None:
-    """Write ``value`` under ``key`` into an accelerate weights map (see the module docstring)."""
+def _locate(store: Any, key: str) -> tuple[str, Any, str]:
+    """Where ``key`` lives in an accelerate weights map: ("dict", mapping, key) or ("file", loader, key)."""
     while hasattr(store, "dataset") and hasattr(store, "prefix"):  # PrefixedDataset, possibly nested
         key, store = f"{store.prefix}{key}", store.dataset
     if hasattr(store, "state_dict") and hasattr(store, "index") and hasattr(store, "save_folder"):
         if key in store.state_dict:  # OffloadedWeightsLoader: its state dict (CPU tensors) comes first
-            _overwrite(store.state_dict, key, value)
-        elif key in store.index:
-            _rewrite_file(store, key, value)
-        else:
-            raise MPPluginError(f"{key!r} is not in accelerate's offloaded weights; cannot write it back")
-    elif isinstance(store, MutableMapping) and key in store:
-        _overwrite(store, key, value)
-    else:
-        raise MPPluginError(f"cannot write {key!r} back into an accelerate weights map of type {type(store).__name__}")
+            return "dict", store.state_dict, key
+        if key in store.index:
+            return "file", store, key
+        raise MPPluginError(f"{key!r} is not in accelerate's offloaded weights; cannot write it back")
+    if isinstance(store, MutableMapping) and key in store:
+        return "dict", store, key
+    raise MPPluginError(f"cannot write {key!r} back into an accelerate weights map of type {type(store).__name__}")
 
 
 def _overwrite(tensors: MutableMapping, key: str, value: torch.Tensor) -> None:
@@ -173,10 +204,7 @@ def _rewrite_file(loader: Any, key: str, value: torch.Tensor) -> None:
     info = loader.index[key]
     folder = loader.save_folder
     if folder is None:
-        raise MPPluginError(
-            f"offloaded {key!r} lives in {info.get('safetensors_file', 'a file')!r} and accelerate's loader has no "
-            "offload folder to write the changed weight to; dispatch the model with an offload_dir"
-        )
+        raise MPPluginError(f"offloaded {key!r} ({info.get('safetensors_file', 'a file')!r}): {_NO_FOLDER}")
     utils = _accelerate_utils()
     dtype = getattr(torch, str(info.get("dtype", "")), None)
     dtype = dtype if isinstance(dtype, torch.dtype) else value.dtype

@@ -66,7 +66,7 @@ PROJECTIONS = ("magnitude", "cast")  # k:n projections an adapter's old ``method
 
 
 def split_method(
-    budget: str | None, projection: str, method: str | None, who: str, restore: Any = False
+    budget: str | None, projection: str | None, method: str | None, who: str, restore: Any = False
 ) -> tuple[str, str]:
     """Resolve an adapter's ``budget`` and deprecated ``method`` into ``(budget, projection)``.
 

@@ -66,7 +66,7 @@ class PlanConfig:
             None (default): :func:`mp_plugin.budget.mix.default_mix_rule`, i.e. ``"measured"``
             (each layer's 2:4 damage measured on the ``calibration`` of :func:`plan`) when
             calibration is given, else ``"mp-bulk"`` (data-free); a plan that chose the mix
-            records the rule it used (otherwise it stays None). ``"round"`` = round each
+            records the rule it used (otherwise None stays None; an explicit rule is kept). ``"round"`` = round each
             budget to the nearest pattern instead. A plan whose chosen layers miss the target
             by more than 1 % of the cost (whole layers only) warns.
         mix_scores: per-layer damage of putting 2:4 on the layer for ``mix_rule="scores"``
@@ -143,8 +143,10 @@ class PlanConfig:
             "bounded": self.bounded.to_dict(),
             "bulk_share": self.bulk_share.to_dict(),
             "mix_rule": self.mix_rule,
-            "mix_scores": self.mix_scores,
-            "mix_costs": self.mix_costs,
+            "mix_scores": None  # NaN (unknown) as null: plan.json stays strict JSON
+            if self.mix_scores is None
+            else {k: None if math.isnan(v) else float(v) for k, v in self.mix_scores.items()},
+            "mix_costs": None if self.mix_costs is None else {k: float(v) for k, v in self.mix_costs.items()},
         }
 
     @classmethod
@@ -156,6 +158,8 @@ class PlanConfig:
         d["auto_patterns"] = tuple(d.get("auto_patterns", ("dense", "12:16", "2:4")))
         d["bounded"] = BoundedConfig.from_dict(d.get("bounded", {}))
         d["bulk_share"] = BulkShareConfig.from_dict(d.get("bulk_share", {}))
+        if d.get("mix_scores") is not None:
+            d["mix_scores"] = {k: float("nan") if v is None else v for k, v in d["mix_scores"].items()}
         return cls(**d)
 
 

@@ -86,6 +86,14 @@ def _permute(model: nn.Module, plan: PrunePlan, method: str, example: Any = None
     )
 
 
+def default_projection(restore: Any = None) -> str:
+    """The k:n projection ``apply`` uses when none is given: ``"cast-obs"`` with restore, else ``"magnitude"``.
+
+    The CLI (``prune --projection``) and the torchao and ModelOpt adapters share this default.
+    """
+    return "cast-obs" if resolve_restore(restore) is not None else "magnitude"
+
+
 def apply(
     model: nn.Module,
     plan: PrunePlan,
@@ -155,7 +163,7 @@ def apply(
         warnings.warn("apply(method=...) is deprecated: use projection=...", DeprecationWarning, stacklevel=2)
         projection = method
     if projection is None:
-        projection = "cast-obs" if resolve_restore(restore) is not None else "magnitude"
+        projection = default_projection(restore)
     method = projection  # the plan's budget method decided the counts; this is only the projection
     if method not in MASK_METHODS:
         raise MPPluginError(f"unknown projection {method!r}; use one of {MASK_METHODS}")
@@ -194,10 +202,23 @@ def apply(
         tasks = [
             LayerTask(lp.name, modules[lp.name], patterns[lp.name], lp.n_prune) for lp in plan.layers if lp.name in todo
         ]
-        with undo_permutations_on_error(model, new_folds):
-            driven = prune_and_restore(
-                model, tasks, calibration, method, restore_cfg, cfg if method == "cast" else None, show_progress
-            )
+        partial: dict[str, dict] = {}
+        try:
+            with undo_permutations_on_error(model, new_folds, keep=lambda: bool(partial)):
+                driven = prune_and_restore(
+                    model,
+                    tasks,
+                    calibration,
+                    method,
+                    restore_cfg,
+                    cfg if method == "cast" else None,
+                    show_progress,
+                    records=partial,
+                )
+        except Exception as exc:
+            if partial:  # a sequential run stopped part-way: say what is done, so a second apply resumes
+                _record_incomplete(plan, partial, patterns, permuted, exc, len(tasks))
+            raise
     elif method == "cast":
         kn_layers = {lp.name: patterns[lp.name].n for lp in plan.layers if lp.name in todo and patterns[lp.name].is_kn}
         with undo_permutations_on_error(model, new_folds):
@@ -251,9 +272,25 @@ def apply(
             "achieved_sparsity": zeros / max(1, plan.total_weights),
         }
     )
+    plan.applied.pop("incomplete", None)  # a resumed run that finished
     if permuted is not None:
         permuted.save_to(plan)
     return model_in
+
+
+def _record_incomplete(
+    plan: PrunePlan, partial: dict[str, dict], patterns: dict, permuted: Any, exc: Exception, total: int
+) -> None:
+    """Record the layers a failed run already pruned (and the permutation they were pruned in)."""
+    layers = dict(plan.applied.get("layers", {}))
+    layers.update({name: {"pattern": str(patterns[name]), **rec} for name, rec in partial.items()})
+    plan.applied.update({"layers": layers, "incomplete": f"{type(exc).__name__}: {exc}"})
+    if permuted is not None:  # those layers are k:n in the permuted basis: the folds stay and are recorded
+        permuted.save_to(plan)
+    exc.add_note(
+        f"apply stopped after pruning {len(partial)} of {total} layers; plan.applied records them "
+        "('incomplete'); fix the cause and apply the same plan again to prune the rest"
+    )
 
 
 def _write(weight: torch.Tensor, value: torch.Tensor) -> None:

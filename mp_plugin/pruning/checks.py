@@ -14,7 +14,7 @@ channel permutation of an offloaded model is refused.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from mp_plugin.errors import CalibrationError, ConfigError, InvalidWeightError, PlanFormatError
-from mp_plugin.layers.offload import is_offloaded, onloaded, preload_reason
+from mp_plugin.errors import CalibrationError, ConfigError, InvalidWeightError, MPPluginError, PlanFormatError
+from mp_plugin.layers.offload import is_offloaded, onloaded, preload_reason, write_back_problem
 from mp_plugin.layers.patterns import Pattern
 from mp_plugin.planning.schema import check_plan_object
 
@@ -151,6 +151,9 @@ def check_apply_inputs(
         if w.is_complex() or not w.is_floating_point():
             raise InvalidWeightError(f"layer {lp.name!r}: weight dtype {w.dtype} is not real floating point")
         if Pattern.parse(lp.pattern).kind != "dense":
+            problem = write_back_problem(mod) if is_offloaded(mod) else None
+            if problem is not None:  # found before any layer is pruned
+                raise MPPluginError(f"layer {lp.name!r} cannot be pruned in accelerate's offload store: {problem}")
             with onloaded([mod]):  # an accelerate-offloaded weight is brought in, one layer at a time
                 finite = bool(torch.isfinite(mod.weight.detach()).all())
             if not finite:
@@ -160,18 +163,21 @@ def check_apply_inputs(
 
 
 @contextmanager
-def undo_permutations_on_error(model: nn.Module, folds: list) -> Iterator[None]:
+def undo_permutations_on_error(model: nn.Module, folds: list, keep: Callable[[], bool] | None = None) -> Iterator[None]:
     """Undo ``folds`` (the channel permutations just folded into ``model``) if the block raises.
 
     ``apply(..., permute=...)`` folds permutations before it reads calibration data;
-    when that data then fails (e.g. a later batch of the wrong shape), the folds are
-    replayed backwards, so the model is left exactly as it was (and the plan records
-    no permutation).
+    when that data then fails before any layer is pruned (e.g. a later batch of the
+    wrong shape), the folds are replayed backwards, so the model is left exactly as it
+    was (and the plan records no permutation). When ``keep()`` is true at that point
+    (layers were already pruned in the permuted basis: a sequential restore that failed
+    part-way), the folds stay, since undoing them would break those layers' k:n groups;
+    the caller records them.
     """
     try:
         yield
     except BaseException:
-        if folds:
+        if folds and not (keep is not None and keep()):
             from mp_plugin.permute import undo_folds
 
             undo_folds(model, folds)

@@ -142,23 +142,35 @@ def cache_run_inputs(model: nn.Module, modules: Sequence[nn.Module], calibration
         checks (``n ≥ 2``), or ``(None, 0)`` when fewer do.
     """
     batches = calibration if isinstance(calibration, list) else [calibration]
-    calls: list[tuple[tuple, dict] | None] = [None] * len(modules)
-    outs: list[torch.Tensor | None] = [None] * len(modules)
+    # checked as the run goes, so only block 0's call and output and the previous block's output are held
+    state: dict[str, Any] = {"call0": None, "out0": None, "prev": None, "slot": None, "side0": None, "n": 0}
     first_mask: list[torch.Tensor | None] = [None]
 
     def pre(i: int):  # noqa: ANN202
         def fn(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if calls[i] is None:
-                calls[i] = (args, kwargs)
-                if i == 0:
-                    first_mask[0] = active_token_mask()
+            if state["n"] != i:  # a block called twice, or out of order: the chain ends here
+                raise StopForward
+            if i == 0:
+                state["call0"] = (args, kwargs)
+                first_mask[0] = active_token_mask()
+                return
+            slots = _slots((args, kwargs), state["prev"])
+            if i == 1:
+                if len(slots) != 1:
+                    raise StopForward
+                state["slot"] = slots[0]
+                state["side0"] = _side_inputs(*state["call0"], slots[0])
+            if slots != [state["slot"]] or not _same(_side_inputs(args, kwargs, state["slot"]), state["side0"]):
+                raise StopForward
 
         return fn
 
     def post(i: int):  # noqa: ANN202
         def fn(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            if outs[i] is None:
-                outs[i] = _hidden(output)
+            state["prev"] = _hidden(output)
+            if i == 0:
+                state["out0"] = state["prev"]
+            state["n"] = i + 1
             if i == len(modules) - 1:
                 raise StopForward
 
@@ -173,22 +185,12 @@ def cache_run_inputs(model: nn.Module, modules: Sequence[nn.Module], calibration
     finally:
         for h in handles:
             h.remove()
-    if calls[0] is None or calls[1] is None or outs[0] is None:
+    state["prev"] = None
+    n, slot = state["n"], state["slot"]
+    if n < 2 or slot is None or state["out0"] is None:
         return None, 0
-    slots = _slots(calls[1], outs[0])
-    if len(slots) != 1:
-        return None, 0
-    slot = slots[0]
-    side0 = _side_inputs(*calls[0], slot)
-    n = 1
-    while n < len(modules) and calls[n] is not None and outs[n - 1] is not None:
-        if _slots(calls[n], outs[n - 1]) != [slot] or not _same(_side_inputs(*calls[n], slot), side0):
-            break
-        n += 1
-    if n < 2:
-        return None, 0
-    cache = CachedRun(list(modules[:n]), slot, first_output=outs[0])
-    cache.add(*calls[0], first_mask[0])
+    cache = CachedRun(list(modules[:n]), slot, first_output=state["out0"])
+    cache.add(*state["call0"], first_mask[0])
 
     def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
         cache.add(args, kwargs, active_token_mask())

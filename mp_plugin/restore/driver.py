@@ -151,6 +151,7 @@ def prune_and_restore(
     restore: RestoreConfig | None = None,
     cast_config: CastConfig | None = None,
     show_progress: bool = False,
+    records: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Prune every task's layer with ``projection`` and, with ``restore``, re-solve its kept weights.
 
@@ -162,6 +163,9 @@ def prune_and_restore(
         restore: restore settings, or None to prune only (Gram-based projections still work).
         cast_config: CAST settings for ``projection="cast"``.
         show_progress: a tqdm bar over layers.
+        records: a dict filled layer by layer as they are done (returned); when the run fails
+            part-way (sequential restore meeting a non-finite input), it holds the layers
+            already pruned.
 
     Returns:
         ``{layer name: record}`` with ``method`` and, when restored, ``restore``
@@ -180,7 +184,7 @@ def prune_and_restore(
         blocks = block_grams(model, list(by_name), calibration, cfg, cfg.sequential)
     else:
         blocks = iter([(list(by_name), {})])
-    records: dict[str, dict[str, Any]] = {}
+    records = {} if records is None else records
     bar = progress(
         total=len(tasks), desc="prune+restore" if restore else "prune", unit="layer", disable=not show_progress
     )
