@@ -471,3 +471,44 @@ def test_permutation_record_survives_save_pruned_checkpoint(tmp_path) -> None:
         assert not all(layer.norms["mask_case"] for layer in unaligned.layers)
     finally:
         BUILTIN_MODELS.pop("_test_perm_mlp", None)
+
+
+def _bound_violations(model: nn.Module, x: torch.Tensor) -> tuple[str, int]:
+    """Certify ``model`` against a copy with one input column of the first layer cut; (claim, violations)."""
+    from mp_plugin.certificate import certify
+
+    pruned = copy.deepcopy(model)
+    with torch.no_grad():
+        pruned[0].weight[:, 0] = 0
+    cert = certify(model, pruned, x, mode="bound", gaussian=False)
+    return cert.claim, int(cert.violations)
+
+
+def test_bound_counts_sum_pooling_and_does_not_fold_batchnorm_onto_a_linears_last_axis():
+    """Two cases that used to be 'proven' with samples whose prediction changed: the bound now holds."""
+    torch.manual_seed(0)
+    summed = nn.Sequential(
+        nn.Linear(4, 64), nn.Unflatten(1, (1, 8, 8)), nn.AvgPool2d(4, divisor_override=1), nn.Flatten()
+    ).eval()
+    assert _bound_violations(summed, torch.randn(256, 4)) == ("proven", 0)
+    crossed = nn.Sequential(
+        nn.Linear(8, 16), nn.Unflatten(1, (4, 4)), nn.Linear(4, 4, bias=False), nn.BatchNorm1d(4), nn.Flatten(),
+        nn.Linear(16, 3),
+    ).eval()  # fmt: skip
+    with torch.no_grad():  # BatchNorm1d scales axis 1 of (B, 4, 4); the Linear before it acts on axis 2
+        crossed[3].running_var.copy_(torch.tensor([1e-4, 1.0, 1.0, 1.0]))
+        crossed[2].weight.copy_(torch.diag(torch.tensor([1e-3, 1.0, 1.0, 1.0])))
+    assert _bound_violations(crossed, torch.randn(256, 8)) == ("proven", 0)
+
+
+def test_bound_mode_refuses_half_precision_weights():
+    from mp_plugin.certificate import certify
+    from mp_plugin.errors import NotCertifiable
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).eval().to(torch.bfloat16)
+    pruned = copy.deepcopy(model)
+    with torch.no_grad():
+        pruned[0].weight[:, 0] = 0
+    with pytest.raises(NotCertifiable, match="float32 or float64"):
+        certify(model, pruned, torch.randn(16, 8, dtype=torch.bfloat16), mode="bound")

@@ -25,7 +25,7 @@ from mp_plugin.certificate.inputs import (
     numpy_to_torch,
 )
 from mp_plugin.certificate.labels import ESTIMATE, EXACT, LOWER, MEASURED, MODES, RIGOROUS
-from mp_plugin.certificate.lipschitz import jacobian_estimate, sequential_bound
+from mp_plugin.certificate.lipschitz import batchnorm_input_ndim, jacobian_estimate, sequential_bound
 from mp_plugin.certificate.perturbation import (
     RemovedComponent,
     apply_removed,
@@ -243,7 +243,8 @@ def certify(
 
     want_patch = mode != "empirical" and gaussian
     cap = _Capture({k: d_layers[k] for k in selected}, removed, precision, want_patch)
-    z_dense = cap.run(dense_c, batch, n)
+    with batchnorm_input_ndim(dense_c) as bn_ndim:  # which BatchNorm1d see (B, C): the bound may fold those
+        z_dense = cap.run(dense_c, batch, n)
     lab = check_labels(labels, n, int(z_dense.shape[1]))
     order = cap.order + [k for k in selected if k not in cap.order]
     never = [k for k in selected if k not in cap.calls]
@@ -256,9 +257,25 @@ def certify(
     lipschitz: dict[str, torch.Tensor] = {}
     ops: dict[str, list[str]] = {}
     if mode == "bound":
+        low = next(
+            (
+                t.dtype
+                for model in (dense, pruned)
+                for t in model.parameters()
+                if t.is_floating_point() and torch.finfo(t.dtype).eps > torch.finfo(torch.float32).eps
+            ),
+            None,
+        )
+        if low is not None:  # the bound holds up to float32 rounding; half-precision rounding it does not cover
+            raise NotCertifiable(
+                f"bound mode needs float32 or float64 weights: the model holds {low} tensors, whose rounding the "
+                "bound does not cover; certify a float32 copy (model.float()) or use mode='empirical'"
+            )
         training = {name: m.training for name, m in dense.named_modules()}
         for name in progress(selected, desc="certify: bound", unit="layer", disable=not show_progress):
-            value, ops[name] = sequential_bound(dense_c, name, training=lambda nm: training.get(nm, False))
+            value, ops[name] = sequential_bound(
+                dense_c, name, training=lambda nm: training.get(nm, False), bn_input_ndim=bn_ndim
+            )
             lipschitz[name] = torch.full((n,), value, dtype=torch.float64, device=device)
 
     def jac(model: nn.Module, name: str) -> torch.Tensor:

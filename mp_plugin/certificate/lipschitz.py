@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import math
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -35,8 +37,6 @@ _ONE_LIPSCHITZ = (
     nn.MaxPool2d,
     nn.AdaptiveMaxPool1d,
     nn.AdaptiveMaxPool2d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
     nn.AdaptiveAvgPool1d,
     nn.AdaptiveAvgPool2d,
 )
@@ -86,8 +86,32 @@ def _path(model: nn.Module, layer_name: str) -> list[tuple[nn.Sequential, int, s
     return path
 
 
+@contextlib.contextmanager
+def batchnorm_input_ndim(model: nn.Module) -> Iterator[dict[str, int]]:
+    """Inside the block, record {BatchNorm1d name: number of dimensions of its input} of the forwards that run."""
+    seen: dict[str, int] = {}
+
+    def record(name: str) -> Callable[[nn.Module, tuple], None]:
+        def hook(module: nn.Module, args: tuple) -> None:  # returns None: the input is left as it is
+            seen.setdefault(name, int(args[0].dim()))
+
+        return hook
+
+    handles = [
+        m.register_forward_pre_hook(record(name)) for name, m in model.named_modules() if isinstance(m, nn.BatchNorm1d)
+    ]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def sequential_bound(
-    model: nn.Module, layer_name: str, training: Callable[[str], bool] | None = None
+    model: nn.Module,
+    layer_name: str,
+    training: Callable[[str], bool] | None = None,
+    bn_input_ndim: dict[str, int] | None = None,
 ) -> tuple[float, list[str]]:
     """Rigorous upper bound on the ℓ∞→ℓ∞ Lipschitz constant of everything after ``layer_name``.
 
@@ -95,6 +119,11 @@ def sequential_bound(
         model: an ``nn.Sequential`` (nested Sequentials allowed) in eval mode.
         layer_name: qualified name of the pruned layer.
         training: name → whether that module is in train mode (default: the module's own flag).
+        bn_input_ndim: {BatchNorm1d name: its input's number of dimensions}
+            (:func:`batchnorm_input_ndim`). A BatchNorm1d right after a Linear is folded into
+            the Linear's row sums only when its input is 2-D (B, C): on (B, C, L) it scales
+            axis 1 while the Linear's rows index the last axis. Unknown: not folded (still a
+            bound, a looser one).
 
     Returns:
         (L, ops): the bound (dimensionless, logit units per unit of layer output) and a
@@ -110,6 +139,7 @@ def sequential_bound(
             downstream.append((f"{prefix}.{key}" if prefix else key, container._modules[key]))
     bound = 1.0
     pending: torch.Tensor | None = None  # row sums of the current linear map (BN folds in)
+    pending_conv = False  # BatchNorm's channels are a conv's output channels (axis 1); a Linear's are its last axis
     ops: list[str] = []
 
     def flush() -> None:
@@ -119,7 +149,7 @@ def sequential_bound(
             pending = None
 
     def visit(name: str, m: nn.Module) -> None:
-        nonlocal pending, bound
+        nonlocal pending, bound, pending_conv
         kind = type(m)
         if kind is nn.Sequential:
             for key, child in m._modules.items():
@@ -127,12 +157,15 @@ def sequential_bound(
             return
         if kind in (nn.Linear, nn.Conv1d, nn.Conv2d):
             flush()
-            pending = _row_sums(m)
+            pending, pending_conv = _row_sums(m), kind is not nn.Linear
             ops.append(f"{name}: {kind.__name__} ‖W‖∞={float(pending.max()):.4g}")
             return
         if kind in (nn.BatchNorm1d, nn.BatchNorm2d):
             scale = _bn_scale(m, name, is_training(name))
-            if pending is not None and pending.shape == scale.shape:
+            # folding scales row i by channel i: right after a conv (both on axis 1); after a Linear the
+            # BatchNorm's channel axis may not be the Linear's output axis ((B, C, L) input), so it is not folded
+            foldable = pending_conv or (bn_input_ndim or {}).get(name) == 2
+            if pending is not None and foldable and pending.shape == scale.shape:
                 pending = pending * scale
                 ops.append(f"{name}: BatchNorm (eval) folded into the row sums, max|γ/σ|={float(scale.max()):.4g}")
             else:
@@ -162,6 +195,18 @@ def sequential_bound(
         if kind in _ONE_LIPSCHITZ:
             flush()
             ops.append(f"{name}: {kind.__name__} 1")
+            return
+        if kind in (nn.AvgPool1d, nn.AvgPool2d):
+            flush()  # an average is 1-Lipschitz; divisor_override d makes it sum/d over the kernel's k cells: k/d
+            divisor = getattr(m, "divisor_override", None)
+            size = (
+                m.kernel_size
+                if isinstance(m.kernel_size, tuple)
+                else (m.kernel_size,) * (2 if kind is nn.AvgPool2d else 1)
+            )
+            factor = 1.0 if not divisor else math.prod(size) / float(divisor)
+            bound *= factor
+            ops.append(f"{name}: {kind.__name__} {factor:.4g}")
             return
         raise NotCertifiable(
             f"cannot bound {type(m).__name__} at '{name}': bound mode knows Linear/Conv, 1-Lipschitz coordinatewise "
