@@ -330,3 +330,19 @@ def test_cast_apply_on_minilm_with_token_batches(minilm) -> None:
         sim = torch.nn.functional.cosine_similarity(model(**batch), ref)
         sim_mag = torch.nn.functional.cosine_similarity(mag(**batch), ref)
     assert float(sim.mean()) > float(sim_mag.mean())  # embeddings of the calibration texts move less
+
+
+def test_mask_keeper_follows_a_replaced_module():
+    """A module swapped out after the keeper was built (e.g. by an epoch-end hook) keeps its mask too."""
+    from mp_plugin.masks.keep import MaskKeeper
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    with torch.no_grad():
+        model[0].weight[:, 0] = 0
+    keeper = MaskKeeper(model)
+    replacement = torch.nn.Linear(8, 8)  # dense: column 0 non-zero again
+    model[0] = replacement
+    assert keeper.violations() == 8  # the new weight is the one checked
+    keeper.apply()
+    assert keeper.violations() == 0 and bool((replacement.weight[:, 0] == 0).all())

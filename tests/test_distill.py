@@ -451,3 +451,43 @@ def test_loop_before_step_hooks_and_a_gated_keeper_hold_entries():
     assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(MPPluginError, match="loss must be"):
         distill(_tiny_model(), None, _tiny_data(), cfg, loss="mse", show_progress=False)
+
+
+class _StopAt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop", [6, 9])  # resumed mid-epoch (from step 4), and from epoch 1's end (step 8)
+def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, stop: int):
+    """Shuffle, dropout, optimizer and schedule all continue exactly: the final weights are identical."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    base = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.3), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    with torch.no_grad():
+        base[0].weight[:, :3] = 0
+    cfg = DistillConfig(epochs=2, lr=1e-2, checkpoint_every=4, seed=1, warmup_steps=0)
+    hooks: list[int] = []
+
+    def run(model, **kw):
+        loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)
+        return distill(model, None, loader, cfg, loss="ce", show_progress=False, **kw)
+
+    whole = copy.deepcopy(base)
+    run(whole)
+
+    def stopper(step, model, metrics):
+        if step == stop:
+            raise _StopAt
+
+    cut = copy.deepcopy(base)
+    with pytest.raises(_StopAt):
+        run(cut, callbacks=[stopper], checkpoint_dir=tmp_path, epoch_end=[lambda m, e, o: hooks.append(e)])
+    saved = read_checkpoint(tmp_path / "last.pt")
+    assert saved["step"] == (4 if stop == 6 else 8)
+    assert hooks == ([] if stop == 6 else [1])  # at an epoch's end the checkpoint waits for its hooks
+    resumed = copy.deepcopy(base)
+    run(resumed, resume=tmp_path / "last.pt")
+    for (name, a), b in zip(whole.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name

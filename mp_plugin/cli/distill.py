@@ -51,6 +51,7 @@ _PASS_THROUGH = (
     "resume",
     "seed",
     "log_every",
+    "checkpoint_every",
 )
 _FLAGS = ("bf16", "no_aug", "no_progress")
 
@@ -96,6 +97,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", help="resume from a checkpoint (last.pt) of the same plan")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=None)
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        help="also write OUT/last.pt every this many steps, so a crashed run can --resume (default: at the end only)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument("--out", default="mp-plugin-out/distill", help="output directory (default: %(default)s)")
     p.set_defaults(func=run)
@@ -146,6 +153,7 @@ def _config(args: argparse.Namespace):
         "label_smoothing": args.label_smoothing,
         "grad_clip": args.grad_clip,
         "log_every": args.log_every,
+        "checkpoint_every": args.checkpoint_every,
     }
     given = {k: v for k, v in fields.items() if v is not None}
     given.update(bf16=args.bf16, seed=args.seed, num_workers=args.workers)

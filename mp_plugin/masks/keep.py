@@ -99,13 +99,13 @@ class MaskKeeper:
             self._held = {name: self.weight(name).detach().clone() for name in self.masks}
 
     def weight(self, name: str) -> torch.Tensor:
-        """The weight of module ``name`` (looked up again if the module was replaced)."""
-        weight = self._weights.get(name)
-        if weight is None:
-            modules = dict(self.model.named_modules())
-            weight = getattr(modules.get(name), "weight", None)
-            if not isinstance(weight, torch.Tensor):
-                raise KeyError(f"the model has no Linear/Conv weight named {name!r}")
+        """The current weight of module ``name``, looked up by name each time (a replaced module or weight is found)."""
+        try:
+            weight = getattr(self.model.get_submodule(name), "weight", None)
+        except AttributeError:
+            weight = None
+        if not isinstance(weight, torch.Tensor):
+            raise KeyError(f"the model has no Linear/Conv weight named {name!r}")
         return weight
 
     _weight = weight  # the name older callers use

@@ -70,6 +70,7 @@ def save_checkpoint(
     epoch: int = 0,
     config: dict | None = None,
     extra: dict | None = None,
+    epoch_rng: torch.Tensor | None = None,
 ) -> Path:
     """Write a resumable checkpoint to ``path`` (and ``plan.json`` beside it when a plan is given).
 
@@ -89,6 +90,10 @@ def save_checkpoint(
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "scheduler": None if scheduler is None else scheduler.state_dict(),
         "rng": torch.get_rng_state(),
+        "epoch_rng": epoch_rng,  # the CPU generator as the epoch's loader iterator was made (its shuffle)
+        "cuda_rng": torch.cuda.get_rng_state_all()
+        if torch.cuda.is_available() and torch.cuda.is_initialized()
+        else None,
         "step": int(step),
         "epoch": int(epoch),
         "config": config or {},
@@ -163,6 +168,8 @@ def restore_checkpoint(
         scheduler.load_state_dict(state["scheduler"])
     if state.get("rng") is not None:
         torch.set_rng_state(state["rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     out = PrunePlan.from_dict(json.loads(state["plan_json"])) if state.get("plan_json") else plan
     old_record = state.get("permutation_record")  # the first format kept the fold record beside the plan
     if out is not None and old_record and out.permutation is None:

@@ -282,6 +282,12 @@ def distill(
     first_loss = float("nan")
     ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
     written: Path | None = None
+    # an exact resume mid-epoch: the epoch's iterator is rebuilt from the generator it was first made with
+    # (same shuffle), the done batches are drawn again (same augmentations) and skipped, then the generator
+    # is set to where the run stopped (same dropout from there on)
+    resume_rng = state.get("rng") if state is not None else None
+    resume_epoch_rng = state.get("epoch_rng") if state is not None else None
+    save_after_hooks = False
     t0 = time.perf_counter()
     try:
         while step < total:
@@ -289,10 +295,17 @@ def distill(
             skip = step - epoch * steps_per_epoch
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
+            if skip and resume_epoch_rng is not None:
+                torch.set_rng_state(resume_epoch_rng)
+            resume_epoch_rng = None
+            epoch_rng = torch.get_rng_state()
             t_epoch, epoch_sum, epoch_n = time.perf_counter(), 0.0, 0
             for i, batch in enumerate(train_loader):
                 if i < skip:
+                    if i == skip - 1 and resume_rng is not None:
+                        torch.set_rng_state(resume_rng)
                     continue
+                resume_rng = None
                 if step >= total:
                     break
                 batch = _to_device(batch, dev)
@@ -351,13 +364,22 @@ def distill(
                     )
                 bar.update(1)
                 if ckpt_path is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and is_main:
-                    written = save_checkpoint(
-                        ckpt_path, student, keeper, plan, optimizer, scheduler, step, epoch, cfg.to_dict()
-                    )
+                    if step == (epoch + 1) * steps_per_epoch:  # at an epoch's end: after its hooks have run
+                        save_after_hooks = True
+                    else:
+                        written = save_checkpoint(
+                            ckpt_path, student, keeper, plan, optimizer, scheduler, step, epoch, cfg.to_dict(),
+                            epoch_rng=epoch_rng,
+                        )  # fmt: skip
             if step == (epoch + 1) * steps_per_epoch:  # a full epoch ended
                 out = None
                 for hook in epoch_end:
                     out = hook(student, epoch + 1, optimizer)
+                if save_after_hooks:
+                    save_after_hooks = False
+                    written = save_checkpoint(
+                        ckpt_path, student, keeper, plan, optimizer, scheduler, step, epoch + 1, cfg.to_dict()
+                    )
                 seconds_epoch = time.perf_counter() - t_epoch
                 mean = epoch_sum / epoch_n if epoch_n else float("nan")
                 epochs.append({"epoch": epoch + 1, "loss": mean, "seconds": seconds_epoch, "hook": out})
