@@ -211,3 +211,26 @@ def test_all_zero_and_rank_one_are_correct_degenerate_results() -> None:
 def test_fit_from_eigenvalues_checks_length() -> None:
     with pytest.raises(ValueError, match="expected 4"):
         fit_from_eigenvalues(np.ones(3), (4, 10))
+
+
+def test_seb_leaves_a_degenerate_layer_neutral_and_keeps_a_zero_type_beta():
+    """An all-zero layer's edge (0) is no signal; β_attn = 0 means no correction for attention layers."""
+    from mp_plugin.budget.rules import BUDGET_METHODS, SEBConfig, SEBRegime
+    from mp_plugin.errors import ConfigError
+    from mp_plugin.spectrum.tracy_widom import tracy_widom_quantile
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(64, 64), (64, 128), (128, 64), (64, 256)]
+    noise = [fit_marchenko_pastur(torch.randn(*s, generator=g) * (0.5 + i)) for i, s in enumerate(shapes)]
+    zero = fit_marchenko_pastur(torch.zeros(64, 64))
+    assert zero.degenerate
+    seb = BUDGET_METHODS["seb"].weights
+    w4, _ = seb(noise, ["mlp"] * 4, 0.6, None)
+    w5, _ = seb([*noise, zero], ["mlp"] * 5, 0.6, None)
+    np.testing.assert_allclose(w5[:4], w4, rtol=1e-12)  # the real layers' spread is untouched
+    assert w5[4] == pytest.approx(1.0)  # the degenerate layer is neutral
+    flat = SEBConfig(regimes=(SEBRegime(0.0, 1.0, beta=1.0, s_d=0.9, beta_attn=0.0),))
+    w, _ = seb(noise, ["attn", "attn", "mlp", "mlp"], 0.5, flat)
+    assert w[0] == w[1] == 1.0 and w[2] != w[3]
+    with pytest.raises(ConfigError, match="outside the range"):
+        tracy_widom_quantile(1e-12)

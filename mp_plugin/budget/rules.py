@@ -111,6 +111,12 @@ class SEBConfig:
         return cls(**d)
 
 
+def _type_beta(row: Any, layer_type: str) -> float:
+    """β of a layer type in a regime row: its own β_attn/β_mlp when set (0 included), else the row's β."""
+    own = row.beta_attn if layer_type == "attn" else row.beta_mlp if layer_type == "mlp" else None
+    return float(own) if own is not None else float(row.beta)
+
+
 def seb_layer_weights(
     signals: Sequence[float], layer_types: Sequence[str], sparsity: float, config: SEBConfig | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -141,7 +147,7 @@ def seb_layer_weights(
         return np.ones_like(sig), z
     decay = max(0.0, 1.0 - s / row.s_d) ** cfg.power
     betas = np.array(
-        [(row.beta_attn if t == "attn" else row.beta_mlp if t == "mlp" else None) or row.beta for t in layer_types],
+        [_type_beta(row, t) for t in layer_types],
         dtype=np.float64,
     )
     w = np.maximum(cfg.min_weight, 1.0 + cfg.direction * betas * decay * z)
@@ -244,7 +250,8 @@ def register_budget_method(
 def _seb(signal: str) -> BudgetFn:
     def fn(fits, layer_types, sparsity, config):
         cfg = config or SEBConfig()
-        vals = [getattr(f, signal, float("nan")) if f is not None else float("nan") for f in fits]
+        # a degenerate fit (all-zero or very low-rank layer) has no edge: neutral, as in every other budget
+        vals = [float("nan") if f is None or f.degenerate else getattr(f, signal, float("nan")) for f in fits]
         return seb_layer_weights(vals, layer_types, sparsity, cfg)
 
     return fn

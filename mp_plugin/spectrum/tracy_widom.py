@@ -44,4 +44,10 @@ def tracy_widom_quantile(q: float) -> float:
     q = float(q)
     if not 0.0 < q < 1.0:
         raise ConfigError(f"quantile level must lie in (0, 1), got {q}")
+    lo, hi = tracy_widom_cdf(-10.0), tracy_widom_cdf(8.0)
+    if not lo < q < hi:  # the tabulated range of the CDF: about (7e-9, 1 − 8e-9)
+        raise ConfigError(
+            f"quantile level {q} lies outside the range this TW₁ CDF covers, ({lo:.1e}, 1 − {1 - hi:.1e}); "
+            "for the edge, β = 1 − q must not be that close to 0 or 1"
+        )
     return float(brentq(lambda s: tracy_widom_cdf(s) - q, -10.0, 8.0, xtol=1e-10))

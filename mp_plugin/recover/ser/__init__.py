@@ -30,6 +30,12 @@ the pre-prune values); the selection loss is KD to the reference model plus
 ``logit_l2_weight``·mean squared logit difference (the authors'
 ``selection-logit-l2-weight``).
 
+Known deviation, not yet mended: the layer weights w_ℓ (used both for the over-prune
+and as ρ_ℓ) are those of the plan at s + ``extra``, not at s as ALGORITHM.md §2 writes
+(near a regime boundary of the SEB table, e.g. s = 0.40 or 0.55, that is the next
+regime's β), and each step refits σ₊ on the already pruned weights rather than reusing
+the dense model's fits. The benchmark rows in ``benchmarks/results`` were made this way.
+
 Modules, one job each (every public name is importable from ``mp_plugin.recover.ser``):
 
 * :mod:`mp_plugin.recover.ser.reallocation` — :class:`SERConfig`, :class:`SERResult`,
