@@ -234,3 +234,18 @@ def test_seb_leaves_a_degenerate_layer_neutral_and_keeps_a_zero_type_beta():
     assert w[0] == w[1] == 1.0 and w[2] != w[3]
     with pytest.raises(ConfigError, match="outside the range"):
         tracy_widom_quantile(1e-12)
+
+
+@pytest.mark.parametrize("zero_rows", [192, 256, 400])
+def test_zero_rows_are_left_out_of_the_fit(zero_rows: int):
+    """Dead rows add exact-zero singular values; the fit sees the non-zero block and finds the noise level."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(512, 512, generator=g) * 0.02
+    w[:zero_rows] = 0
+    w[:, :7] = 0  # and a few dead input columns
+    f = fit_marchenko_pastur(w)
+    assert f.shape == (512 - zero_rows, 505) and not f.degenerate
+    assert f.sigma == pytest.approx(0.02, rel=0.03) and f.n_spikes <= 2
+    ref = fit_marchenko_pastur(w[zero_rows:, 7:])
+    assert f.sigma == ref.sigma and f.n_spikes == ref.n_spikes
+    assert fit_marchenko_pastur(torch.zeros(16, 16)).degenerate

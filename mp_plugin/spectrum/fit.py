@@ -48,7 +48,9 @@ class SpectralFit:
     """Result of an MP fit on one weight matrix.
 
     Attributes:
-        shape: (rows, cols) of the 2-D view (out, in·kh·kw).
+        shape: (rows, cols) of the 2-D view (out, in·kh·kw) that was fitted: all-zero rows
+            and columns (dead units, channels pruned whole) are left out, since they add
+            exact-zero singular values that are no part of the MP bulk.
         sigma: fitted entry standard deviation σ̂ (weight units).
         sigma_plus: singular-value spike threshold σ₊ = √(n·T₊) (weight units).
         lambda_plus: asymptotic eigenvalue edge σ̂²(1+√γ)² of λ = s²/n.
@@ -335,6 +337,16 @@ def float32_sigma_error(fit: SpectralFit) -> float:
     return 2.0**-24 * (8.0 + 0.1 * ratio)
 
 
+def _without_zero_lines(mat: torch.Tensor) -> torch.Tensor:
+    """``mat`` without its all-zero rows and columns (unchanged when fewer than 2 of either would remain)."""
+    rows, cols = mat.ne(0).any(1), mat.ne(0).any(0)
+    if bool(rows.all()) and bool(cols.all()):
+        return mat
+    if int(rows.sum()) < 2 or int(cols.sum()) < 2:  # all-zero or nearly: the degenerate fit says so
+        return mat
+    return mat[rows][:, cols]
+
+
 def fit_many(
     weights: Sequence[torch.Tensor],
     alpha: float = 0.25,
@@ -361,7 +373,7 @@ def fit_many(
         One :class:`SpectralFit` per weight; ``fit.gram_dtype`` says which precision it used.
     """
     check_fit_options(alpha, beta, estimator, edge_compat)
-    mats = [as_matrix(w) for w in weights]  # validates: finite, real float, not meta, ≥2-D
+    mats = [_without_zero_lines(as_matrix(w)) for w in weights]  # validates: finite, real float, not meta, ≥2-D
     for m in mats:
         if min(m.shape) < 2:
             raise SpectrumFitError(
