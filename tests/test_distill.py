@@ -491,3 +491,7 @@ def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, stop: int):
     run(resumed, resume=tmp_path / "last.pt")
     for (name, a), b in zip(whole.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
+    longer = DistillConfig(epochs=3, lr=1e-2, seed=1, warmup_steps=0)  # another length: the schedule would change
+    loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)
+    with pytest.warns(UserWarning, match="planned for 16 steps as one of 24"):
+        distill(copy.deepcopy(base), None, loader, longer, loss="ce", show_progress=False, resume=tmp_path / "last.pt")

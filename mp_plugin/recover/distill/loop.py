@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,6 +267,17 @@ def distill(
     scheduler = build_scheduler(optimizer, cfg, total, steps_per_epoch)
     step = 0
     if state is not None:
+        old = state.get("config") or {}
+        if "epochs" in old:
+            old_total = int(old["epochs"]) * steps_per_epoch
+            if old.get("max_steps") is not None:
+                old_total = min(old_total, int(old["max_steps"]))
+            if old_total != total:
+                warnings.warn(
+                    f"resuming a run planned for {old_total} steps as one of {total}: the learning-rate "
+                    "schedule's length changes mid-run (its restored state is for the old length)",
+                    stacklevel=2,
+                )
         if state.get("optimizer") is not None:
             optimizer.load_state_dict(state["optimizer"])
         if state.get("scheduler") is not None:
