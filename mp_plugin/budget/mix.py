@@ -64,6 +64,7 @@ import torch
 from mp_plugin.budget.bulk_share import DEFAULT_MIX_BETA, bulk_share_weights
 from mp_plugin.budget.mix_measured import measured_damage_array, measured_restore_damage_array
 from mp_plugin.errors import ConfigError
+from mp_plugin.masks.counts import weight_numels
 
 __all__ = [
     "CALIBRATED_MIX_RULES",
@@ -148,8 +149,7 @@ def mix_rules() -> tuple[str, ...]:
 
 def layer_sizes(weights: Sequence[torch.Tensor]) -> np.ndarray:
     """(L,) number of weights per layer; a sequence with ``numels()`` (``LayerWeights``) is not loaded."""
-    numels = getattr(weights, "numels", None)
-    return np.asarray(numels() if callable(numels) else [w.numel() for w in weights], dtype=np.float64)
+    return np.asarray(weight_numels(weights), dtype=np.float64)
 
 
 def kn_removed_energy(weight: torch.Tensor, k: int = 2, n: int = 4) -> float:

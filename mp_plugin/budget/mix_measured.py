@@ -43,12 +43,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
 from mp_plugin.errors import CalibrationError, ConfigError
 from mp_plugin.layers.calibration import call_model, eval_mode, real_tokens, token_mask
 from mp_plugin.layers.offload import is_offloaded, onloaded
 from mp_plugin.layers.patterns import Pattern
+from mp_plugin.layers.wrappers import derived_weight_reason
 from mp_plugin.masks.select import nm_mask
 from mp_plugin.progress import progress
 from mp_plugin.restore import RestoreConfig, capture_grams, restore_layer
@@ -99,13 +99,9 @@ def _kn_change(
 ) -> torch.Tensor:
     """What makes one layer k:n: W̃ (its magnitude k:n weight, re-solved on ``gram`` when ``restore``
     is given) for a layer in memory, ΔW = W − W̃ for an accelerate-offloaded one (read, not written)."""
-    if parametrize.is_parametrized(module, "weight") or (
-        "weight" not in module._parameters and "weight" not in module._buffers
-    ):
-        raise ConfigError(
-            f"layer {name!r}: its weight is computed on every access (a parametrization or weight_norm), so the "
-            "measured mix rules cannot put 2:4 on it; remove that first, or use mix_rule='mp-bulk'"
-        )
+    why = derived_weight_reason(module)
+    if why is not None:
+        raise ConfigError(f"layer {name!r}: the measured mix rules cannot put 2:4 on it: {why}")
     with onloaded([module]):
         dense = module.weight.detach()
         pruned = dense * nm_mask(dense, k, n).to(dense.dtype)
@@ -124,7 +120,7 @@ class _KnSwitch:
     """
 
     def __init__(self, module: nn.Module, change: torch.Tensor, offloaded: bool) -> None:
-        self.module, self.change, self.offloaded = module, change, offloaded
+        self.module, self.change = module, change
         self.term = _weight_term(module) if offloaded else None
         self.original = None if offloaded else module.weight.detach().clone()
         self.active, self.calls = False, 0
@@ -213,8 +209,6 @@ def measured_kn_damage(
         for name in progress(list(names), desc="2:4 damage per layer", unit="layer", disable=not show_progress):
             module = modules[name]
             offloaded = is_offloaded(module)
-            if offloaded:
-                _weight_term(module)  # a layer type the hook cannot subtract fails before any pass
             if not pattern.eligible(tuple(module.weight.shape)):
                 continue
             gram = None

@@ -41,13 +41,26 @@ from torch import nn
 
 from mp_plugin.errors import MPPluginError
 
-__all__ = ["is_offloaded", "offloading_ancestor", "onloaded", "preload_reason", "write_back", "write_back_problem"]
+__all__ = [
+    "first_offloaded",
+    "is_offloaded",
+    "offloading_ancestor",
+    "onloaded",
+    "preload_reason",
+    "write_back",
+    "write_back_problem",
+]
 
 
 def is_offloaded(module: nn.Module) -> bool:
     """True for a module whose weight accelerate offloaded (meta tensor behind an ``_hf_hook``)."""
     weight = getattr(module, "weight", None)
     return getattr(module, "_hf_hook", None) is not None and isinstance(weight, torch.Tensor) and weight.is_meta
+
+
+def first_offloaded(model: nn.Module) -> str | None:
+    """The name of the first module of ``model`` whose weight accelerate offloaded, or None."""
+    return next((name for name, m in model.named_modules() if is_offloaded(m)), None)
 
 
 def offloading_ancestor(model: nn.Module, name: str) -> str | None:

@@ -13,8 +13,9 @@ edits the wrapped one.
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.utils import parametrize
 
-__all__ = ["WRAPPER_ATTRS", "unwrap_model"]
+__all__ = ["WRAPPER_ATTRS", "derived_weight_reason", "unwrap_model"]
 
 WRAPPER_ATTRS = ("_orig_mod", "module")  # the child a wrapper forwards to
 
@@ -34,3 +35,25 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             break
         model = inner
     return model
+
+
+def derived_weight_reason(module: nn.Module) -> str | None:
+    """Why ``module.weight`` is not a stored tensor that can be written in place, or None when it is.
+
+    A parametrization (``torch.nn.utils.parametrizations.weight_norm``, ``spectral_norm``,
+    any ``register_parametrization``) or the old hook-based ``weight_norm`` recompute
+    ``weight`` from other tensors, so a write to it is lost (or lands on a temporary).
+    """
+    if parametrize.is_parametrized(module, "weight"):
+        kinds = ", ".join(type(p).__name__ for p in module.parametrizations["weight"])
+        return (
+            f"its weight is parametrized ({kinds}) and recomputed on every access; remove it first with "
+            "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')"
+        )
+    if "weight" not in module._parameters and "weight" not in module._buffers:
+        hooks = ", ".join(type(h).__name__ for h in module._forward_pre_hooks.values()) or "an attribute"
+        return (
+            f"its weight is not a stored parameter or buffer (computed by {hooks}, e.g. the old "
+            "torch.nn.utils.weight_norm); remove that first (torch.nn.utils.remove_weight_norm(module))"
+        )
+    return None

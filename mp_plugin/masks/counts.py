@@ -15,7 +15,7 @@ import torch
 
 from mp_plugin.errors import InvalidSparsityError
 
-__all__ = ["check_sparsity", "global_prune_counts", "uniform_prune_counts"]
+__all__ = ["check_sparsity", "global_prune_counts", "uniform_prune_counts", "weight_numels"]
 
 
 def check_sparsity(sparsity: float) -> float:
@@ -82,6 +82,13 @@ def _score_shift(weights: Sequence[torch.Tensor], layer_w: Sequence[float]) -> i
     return exp if abs(exp) > 60 else 0
 
 
+def weight_numels(weights: Sequence[torch.Tensor]) -> list[int]:
+    """Number of entries of each weight; a sequence with ``numels()`` (``LayerWeights``) answers
+    without loading an accelerate-offloaded weight."""
+    numels = getattr(weights, "numels", None)
+    return [int(n) for n in numels()] if callable(numels) else [int(w.numel()) for w in weights]
+
+
 def global_prune_counts(weights: Sequence[torch.Tensor], layer_w: Sequence[float], sparsity: float) -> list[int]:
     """Exact per-layer counts for global thresholding of |W|/w_ℓ.
 
@@ -98,8 +105,7 @@ def global_prune_counts(weights: Sequence[torch.Tensor], layer_w: Sequence[float
     concatenated scores.
     """
     s = check_sparsity(sparsity)
-    numels = getattr(weights, "numels", None)  # LayerWeights: sizes without loading an offloaded weight
-    sizes = [int(n) for n in numels()] if callable(numels) else [int(w.numel()) for w in weights]
+    sizes = weight_numels(weights)
     total = sum(sizes)
     target = int(round(s * total))
     if target == 0:

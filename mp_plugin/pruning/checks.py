@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from mp_plugin.errors import CalibrationError, ConfigError, InvalidWeightError, MPPluginError, PlanFormatError
-from mp_plugin.layers.offload import is_offloaded, onloaded, preload_reason, write_back_problem
+from mp_plugin.layers.offload import first_offloaded, is_offloaded, onloaded, preload_reason, write_back_problem
 from mp_plugin.layers.patterns import Pattern
+from mp_plugin.layers.wrappers import derived_weight_reason
 from mp_plugin.planning.schema import check_plan_object
 
 __all__ = [
@@ -35,28 +35,6 @@ __all__ = [
 ]
 
 PERMUTE_VALUES = (False, None, True, "none", "swap", "interleave")
-
-
-def derived_weight_reason(module: nn.Module) -> str | None:
-    """Why ``module.weight`` is not a stored tensor that can be written in place, or None when it is.
-
-    A parametrization (``torch.nn.utils.parametrizations.weight_norm``, ``spectral_norm``,
-    any ``register_parametrization``) or the old hook-based ``weight_norm`` recompute
-    ``weight`` from other tensors, so a write to it is lost (or lands on a temporary).
-    """
-    if parametrize.is_parametrized(module, "weight"):
-        kinds = ", ".join(type(p).__name__ for p in module.parametrizations["weight"])
-        return (
-            f"its weight is parametrized ({kinds}) and recomputed on every access; remove it first with "
-            "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')"
-        )
-    if "weight" not in module._parameters and "weight" not in module._buffers:
-        hooks = ", ".join(type(h).__name__ for h in module._forward_pre_hooks.values()) or "an attribute"
-        return (
-            f"its weight is not a stored parameter or buffer (computed by {hooks}, e.g. the old "
-            "torch.nn.utils.weight_norm); remove that first (torch.nn.utils.remove_weight_norm(module))"
-        )
-    return None
 
 
 def _real_number(value: Any, name: str, lo: float = 0.0) -> float:
@@ -128,7 +106,7 @@ def check_apply_inputs(
         raise CalibrationError("calibration is an empty list: give at least one batch, or None")
     modules = plan.check_model(model)
     if permute not in (False, None, "none"):  # validated above: one of PERMUTE_VALUES
-        offloaded = next((name for name, m in model.named_modules() if is_offloaded(m)), None)
+        offloaded = first_offloaded(model)
         if offloaded is not None:
             raise ConfigError(
                 f"permute={permute!r} is not supported on an accelerate-offloaded model ({offloaded!r} is "

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mp_plugin.errors import MPPluginError, PlanMismatchError
-from mp_plugin.layers.offload import is_offloaded
+from mp_plugin.layers.offload import first_offloaded
 from mp_plugin.progress import progress
 from mp_plugin.restore.config import RestoreConfig
 from mp_plugin.restore.driver import block_grams
@@ -47,7 +47,7 @@ def restore_model(
         raise MPPluginError("restore needs calibration data (one batch or a list of batches of model inputs)")
     modules = dict(pruned.named_modules())
     for model in (pruned, dense) if isinstance(dense, nn.Module) else (pruned,):
-        offloaded = next((n for n, m in model.named_modules() if is_offloaded(m)), None)
+        offloaded = first_offloaded(model)
         if offloaded is not None:
             raise MPPluginError(
                 f"restore_model needs the layers in memory, but {offloaded!r} is offloaded by accelerate; "

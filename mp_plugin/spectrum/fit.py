@@ -339,7 +339,8 @@ def float32_sigma_error(fit: SpectralFit) -> float:
 
 def _without_zero_lines(mat: torch.Tensor) -> torch.Tensor:
     """``mat`` without its all-zero rows and columns (unchanged when fewer than 2 of either would remain)."""
-    rows, cols = mat.ne(0).any(1), mat.ne(0).any(0)
+    nonzero = mat.ne(0)
+    rows, cols = nonzero.any(1), nonzero.any(0)
     if bool(rows.all()) and bool(cols.all()):
         return mat
     if int(rows.sum()) < 2 or int(cols.sum()) < 2:  # all-zero or nearly: the degenerate fit says so
