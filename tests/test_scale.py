@@ -588,6 +588,6 @@ def test_an_unwritable_offload_store_is_refused_before_any_layer_is_pruned(tmp_p
     dispatch_model(model, device_map, main_device="cpu", offload_index=index)  # no offload_dir
     with pytest.raises(mp.MPPluginError, match="offload_folder=DIR"):
         mp.apply(model, p)
-    assert p.applied == {} or not p.applied.get("layers")
+    assert p.applied == {}  # nothing was recorded: no layer was pruned
     q = model.model.layers[0].self_attn.q_proj  # in memory, before the offloaded layers: untouched
     assert torch.equal(q.weight, twin.model.layers[0].self_attn.q_proj.weight)
