@@ -591,3 +591,63 @@ def test_an_unwritable_offload_store_is_refused_before_any_layer_is_pruned(tmp_p
     assert p.applied == {}  # nothing was recorded: no layer was pruned
     q = model.model.layers[0].self_attn.q_proj  # in memory, before the offloaded layers: untouched
     assert torch.equal(q.weight, twin.model.layers[0].self_attn.q_proj.weight)
+
+
+class _Tied(torch.nn.Module):
+    """Two Linear layers running on one weight (a reused block), and one of their own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(32, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 16)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_a_weight_tied_in_a_cpu_offload_store_is_one_layer_measured_and_pruned_once() -> None:
+    pytest.importorskip("accelerate")
+    import copy
+
+    from accelerate import cpu_offload
+
+    import mp_plugin as mp
+    from mp_plugin.budget.mix_measured import measured_kn_damage
+    from mp_plugin.layers.discovery import find_target_layers
+
+    torch.manual_seed(0)
+    twin = _Tied()
+    model = copy.deepcopy(twin)
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    assert model.a.weight.is_meta and model.a.weight is not model.b.weight  # accelerate breaks the tie itself
+    targets, skipped = find_target_layers(model, mp.LayerSelection(exclude_head=False))
+    assert [(t.name, t.aliases) for t in targets] == [("a", ["b"]), ("c", [])]
+    assert [s.name for s in skipped] == ["b"]
+    calib = [torch.randn(8, 32) for _ in range(2)]
+    d, ref = measured_kn_damage(model, ["a", "c"], calib), measured_kn_damage(twin, ["a", "c"], calib)
+    for name in ("a", "c"):  # the 2:4 damage of "a" includes its second use as "b"
+        assert d[name] == pytest.approx(ref[name], rel=1e-6)
+    only_a = copy.deepcopy(twin)
+    only_a.b.weight = torch.nn.Parameter(twin.a.weight.detach().clone())  # untied: "b" stays dense
+    assert ref["a"] > 1.5 * measured_kn_damage(only_a, ["a"], calib)["a"]
+    sel = mp.PlanConfig(selection=mp.LayerSelection(exclude_head=False))
+    p, p_ref = mp.plan(model, 0.5, "2:4", "uniform", config=sel), mp.plan(twin, 0.5, "2:4", "uniform", config=sel)
+    assert [lp.name for lp in p.layers] == [lp.name for lp in p_ref.layers] == ["a", "c"]
+    mp.apply(model, p)
+    mp.apply(twin, p_ref)
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), twin(x))
+
+
+def test_disk_offload_keeps_one_copy_per_key_so_a_tie_becomes_two_layers(tmp_path) -> None:
+    pytest.importorskip("accelerate")
+    from accelerate import disk_offload
+
+    import mp_plugin as mp
+    from mp_plugin.layers.discovery import find_target_layers
+
+    model = _Tied()
+    disk_offload(model, str(tmp_path), execution_device=torch.device("cpu"))
+    targets, _ = find_target_layers(model, mp.LayerSelection(exclude_head=False))
+    assert [(t.name, t.aliases) for t in targets] == [("a", []), ("b", []), ("c", [])]

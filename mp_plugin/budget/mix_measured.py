@@ -46,7 +46,7 @@ from torch import nn
 
 from mp_plugin.errors import CalibrationError, ConfigError
 from mp_plugin.layers.calibration import call_model, eval_mode, real_tokens, token_mask
-from mp_plugin.layers.offload import is_offloaded, onloaded
+from mp_plugin.layers.offload import is_offloaded, onloaded, weight_identity
 from mp_plugin.layers.patterns import Pattern
 from mp_plugin.layers.wrappers import derived_weight_reason
 from mp_plugin.masks.select import nm_mask
@@ -110,35 +110,53 @@ def _kn_change(
         return dense - pruned if offloaded else pruned
 
 
+def _tied_to(model: nn.Module, module: nn.Module) -> list[nn.Module]:
+    """The other Linear/Conv modules of ``model`` whose offloaded weight is ``module``'s stored weight."""
+    key = weight_identity(module)
+    return [
+        m
+        for m in model.modules()
+        if m is not module and isinstance(m, _TIEABLE) and is_offloaded(m) and weight_identity(m) == key
+    ]
+
+
+_TIEABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
 class _KnSwitch:
     """Turns one layer's k:n version on and off, and counts the layer's calls while it is on.
 
     In memory, W̃ is copied into the weight while on and the original copied back when off
     (this also reaches a weight used outside the module's own forward). Offloaded, the weight
     is never touched: while on, a forward hook subtracts f(x; ΔW) from the layer's output (on
-    the output's device and in its dtype). :meth:`close` puts everything back.
+    the output's device and in its dtype), and from the output of every module ``tied`` to the
+    same stored weight. :meth:`close` puts everything back.
     """
 
-    def __init__(self, module: nn.Module, change: torch.Tensor, offloaded: bool) -> None:
+    def __init__(
+        self, module: nn.Module, change: torch.Tensor, offloaded: bool, tied: Sequence[nn.Module] = ()
+    ) -> None:
         self.module, self.change = module, change
-        self.term = _weight_term(module) if offloaded else None
         self.original = None if offloaded else module.weight.detach().clone()
         self.active, self.calls = False, 0
         self.moved: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        self.handle = module.register_forward_hook(self._hook, with_kwargs=True)
+        hooked = [module, *(m for m in tied if m is not module)] if offloaded else [module]
+        self.terms = {id(m): _weight_term(m) for m in hooked} if offloaded else {}
+        self.handles = [m.register_forward_hook(self._hook, with_kwargs=True) for m in hooked]
 
     def _hook(self, mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
         if not self.active:
             return None
         self.calls += 1
-        if self.term is None:
+        term = self.terms.get(id(mod))
+        if term is None:
             return None
         x = args[0] if args else next(iter(kwargs.values()))
         x = x.to(out.device)  # accelerate moves the input to the layer's device after this hook's view of it
         key = (x.device, x.dtype)
         if key not in self.moved:
             self.moved[key] = self.change.to(x.device, x.dtype)
-        return out - self.term(x, self.moved[key]).to(out.dtype)
+        return out - term(x, self.moved[key]).to(out.dtype)
 
     def on(self) -> None:
         self.active = True
@@ -152,7 +170,8 @@ class _KnSwitch:
 
     def close(self) -> None:
         self.off()
-        self.handle.remove()
+        for handle in self.handles:
+            handle.remove()
 
 
 @torch.no_grad()
@@ -214,7 +233,8 @@ def measured_kn_damage(
             gram = None
             if restore is not None:  # a layer the calibration never reaches keeps its plain k:n
                 gram = capture_grams(model, [name], batches, stop_after=name).get(name)
-            switch = _KnSwitch(module, _kn_change(module, name, offloaded, k, n, restore, gram), offloaded)
+            tied = _tied_to(model, module) if offloaded else []
+            switch = _KnSwitch(module, _kn_change(module, name, offloaded, k, n, restore, gram), offloaded, tied)
             err = 0.0
             try:
                 for i, batch in enumerate(batches):

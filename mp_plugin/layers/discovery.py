@@ -18,6 +18,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from mp_plugin.layers.offload import weight_identity
+
 __all__ = ["LayerSelection", "TargetLayer", "SkippedLayer", "find_target_layers", "classify_layer_type"]
 
 LayerType = Literal["attn", "mlp", "other"]
@@ -157,13 +159,13 @@ def find_target_layers(
     sel = selection or LayerSelection()
     heads = _head_modules(model) if sel.exclude_head else []
     embeddings = {
-        id(m.weight): name
+        weight_identity(m): name
         for name, m in model.named_modules()
         if isinstance(m, nn.Embedding) and sel.exclude_embeddings
     }
     excl = [re.compile(p) for p in sel.exclude]
     only = [re.compile(p) for p in sel.include_only]
-    seen: dict[int, TargetLayer] = {}
+    seen: dict[tuple, TargetLayer] = {}
     targets: list[TargetLayer] = []
     skipped: list[SkippedLayer] = []
     for name, module in model.named_modules():
@@ -174,7 +176,7 @@ def find_target_layers(
         if not isinstance(weight, torch.Tensor):
             skipped.append(SkippedLayer(name, "no weight tensor"))
             continue
-        key = id(weight)
+        key = weight_identity(module)  # offloaded ties are seen in accelerate's store
         if key in seen:
             seen[key].aliases.append(name)
             skipped.append(SkippedLayer(name, f"shares its weight with {seen[key].name}"))

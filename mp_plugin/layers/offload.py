@@ -21,11 +21,15 @@ index of ``<name>.dat`` memory-mapped files or safetensors entries in an offload
 The core never imports accelerate: an offloaded model has loaded it, and it is reached
 through ``sys.modules``.
 
-Not handled: a weight tied to another offloaded entry that is stored under a second key in a
-disk store (only the pruned key's file is rewritten; a CPU dict store holding one tensor under
-both keys is updated for both), and modules offloaded through a parent's hook
-(``preload_module_classes``), whose own weight has no hook of its own (``plan`` and
-``apply`` refuse them by name, :func:`preload_reason`).
+Tied weights: accelerate gives each offloaded module its own meta tensor, so the tie is seen
+in the store instead (:func:`weight_identity`): one tensor under two keys of a CPU dict, or two
+keys naming the same entry of one safetensors file. Each ``.dat`` file written by
+``disk_offload`` holds its own copy, so modules stored that way are not tied at run time and
+stay separate layers.
+
+Not handled: modules offloaded through a parent's hook (``preload_module_classes``), whose
+own weight has no hook of its own (``plan`` and ``apply`` refuse them by name,
+:func:`preload_reason`).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ __all__ = [
     "offloading_ancestor",
     "onloaded",
     "preload_reason",
+    "weight_identity",
     "write_back",
     "write_back_problem",
 ]
@@ -56,6 +61,33 @@ def is_offloaded(module: nn.Module) -> bool:
     """True for a module whose weight accelerate offloaded (meta tensor behind an ``_hf_hook``)."""
     weight = getattr(module, "weight", None)
     return getattr(module, "_hf_hook", None) is not None and isinstance(weight, torch.Tensor) and weight.is_meta
+
+
+def weight_identity(module: nn.Module) -> tuple:
+    """A key equal for two modules that run on the same weight tensor, offloaded or not.
+
+    In memory it is the weight object's identity. For an accelerate-offloaded module it is
+    where the store keeps the weight: the stored tensor's memory (a CPU dict, where
+    ``cpu_offload`` puts one tensor under both keys of a tied pair), the (file, tensor name)
+    of a safetensors entry, or the key's own ``.dat`` file. A store this cannot read falls
+    back to the module's own meta tensor (never tied to another).
+    """
+    weight = getattr(module, "weight", None)
+    if not is_offloaded(module):
+        return ("object", id(weight))
+    try:
+        kind, target, key = _locate(_weights_map(module), "weight")
+    except MPPluginError:
+        return ("object", id(weight))
+    if kind == "dict":
+        stored = target[key]
+        if isinstance(stored, torch.Tensor) and not stored.is_meta:
+            return ("stored", stored.device.type, stored.data_ptr(), tuple(stored.shape), stored.dtype)
+        return ("object", id(weight))
+    info = target.index[key]
+    if "safetensors_file" in info:
+        return ("safetensors", os.path.abspath(info["safetensors_file"]), info.get("weight_name", key))
+    return ("dat", os.path.abspath(str(target.save_folder)), key)
 
 
 def first_offloaded(model: nn.Module) -> str | None:
