@@ -453,3 +453,42 @@ def test_a_sequential_restore_that_fails_part_way_records_what_it_did_and_resume
     assert all(check_nm(model.get_submodule(n).weight, 2, 4) for n in p.applied["layers"])
     if permute == "none":
         assert all(torch.equal(model.get_submodule(n).weight, w) for n, w in done.items())  # kept, not redone
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_a_layer_interrupted_mid_restore_is_left_dense_in_memory_and_in_a_cpu_offload_store(monkeypatch, offload):
+    """Ctrl-C inside one layer's restore: that layer keeps its dense weight, earlier layers stay done."""
+    import mp_plugin.restore.driver as driver
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    p = mp.plan(model, sparsity=0.5, pattern="2:4", budget="uniform", config=_all_layers())
+    dense = {n: model.get_submodule(n).weight.detach().clone() for n in ("0", "2", "4")}
+    if offload:
+        accelerate = pytest.importorskip("accelerate")
+        accelerate.cpu_offload(model, execution_device=torch.device("cpu"))  # the weight brought in *is* the store
+    real = driver.restore_layer
+
+    def interrupted(weight, *args, **kwargs):
+        out = real(weight, *args, **kwargs)
+        if weight.shape == (32, 64):  # layer "2": already masked and re-solved when the interrupt lands
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(driver, "restore_layer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        apply(model, p, [torch.randn(128, 32)], restore=RestoreConfig(sequential=True))
+    monkeypatch.undo()
+
+    def weight(name: str) -> torch.Tensor:
+        module = model.get_submodule(name)
+        return module._hf_hook.weights_map["weight"] if offload else module.weight.detach()
+
+    assert check_nm(weight("0"), 2, 4)  # done before the interrupt
+    assert torch.equal(weight("2"), dense["2"])  # the interrupted layer: dense again
+    assert torch.equal(weight("4"), dense["4"])  # not reached
+    assert "KeyboardInterrupt" in p.applied["incomplete"] and sorted(p.applied["layers"]) == ["0"]
+    done = weight("0").clone()
+    apply(model, p, [torch.randn(128, 32)], restore=RestoreConfig(sequential=True))  # resumes
+    assert "incomplete" not in p.applied and sorted(p.applied["layers"]) == ["0", "2", "4"]
+    assert torch.equal(weight("0"), done) and all(check_nm(weight(n), 2, 4) for n in ("2", "4"))

@@ -215,8 +215,8 @@ def apply(
                     show_progress,
                     records=partial,
                 )
-        except Exception as exc:
-            if partial:  # a sequential run stopped part-way: say what is done, so a second apply resumes
+        except BaseException as exc:  # Ctrl-C included: a long run interrupted resumes like a failed one
+            if partial:  # a run stopped part-way: say what is done, so a second apply resumes
                 _record_incomplete(plan, partial, patterns, permuted, exc, len(tasks))
             raise
     elif method == "cast":
@@ -279,7 +279,7 @@ def apply(
 
 
 def _record_incomplete(
-    plan: PrunePlan, partial: dict[str, dict], patterns: dict, permuted: Any, exc: Exception, total: int
+    plan: PrunePlan, partial: dict[str, dict], patterns: dict, permuted: Any, exc: BaseException, total: int
 ) -> None:
     """Record the layers a failed run already pruned (and the permutation they were pruned in)."""
     layers = dict(plan.applied.get("layers", {}))
@@ -289,7 +289,7 @@ def _record_incomplete(
         permuted.save_to(plan)
     exc.add_note(
         f"apply stopped after pruning {len(partial)} of {total} layers; plan.applied records them "
-        "('incomplete'); fix the cause and apply the same plan again to prune the rest"
+        "('incomplete'); apply the same plan again (after fixing the cause of an error) to prune the rest"
     )
 
 

@@ -207,9 +207,32 @@ def _prune_one(
     cfg: RestoreConfig,
     cast_config: CastConfig | None,
 ) -> dict[str, Any]:
-    """Prune (and restore) one layer in place; its record."""
+    """Prune (and restore) one layer in place; its record. On an error the layer's dense weight is put back.
+
+    (An accelerate CPU dict store shares memory with the weight brought in, so without this a
+    failed layer would stay half-changed there, and in memory, while no record names it.)
+    """
     weight = task.module.weight
     dense = weight.detach().clone()
+    try:
+        return _prune_one_in_place(task, weight, dense, gram, needs_gram, projection, restore, cfg, cast_config)
+    except BaseException:
+        with torch.no_grad():
+            weight.copy_(dense)
+        raise
+
+
+def _prune_one_in_place(
+    task: LayerTask,
+    weight: torch.Tensor,
+    dense: torch.Tensor,
+    gram: LayerGram | None,
+    needs_gram: bool,
+    projection: str,
+    restore: RestoreConfig | None,
+    cfg: RestoreConfig,
+    cast_config: CastConfig | None,
+) -> dict[str, Any]:
     groups = int(getattr(task.module, "groups", 1))
     entry: dict[str, Any] = {"pattern": str(task.pattern)}
     if needs_gram and gram is None:
