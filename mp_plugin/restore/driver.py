@@ -15,6 +15,7 @@ everything before it.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -191,40 +192,34 @@ def prune_and_restore(
     for block, grams in blocks:
         for name in block:
             task = by_name[name]
-            with onloaded([task.module], write=True):  # accelerate-offloaded: in, pruned, written back
-                records[name] = _prune_one(task, grams.get(name), needs_gram, projection, restore, cfg, cast_config)
+            with onloaded([task.module], write=True), _dense_on_error(task.module.weight) as dense:
+                # accelerate-offloaded: in, pruned, written back; on an error the layer stays dense
+                records[name] = _prune_one(
+                    task, dense, grams.get(name), needs_gram, projection, restore, cfg, cast_config
+                )
             bar.update(1)
     bar.close()
     return records
 
 
-def _prune_one(
-    task: LayerTask,
-    gram: LayerGram | None,
-    needs_gram: bool,
-    projection: str,
-    restore: RestoreConfig | None,
-    cfg: RestoreConfig,
-    cast_config: CastConfig | None,
-) -> dict[str, Any]:
-    """Prune (and restore) one layer in place; its record. On an error the layer's dense weight is put back.
+@contextlib.contextmanager
+def _dense_on_error(weight: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Yields a copy of ``weight``; when the block raises (Ctrl-C included), the weight gets it back.
 
     (An accelerate CPU dict store shares memory with the weight brought in, so without this a
     failed layer would stay half-changed there, and in memory, while no record names it.)
     """
-    weight = task.module.weight
     dense = weight.detach().clone()
     try:
-        return _prune_one_in_place(task, weight, dense, gram, needs_gram, projection, restore, cfg, cast_config)
+        yield dense
     except BaseException:
         with torch.no_grad():
             weight.copy_(dense)
         raise
 
 
-def _prune_one_in_place(
+def _prune_one(
     task: LayerTask,
-    weight: torch.Tensor,
     dense: torch.Tensor,
     gram: LayerGram | None,
     needs_gram: bool,
@@ -233,6 +228,8 @@ def _prune_one_in_place(
     cfg: RestoreConfig,
     cast_config: CastConfig | None,
 ) -> dict[str, Any]:
+    """Prune (and restore) one layer in place from its ``dense`` weight; its record."""
+    weight = task.module.weight
     groups = int(getattr(task.module, "groups", 1))
     entry: dict[str, Any] = {"pattern": str(task.pattern)}
     if needs_gram and gram is None:
