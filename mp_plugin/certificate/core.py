@@ -35,6 +35,15 @@ from mp_plugin.certificate.perturbation import (
     removed_component,
 )
 from mp_plugin.certificate.result import Certificate, LayerCertificate
+from mp_plugin.certificate.rigor import (
+    DEFAULT_ROUNDING_RTOL,
+    autocast_problem,
+    hook_problem,
+    hyperparameter_mismatch,
+    own_forward_problem,
+    rounding_allowance,
+    tied_problem,
+)
 from mp_plugin.errors import CertificateInputError, NonFiniteActivationError, NotCertifiable
 from mp_plugin.layers.wrappers import unwrap_model
 from mp_plugin.masks.select import fold_parametrizations
@@ -111,6 +120,22 @@ def _changed_other_params(dense: nn.Module, pruned: nn.Module, layer_names: Sequ
     return out
 
 
+def _bound_mode_checks(dense: nn.Module, pruned: nn.Module, precision: torch.dtype, rounding_rtol: float) -> None:
+    """Refuse what the rigorous bound does not cover (see :mod:`mp_plugin.certificate.rigor`)."""
+    if not (rounding_rtol >= 0 and np.isfinite(rounding_rtol)):
+        raise CertificateInputError(f"rounding_rtol must be a finite number ≥ 0, got {rounding_rtol!r}")
+    if not precision.is_floating_point or torch.finfo(precision).eps > torch.finfo(torch.float32).eps:
+        raise CertificateInputError(f"bound mode needs precision float32 or float64 for Rψ₁, got {precision}")
+    why = (
+        hook_problem(dense, "the dense model")
+        or hook_problem(pruned, "the pruned model")
+        or autocast_problem()
+        or hyperparameter_mismatch(dense, pruned)
+    )
+    if why is not None:
+        raise NotCertifiable(f"bound mode cannot prove a bound here: {why}; use mode='empirical'")
+
+
 def _check_lambdas(lambdas: Sequence[float] | None) -> tuple[float, float] | None:
     if lambdas is None:
         return None
@@ -121,7 +146,7 @@ def _check_lambdas(lambdas: Sequence[float] | None) -> tuple[float, float] | Non
 
 def _margins(z: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     top = z.topk(2, dim=1)
-    pred = top.indices[:, 0]
+    pred = z.argmax(1)  # as the pruned prediction: a tie picks the same index in both
     margin_pred = top.values[:, 0] - top.values[:, 1]
     if labels is None:
         return pred, margin_pred, None
@@ -145,6 +170,7 @@ def certify(
     show_progress: bool = False,
     plan: Any = None,
     permutation: Any = None,
+    rounding_rtol: float = DEFAULT_ROUNDING_RTOL,
 ) -> Certificate:
     """Certify which samples of ``batch`` keep their prediction when ``dense`` is pruned to ``pruned``.
 
@@ -169,7 +195,7 @@ def certify(
             rigorous multi-layer bound; in empirical mode it gives per-layer η.
         delta: failure probability of the Gaussian MP-edge form.
         gaussian: compute the Gaussian MP-edge form (bound/jacobian modes; fits σ₊ of each R).
-        precision: dtype of the Rψ₁ products.
+        precision: dtype of the Rψ₁ products (float32 or float64 in bound mode).
         show_progress: tqdm bars over the layers bounded, estimated or measured one by one.
         plan: the :class:`~mp_plugin.planning.plan.PrunePlan` that pruned ``pruned`` (also one
             loaded with ``PrunePlan.load``). When ``apply(..., permute=...)`` recorded a channel
@@ -179,14 +205,20 @@ def certify(
             orders (η and the preserved set stay exact in empirical mode).
         permutation: instead of ``plan``, the :class:`~mp_plugin.permute.PermutationRecord`
             that ``permute_channels`` returned.
+        rounding_rtol: bound mode only: the bound is proven in exact arithmetic, the logits
+            are computed in floating point, so a sample is marked preserved only when its
+            margin exceeds 2(η_s + a_s), a_s = ``rounding_rtol``·(‖z_A(s)‖∞ + ‖z_S(s)‖∞)
+            (:func:`mp_plugin.certificate.rigor.rounding_allowance`).
 
     Returns:
         A :class:`Certificate`; every number carries its kind (rigorous / estimate / exact).
 
     Raises:
         ArchitectureMismatchError, CertificateInputError, NonFiniteActivationError,
-        NotCertifiable (bound mode on an op it cannot bound; bound/jacobian when parameters
-        other than Linear/Conv weights and biases differ).
+        NotCertifiable (bound mode on an op it cannot bound, on forward hooks or overridden
+        forwards, tied pruned weights, active autocast, precision below float32, or modules whose
+        hyperparameters differ; bound/jacobian when parameters other than Linear/Conv weights and
+        biases differ).
     """
     if mode not in MODES:
         raise CertificateInputError(f"mode must be one of {MODES}, got {mode!r}")
@@ -204,6 +236,8 @@ def certify(
     device = model_device(dense_c)
     pruned_c = _eval_view(pruned, device)
     check_same_architecture(dense_c, pruned_c)
+    if mode == "bound":
+        _bound_mode_checks(dense_c, pruned_c, precision, rounding_rtol)
     batch = numpy_to_torch(batch, next((p.dtype for p in dense_c.parameters() if p.is_floating_point()), None))
     n = batch_size(batch)
     batch = move_batch(batch, device)
@@ -233,6 +267,12 @@ def certify(
             )
         notes.append(f"{len(other)} non-Linear/Conv parameters differ (e.g. {other[0]}); η includes them")
     removed = {name: removed_all[name] for name in selected}
+    for name in selected if mode == "bound" else ():
+        why = own_forward_problem(d_layers[name], name) or tied_problem(dense_c, [name])
+        if why is not None:
+            raise NotCertifiable(f"bound mode cannot prove a bound here: {why}; use mode='empirical'")
+    if mode != "bound" and tied_problem(dense_c, selected) is not None:
+        notes.append(f"{tied_problem(dense_c, selected)}; the certified model prunes the tied modules too")
     if layers is None:
         effective = pruned_c  # bound/jacobian refused above if anything but Linear/Conv layers differs
     else:
@@ -345,6 +385,15 @@ def certify(
     pred, margin_pred, margin_true = _margins(z_dense.double(), lab)
     eta = eta.to(margin_pred.device)
     preserved = margin_pred > 2 * eta
+    if mode == "bound":  # proven in exact arithmetic: keep a margin for the rounding of the computed logits
+        allowance = rounding_allowance(z_dense, z_pruned, rounding_rtol).to(eta.device)
+        proven = margin_pred > 2 * (eta + allowance)
+        if bool((preserved & ~proven).any()):
+            notes.append(
+                f"{int((preserved & ~proven).sum())} samples with margin > 2η are not marked preserved: their "
+                f"margin is within the float-rounding allowance ({rounding_rtol:g}·(‖z_A‖∞ + ‖z_S‖∞))"
+            )
+        preserved = proven
     pred_pruned = z_pruned.argmax(1)
     changed = pred != pred_pruned
     measured: dict = {"agreement": float((~changed).double().mean()), "kind": MEASURED}

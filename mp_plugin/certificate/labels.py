@@ -1,6 +1,8 @@
 """How much each certificate number can be trusted: the labels every output carries.
 
-* ``RIGOROUS`` — a mathematical upper bound (``mode="bound"``), up to float rounding.
+* ``RIGOROUS`` — a mathematical upper bound (``mode="bound"``) in exact arithmetic; the
+  preserved test adds an allowance for the rounding of the computed logits
+  (:mod:`mp_plugin.certificate.rigor`).
 * ``ESTIMATE`` — a local estimate, not a bound (``mode="jacobian"``, or layers
   certified independently in the dense network).
 * ``EXACT`` — measured for the realised pruning on this batch (``mode="empirical"``).

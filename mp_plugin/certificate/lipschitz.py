@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from mp_plugin.certificate.perturbation import in_side_pass
+from mp_plugin.certificate.rigor import hook_problem, own_forward_problem
 from mp_plugin.errors import NotCertifiable
 
 __all__ = ["sequential_bound", "jacobian_estimate", "THETAS"]
@@ -130,9 +131,13 @@ def sequential_bound(
         description of each downstream op with its factor.
 
     Raises:
-        NotCertifiable: naming the first op it cannot bound.
+        NotCertifiable: naming the first op it cannot bound, a forward hook or overridden
+            forward anywhere in ``model``, or a pruned layer whose class overrides its forward.
     """
     is_training = training or (lambda name: dict(model.named_modules())[name].training)
+    why = hook_problem(model) or own_forward_problem(model.get_submodule(layer_name), layer_name)
+    if why is not None:
+        raise NotCertifiable(f"bound mode cannot prove a bound here: {why}")
     downstream: list[tuple[str, nn.Module]] = []
     for container, index, prefix in reversed(_path(model, layer_name)):
         for key in list(container._modules.keys())[index + 1 :]:
@@ -204,7 +209,7 @@ def sequential_bound(
                 if isinstance(m.kernel_size, tuple)
                 else (m.kernel_size,) * (2 if kind is nn.AvgPool2d else 1)
             )
-            factor = 1.0 if not divisor else math.prod(size) / float(divisor)
+            factor = 1.0 if not divisor else math.prod(size) / abs(float(divisor))  # a negative d flips the sign
             bound *= factor
             ops.append(f"{name}: {kind.__name__} {factor:.4g}")
             return
