@@ -31,6 +31,7 @@ from mp_plugin.budget.mix import (
 )
 from mp_plugin.budget.rules import BUDGET_METHODS, BudgetContext
 from mp_plugin.errors import ConfigError
+from mp_plugin.masks.counts import prune_target
 from mp_plugin.masks.select import check_nm, nm_mask
 from mp_plugin.planning.build import PlanConfig, PrunePlan, plan
 from mp_plugin.pruning.apply_plan import apply
@@ -87,7 +88,7 @@ def test_bounded_methods_exact_total_and_inside_the_band(net: _Net, calib: list,
     cfg = PlanConfig()
     p = plan(net, s, "unstructured", method, cfg, calibration=calib)
     total = sum(lp.numel for lp in p.layers)
-    assert sum(lp.n_prune for lp in p.layers) == round(s * total)
+    assert sum(lp.n_prune for lp in p.layers) == prune_target(s, total)
     eps = {"owl": cfg.bounded.owl_lambda, "noise-floor": cfg.bounded.noise_epsilon}.get(method, cfg.bounded.epsilon)
     lo, hi = _band(s, eps)
     for lp in p.layers:

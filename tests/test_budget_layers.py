@@ -11,7 +11,7 @@ from mp_plugin import InvalidSparsityError, LayerSelection, find_target_layers
 from mp_plugin.budget.rules import BUDGET_METHODS, SEBConfig, seb_layer_weights
 from mp_plugin.layers.discovery import classify_layer_type
 from mp_plugin.layers.patterns import Pattern, PatternError, round_budget_to_pattern
-from mp_plugin.masks.counts import global_prune_counts, uniform_prune_counts
+from mp_plugin.masks.counts import global_prune_counts, prune_target, uniform_prune_counts
 
 
 class TinyViTBlock(nn.Module):
@@ -120,10 +120,17 @@ def test_global_counts_hit_sparsity_exactly(sparsity: float) -> None:
     total = sum(w.numel() for w in weights)
     for lw in ([1.0, 1.0, 1.0], [0.5, 2.0, 1.0]):
         counts = global_prune_counts(weights, lw, sparsity)
-        assert sum(counts) == round(sparsity * total)
+        assert sum(counts) == prune_target(sparsity, total)
     uni = uniform_prune_counts(weights, sparsity)
-    assert sum(uni) == round(sparsity * total)
+    assert sum(uni) == prune_target(sparsity, total)
     assert all(abs(c / w.numel() - sparsity) <= 1 / w.numel() + 1e-12 for c, w in zip(uni, weights))
+
+
+def test_prune_target_is_the_floor_of_s_times_total_with_float_products_read_exactly() -> None:
+    assert [prune_target(s, 10) for s in (0.0, 0.3, 0.35, 0.7, 0.99)] == [0, 3, 3, 7, 9]
+    assert prune_target(0.9999, 512) == 511  # below 1: never every weight of a small model
+    assert prune_target(0.6, 2048) == 1228 and prune_target(0.1, 3 * 10**11) == 3 * 10**10
+    assert all(prune_target(k / 100, 100) == k for k in range(100))  # k/100 · 100 is k, whatever the float
 
 
 def test_higher_layer_weight_prunes_more() -> None:

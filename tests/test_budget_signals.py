@@ -7,6 +7,7 @@ from torch import nn
 
 import mp_plugin.budget.signals  # noqa: F401  (registers the methods)
 from mp_plugin.budget.rules import BUDGET_METHODS
+from mp_plugin.masks.counts import prune_target
 from mp_plugin.planning.build import plan
 
 
@@ -26,7 +27,7 @@ def test_signal_methods_are_registered_and_hit_the_total_exactly() -> None:
     for name in ("seb-sigma", "seb-bulk-energy", "seb-bulk-fraction"):
         assert name in BUDGET_METHODS
         p = plan(model, 0.6, "unstructured", name)
-        assert sum(lp.n_prune for lp in p.layers) == round(0.6 * total)
+        assert sum(lp.n_prune for lp in p.layers) == prune_target(0.6, total)
 
 
 def test_sigma_signal_is_shape_free_while_sigma_plus_encodes_shape() -> None:

@@ -43,6 +43,7 @@ import mp_plugin as mp
 from mp_plugin.errors import MPPluginError
 from mp_plugin.evaluation.models import load_model, register_builtin_model, save_pruned_checkpoint
 from mp_plugin.layers.patterns import Pattern
+from mp_plugin.masks.counts import prune_target
 from mp_plugin.masks.select import check_nm
 
 torch.set_num_threads(1)
@@ -364,7 +365,7 @@ def test_fuzz_plan(arch, fault, sparsity, pattern, budget, gram, alpha, exponent
         p = mp.plan(model, sparsity, pattern, budget, cfg)
         assert_untouched(model, before)
         total = sum(lp.numel for lp in p.layers)
-        assert sum(lp.n_prune for lp in p.layers) == int(round(float(sparsity) * total))
+        assert sum(lp.n_prune for lp in p.layers) == prune_target(float(sparsity), total)
         shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules() if hasattr(m, "weight")}
         for lp in p.layers:
             assert 0 <= lp.n_prune <= lp.numel and tuple(lp.weight_shape) == shapes[lp.name]

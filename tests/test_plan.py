@@ -12,6 +12,7 @@ from torch import nn
 
 import mp_plugin as mp
 from mp_plugin.cli.main import main as cli_main
+from mp_plugin.masks.counts import prune_target
 
 timm = pytest.importorskip("timm")
 
@@ -21,7 +22,7 @@ def test_plan_across_timm_architectures(arch: str) -> None:
     model = timm.create_model(arch, pretrained=False)
     p = mp.plan(model, sparsity=0.6, method="seb")
     assert len(p.layers) >= 8
-    assert sum(lp.n_prune for lp in p.layers) == round(0.6 * p.total_weights)
+    assert sum(lp.n_prune for lp in p.layers) == prune_target(0.6, p.total_weights)
     assert all(lp.fit is not None for lp in p.layers)
     assert not any(lp.name == "head" or lp.name.endswith(".fc") and lp.shape[0] == 1000 for lp in p.layers)
     p24 = mp.plan(model, sparsity=0.5, pattern="2:4")
@@ -37,7 +38,7 @@ def test_plan_on_real_pretrained_efficientnet(efficientnet_lite0: nn.Module, tmp
     # trained weights: spikes above the MP bulk in most layers, and w_ℓ really varies
     assert sum(lp.fit.n_spikes > 0 for lp in p.layers) >= 24
     assert max(lp.w for lp in p.layers) > 1.2 and min(lp.w for lp in p.layers) < 0.8
-    assert sum(lp.n_prune for lp in p.layers) == round(0.5 * p.total_weights)
+    assert sum(lp.n_prune for lp in p.layers) == prune_target(0.5, p.total_weights)
     path = p.save(tmp_path / "plan.json")
     q = mp.PrunePlan.load(path)
     assert q.to_dict() == p.to_dict()
@@ -70,7 +71,7 @@ def test_plan_config_roundtrip_and_methods(tmp_path) -> None:
     cfg = mp.PlanConfig(estimator="bema", edge_compat="authors", alpha=0.2, beta=0.1)
     for method in ("seb", "seb-hill", "magnitude", "uniform"):
         p = mp.plan(model, sparsity=0.7, method=method, config=cfg)
-        assert sum(lp.n_prune for lp in p.layers) == round(0.7 * p.total_weights)
+        assert sum(lp.n_prune for lp in p.layers) == prune_target(0.7, p.total_weights)
         q = mp.PrunePlan.load(p.save(tmp_path / f"{method}.json"))
         assert q.config.estimator == "bema" and q.method == method
     assert all(lp.w == 1.0 for lp in p.layers)
@@ -107,7 +108,7 @@ def test_plan_handles_tiny_and_low_precision_layers() -> None:
     p = mp.plan(model, sparsity=0.5, config=mp.PlanConfig(selection=sel))
     assert p.layers[0].fit is None and "single singular value" in p.layers[0].note
     assert p.layers[0].w == 1.0  # no fit: neutral weight
-    assert sum(lp.n_prune for lp in p.layers) == round(0.5 * p.total_weights)
+    assert sum(lp.n_prune for lp in p.layers) == prune_target(0.5, p.total_weights)
 
 
 def test_plan_load_rejects_unknown_schema(tmp_path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -346,7 +347,7 @@ def test_sparsegpt_obs_baseline_against_the_optimum_for_its_own_mask(pattern, sp
     if pattern == "2:4":
         assert check_nm(w, 2, 4)
     else:
-        assert int((~mask).sum()) == round(0.6 * w.numel())
+        assert int((~mask).sum()) == math.floor(0.6 * w.numel())  # ⌊s·n⌋ = 1228 of 2048
     h0 = calib.double().T @ calib.double()
     h, _ = damped(h0, 0.01)
     e_sgpt = _energy(dense.double(), w, h)

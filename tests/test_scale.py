@@ -9,7 +9,7 @@ import pytest
 import torch
 from decoders import DECODERS, decoder
 
-from mp_plugin.masks.counts import global_prune_counts
+from mp_plugin.masks.counts import global_prune_counts, prune_target
 from mp_plugin.spectrum import fit_many, float32_sigma_error, gram_matrix, squared_singular_values
 
 torch.set_num_threads(1)
@@ -87,7 +87,7 @@ def test_low_rank_matrices_are_refitted_in_float64() -> None:
 
 def _kth_value_counts(weights: list[torch.Tensor], layer_w: list[float], s: float) -> list[int]:
     """The previous implementation: concatenate every score and take the k-th value."""
-    target = int(round(s * sum(w.numel() for w in weights)))
+    target = prune_target(s, sum(w.numel() for w in weights))
     scores = torch.cat([w.abs().reshape(-1).float() / float(lw) for w, lw in zip(weights, layer_w)])
     thresh = torch.kthvalue(scores, target).values
     counts, remaining, start = [], target, 0
@@ -116,7 +116,7 @@ def test_radix_select_counts_equal_kth_value_counts(dtype: torch.dtype, monkeypa
     for s in (0.05, 0.3, 0.5, 0.8, 0.97):
         got = global_prune_counts(ws, layer_w, s)
         assert got == _kth_value_counts(ws, layer_w, s)
-        assert sum(got) == int(round(s * sum(w.numel() for w in ws)))
+        assert sum(got) == prune_target(s, sum(w.numel() for w in ws))
 
 
 # ----------------------------------------------------------------------------- Hugging Face decoders

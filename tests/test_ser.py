@@ -10,6 +10,7 @@ from distill_data import SmallCNN, make_image_folder
 from mp_plugin.integrations.timm import make_loaders
 
 from mp_plugin.errors import MPPluginError
+from mp_plugin.masks.counts import prune_target
 from mp_plugin.recover.distill import DataConfig, DistillConfig
 from mp_plugin.recover.ser import HybridConfig, SERConfig, SpectralEdgeReallocation, hybrid_magnitude_ser
 
@@ -44,9 +45,9 @@ def test_ser_restores_exactly_to_the_target(dense, loader):
     total = sum(w.numel() for w in _targets(model).values())
     assert set(result.masks) == set(_targets(model))
     pruned = sum(int((~m).sum()) for m in result.masks.values())
-    assert pruned == round(0.5 * total)
-    assert result.over_sparsity == pytest.approx(round(0.53 * total) / total)
-    assert sum(result.restored.values()) == round(0.53 * total) - round(0.5 * total)
+    assert pruned == prune_target(0.5, total)
+    assert result.over_sparsity == pytest.approx(prune_target(0.53, total) / total)
+    assert sum(result.restored.values()) == prune_target(0.53, total) - prune_target(0.5, total)
     for name, w in _targets(model).items():  # fine-tuning kept the masks: zeros exactly where masked
         assert torch.equal(w.detach() == 0, ~result.masks[name])
     assert result.finetune is not None and result.finetune.steps == 2
@@ -120,7 +121,7 @@ def test_hybrid_follows_its_schedule_with_cumulative_masks(dense, loader):
     assert [s["method"] for s in result.steps] == ["magnitude", "magnitude", "ser", "ser"]
     total = sum(w.numel() for w in _targets(model).values())
     for rec in result.steps:
-        assert rec["achieved"] == pytest.approx(round(rec["sparsity"] * total) / total)
+        assert rec["achieved"] == pytest.approx(prune_target(rec["sparsity"], total) / total)
         assert rec["finetune_steps"] == 2
     for earlier, later in zip(zeros, zeros[1:]):  # zeros stay zero along the schedule
         assert all(bool((later[n] | ~earlier[n]).all()) for n in earlier)

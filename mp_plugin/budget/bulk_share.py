@@ -7,7 +7,7 @@ The rule (data-free):
 2. v_ℓ = log b_ℓ, standardised across the target layers: z_ℓ = (v_ℓ − mean v) / sd v
    (a missing or degenerate fit gets z_ℓ = 0; a signal that does not vary gives all 0);
 3. w_ℓ = exp(−β·z_ℓ), β = ``BulkShareConfig.beta`` (0.25);
-4. prune the globally smallest round(s·Σ n_ℓ) scores |W_ij| / w_ℓ (exact total,
+4. prune the globally smallest ⌊s·Σ n_ℓ⌋ scores |W_ij| / w_ℓ (exact total,
    :func:`~mp_plugin.masks.counts.global_prune_counts`); inside a layer that is its
    smallest |W|.
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mp_plugin.masks.counts import check_sparsity, global_prune_counts, uniform_prune_counts
+from mp_plugin.masks.counts import check_sparsity, global_prune_counts, prune_target, uniform_prune_counts
 
 __all__ = [
     "SEBConfig",
@@ -186,8 +186,8 @@ class BudgetContext:
 
     @property
     def target(self) -> int:
-        """round(s · Σ numel): the exact number of weights every budget removes."""
-        return int(round(self.sparsity * sum(self.numels)))
+        """⌊s · Σ numel⌋ (``prune_target``): the exact number of weights every budget removes."""
+        return prune_target(self.sparsity, sum(self.numels))
 
 
 CountsFn = Callable[[BudgetContext], tuple[list[int], np.ndarray, np.ndarray]]

@@ -1,6 +1,6 @@
 """Exact per-layer prune counts: global thresholding of weighted |W| and the uniform split.
 
-Both hit round(s · Σ numel) exactly. They count; the masks themselves are chosen in
+Both hit ⌊s · Σ numel⌋ (prune_target) exactly. They count; the masks themselves are chosen in
 :mod:`mp_plugin.masks.select`, and the budget rules of :mod:`mp_plugin.budget` supply
 the per-layer weights w_ℓ.
 """
@@ -15,7 +15,7 @@ import torch
 
 from mp_plugin.errors import InvalidSparsityError
 
-__all__ = ["check_sparsity", "global_prune_counts", "uniform_prune_counts", "weight_numels"]
+__all__ = ["check_sparsity", "global_prune_counts", "prune_target", "uniform_prune_counts", "weight_numels"]
 
 
 def check_sparsity(sparsity: float) -> float:
@@ -27,6 +27,18 @@ def check_sparsity(sparsity: float) -> float:
     if not (0.0 <= s < 1.0) or not np.isfinite(s):
         raise InvalidSparsityError(f"sparsity must lie in [0, 1), got {s}")
     return s
+
+
+def prune_target(sparsity: float, total: int) -> int:
+    """⌊s · total⌋, the number of weights a sparsity s removes from ``total`` (ALGORITHM.md §2.4).
+
+    A product within 1e-9 (relative) of an integer counts as that integer, so s = 0.3 of 10
+    weights is 3 although 0.3 · 10 rounds to 2.9999999999999996 or 3.0000000000000004 in floats.
+    A sparsity below 1 therefore never removes every weight of a small model.
+    """
+    t = float(sparsity) * int(total)
+    near = round(t)
+    return int(near) if abs(t - near) <= 1e-9 * max(1.0, t) else int(math.floor(t))
 
 
 _CHUNK = 1 << 22  # entries scored at once: the workspace of global_prune_counts is a few of these
@@ -92,7 +104,7 @@ def weight_numels(weights: Sequence[torch.Tensor]) -> list[int]:
 def global_prune_counts(weights: Sequence[torch.Tensor], layer_w: Sequence[float], sparsity: float) -> list[int]:
     """Exact per-layer counts for global thresholding of |W|/w_ℓ.
 
-    Selects exactly round(s · Σ numel) entries with the smallest scores
+    Selects exactly ⌊s · Σ numel⌋ (:func:`prune_target`) entries with the smallest scores
     |W_ij|/w_ℓ across all layers (ties broken by layer order), and returns how
     many fall in each layer. Within a layer the pruned entries are then its
     smallest-|W| ones, since the score is monotone in |W| there.
@@ -107,7 +119,7 @@ def global_prune_counts(weights: Sequence[torch.Tensor], layer_w: Sequence[float
     s = check_sparsity(sparsity)
     sizes = weight_numels(weights)
     total = sum(sizes)
-    target = int(round(s * total))
+    target = prune_target(s, total)
     if target == 0:
         return [0] * len(sizes)
     shift = _score_shift(weights, layer_w)
@@ -152,7 +164,7 @@ def uniform_prune_counts(weights: Sequence[torch.Tensor], sparsity: float) -> li
     """Per-layer counts for the same fraction in every layer, total still exact."""
     s = check_sparsity(sparsity)
     sizes = np.array([int(w.numel()) for w in weights])
-    target = int(round(s * sizes.sum()))
+    target = prune_target(s, int(sizes.sum()))
     raw = s * sizes
     counts = np.floor(raw).astype(np.int64)
     order = np.argsort(-(raw - counts), kind="stable")

@@ -122,7 +122,7 @@ def assert_kn_exact(mask: torch.Tensor, k: int, n: int, name: str = "mask") -> N
 def global_unstructured_masks(
     weights: Sequence[torch.Tensor], sparsity: float, layer_w: Sequence[float] | None = None
 ) -> list[torch.Tensor]:
-    """Masks removing exactly round(s·Σ numel) weights by global |W_ij|/w_ℓ thresholding.
+    """Masks removing exactly ⌊s·Σ numel⌋ weights by global |W_ij|/w_ℓ thresholding.
 
     Args:
         weights: the layers' weights, any shapes.

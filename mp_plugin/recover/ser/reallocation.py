@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mp_plugin.errors import MPPluginError
-from mp_plugin.masks.counts import check_sparsity
+from mp_plugin.masks.counts import check_sparsity, prune_target
 from mp_plugin.masks.keep import MaskKeeper
 from mp_plugin.masks.select import unstructured_mask
 from mp_plugin.planning.build import PlanConfig, PrunePlan, plan
@@ -165,7 +165,7 @@ class SpectralEdgeReallocation:
         p = plan(model, s_over, "unstructured", cfg.budget_method, cfg.plan_config, show_progress=cfg.show_progress)
         modules = p.check_model(model)
         total = p.total_weights
-        target_pruned = int(round(s * total))
+        target_pruned = prune_target(s, total)
         over, reservoir, dense_vals = {}, {}, {}
         for lp in p.layers:
             w = modules[lp.name].weight
