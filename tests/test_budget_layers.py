@@ -9,6 +9,7 @@ from torch import nn
 
 from mp_plugin import InvalidSparsityError, LayerSelection, find_target_layers
 from mp_plugin.budget.rules import BUDGET_METHODS, SEBConfig, seb_layer_weights
+from mp_plugin.errors import ConfigError, InvalidWeightError
 from mp_plugin.layers.discovery import classify_layer_type
 from mp_plugin.layers.patterns import Pattern, PatternError, round_budget_to_pattern
 from mp_plugin.masks.counts import global_prune_counts, prune_target, uniform_prune_counts
@@ -131,6 +132,65 @@ def test_prune_target_is_the_floor_of_s_times_total_with_float_products_read_exa
     assert prune_target(0.9999, 512) == 511  # below 1: never every weight of a small model
     assert prune_target(0.6, 2048) == 1228 and prune_target(0.1, 3 * 10**11) == 3 * 10**10
     assert all(prune_target(k / 100, 100) == k for k in range(100))  # k/100 · 100 is k, whatever the float
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"min_weight": 0}, {"min_weight": -0.5}, {"direction": float("nan")}, {"power": -1.0}]
+)
+def test_seb_config_refuses_settings_that_break_the_score(kwargs: dict) -> None:
+    with pytest.raises(ConfigError, match="SEBConfig"):
+        SEBConfig(**kwargs)
+
+
+def test_global_counts_refuse_bad_layer_weights_and_non_finite_weights() -> None:
+    w = [torch.randn(8, 8), torch.randn(8, 8)]
+    for lw in ([1.0, float("inf")], [1.0, 0.0], [1.0, -1.0], [1.0, float("nan")]):
+        with pytest.raises(ConfigError, match="finite and > 0"):
+            global_prune_counts(w, lw, 0.5)
+    with pytest.raises(ConfigError, match="1 layer weights for 2"):
+        global_prune_counts(w, [1.0], 0.5)
+    w[1][2, 3] = float("nan")
+    with pytest.raises(InvalidWeightError, match="weight 1 .* NaN"):
+        global_prune_counts(w, [1.0, 1.0], 0.5)
+
+
+def test_a_nan_weight_is_refused_when_the_fits_are_reused() -> None:
+    import mp_plugin as mp
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))
+    first = mp.plan(model, 0.5, "unstructured")
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    with pytest.raises(InvalidWeightError, match="NaN"):
+        mp.plan(model, 0.5, "unstructured", reuse_fits=first)  # no refit, the counts still see it
+
+
+def test_a_huge_bulk_share_beta_is_refused_instead_of_saving_an_unloadable_plan() -> None:
+    import mp_plugin as mp
+    from mp_plugin.budget.bulk_share import BulkShareConfig
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 64), torch.nn.ReLU(), torch.nn.Linear(64, 48)
+    )
+    with torch.no_grad():
+        model[0].weight += 0.5 * torch.randn(96, 1) @ torch.randn(1, 64)  # spikes: the layers' z differ
+    cfg = mp.PlanConfig(bulk_share=BulkShareConfig(beta=1000.0))
+    with pytest.raises(ConfigError, match="finite and > 0"):
+        mp.plan(model, 0.5, "unstructured", "mp-bulk", config=cfg)
+
+
+def test_a_fit_without_its_zero_rows_is_reused() -> None:
+    import mp_plugin as mp
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))
+    with torch.no_grad():
+        model[0].weight[:8] = 0.0  # 8 dead rows: the fit is 56×64
+    first = mp.plan(model, 0.5, "unstructured")
+    assert first.layers[0].fit.shape == (56, 64)
+    again = mp.plan(model, 0.6, "unstructured", reuse_fits=first)
+    assert again.layers[0].fit is first.layers[0].fit  # the same object: not refitted
 
 
 def test_higher_layer_weight_prunes_more() -> None:

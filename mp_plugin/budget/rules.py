@@ -21,6 +21,7 @@ measurement in ``benchmarks/budgets.py`` (benchmarks/README.md).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mp_plugin.errors import ConfigError
 from mp_plugin.masks.counts import check_sparsity, global_prune_counts, prune_target, uniform_prune_counts
 
 __all__ = [
@@ -83,6 +85,18 @@ class SEBConfig:
     power: float = 1.0
     min_weight: float = 0.1
     direction: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name, ok, need in (
+            ("power", lambda v: v >= 0, "≥ 0"),
+            ("min_weight", lambda v: v > 0, "> 0 (layer weights divide |W|)"),
+            ("direction", lambda v: True, ""),
+        ):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+                raise ConfigError(f"SEBConfig.{name} must be a finite number{' ' + need if need else ''}, got {v!r}")
+        if not self.regimes:
+            raise ConfigError("SEBConfig.regimes must hold at least one regime row")
 
     def regime(self, sparsity: float) -> SEBRegime | None:
         """The regime row covering ``sparsity`` (None = plain global magnitude)."""

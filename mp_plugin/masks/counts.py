@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from mp_plugin.errors import InvalidSparsityError
+from mp_plugin.errors import ConfigError, InvalidSparsityError, InvalidWeightError
 
 __all__ = ["check_sparsity", "global_prune_counts", "prune_target", "uniform_prune_counts", "weight_numels"]
 
@@ -83,9 +83,11 @@ def _score_bits(
 def _score_shift(weights: Sequence[torch.Tensor], layer_w: Sequence[float]) -> int:
     """A power-of-two exponent putting the largest score near 1 when the scores leave float32's safe range."""
     peaks = []
-    for w, lw in zip(weights, layer_w):
+    for i, (w, lw) in enumerate(zip(weights, layer_w)):
         if w.numel():
-            lo, hi = torch.aminmax(w.detach())  # no |W| copy of the layer
+            lo, hi = torch.aminmax(w.detach())  # no |W| copy of the layer; NaN/Inf show in it
+            if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+                raise InvalidWeightError(f"weight {i} (in layer order) holds NaN or Inf values: it cannot be ranked")
             peaks.append(max(abs(float(lo)), abs(float(hi))) / float(lw))
     peak = max(peaks, default=0.0)
     if not (0.0 < peak < math.inf):
@@ -118,6 +120,14 @@ def global_prune_counts(weights: Sequence[torch.Tensor], layer_w: Sequence[float
     """
     s = check_sparsity(sparsity)
     sizes = weight_numels(weights)
+    if len(layer_w) != len(sizes):
+        raise ConfigError(f"{len(layer_w)} layer weights for {len(sizes)} layers")
+    bad = next(((i, v) for i, v in enumerate(layer_w) if not (math.isfinite(float(v)) and float(v) > 0)), None)
+    if bad is not None:
+        raise ConfigError(
+            f"layer weight w_ℓ of layer {bad[0]} is {bad[1]!r}: every w_ℓ must be finite and > 0 (the score is |W|/w_ℓ; "
+            "e.g. a very large BulkShareConfig.beta overflows exp(−β·z))"
+        )
     total = sum(sizes)
     target = prune_target(s, total)
     if target == 0:

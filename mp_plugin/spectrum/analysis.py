@@ -126,8 +126,8 @@ def fit_target_layers(
         alpha, beta, estimator, edge_compat: see :func:`mp_plugin.spectrum.fit_from_eigenvalues`.
         gram_dtype, float32_sigma_rtol: see :func:`mp_plugin.spectrum.fit_many`.
         show_progress: a tqdm bar over this rank's layers.
-        reuse: ``{layer name: fit}`` of unchanged weights; a layer whose name and
-            matrix shape match is not refitted.
+        reuse: ``{layer name: fit}`` of unchanged weights; a layer whose name matches and
+            whose matrix holds the fitted shape (all-zero rows/columns dropped) is not refitted.
         distributed: share the units among the ranks of ``process_group`` (default:
             the world) and gather the fits; needs ``torch.distributed`` initialised.
         process_group: a ``torch.distributed`` group, or None for the default group.
@@ -144,7 +144,8 @@ def fit_target_layers(
     todo = []
     for i, t in enumerate(targets):
         prev = reuse.get(t.name)
-        if prev is not None and tuple(prev.shape) == tuple(t.shape):
+        # a fit drops all-zero rows/columns, so its shape may be smaller than the layer's
+        if prev is not None and prev.shape[0] <= t.shape[0] and prev.shape[1] <= t.shape[1]:
             fits[i] = prev
         else:
             todo.append(i)
