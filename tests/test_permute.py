@@ -395,7 +395,40 @@ class _FlippedLinear(nn.Linear):
         return nn.functional.linear(torch.flip(x, [-1]), self.weight, self.bias)
 
 
-def test_wrong_structural_assumption_is_caught_and_the_model_restored() -> None:
+def test_a_layer_subclass_whose_columns_are_not_its_inputs_is_refused_up_front() -> None:
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), _FlippedLinear(32, 8)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rec = permute_channels(model, "2:4")  # no example: nothing would catch a wrong fold afterwards
+    reasons = {s.name: s.reason for s in rec.report.skipped}
+    assert "_FlippedLinear" in reasons["2"] and "random copy" in reasons["2"]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_misread_coupling_is_undone_by_its_consumer_check_and_a_wrong_output_restores_everything(
+    monkeypatch,
+) -> None:
+    """Defence in depth: with the up-front probe switched off, the run-time checks still catch the wrong fold."""
+    import mp_plugin.permute.ops as ops
+
+    monkeypatch.setattr(ops, "_plain_layer", lambda module: isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)))
+
+    class Scaled(nn.Module):  # the misread branch reaches the output only through a 1e-6 layer scale
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.flip = nn.Linear(16, 32), _FlippedLinear(32, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + 1e-6 * self.flip(torch.relu(self.fc(x)))
+
+    torch.manual_seed(0)
+    model, x = Scaled().eval(), torch.randn(4, 16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rec = permute_channels(model, "2:4", example_input=x)
+    reasons = {s.name: s.reason for s in rec.report.skipped}
+    assert "misread" in reasons["flip"] and not rec.report.permuted
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # without the consumer outputs (too large to keep) the model output check still refuses a visible change
+    monkeypatch.setattr(mp_plugin.permute.api, "_CAPTURE_BYTES", 0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), _FlippedLinear(32, 8)).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(mp_plugin.permute.PermutationError, match="undone"):

@@ -76,13 +76,122 @@ def _max_diff(a: Any, b: Any) -> tuple[float, float]:
     return diff, scale
 
 
-def _recheck(model: nn.Module, name: str, captured: dict[str, tuple[tuple, dict, Any]]) -> float | None:
-    """Re-run module ``name`` on its captured input; None when its output is unchanged, else max |Δ|."""
-    args, kwargs, out = captured[name]
+def _module_output(model: nn.Module, name: str, captured: dict[str, tuple[tuple, dict, Any]]) -> Any:
+    """Module ``name``'s output now, on the input captured for it in the reference pass."""
+    args, kwargs, _ = captured[name]
     with torch.no_grad(), eval_mode(model):
-        new_out = model.get_submodule(name)(*args, **kwargs)
-    diff, scale = _max_diff(out, new_out)
-    return None if diff <= _tolerance(out, scale) else diff
+        return model.get_submodule(name)(*args, **kwargs)
+
+
+def _recheck(model: nn.Module, name: str, captured: dict[str, tuple[tuple, dict, Any]], before: Any) -> float | None:
+    """None when module ``name``'s output on its captured input is still ``before`` (computed just before
+    a fold; an earlier fold upstream may have changed the captured input's basis), else max |Δ|."""
+    diff, scale = _max_diff(before, _module_output(model, name, captured))
+    return None if diff <= _tolerance(before, scale) else diff
+
+
+_CAPTURE_BYTES = 256 << 20  # consumer outputs kept for the per-coupling check (else only the model output is checked)
+
+
+def _capture_outputs(model: nn.Module, names: list[str], into: dict[str, torch.Tensor]) -> list:
+    """Hooks storing each named module's output (a CPU float32 copy) in ``into``, while they fit in memory."""
+    budget = [_CAPTURE_BYTES]
+
+    def hook(_m: nn.Module, _args: tuple, out: Any, name: str) -> None:
+        if not isinstance(out, torch.Tensor) or name in into:
+            return
+        size = out.numel() * 4
+        if size <= budget[0]:
+            budget[0] -= size
+            into[name] = out.detach().float().cpu().clone()
+
+    return [
+        model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n))
+        for n in dict.fromkeys(names)
+    ]
+
+
+def _undo_changed_consumers(
+    model: nn.Module,
+    example: Any,
+    names: list[str],
+    reference: dict[str, torch.Tensor],
+    undo: list,
+    perms: dict[str, torch.Tensor],
+    report: PermutationReport,
+) -> None:
+    """Unfold every folded coupling one of whose consumers now computes another output.
+
+    (A consumer that is also a producer of another fold, or an attention's qkv, has its
+    output permuted on purpose and is not compared.) A consumer reads the permuted channels with permuted weight columns, so its output must
+    not change at all; checking it relative to its own size catches a wrong fold that the
+    model's output hides (e.g. behind a small layer scale).
+    """
+    if example is None or not reference:
+        return
+    now: dict[str, torch.Tensor] = {}
+    handles = _capture_outputs(model, [n for n in names if n in reference], now)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            _run(model, example)
+    finally:
+        for h in handles:
+            h.remove()
+    permuted_out = set()  # modules whose outputs a fold permutes on purpose: not comparable
+    for site, _ in undo:
+        if isinstance(site, Coupling):
+            permuted_out.update(site.producers, (o for o, _ in site.ops))
+        else:
+            permuted_out.add(site.qkv)
+    for site, perm in list(undo):
+        if not isinstance(site, Coupling):
+            continue
+        bad = None
+        for c in site.consumers:
+            if c in reference and c in now and c not in permuted_out:
+                diff, scale = _max_diff(reference[c], now[c])
+                if diff > (2e-2 if reference[c].dtype in (torch.float16, torch.bfloat16) else 1e-4) * scale + 1e-30:
+                    bad = (c, diff, scale)
+                    break
+        if bad is None:
+            continue
+        fold_coupling(model, site, torch.argsort(perm))
+        undo.remove((site, perm))
+        for c in site.consumers:
+            perms.pop(c, None)
+        report.permuted = [p for p in report.permuted if p.name not in site.consumers]
+        for c in site.consumers:
+            report.skipped.append(
+                SkippedPermutation(
+                    c,
+                    f"folding changed the output of {bad[0]} by {bad[1]:.2e} (of {bad[2]:.2e}): "
+                    "the graph walk misread this coupling; undone",
+                )
+            )
+
+
+def _attention_probe(
+    model: nn.Module, site: AttentionSite, perm: torch.Tensor, captured: dict[str, tuple[tuple, dict, Any]]
+) -> float | None:
+    """Fold ``perm`` into a copy of the attention module with every parameter drawn at random (N(0, 1)).
+
+    The fold is an identity of the attention's algebra, true for any weights; the real
+    weights can hide a violation (a temperature of 1e-3 flattens a channel-mixing
+    softmax), random ones do not. Returns None when the copy's output is unchanged on the
+    captured input, else the max |Δ|.
+    """
+    args, kwargs, _ = captured[site.name]
+    copy_mod = copy.deepcopy(model.get_submodule(site.name))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad(), eval_mode(copy_mod):
+        for p in copy_mod.parameters():
+            if p.is_floating_point():
+                p.copy_(torch.randn(p.shape, generator=gen).to(p.device, p.dtype))
+        before = copy_mod(*args, **kwargs)
+        fold_attention(copy_mod, AttentionSite("", "qkv", "proj", site.num_heads, site.channels), perm)
+        after = copy_mod(*args, **kwargs)
+    diff, scale = _max_diff(before, after)
+    return None if diff <= _tolerance(before, scale) else diff
 
 
 def _activation_energy(model: nn.Module, names: list[str], example: Any) -> dict[str, torch.Tensor]:
@@ -155,8 +264,12 @@ def permute_channels(
         method: ``"swap"`` (exact swap search, Pool & Yu objective) or ``"interleave"``
             (importance-stratified interleave of the spec).
         example_input: a tensor, tuple of args or dict of kwargs for ``model``. Used to
-            verify the function after folding (and to verify attention couplings, which
-            are skipped without it). Default: a random batch of the timm config's
+            verify the function after folding: each coupling's consumers must compute the
+            same outputs (relative to their own size; a coupling that fails is undone and
+            reported), then the model output (all undone on a change). Attention couplings
+            need it (skipped without it); they are also checked on a random-weight copy.
+            Without it only the static checks apply: the graph walk, and a random-copy probe
+            of Linear/Conv subclasses. Default: a random batch of the timm config's
             ``input_size`` when the model has one.
         show_progress: show a progress bar over couplings.
         importance: channel importance of the interleave: ``"weight"`` (Σ_i W_ij²) or
@@ -175,6 +288,7 @@ def permute_channels(
         ConfigError: unknown ``method`` or ``importance`` (a ValueError).
         CalibrationError: ``example_input`` is malformed, non-finite or does not run the model.
         PermutationError: the verification found a changed output (model restored).
+            Any error or interrupt part-way also unfolds what was folded before it is re-raised.
     """
     pat = Pattern.parse(pattern)
     if not pat.is_kn:
@@ -214,9 +328,11 @@ def permute_channels(
     for pname, why in attn_rejected:
         failure_reason[pname] = why
 
-    # reference output + attention inputs, captured in one forward pass
+    # reference output + attention inputs + the coupling consumers' outputs, captured in one forward pass
     captured: dict[str, tuple[tuple, dict, Any]] = {}
     reference = None
+    consumer_out: dict[str, torch.Tensor] = {}
+    watch = [c for cp in couplings for c in cp.consumers]
     if example is not None:
         handles = []
         verify = [s.name for s in attn_sites] + [c.verify_module for c in couplings if c.verify_module]
@@ -226,6 +342,7 @@ def permute_channels(
                 captured[name] = (args, kwargs, out)
 
             handles.append(model.get_submodule(vname).register_forward_hook(hook, with_kwargs=True))
+        handles += _capture_outputs(model, watch, consumer_out)
         try:
             with torch.no_grad(), eval_mode(model):
                 reference = _run(model, example)
@@ -275,113 +392,150 @@ def permute_channels(
             return False, f"input channels {mod.weight.shape[1]} are not divisible by n={n}"
         return True, ""
 
-    sites: list[Coupling | AttentionSite] = [*couplings, *attn_sites]
-    for site in progress(sites, disable=not show_progress, desc=f"permute {pat}"):
-        t0 = time.perf_counter()
-        if isinstance(site, Coupling):
-            names = site.consumers
-            ok = [(c, *eligible(c)) for c in names]
-            use = [c for c, good, _ in ok if good]
-            if not use:
-                for c, _, why in ok:
-                    report.skipped.append(SkippedPermutation(c, why))
-                continue
-            mats = [consumer_matrix(model.get_submodule(c)) for c in use]
-            imp = None
-            if importance == "activation":
-                imp = sum(channel_importance(m, energy[c]) for m, c in zip(mats, use))
-            perm = _search(mats, k, n, method, imp, max_seconds_per_layer)
-            before = [kept_magnitude(m, k, n, None) for m in mats]
-            after = [kept_magnitude(m, k, n, perm) for m in mats]
-            if any(a < b for a, b in zip(after, before)) or torch.equal(perm, torch.arange(site.channels)):
-                why = "identity is best: no order found that keeps more magnitude on every consumer"
-                for c in names:
-                    report.skipped.append(SkippedPermutation(c, why))
-                continue
-            fold_coupling(model, site, perm)
-            if site.verify_module is not None:
-                diff = _recheck(model, site.verify_module, captured)
-                if diff is not None:
-                    fold_coupling(model, site, torch.argsort(perm))
-                    for c in names:
-                        report.skipped.append(
-                            SkippedPermutation(
-                                c,
-                                f"linked across untraced {site.verify_module}, "
-                                f"but its output changed ({diff:.2e}); undone",
-                            )
-                        )
+    try:
+        sites: list[Coupling | AttentionSite] = [*couplings, *attn_sites]
+        for site in progress(sites, disable=not show_progress, desc=f"permute {pat}"):
+            t0 = time.perf_counter()
+            if isinstance(site, Coupling):
+                names = site.consumers
+                ok = [(c, *eligible(c)) for c in names]
+                use = [c for c, good, _ in ok if good]
+                if not use:
+                    for c, _, why in ok:
+                        report.skipped.append(SkippedPermutation(c, why))
                     continue
-            undo.append((site, perm))
-            dt = time.perf_counter() - t0
-            partners = site.producers + [o for o, _ in site.ops]
-            for c in names:
-                perms[c] = perm
-            for c, b, a in zip(use, before, after):
-                report.permuted.append(PermutedLayer(c, "graph", partners, b, a, dt))
-            for c, good, why in ok:
-                if not good:
-                    report.skipped.append(SkippedPermutation(c, f"permuted with its coupling but not searched: {why}"))
-            continue
-        # attention
-        good, why = eligible(site.proj)
-        if not good:
-            report.skipped.append(SkippedPermutation(site.proj, why))
-            continue
-        if any(nm in shared for nm in (site.qkv, site.proj)):
-            report.skipped.append(SkippedPermutation(site.proj, "shared weights"))
-            continue
-        d = site.head_dim
-        if d % n:
-            report.skipped.append(SkippedPermutation(site.proj, f"head_dim {d} is not divisible by n={n}"))
-            continue
-        if site.name not in captured:
-            report.skipped.append(
-                SkippedPermutation(
-                    site.proj, "attention layout can only be verified with an example_input (none given or inferable)"
+                mats = [consumer_matrix(model.get_submodule(c)) for c in use]
+                imp = None
+                if importance == "activation":
+                    unrun = [c for c in use if c not in energy]
+                    if unrun:
+                        for c in names:
+                            report.skipped.append(
+                                SkippedPermutation(
+                                    c, f"{unrun[0]} did not run on the example input: no activation energy"
+                                )
+                            )
+                        continue
+                    imp = sum(channel_importance(m, energy[c]) for m, c in zip(mats, use))
+                perm = _search(mats, k, n, method, imp, max_seconds_per_layer)
+                before = [kept_magnitude(m, k, n, None) for m in mats]
+                after = [kept_magnitude(m, k, n, perm) for m in mats]
+                if any(a < b for a, b in zip(after, before)) or torch.equal(perm, torch.arange(site.channels)):
+                    why = "identity is best: no order found that keeps more magnitude on every consumer"
+                    for c in names:
+                        report.skipped.append(SkippedPermutation(c, why))
+                    continue
+                check = _module_output(model, site.verify_module, captured) if site.verify_module else None
+                fold_coupling(model, site, perm)
+                if site.verify_module is not None:
+                    diff = _recheck(model, site.verify_module, captured, check)
+                    if diff is not None:
+                        fold_coupling(model, site, torch.argsort(perm))
+                        for c in names:
+                            report.skipped.append(
+                                SkippedPermutation(
+                                    c,
+                                    f"linked across untraced {site.verify_module}, "
+                                    f"but its output changed ({diff:.2e}); undone",
+                                )
+                            )
+                        continue
+                undo.append((site, perm))
+                dt = time.perf_counter() - t0
+                partners = site.producers + [o for o, _ in site.ops]
+                for c in names:
+                    perms[c] = perm
+                for c, b, a in zip(use, before, after):
+                    report.permuted.append(PermutedLayer(c, "graph", partners, b, a, dt))
+                for c, good, why in ok:
+                    if not good:
+                        report.skipped.append(
+                            SkippedPermutation(c, f"permuted with its coupling but not searched: {why}")
+                        )
+                continue
+            # attention
+            good, why = eligible(site.proj)
+            if not good:
+                report.skipped.append(SkippedPermutation(site.proj, why))
+                continue
+            if any(nm in shared for nm in (site.qkv, site.proj)):
+                report.skipped.append(SkippedPermutation(site.proj, "shared weights"))
+                continue
+            d = site.head_dim
+            if d % n:
+                report.skipped.append(SkippedPermutation(site.proj, f"head_dim {d} is not divisible by n={n}"))
+                continue
+            if site.name not in captured:
+                report.skipped.append(
+                    SkippedPermutation(
+                        site.proj,
+                        "attention layout can only be verified with an example_input (none given or inferable)",
+                    )
                 )
+                continue
+            if importance == "activation" and site.proj not in energy:
+                report.skipped.append(
+                    SkippedPermutation(site.proj, "it did not run on the example input: no activation energy")
+                )
+                continue
+            w = consumer_matrix(model.get_submodule(site.proj))
+            parts = []
+            for h in range(site.num_heads):
+                sub = w[:, h * d : (h + 1) * d]
+                imp = None
+                if importance == "activation":
+                    imp = channel_importance(sub, energy[site.proj][h * d : (h + 1) * d])
+                parts.append(h * d + _search([sub], k, n, method, imp, max_seconds_per_layer / site.num_heads))
+            perm = torch.cat(parts)
+            before, after = kept_magnitude(w, k, n), kept_magnitude(w, k, n, perm)
+            if after <= before:
+                report.skipped.append(
+                    SkippedPermutation(site.proj, "identity is best: no within-head order keeps more")
+                )
+                continue
+            probe = _attention_probe(model, site, perm, captured)
+            if probe is not None:
+                report.skipped.append(
+                    SkippedPermutation(
+                        site.proj,
+                        f"with random weights the within-head permutation changes the attention output "
+                        f"({probe:.2e}): this attention mixes channels inside a head; left unpermuted",
+                    )
+                )
+                continue
+            check = _module_output(model, site.name, captured)
+            fold_attention(model, site, perm)
+            diff = _recheck(model, site.name, captured, check)
+            if diff is not None:
+                fold_attention(model, site, torch.argsort(perm))
+                report.skipped.append(
+                    SkippedPermutation(
+                        site.proj, f"attention layout check failed (max |Δ| {diff:.2e}); left unpermuted"
+                    )
+                )
+                continue
+            undo.append((site, perm))
+            perms[site.proj] = perm
+            report.permuted.append(
+                PermutedLayer(site.proj, "attention", [site.qkv], before, after, time.perf_counter() - t0)
             )
-            continue
-        w = consumer_matrix(model.get_submodule(site.proj))
-        parts = []
-        for h in range(site.num_heads):
-            sub = w[:, h * d : (h + 1) * d]
-            imp = None
-            if importance == "activation":
-                imp = channel_importance(sub, energy[site.proj][h * d : (h + 1) * d])
-            parts.append(h * d + _search([sub], k, n, method, imp, max_seconds_per_layer / site.num_heads))
-        perm = torch.cat(parts)
-        before, after = kept_magnitude(w, k, n), kept_magnitude(w, k, n, perm)
-        if after <= before:
-            report.skipped.append(SkippedPermutation(site.proj, "identity is best: no within-head order keeps more"))
-            continue
-        fold_attention(model, site, perm)
-        diff = _recheck(model, site.name, captured)
-        if diff is not None:
-            fold_attention(model, site, torch.argsort(perm))
-            report.skipped.append(
-                SkippedPermutation(site.proj, f"attention layout check failed (max |Δ| {diff:.2e}); left unpermuted")
-            )
-            continue
-        undo.append((site, perm))
-        perms[site.proj] = perm
-        report.permuted.append(
-            PermutedLayer(site.proj, "attention", [site.qkv], before, after, time.perf_counter() - t0)
-        )
+
+        _undo_changed_consumers(model, example, watch, consumer_out, undo, perms, report)
+        if reference is not None:
+            with torch.no_grad(), eval_mode(model):
+                after_out = _run(model, example)
+            diff, scale = _max_diff(reference, after_out)
+            report.verified, report.max_abs_diff = diff <= _tolerance(reference, scale), diff
+            if not report.verified:
+                raise PermutationError(f"folding changed the output by {diff:.3e}; all permutations were undone")
+    except BaseException:  # an error or Ctrl-C part-way: no half-permuted model without a record
+        for site, perm in reversed(undo):
+            _fold(model, site, torch.argsort(perm))
+        raise
 
     done = set(perms) | {s.name for s in report.skipped}
     for name in sorted(target_names - done):
         report.skipped.append(SkippedPermutation(name, failure_reason.get(name, "no coupling found in the graph")))
-
-    if reference is not None:
-        with torch.no_grad(), eval_mode(model):
-            after_out = _run(model, example)
-        diff, scale = _max_diff(reference, after_out)
-        report.verified, report.max_abs_diff = diff <= _tolerance(reference, scale), diff
-        if not report.verified:
-            for site, perm in reversed(undo):
-                _fold(model, site, torch.argsort(perm))
-            raise PermutationError(f"folding changed the output by {diff:.3e}; all permutations were undone")
 
     return (record or PermutationRecord()).extended(perms, undo, report)
 

@@ -9,6 +9,9 @@ input. Any other use (a residual add with an outside value, a reshape, a
 concatenation, the graph output, an unknown module) makes the coupling illegal,
 and it is reported with the reason instead of being permuted.
 
+The graph is traced in train and in eval mode; a coupling is kept only when both
+agree (a branch under ``if self.training`` is seen in one of them only).
+
 When the whole model does not trace, each child module is traced on its own
 (recursively); a coupling is then found only if it lies entirely inside one
 traced child, which keeps the analysis sound.
@@ -36,6 +39,8 @@ from mp_plugin.permute.ops import (
     is_consumer,
     is_producer,
     module_channel_op,
+    not_plain_reason,
+    pool_dims,
     producer_axis,
 )
 
@@ -104,10 +109,14 @@ class _Tracer(fx.Tracer):
         funcs, mods = _timm_fx()
         super().__init__(autowrap_functions=funcs)
         self._extra_leaves = mods
+        self.opaque: dict[str, str] = {}  # qualified name → class of a module kept whole (timm: not traceable)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         leaf_types = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
-        if isinstance(m, leaf_types) or (self._extra_leaves and isinstance(m, self._extra_leaves)):
+        if isinstance(m, leaf_types):
+            return True
+        if self._extra_leaves and isinstance(m, self._extra_leaves):
+            self.opaque[module_qualified_name] = type(m).__name__
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -157,6 +166,7 @@ class _Closure:
         self.op_nodes: list[fx.Node] = []
         self.param_nodes: list[fx.Node] = []
         self.axis_req: set[int] = set()
+        self.pool_dims: set[int] = set()
         self.queue: list[fx.Node] = []
         self.allow_open_input: fx.Node | None = None
         self.allow_open_output = False
@@ -177,8 +187,13 @@ class _Closure:
             mod = self.module(node)
             if is_producer(mod):
                 raise _Fail("unexpected")
+            why = not_plain_reason(mod)
+            if why is not None:
+                raise _Fail(f"{_desc(node)} {why}")
             if len(args) != 1 or kwargs:
                 raise _Fail(f"{_desc(node)} takes extra inputs")
+            if pool_dims(mod) is not None:
+                self.pool_dims.add(pool_dims(mod))
             return [args[0]]
         fn = node.target
         others = args[1:] + list(kwargs.values())
@@ -193,6 +208,7 @@ class _Closure:
         if node.op == "call_function" and fn in POOL_FUNCTIONS:
             self._scalars(node, others)
             self.axis_req.add(1)
+            self.pool_dims.add(2)
             return [args[0]]
         if node.op == "call_method" and fn in REDUCE_METHODS:
             dims = args[1] if len(args) > 1 else kwargs.get("dim")
@@ -208,7 +224,10 @@ class _Closure:
             self._scalars(node, args[2:] + [v for key, v in kwargs.items() if key != "other"])
             tensors = []
             if fn in _ADDITIVE and sum(isinstance(a, fx.Node) and a.op != "get_attr" for a in operands) == 2:
-                raise _Fail(f"{_desc(node)} joins two branches (residual/skip add); residual streams stay unpermuted")
+                raise _Fail(
+                    f"{_desc(node)} adds two computed tensors (a residual/skip add or two branches summed); "
+                    "such sums stay unpermuted"
+                )
             for a in operands:
                 if isinstance(a, fx.Node):
                     if a.op == "get_attr":
@@ -287,6 +306,12 @@ class _Closure:
         c = chans.pop()
         if self.axis_req - {axis}:
             raise _Fail("an op needs channel axis 1 but the producer is a Linear (channels last)")
+        conv_dims = {1 if isinstance(m, nn.Conv1d) else 2 for m in mods if not isinstance(m, nn.Linear)}
+        if self.pool_dims and conv_dims and self.pool_dims != conv_dims:
+            raise _Fail(
+                f"a {sorted(self.pool_dims)[0]}-D pool on the output of {sorted(conv_dims)[0]}-D convs "
+                "(a 2-D pool reads an (N, C, L) tensor as one image and pools across channels)"
+            )
         ops: list[tuple[str, list[tuple[str, int]]]] = []
         for node in self.op_nodes:
             if node.op != "call_module":
@@ -304,14 +329,22 @@ class _Closure:
             if m.weight.shape[1] != c:
                 raise _Fail(f"{_desc(node)} expects {m.weight.shape[1]} input channels, producer gives {c}")
         params: list[tuple[str, int]] = []
+        reads = (
+            Counter(str(n.target) for n in self.param_nodes[0].graph.nodes if n.op == "get_attr")
+            if (self.param_nodes)
+            else Counter()
+        )
         for node in self.param_nodes:
-            t = (
-                self.root.get_parameter(str(node.target))
-                if _is_param(self.root, str(node.target))
-                else (self.root.get_buffer(str(node.target)))
-            )
+            t = _tensor_attr(self.root, str(node.target))
+            if t is None:
+                raise _Fail(
+                    f"{node.target} is a plain tensor attribute, not a parameter or buffer: "
+                    "a permutation of it would not be saved"
+                )
             if t.numel() == 1:
                 continue
+            if reads[str(node.target)] > 1:  # fx makes one get_attr node per read
+                raise _Fail(f"tensor {node.target} is read {reads[str(node.target)]} times in forward")
             if any(u not in self.values and u.op != "output" for u in node.users) or len(node.users) != 1:
                 raise _Fail(f"tensor {node.target} is also used outside this coupling")
             if axis == -1 and t.shape[-1] == c and t.numel() == c:
@@ -342,12 +375,14 @@ class _Closure:
         )
 
 
-def _is_param(root: nn.Module, target: str) -> bool:
-    try:
-        root.get_parameter(target)
-        return True
-    except AttributeError:
-        return False
+def _tensor_attr(root: nn.Module, target: str) -> torch.Tensor | None:
+    """The parameter or buffer ``target`` of ``root``; None for a plain tensor attribute."""
+    for getter in (root.get_parameter, root.get_buffer):
+        try:
+            return getter(target)
+        except AttributeError:
+            continue
+    return None
 
 
 def _tensor_owner(model: nn.Module, qualified: str) -> tuple[nn.Module, str]:
@@ -399,9 +434,15 @@ def _analyse_graph(
     couplings: list[Coupling] = []
     failures: list[GraphFailure] = []
     for node in graph.nodes:
-        if node.op != "call_module" or not is_consumer(modules[str(node.target)]):
+        if node.op != "call_module":
             continue
         name = f"{prefix}.{node.target}" if prefix else str(node.target)
+        why = not_plain_reason(modules[str(node.target)])
+        if why is not None and name not in done:
+            failures.append(GraphFailure([name], f"it {why}"))
+            done.add(name)
+        if not is_consumer(modules[str(node.target)]):
+            continue
         if name in done:
             continue
         closure = _Closure(root, prefix, calls, shared)
@@ -449,6 +490,20 @@ def _partials(graph: fx.Graph, root: nn.Module, prefix: str, shared: dict[str, s
     return out
 
 
+def _trace_in_mode(module: nn.Module, training: bool) -> fx.Graph:
+    """``module``'s graph traced with every submodule in train (or eval) mode; the flags are restored."""
+    flags = {m: m.training for m in module.modules()}
+    module.train(training)
+    try:
+        tracer = _Tracer()
+        graph = tracer.trace(module)
+        graph.opaque = tracer.opaque  # type: ignore[attr-defined]
+        return graph
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
 def find_couplings(
     model: nn.Module, partials: list[Coupling] | None = None
 ) -> tuple[list[Coupling], list[GraphFailure], list[str]]:
@@ -475,17 +530,41 @@ def find_couplings(
                 failures.append(GraphFailure([prefix], "its parent module could not be traced"))
             return
         try:
-            graph = _Tracer().trace(module)
+            graphs = [_trace_in_mode(module, mode) for mode in (True, False)]
         except Exception as exc:  # noqa: BLE001 - any trace failure means: look one level deeper
             notes.append(f"{prefix or '<model>'}: not traceable ({type(exc).__name__}); traced its children")
             for cname, child in module.named_children():
                 visit(child, f"{prefix}.{cname}" if prefix else cname)
             return
-        c, f = _analyse_graph(graph, module, prefix, shared)
+        (c_train, f_train), (c_eval, f_eval) = (_analyse_graph(g, module, prefix, shared) for g in graphs)
+        c = [cp for cp in c_eval if cp in c_train]  # a branch under `if self.training` must agree too
+        changed = [cp for cp in c_eval + c_train if cp not in c]
         couplings.extend(c)
-        failures.extend(f)
+        failures.extend(f_eval)
+        seen = {name for f in f_eval for name in f.consumers}
+        failures.extend(
+            GraphFailure(rest, f.reason) for f in f_train if (rest := [n for n in f.consumers if n not in seen])
+        )
+        for cp in changed:
+            failures.append(
+                GraphFailure(
+                    [n for n in cp.consumers if n not in seen],
+                    "its coupling differs between train and eval mode (code under `if self.training`)",
+                )
+            )
+        for inner, cls in getattr(graphs[1], "opaque", {}).items():
+            inside = [
+                f"{prefix}.{inner}.{n}" if prefix else f"{inner}.{n}"
+                for n, m in module.get_submodule(inner).named_modules()
+                if n and isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))
+            ]
+            if inside:
+                failures.append(
+                    GraphFailure(inside, f"inside {cls} '{inner}', which timm marks as not traceable (kept whole)")
+                )
         if partials is not None and prefix:
-            partials.extend(_partials(graph, module, prefix, shared))
+            p_train, p_eval = (_partials(g, module, prefix, shared) for g in graphs)
+            partials.extend(p for p in p_eval if p in p_train)
 
     visit(model, "")
     return couplings, failures, notes
