@@ -56,6 +56,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 try:
@@ -76,6 +77,7 @@ from mp_plugin.errors import MPPluginError
 from mp_plugin.layers.discovery import LayerSelection
 from mp_plugin.layers.patterns import Pattern
 from mp_plugin.layers.wrappers import unwrap_model as unwrap_wrappers
+from mp_plugin.masks.select import nm_mask
 from mp_plugin.planning.build import PlanConfig, PrunePlan, plan, split_method
 
 __all__ = [
@@ -210,11 +212,23 @@ class MPSearcher(BaseSparseSearcher):
         _mode_metadata(self.model)[PLAN_METADATA_KEY] = self.plan
 
     def _compute_mask(self, module: SparseModule) -> Any:
-        """The module's mask: its nonzero weights after ``before_search`` pruned it (bool, weight's shape).
+        """The module's mask after ``before_search`` pruned it (bool, weight's shape), from the plan.
 
-        ModelOpt's ``run_search`` passes it to ``module.set_mask``.
+        A layer the plan pruned keeps its nonzero weights (a k:n layer: the k:n mask of its
+        pruned weight, so a kept weight that is exactly zero still counts as kept); a layer
+        the plan leaves dense, or does not hold, keeps every weight, zeros included (e.g. a
+        zero-initialised head stays trainable). ModelOpt's ``run_search`` passes it to
+        ``module.set_mask``.
         """
-        return module.weight.detach() != 0
+        weight = module.weight.detach()
+        name = next((n for n, m in self.model.named_modules() if m is module), None)
+        pattern = next((lp["pattern"] for lp in (self.plan or {}).get("layers", []) if lp["name"] == name), "dense")
+        pat = Pattern.parse(pattern)
+        if pat.kind == "dense":
+            return torch.ones_like(weight, dtype=torch.bool)
+        if pat.is_kn:
+            return nm_mask(weight, pat.k, pat.n).to(torch.bool)
+        return weight != 0
 
     def after_search(self) -> None:
         """Give modules whose mask is all True ModelOpt's all-ones mask buffer back.

@@ -32,6 +32,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -274,7 +275,9 @@ def _written_opset(path: Path) -> int:
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)
 
 
-def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, opset: int | None) -> str:
+def _torch_export(
+    model: nn.Module, example: torch.Tensor, path: Path, opset: int | None, dynamic_batch: bool = False
+) -> str:
     """Export with the dynamo exporter, else TorchScript; the file must carry ``opset`` when one is asked for.
 
     The dynamo exporter writes opset 18 or later and converts down only where onnxscript can (it
@@ -282,7 +285,9 @@ def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, opset: in
     counts as that exporter failing. Both exporters' console output is captured.
     """
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1_800_000_000
-    kwargs = {"input_names": ["input"], "output_names": ["output"], "opset_version": opset}
+    kwargs: dict[str, Any] = {"input_names": ["input"], "output_names": ["output"], "opset_version": opset}
+    if dynamic_batch:  # the first axis of the input and the output is named, not fixed
+        kwargs["dynamic_axes"] = {"input": {0: "batch"}, "output": {0: "batch"}}
     errors = []
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         for name, extra in (("dynamo", {"dynamo": True, "external_data": big}), ("torchscript", {"dynamo": False})):
@@ -312,6 +317,7 @@ def export_onnx(
     selection: LayerSelection | None = None,
     parity_tol: float | None = None,
     show_progress: bool = False,
+    dynamic_batch: bool = False,
 ) -> ExportReport:
     """Export a k:n-pruned model to ONNX and verify the pattern and the numerics.
 
@@ -335,6 +341,9 @@ def export_onnx(
         parity_tol: max |ORT − torch| allowed; default 1e-4 for fp32 and
             0.02·max(1, max|y|) for fp16 (compared with the fp32 torch output).
         show_progress: a tqdm bar over the stages (export, k:n check, onnxruntime parity).
+        dynamic_batch: leave the batch axis of the input and output free (named ``batch``);
+            parity is then also checked at another batch size. Default: the batch of
+            ``input_shape`` is fixed (a TensorRT engine built from it needs no profile).
 
     Returns:
         An :class:`ExportReport`.
@@ -372,9 +381,41 @@ def export_onnx(
     export_model, x = (model.half(), x32.half()) if dtype == "fp16" else (model, x32)
     bar = progress(total=3 if verify else 2, desc="ONNX export", unit="stage", disable=not show_progress)
     t0 = time.perf_counter()
-    exporter = _torch_export(export_model, x, path, opset)
+    exporter = _torch_export(export_model, x, path, opset, dynamic_batch)
     seconds = time.perf_counter() - t0
     bar.update(1)
+    try:
+        return _check_export(
+            path, model, export_model, x, reference, layers, dtype, exporter, seconds, gemm_rewrite, verify,
+            parity_tol, dynamic_batch, bar,
+        )  # fmt: skip
+    except ExportError:
+        raise
+    except Exception as exc:  # the checker or onnxruntime itself failed: the file is not a verified export
+        bar.close()
+        raise ExportError(
+            f"checking the exported file failed ({type(exc).__name__}: {str(exc)[:300]}); the file was moved to "
+            f"{_set_aside(path)}"
+        ) from exc
+
+
+def _check_export(
+    path: Path,
+    model: nn.Module,
+    export_model: nn.Module,
+    x: torch.Tensor,
+    reference: np.ndarray,
+    layers: dict,
+    dtype: str,
+    exporter: str,
+    seconds: float,
+    gemm_rewrite: bool,
+    verify: bool,
+    parity_tol: float | None,
+    dynamic_batch: bool,
+    bar: Any,
+) -> ExportReport:
+    """The k:n check and onnxruntime parity of a freshly exported file (see :func:`export_onnx`)."""
     bar.set_description("ONNX k:n check")
     onnx.checker.check_model(str(path))
     proto = onnx.load(str(path))
@@ -401,6 +442,12 @@ def export_onnx(
         parity_tol = _FP32_TOL if dtype == "fp32" else 0.02 * max(1.0, float(np.abs(reference).max()))
     report.parity_tol = parity_tol
     report.max_abs_diff = onnx_parity(path, x.numpy(), reference)
+    if dynamic_batch:  # the free batch axis must work at another size too
+        x_other = torch.cat([x, x[:1]], 0)
+        with torch.no_grad():
+            ref_other = model(x_other.float())
+        ref_other = (ref_other[0] if isinstance(ref_other, (tuple, list)) else ref_other).float().numpy()
+        report.max_abs_diff = max(report.max_abs_diff, onnx_parity(path, x_other.numpy(), ref_other))
     bar.update(1)
     bar.close()
     if not report.pattern_ok:

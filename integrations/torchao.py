@@ -284,6 +284,9 @@ class MPSparsifier(AOBaseConfig):
         reason = self._whole_model_application()
         if reason is not None:
             return reason
+        sel = self._plan_config().selection
+        if sel.exclude or sel.include_only:  # torchao hands over modules without their names
+            return "LayerSelection exclude/include_only match layer names, which the per-module call does not see"
         spec = BUDGET_METHODS.get(self.budget)
         if self.pattern != "auto" and Pattern.parse(self.pattern).is_kn:
             return None  # k:n magnitude masks are per layer; the budget only sets n_prune, unused here

@@ -5,7 +5,8 @@ Core (framework-free: torch, numpy, scipy):
 * :func:`fit_marchenko_pastur` / :class:`SpectralFit` — MP fit of one weight.
 * :func:`plan` / :class:`PrunePlan` — per-layer budgets and patterns.
 * :func:`apply`, :func:`sparsity_report`, :class:`MaskKeeper` — prune and keep masks.
-* :func:`permute_channels` — k:n channel permutation folded into the weights.
+* :func:`permute_channels` — k:n channel permutation folded into the weights
+  (:func:`align_to_permuted`: a dense model in a permuted model's channel basis).
 * :func:`certify` — data-path certificate of which predictions pruning kept.
 
 Adapters for torchao, ModelOpt, ONNX and TensorRT live in
@@ -46,6 +47,7 @@ _LAZY = {
     "sparsity_report": "mp_plugin.pruning.apply_plan",
     "MaskKeeper": "mp_plugin.masks.keep",
     "permute_channels": "mp_plugin.permute",
+    "align_to_permuted": "mp_plugin.permute",
     "certify": "mp_plugin.certificate",
     "RestoreConfig": "mp_plugin.restore",
     "restore_model": "mp_plugin.restore",

@@ -323,3 +323,25 @@ def test_certify_modelopt_replays_the_mp_permutation_on_the_dense_model() -> Non
     for name in perms:
         assert by_name[name].norms["r_changed"] == sparse.get_submodule(name).weight.numel() // 2
     assert isinstance(sparse.get_submodule(next(iter(perms))), mpm.SparseModule)  # the model keeps its ModelOpt form
+
+
+def test_mp_mode_masks_follow_the_plan_not_the_zeros() -> None:
+    """A zero-initialised head (left dense by the plan) stays trainable; a kept exact zero keeps its slot."""
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=10)
+    with torch.no_grad():
+        m.head.weight.zero_()
+        m.blocks[0].mlp.fc1.weight[0, :8] = 0.0  # two whole 2:4 groups of exact zeros
+    s = mts.sparsify(m, mode="mp", config={"sparsity": 0.5, "pattern": "2:4"})
+    assert "head" not in {lp.name for lp in mpm.plan_of(s).layers}
+    assert s.head._weight_mask is None or bool(s.head._weight_mask.all())
+    fc1 = s.blocks[0].mlp.fc1
+    assert fc1._weight_mask.float().mean().item() == pytest.approx(0.5)  # exactly 2 of every 4, zeros included
+    s.train()
+    opt = torch.optim.SGD(s.parameters(), lr=0.1)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(s(x), y).backward()
+        opt.step()
+    assert int((s.head.weight != 0).sum()) == s.head.weight.numel()

@@ -231,3 +231,23 @@ def test_a_file_that_fails_verification_is_set_aside(tmp_path):
     with pytest.raises(ExportError, match="moved to"):
         export_onnx(model, path, (2, 32), parity_tol=-1.0)  # no output can be that close
     assert not path.exists() and (tmp_path / "m.unverified.onnx").exists()
+
+
+def test_dynamic_batch_export_runs_at_another_batch_size(tmp_path):
+    import onnxruntime as ort
+
+    model = make_mlp((32, 64, 64, 8)).eval()
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            with torch.no_grad():
+                m.weight.mul_(nm_mask(m.weight, 2, 4))
+    fixed = export_onnx(model, tmp_path / "fixed.onnx", (2, 32))
+    free = export_onnx(model, tmp_path / "free.onnx", (2, 32), dynamic_batch=True)
+    assert fixed.parity_ok and free.parity_ok and free.pattern_ok
+    x = np.random.default_rng(0).standard_normal((5, 32)).astype(np.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    out = ort.InferenceSession(str(tmp_path / "free.onnx")).run(None, {"input": x})[0]
+    assert np.abs(out - ref).max() < 1e-4
+    with pytest.raises(Exception, match="(?i)dimension|invalid"):  # the default keeps the batch of the example
+        ort.InferenceSession(str(tmp_path / "fixed.onnx")).run(None, {"input": x})

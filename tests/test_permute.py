@@ -428,7 +428,7 @@ def test_a_misread_coupling_is_undone_by_its_consumer_check_and_a_wrong_output_r
     assert "misread" in reasons["flip"] and not rec.report.permuted
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     # without the consumer outputs (too large to keep) the model output check still refuses a visible change
-    monkeypatch.setattr(mp_plugin.permute.api, "_CAPTURE_BYTES", 0)
+    monkeypatch.setattr(mp_plugin.permute.verify, "CAPTURE_BYTES", 0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), _FlippedLinear(32, 8)).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(mp_plugin.permute.PermutationError, match="undone"):

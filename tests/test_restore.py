@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -493,3 +494,89 @@ def test_a_layer_interrupted_mid_restore_is_left_dense_in_memory_and_in_a_cpu_of
     apply(model, p, [torch.randn(128, 32)], restore=RestoreConfig(sequential=True))  # resumes
     assert "incomplete" not in p.applied and sorted(p.applied["layers"]) == ["0", "2", "4"]
     assert torch.equal(weight("0"), done) and all(check_nm(weight(n), 2, 4) for n in ("2", "4"))
+
+
+class _CalledTwice(nn.Module):
+    """a, b, a inside one block: the second call of a comes after b, the block's last layer by first call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.ModuleDict({"a": nn.Linear(16, 16), "b": nn.Linear(16, 16)})])
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blk = self.blocks[0]
+        return self.head(blk["a"](torch.relu(blk["b"](blk["a"](x)))))
+
+
+def test_sequential_restore_sees_every_call_of_a_layer_used_twice():
+    from mp_plugin.restore.driver import block_grams
+
+    torch.manual_seed(0)
+    model = _CalledTwice().eval()
+    calib = [torch.randn(32, 16), torch.randn(32, 16)]
+    names = ["blocks.0.a", "blocks.0.b", "head"]
+    truth = capture_grams(model, names, calib)
+    for sequential in (False, True):
+        seen = {
+            n: g for _, grams in block_grams(model, names, calib, RestoreConfig(), sequential) for n, g in grams.items()
+        }
+        assert seen["blocks.0.a"].rows == truth["blocks.0.a"].rows == 128  # 2 calls × 64 rows
+        torch.testing.assert_close(seen["blocks.0.a"].gram, truth["blocks.0.a"].gram)
+
+
+def test_restore_layer_keeps_the_given_weights_when_the_solve_overflows_half_precision():
+    """Two almost equal inputs: dropping one asks the other to carry 2 × 4e4, beyond float16's 65504."""
+    torch.manual_seed(1)
+    layer = nn.Linear(8, 2, bias=False).half()
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[40000.0, 40000.0, 0, 0, 1, 1, 0, 0]] * 2))
+    base = torch.randn(400, 4)
+    cols = [base[:, :1], base[:, :1] * 1.0001, base[:, 1:2], base[:, 2:3], base[:, 3:4], base[:, 3:4]]
+    x = torch.cat([*cols, torch.randn(400, 2)], 1).half()
+    dense = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.weight.mul_(torch.tensor([[False, True, True, True, True, False, True, True]] * 2))
+    given = layer.weight.detach().clone()
+    gram = capture_grams(nn.Sequential(layer), ["0"], x)["0"]
+    rec = restore_layer(layer.weight, dense, gram, RestoreConfig())
+    assert any("overflow" in note for note in rec["notes"]), rec["notes"]
+    assert torch.equal(layer.weight.detach(), given) and rec["rel_error_after"] == rec["rel_error_before"]
+
+
+def test_a_second_apply_keeps_the_restore_records_and_says_when_it_restores_nothing():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
+    calib = [torch.randn(128, 32)]
+    p = mp.plan(model, sparsity=0.5, pattern="2:4", budget="uniform", config=_all_layers())
+    apply(model, p, calib, restore=RestoreConfig())
+    first = copy.deepcopy(p.applied)
+    assert all("restore" in e for e in first["layers"].values())
+    with pytest.warns(UserWarning, match="nothing was restored"):
+        apply(model, p, calib, restore=RestoreConfig(damp=0.5))
+    assert p.applied["restore"] == first["restore"] and p.applied["method"] == first["method"]
+    assert all(p.applied["layers"][n]["restore"] == first["layers"][n]["restore"] for n in first["layers"])
+
+
+def test_restore_model_aligns_a_permuted_model_to_its_dense_one():
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    calib, test = [torch.randn(512, 32)], torch.randn(256, 32)
+    model = copy.deepcopy(dense)
+    p = mp.plan(model, sparsity=0.5, pattern="2:4", budget="uniform", config=_all_layers())
+    apply(model, p, calib, permute=True)
+    assert p.permutation is not None
+
+    def err(m: nn.Module) -> float:
+        with torch.no_grad():
+            return float((m(test) - dense(test)).square().mean() / dense(test).square().mean())
+
+    before = err(model)
+    unaligned = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="align_to_permuted"):
+        restore_model(unaligned, dense, calib)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # aligned: the kept weights match, no warning
+        restore_model(model, mp.align_to_permuted(dense, p), calib)
+    assert err(model) < 0.8 * before  # restored in the right basis
+    assert all(check_nm(model.get_submodule(n).weight, 2, 4) for n in ("0", "2", "4"))

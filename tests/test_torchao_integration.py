@@ -99,6 +99,9 @@ def test_whole_model_settings_without_a_plan_are_refused_before_any_change(vit: 
         MPSparsifier(pattern="unstructured", budget="seb"),
         MPSparsifier(pattern="auto"),
         MPSparsifier(permute="swap"),
+        # layer names: torchao hands over each module without its name
+        MPSparsifier(plan_config=mp.PlanConfig(selection=mp.LayerSelection(exclude=["fc2"]))),
+        MPSparsifier(plan_config=mp.PlanConfig(selection=mp.LayerSelection(include_only=["qkv"]))),
     ):
         with pytest.raises(mp.MPPluginError, match="for_model"):
             sparsify_(vit, cfg)

@@ -31,6 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (exporter default)")
     p.add_argument("--gemm-rewrite", action="store_true", help="rewrite MatMul+bias into Gemm(transB=1)")
+    p.add_argument(
+        "--dynamic-batch",
+        action="store_true",
+        help="leave the batch axis free (default: fixed to the example's batch, as a TensorRT engine without profiles)",
+    )
     p.add_argument("--fold", action="store_true", help="bake torch parametrizations (unsquashed masks) in")
     p.add_argument(
         "--magnitude-24",
@@ -67,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         plan=plan,
         opset=args.opset,
         gemm_rewrite=args.gemm_rewrite,
+        dynamic_batch=args.dynamic_batch,
         fold=args.fold,
         show_progress=True,
     )

@@ -17,7 +17,8 @@ or the plan, never attached to the model) and ``api``.
 from __future__ import annotations
 
 from mp_plugin.permute.api import METHODS, PermutationError, align_to_permuted, permute_channels, undo_folds
-from mp_plugin.permute.graph import Coupling, GraphFailure, find_couplings
+from mp_plugin.permute.couplings import find_couplings
+from mp_plugin.permute.graph import Coupling, GraphFailure
 from mp_plugin.permute.record import PermutationRecord, folds_from_data, folds_to_data, resolve_permutation
 from mp_plugin.permute.report import PermutationReport, PermutedLayer, SkippedPermutation
 from mp_plugin.permute.search import (

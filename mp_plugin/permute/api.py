@@ -10,18 +10,30 @@ import torch
 from torch import nn
 
 from mp_plugin.errors import ConfigError, MPPluginError, PatternError
-from mp_plugin.layers.calibration import call_model, eval_mode
+from mp_plugin.layers.calibration import eval_mode
 from mp_plugin.layers.discovery import find_target_layers
 from mp_plugin.layers.layout import kn_eligible
 from mp_plugin.layers.patterns import Pattern
 from mp_plugin.layers.wrappers import unwrap_model
 from mp_plugin.permute.attention import AttentionSite, find_attention_sites, fold_attention
+from mp_plugin.permute.couplings import find_couplings
 from mp_plugin.permute.fold import consumer_matrix, fold_coupling
-from mp_plugin.permute.graph import Coupling, find_couplings, shared_modules
+from mp_plugin.permute.graph import Coupling, shared_modules
 from mp_plugin.permute.links import link_partials
 from mp_plugin.permute.record import Fold, PermutationRecord, resolve_permutation
 from mp_plugin.permute.report import PermutationReport, PermutedLayer, SkippedPermutation
 from mp_plugin.permute.search import channel_importance, interleave_permutation, kept_magnitude, swap_permutation
+from mp_plugin.permute.verify import (
+    attention_probe,
+    capture_outputs,
+    flat_outputs,
+    max_diff,
+    module_output,
+    recheck,
+    run_example,
+    tolerance,
+    undo_changed_consumers,
+)
 from mp_plugin.progress import progress
 
 __all__ = ["permute_channels", "align_to_permuted", "undo_folds", "PermutationError", "METHODS"]
@@ -44,156 +56,6 @@ def _default_input(model: nn.Module) -> torch.Tensor | None:
     return x.to(p.device, p.dtype) if p is not None else x
 
 
-def _flat(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _flat(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _flat(v)]
-    return []
-
-
-def _run(model: nn.Module, example: Any) -> Any:
-    """``model`` on ``example`` (dict → kwargs, tuple/list → args); bad input → CalibrationError."""
-    if isinstance(example, list):
-        example = tuple(example)
-    return call_model(model, example, "example input")
-
-
-def _tolerance(out: Any, scale: float) -> float:
-    """Allowed max |Δ output| after folding: float rounding of reordered sums, not a wrong model."""
-    low = any(t.dtype in (torch.float16, torch.bfloat16) for t in _flat(out))
-    return (2e-2 if low else 1e-4) * (1.0 + scale)
-
-
-def _max_diff(a: Any, b: Any) -> tuple[float, float]:
-    fa, fb = _flat(a), _flat(b)
-    if len(fa) != len(fb) or not fa:
-        return float("inf"), 1.0
-    diff = max(float((x.float() - y.float()).abs().max()) if x.numel() else 0.0 for x, y in zip(fa, fb))
-    scale = max(float(x.float().abs().max()) if x.numel() else 0.0 for x in fa)
-    return diff, scale
-
-
-def _module_output(model: nn.Module, name: str, captured: dict[str, tuple[tuple, dict, Any]]) -> Any:
-    """Module ``name``'s output now, on the input captured for it in the reference pass."""
-    args, kwargs, _ = captured[name]
-    with torch.no_grad(), eval_mode(model):
-        return model.get_submodule(name)(*args, **kwargs)
-
-
-def _recheck(model: nn.Module, name: str, captured: dict[str, tuple[tuple, dict, Any]], before: Any) -> float | None:
-    """None when module ``name``'s output on its captured input is still ``before`` (computed just before
-    a fold; an earlier fold upstream may have changed the captured input's basis), else max |Δ|."""
-    diff, scale = _max_diff(before, _module_output(model, name, captured))
-    return None if diff <= _tolerance(before, scale) else diff
-
-
-_CAPTURE_BYTES = 256 << 20  # consumer outputs kept for the per-coupling check (else only the model output is checked)
-
-
-def _capture_outputs(model: nn.Module, names: list[str], into: dict[str, torch.Tensor]) -> list:
-    """Hooks storing each named module's output (a CPU float32 copy) in ``into``, while they fit in memory."""
-    budget = [_CAPTURE_BYTES]
-
-    def hook(_m: nn.Module, _args: tuple, out: Any, name: str) -> None:
-        if not isinstance(out, torch.Tensor) or name in into:
-            return
-        size = out.numel() * 4
-        if size <= budget[0]:
-            budget[0] -= size
-            into[name] = out.detach().float().cpu().clone()
-
-    return [
-        model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n))
-        for n in dict.fromkeys(names)
-    ]
-
-
-def _undo_changed_consumers(
-    model: nn.Module,
-    example: Any,
-    names: list[str],
-    reference: dict[str, torch.Tensor],
-    undo: list,
-    perms: dict[str, torch.Tensor],
-    report: PermutationReport,
-) -> None:
-    """Unfold every folded coupling one of whose consumers now computes another output.
-
-    (A consumer that is also a producer of another fold, or an attention's qkv, has its
-    output permuted on purpose and is not compared.) A consumer reads the permuted channels with permuted weight columns, so its output must
-    not change at all; checking it relative to its own size catches a wrong fold that the
-    model's output hides (e.g. behind a small layer scale).
-    """
-    if example is None or not reference:
-        return
-    now: dict[str, torch.Tensor] = {}
-    handles = _capture_outputs(model, [n for n in names if n in reference], now)
-    try:
-        with torch.no_grad(), eval_mode(model):
-            _run(model, example)
-    finally:
-        for h in handles:
-            h.remove()
-    permuted_out = set()  # modules whose outputs a fold permutes on purpose: not comparable
-    for site, _ in undo:
-        if isinstance(site, Coupling):
-            permuted_out.update(site.producers, (o for o, _ in site.ops))
-        else:
-            permuted_out.add(site.qkv)
-    for site, perm in list(undo):
-        if not isinstance(site, Coupling):
-            continue
-        bad = None
-        for c in site.consumers:
-            if c in reference and c in now and c not in permuted_out:
-                diff, scale = _max_diff(reference[c], now[c])
-                if diff > (2e-2 if reference[c].dtype in (torch.float16, torch.bfloat16) else 1e-4) * scale + 1e-30:
-                    bad = (c, diff, scale)
-                    break
-        if bad is None:
-            continue
-        fold_coupling(model, site, torch.argsort(perm))
-        undo.remove((site, perm))
-        for c in site.consumers:
-            perms.pop(c, None)
-        report.permuted = [p for p in report.permuted if p.name not in site.consumers]
-        for c in site.consumers:
-            report.skipped.append(
-                SkippedPermutation(
-                    c,
-                    f"folding changed the output of {bad[0]} by {bad[1]:.2e} (of {bad[2]:.2e}): "
-                    "the graph walk misread this coupling; undone",
-                )
-            )
-
-
-def _attention_probe(
-    model: nn.Module, site: AttentionSite, perm: torch.Tensor, captured: dict[str, tuple[tuple, dict, Any]]
-) -> float | None:
-    """Fold ``perm`` into a copy of the attention module with every parameter drawn at random (N(0, 1)).
-
-    The fold is an identity of the attention's algebra, true for any weights; the real
-    weights can hide a violation (a temperature of 1e-3 flattens a channel-mixing
-    softmax), random ones do not. Returns None when the copy's output is unchanged on the
-    captured input, else the max |Δ|.
-    """
-    args, kwargs, _ = captured[site.name]
-    copy_mod = copy.deepcopy(model.get_submodule(site.name))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad(), eval_mode(copy_mod):
-        for p in copy_mod.parameters():
-            if p.is_floating_point():
-                p.copy_(torch.randn(p.shape, generator=gen).to(p.device, p.dtype))
-        before = copy_mod(*args, **kwargs)
-        fold_attention(copy_mod, AttentionSite("", "qkv", "proj", site.num_heads, site.channels), perm)
-        after = copy_mod(*args, **kwargs)
-    diff, scale = _max_diff(before, after)
-    return None if diff <= _tolerance(before, scale) else diff
-
-
 def _activation_energy(model: nn.Module, names: list[str], example: Any) -> dict[str, torch.Tensor]:
     """E[h_c²] per input channel of each named consumer, from one forward pass."""
     stats: dict[str, torch.Tensor] = {}
@@ -210,7 +72,7 @@ def _activation_energy(model: nn.Module, names: list[str], example: Any) -> dict
         handles.append(mod.register_forward_pre_hook(hook))
     try:
         with torch.no_grad(), eval_mode(model):
-            _run(model, example)
+            run_example(model, example)
     finally:
         for h in handles:
             h.remove()
@@ -315,7 +177,7 @@ def permute_channels(
     if example is not None and partials:
         try:
             with eval_mode(model):
-                couplings += link_partials(model, partials, example, _run)
+                couplings += link_partials(model, partials, example, run_example)
         except Exception as exc:
             if example_input is not None:
                 raise
@@ -342,10 +204,10 @@ def permute_channels(
                 captured[name] = (args, kwargs, out)
 
             handles.append(model.get_submodule(vname).register_forward_hook(hook, with_kwargs=True))
-        handles += _capture_outputs(model, watch, consumer_out)
+        handles += capture_outputs(model, watch, consumer_out)
         try:
             with torch.no_grad(), eval_mode(model):
-                reference = _run(model, example)
+                reference = run_example(model, example)
         except Exception as exc:
             if example_input is not None:
                 raise
@@ -357,7 +219,7 @@ def permute_channels(
                 h.remove()
 
     if reference is not None and not all(
-        bool(torch.isfinite(t).all()) for t in _flat(reference) if t.is_floating_point()
+        bool(torch.isfinite(t).all()) for t in flat_outputs(reference) if t.is_floating_point()
     ):
         raise PermutationError(
             "the model's output on the example input is not finite (NaN/Inf), so a permutation cannot be verified; "
@@ -425,10 +287,10 @@ def permute_channels(
                     for c in names:
                         report.skipped.append(SkippedPermutation(c, why))
                     continue
-                check = _module_output(model, site.verify_module, captured) if site.verify_module else None
+                check = module_output(model, site.verify_module, captured) if site.verify_module else None
                 fold_coupling(model, site, perm)
                 if site.verify_module is not None:
-                    diff = _recheck(model, site.verify_module, captured, check)
+                    diff = recheck(model, site.verify_module, captured, check)
                     if diff is not None:
                         fold_coupling(model, site, torch.argsort(perm))
                         for c in names:
@@ -493,7 +355,7 @@ def permute_channels(
                     SkippedPermutation(site.proj, "identity is best: no within-head order keeps more")
                 )
                 continue
-            probe = _attention_probe(model, site, perm, captured)
+            probe = attention_probe(model, site, perm, captured)
             if probe is not None:
                 report.skipped.append(
                     SkippedPermutation(
@@ -503,9 +365,9 @@ def permute_channels(
                     )
                 )
                 continue
-            check = _module_output(model, site.name, captured)
+            check = module_output(model, site.name, captured)
             fold_attention(model, site, perm)
-            diff = _recheck(model, site.name, captured, check)
+            diff = recheck(model, site.name, captured, check)
             if diff is not None:
                 fold_attention(model, site, torch.argsort(perm))
                 report.skipped.append(
@@ -520,12 +382,12 @@ def permute_channels(
                 PermutedLayer(site.proj, "attention", [site.qkv], before, after, time.perf_counter() - t0)
             )
 
-        _undo_changed_consumers(model, example, watch, consumer_out, undo, perms, report)
+        undo_changed_consumers(model, example, watch, consumer_out, undo, perms, report)
         if reference is not None:
             with torch.no_grad(), eval_mode(model):
-                after_out = _run(model, example)
-            diff, scale = _max_diff(reference, after_out)
-            report.verified, report.max_abs_diff = diff <= _tolerance(reference, scale), diff
+                after_out = run_example(model, example)
+            diff, scale = max_diff(reference, after_out)
+            report.verified, report.max_abs_diff = diff <= tolerance(reference, scale), diff
             if not report.verified:
                 raise PermutationError(f"folding changed the output by {diff:.3e}; all permutations were undone")
     except BaseException:  # an error or Ctrl-C part-way: no half-permuted model without a record

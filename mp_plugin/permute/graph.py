@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import builtins
 import operator
-import sys
 from collections import Counter
 from dataclasses import dataclass
 
@@ -44,7 +43,7 @@ from mp_plugin.permute.ops import (
     producer_axis,
 )
 
-__all__ = ["Coupling", "GraphFailure", "find_couplings", "shared_modules"]
+__all__ = ["Coupling", "GraphFailure", "shared_modules", "tensor_by_name"]
 
 _SHAPE_METHODS = {"size", "dim"}
 _ADDITIVE = {operator.add, operator.sub, operator.iadd, torch.add, torch.sub, "add", "add_", "sub", "sub_"}
@@ -87,38 +86,6 @@ class GraphFailure:
 
     consumers: list[str]
     reason: str
-
-
-def _timm_fx() -> tuple[tuple, tuple]:
-    """timm's no-trace functions and modules, when timm is loaded (a timm model has loaded it); never imports it."""
-    timm_fx = sys.modules.get("timm.layers._fx")
-    if timm_fx is None:
-        return (), ()
-    try:
-        funcs = tuple(f for f in timm_fx.get_notrace_functions() if callable(f))
-        mods = tuple(m for m in timm_fx.get_notrace_modules() if isinstance(m, type))
-    except Exception:  # noqa: BLE001 - an older or newer timm without these registries
-        return (), ()
-    return funcs, mods
-
-
-class _Tracer(fx.Tracer):
-    """fx tracer keeping Linear/Conv/Norm layers (and timm's no-trace modules) as leaves."""
-
-    def __init__(self) -> None:
-        funcs, mods = _timm_fx()
-        super().__init__(autowrap_functions=funcs)
-        self._extra_leaves = mods
-        self.opaque: dict[str, str] = {}  # qualified name → class of a module kept whole (timm: not traceable)
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        leaf_types = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
-        if isinstance(m, leaf_types):
-            return True
-        if self._extra_leaves and isinstance(m, self._extra_leaves):
-            self.opaque[module_qualified_name] = type(m).__name__
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
 
 
 def shared_modules(model: nn.Module) -> dict[str, str]:
@@ -423,151 +390,6 @@ def _check_foldable(graph: fx.Graph, root: nn.Module, prefix: str, coupling: Cou
         owner, attr = _tensor_owner(root, qualified[len(prefix) + 1 :] if prefix else qualified)
         if attr in owner._non_persistent_buffers_set:
             raise _Fail(f"{qualified} is a non-persistent buffer: a reloaded state_dict would not permute it")
-
-
-def _analyse_graph(
-    graph: fx.Graph, root: nn.Module, prefix: str, shared: dict[str, str]
-) -> tuple[list[Coupling], list[GraphFailure]]:
-    modules = dict(root.named_modules())
-    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
-    done: set[str] = set()
-    couplings: list[Coupling] = []
-    failures: list[GraphFailure] = []
-    for node in graph.nodes:
-        if node.op != "call_module":
-            continue
-        name = f"{prefix}.{node.target}" if prefix else str(node.target)
-        why = not_plain_reason(modules[str(node.target)])
-        if why is not None and name not in done:
-            failures.append(GraphFailure([name], f"it {why}"))
-            done.add(name)
-        if not is_consumer(modules[str(node.target)]):
-            continue
-        if name in done:
-            continue
-        closure = _Closure(root, prefix, calls, shared)
-        try:
-            if not node.args or not isinstance(node.args[0], fx.Node):
-                raise _Fail("consumer input is not a traced tensor")
-            closure.run(node)
-            coupling = closure.coupling()
-            _check_foldable(graph, root, prefix, coupling)
-        except _Fail as exc:
-            names = [closure.qual(str(c.target)) for c in closure.consumers] or [name]
-            failures.append(GraphFailure([n for n in names if n not in done], str(exc)))
-            done.update(names)
-            continue
-        done.update(coupling.consumers)
-        couplings.append(coupling)
-    return couplings, failures
-
-
-def _partials(graph: fx.Graph, root: nn.Module, prefix: str, shared: dict[str, str]) -> list[Coupling]:
-    """Open-ended couplings of a traced child: first input → consumers, and producers → the output."""
-    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
-    nodes = list(graph.nodes)
-    out: list[Coupling] = []
-    first = next((n for n in nodes if n.op == "placeholder"), None)
-    if first is not None:
-        closure = _Closure(root, prefix, calls, shared)
-        closure.allow_open_input = first
-        try:
-            closure.run(None, first)
-            if closure.consumers and not closure.producers:
-                out.append(closure.coupling())
-        except _Fail:
-            pass
-    ret = next((n for n in nodes if n.op == "output"), None)
-    if ret is not None and isinstance(ret.args[0], fx.Node) and ret.args[0].op != "placeholder":
-        closure = _Closure(root, prefix, calls, shared)
-        closure.allow_open_output = True
-        try:
-            closure.run(None, ret.args[0])
-            if closure.producers and not closure.consumers:
-                out.append(closure.coupling())
-        except _Fail:
-            pass
-    return out
-
-
-def _trace_in_mode(module: nn.Module, training: bool) -> fx.Graph:
-    """``module``'s graph traced with every submodule in train (or eval) mode; the flags are restored."""
-    flags = {m: m.training for m in module.modules()}
-    module.train(training)
-    try:
-        tracer = _Tracer()
-        graph = tracer.trace(module)
-        graph.opaque = tracer.opaque  # type: ignore[attr-defined]
-        return graph
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
-
-
-def find_couplings(
-    model: nn.Module, partials: list[Coupling] | None = None
-) -> tuple[list[Coupling], list[GraphFailure], list[str]]:
-    """Trace ``model`` (recursively falling back to children) and return its channel couplings.
-
-    Args:
-        model: any module.
-        partials: if given, receives the open-ended couplings of children traced
-            because their parent did not trace (see :mod:`mp_plugin.permute.links`).
-
-    Returns:
-        (couplings, failures, notes): legal couplings; consumers whose input
-        channels cannot be permuted with the reason; and notes on modules that
-        did not trace (their children were traced instead).
-    """
-    shared = shared_modules(model)
-    couplings: list[Coupling] = []
-    failures: list[GraphFailure] = []
-    notes: list[str] = []
-
-    def visit(module: nn.Module, prefix: str) -> None:
-        if not any(True for _ in module.children()):
-            if is_consumer(module):
-                failures.append(GraphFailure([prefix], "its parent module could not be traced"))
-            return
-        try:
-            graphs = [_trace_in_mode(module, mode) for mode in (True, False)]
-        except Exception as exc:  # noqa: BLE001 - any trace failure means: look one level deeper
-            notes.append(f"{prefix or '<model>'}: not traceable ({type(exc).__name__}); traced its children")
-            for cname, child in module.named_children():
-                visit(child, f"{prefix}.{cname}" if prefix else cname)
-            return
-        (c_train, f_train), (c_eval, f_eval) = (_analyse_graph(g, module, prefix, shared) for g in graphs)
-        c = [cp for cp in c_eval if cp in c_train]  # a branch under `if self.training` must agree too
-        changed = [cp for cp in c_eval + c_train if cp not in c]
-        couplings.extend(c)
-        failures.extend(f_eval)
-        seen = {name for f in f_eval for name in f.consumers}
-        failures.extend(
-            GraphFailure(rest, f.reason) for f in f_train if (rest := [n for n in f.consumers if n not in seen])
-        )
-        for cp in changed:
-            failures.append(
-                GraphFailure(
-                    [n for n in cp.consumers if n not in seen],
-                    "its coupling differs between train and eval mode (code under `if self.training`)",
-                )
-            )
-        for inner, cls in getattr(graphs[1], "opaque", {}).items():
-            inside = [
-                f"{prefix}.{inner}.{n}" if prefix else f"{inner}.{n}"
-                for n, m in module.get_submodule(inner).named_modules()
-                if n and isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))
-            ]
-            if inside:
-                failures.append(
-                    GraphFailure(inside, f"inside {cls} '{inner}', which timm marks as not traceable (kept whole)")
-                )
-        if partials is not None and prefix:
-            p_train, p_eval = (_partials(g, module, prefix, shared) for g in graphs)
-            partials.extend(p for p in p_eval if p in p_train)
-
-    visit(model, "")
-    return couplings, failures, notes
 
 
 def tensor_by_name(model: nn.Module, qualified: str) -> torch.Tensor:

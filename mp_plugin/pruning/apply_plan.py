@@ -236,6 +236,8 @@ def apply(
         pat = patterns[lp.name]
         module = modules[lp.name]
         entry: dict[str, Any] = {"pattern": str(pat)}
+        if pat.kind != "dense" and lp.name not in todo:  # done earlier: keep what was recorded (restore, …)
+            entry = {**layer_log.get(lp.name, {}), **entry}
         prune_here = lp.name in todo and lp.name not in driven
         # an accelerate-offloaded layer is brought in, pruned, and its pruned weight written back to the store
         with onloaded([module], write=prune_here):
@@ -261,11 +263,21 @@ def apply(
         layer_log[lp.name] = entry
     bar.close()
 
+    if not todo and restore_cfg is not None:
+        warnings.warn(
+            "apply: every layer of the plan is already pruned, so nothing was restored; to re-solve the kept "
+            "weights of an already-pruned model use mp.restore_model(model, dense, calibration)",
+            stacklevel=2,
+        )
+    if not todo and "method" in plan.applied:  # nothing pruned now: the record keeps how it was done
+        method, restore_cfg = plan.applied["method"], None
+        if perm_method == "none":
+            perm_method = plan.applied.get("permute", perm_method)
     plan.applied.update(
         {
             "method": method,
             "permute": perm_method,
-            "cast": cfg.to_dict() if method == "cast" else None,
+            "cast": (cfg.to_dict() if method == "cast" else None) if todo else plan.applied.get("cast"),
             "restore": restore_cfg.to_dict() if restore_cfg is not None else plan.applied.get("restore"),
             "calibration_rows": {name: s.rows for name, s in stats.items()} or plan.applied.get("calibration_rows"),
             "layers": layer_log,

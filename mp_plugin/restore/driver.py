@@ -51,14 +51,21 @@ class LayerTask:
     n_prune: int
 
 
-def execution_order(model: nn.Module, names: Sequence[str], data: Any) -> list[str]:
-    """``names`` in the order the first calibration batch calls them; layers never called come last."""
+def execution_order(
+    model: nn.Module, names: Sequence[str], data: Any, calls: dict[str, int] | None = None
+) -> list[str]:
+    """``names`` in the order the first calibration batch calls them; layers never called come last.
+
+    ``calls``, when given, receives how many times that batch calls each layer.
+    """
     modules = dict(model.named_modules())
     seen: list[str] = []
     handles = []
+    calls = {} if calls is None else calls
 
     def hook(name: str):  # noqa: ANN202
         def fn(module: nn.Module, inputs: tuple) -> None:
+            calls[name] = calls.get(name, 0) + 1
             if name not in seen:
                 seen.append(name)
 
@@ -108,12 +115,14 @@ def block_grams(
     """Yield ``(block, {name: LayerGram})`` in forward order, the Grams captured just before the block is used.
 
     Sequential: one block at a time (:func:`forward_blocks`), each captured on ``model`` as the
-    caller has changed it so far, the forward pass stopping after the block's last layer.
+    caller has changed it so far, the forward pass stopping after the block's last layer (unless
+    a layer of the block runs more than once per forward: then the pass runs to the end).
     One-shot: a single block of every layer, captured on ``source`` (default ``model``)
     before anything is changed. Only the yielded block's Grams are held.
     """
     dt = torch.float64 if config.dtype == "float64" else torch.float32
-    order = execution_order(model, list(names), calibration)
+    calls: dict[str, int] = {}
+    order = execution_order(model, list(names), calibration, calls)
     if not sequential:
         grams = capture_grams(source or model, order, calibration, dtype=dt, max_rows=config.max_rows)
         yield order, grams
@@ -138,7 +147,9 @@ def block_grams(
                     i += n
                     continue
         block = blocks[i]
-        grams = capture_grams(model, block, calibration, dtype=dt, max_rows=config.max_rows, stop_after=block[-1])
+        # stopping after the block's last layer would miss a layer the forward calls again later
+        stop = block[-1] if all(calls.get(n, 0) <= 1 for n in block) else None
+        grams = capture_grams(model, block, calibration, dtype=dt, max_rows=config.max_rows, stop_after=stop)
         yield block, grams
         del grams
         i += 1

@@ -177,7 +177,9 @@ def restore_layer(
     """Re-solve the non-zeros of ``weight`` so the layer's output stays close to ``dense``'s.
 
     The mask is ``weight != 0`` (exact zeros stay zero). In place; the weight
-    keeps its dtype and device, the solve runs in ``config.dtype``.
+    keeps its dtype and device, the solve runs in ``config.dtype``. When the solve is
+    worse on the calibration rows than the weights as given, or overflows the weight's
+    dtype, the weights are left as they were (with a note).
 
     Args:
         weight: the pruned weight (parameter or tensor), shaped like ``dense``.
@@ -188,7 +190,7 @@ def restore_layer(
 
     Returns:
         A record: ``rel_error_before`` / ``rel_error_after`` (‖(Ŵ−W)Xᵀ‖²/‖WXᵀ‖² on the
-        calibration rows, masked vs restored), ``solver``, ``iterations``,
+        calibration rows, the weights as given vs restored), ``solver``, ``iterations``,
         ``rows``, ``damping`` (λ of each group) and ``notes`` (fallbacks, warnings).
     """
     dt = torch.float64 if config.dtype == "float64" else torch.float32
@@ -198,7 +200,8 @@ def restore_layer(
         raise PatternError(
             f"Gram is {tuple(gram.gram.shape)} but the weight needs {groups} group(s) of width {w_all.shape[1]}"
         )
-    out = torch.where(m_all, w_all, torch.zeros((), dtype=dt))
+    current = kn_matrix(weight.detach()).to(dt)  # the kept weights as they are (dense×mask after apply's masking)
+    out = current.clone()
     notes: list[str] = []
     num_b = num_a = den = 0.0
     solvers, iters, lams = set(), 0, []
@@ -216,7 +219,7 @@ def restore_layer(
     for q, sl in enumerate(_group_views(w_all, groups)):
         w, m = w_all[sl], m_all[sl]
         h0 = gram.gram[q].to(device=w.device, dtype=dt)
-        masked = out[sl]
+        masked = current[sl]
         x = None
         for attempt, damp in enumerate((config.damp, config.damp * 10, config.damp * 100)):
             h, lam = damped(h0, damp)
@@ -241,10 +244,13 @@ def restore_layer(
         out[sl] = torch.where(m, x, torch.zeros((), dtype=dt))
     if num_a > num_b:  # never make the calibration error worse (damping trades it for ‖Ŵ − W‖)
         notes.append("restored error above the masked error; kept the masked weights")
-        out = torch.where(m_all, w_all, torch.zeros((), dtype=dt))
-        num_a = num_b
+        out, num_a = current, num_b
+    new = from_kn_matrix(out, dense.shape).to(device=weight.device, dtype=weight.dtype)
+    if not bool(torch.isfinite(new).all()):  # e.g. restored values beyond float16's range
+        notes.append(f"restored weights overflow {weight.dtype}; kept the masked weights")
+        new, num_a = from_kn_matrix(current, dense.shape).to(device=weight.device, dtype=weight.dtype), num_b
     with torch.no_grad():
-        weight.copy_(from_kn_matrix(out, dense.shape).to(device=weight.device, dtype=weight.dtype))
+        weight.copy_(new)
     return {
         "rel_error_before": num_b / den if den > 0 else 0.0,
         "rel_error_after": num_a / den if den > 0 else 0.0,

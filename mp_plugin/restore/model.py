@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,6 +19,15 @@ from mp_plugin.restore.layer import restore_layer
 __all__ = ["restore_model"]
 
 
+def _kept_differ(pruned: torch.Tensor, dense: torch.Tensor) -> bool:
+    """Whether most kept weights of ``pruned`` differ from ``dense`` (another basis, or re-solved already)."""
+    kept = pruned != 0
+    if not bool(kept.any()):
+        return False
+    a, b = pruned[kept].double(), dense.to(pruned.device)[kept].double()
+    return bool(((a - b).abs() > 1e-3 * b.abs().clamp_min(1e-12)).double().mean() > 0.5)
+
+
 def restore_model(
     pruned: nn.Module,
     dense: nn.Module | Mapping[str, torch.Tensor],
@@ -30,7 +40,10 @@ def restore_model(
 
     Args:
         pruned: a model pruned by any method (exact zeros in its weights).
-        dense: the dense model, or ``{layer name: dense weight}``.
+        dense: the dense model, or ``{layer name: dense weight}``, in ``pruned``'s channel basis:
+            for a model whose channels ``apply(..., permute=...)`` permuted, pass
+            ``mp.align_to_permuted(dense, plan)`` (a warning says when most kept weights differ
+            from the dense ones).
         calibration: batch(es) of model inputs.
         layers: module names to restore; default every Linear/Conv1d/Conv2d of
             ``pruned`` that has an exact zero.
@@ -72,6 +85,14 @@ def restore_model(
             raise PlanMismatchError(
                 f"layer {n!r}: dense {tuple(dense_w[n].shape)} vs pruned {tuple(modules[n].weight.shape)}"
             )
+    differ = [n for n in layers if _kept_differ(modules[n].weight.detach(), dense_w[n])]
+    if differ:
+        warnings.warn(
+            f"restore_model: the kept (non-zero) weights of {len(differ)} layer(s), e.g. {differ[0]!r}, differ from "
+            "the dense ones; restore re-solves them from the dense weights. If the channels were permuted "
+            "(apply(..., permute=...)), pass dense=mp.align_to_permuted(dense, plan)",
+            stacklevel=2,
+        )
     records: dict[str, dict[str, Any]] = {}
     bar = progress(total=len(layers), desc="restore", unit="layer", disable=not show_progress)
     source = dense if isinstance(dense, nn.Module) else None
