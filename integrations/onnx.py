@@ -269,6 +269,17 @@ def rewrite_matmul_to_gemm(model: onnx.ModelProto) -> int:
 
 
 # ---------------------------------------------------------------------- export
+def _output_arrays(out: Any) -> list[np.ndarray]:
+    """Every tensor of a model output (a tensor, or tuples/lists/dicts of them) as float32 arrays, in order."""
+    if isinstance(out, torch.Tensor):
+        return [out.detach().float().numpy()]
+    if isinstance(out, dict):
+        return [a for v in out.values() for a in _output_arrays(v)]
+    if isinstance(out, (tuple, list)):
+        return [a for v in out for a in _output_arrays(v)]
+    return []
+
+
 def _written_opset(path: Path) -> int:
     """The default-domain opset of the ONNX file at ``path`` (-1 when it declares none)."""
     proto = onnx.load(str(path), load_external_data=False)
@@ -377,7 +388,7 @@ def export_onnx(
     x32 = torch.randn(tuple(int(s) for s in input_shape), generator=gen)
     with torch.no_grad():
         reference = model(x32)
-    reference = (reference[0] if isinstance(reference, (tuple, list)) else reference).float().numpy()
+    reference = _output_arrays(reference)
     export_model, x = (model.half(), x32.half()) if dtype == "fp16" else (model, x32)
     bar = progress(total=3 if verify else 2, desc="ONNX export", unit="stage", disable=not show_progress)
     t0 = time.perf_counter()
@@ -404,7 +415,7 @@ def _check_export(
     model: nn.Module,
     export_model: nn.Module,
     x: torch.Tensor,
-    reference: np.ndarray,
+    reference: list[np.ndarray],
     layers: dict,
     dtype: str,
     exporter: str,
@@ -439,14 +450,14 @@ def _check_export(
         return report
     bar.set_description("onnxruntime parity")
     if parity_tol is None:
-        parity_tol = _FP32_TOL if dtype == "fp32" else 0.02 * max(1.0, float(np.abs(reference).max()))
+        peak = max(float(np.abs(r).max()) if r.size else 0.0 for r in reference)
+        parity_tol = _FP32_TOL if dtype == "fp32" else 0.02 * max(1.0, peak)
     report.parity_tol = parity_tol
     report.max_abs_diff = onnx_parity(path, x.numpy(), reference)
     if dynamic_batch:  # the free batch axis must work at another size too
         x_other = torch.cat([x, x[:1]], 0)
         with torch.no_grad():
-            ref_other = model(x_other.float())
-        ref_other = (ref_other[0] if isinstance(ref_other, (tuple, list)) else ref_other).float().numpy()
+            ref_other = _output_arrays(model(x_other.float()))
         report.max_abs_diff = max(report.max_abs_diff, onnx_parity(path, x_other.numpy(), ref_other))
     bar.update(1)
     bar.close()

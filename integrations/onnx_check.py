@@ -220,13 +220,25 @@ def match_layers(
     return matched, missing
 
 
-def onnx_parity(path: str | Path, inputs: np.ndarray, reference: np.ndarray) -> float:
-    """Max |onnxruntime(path)(inputs) − reference| on the CPU execution provider (float64 diff)."""
+def onnx_parity(path: str | Path, inputs: np.ndarray, reference: np.ndarray | list[np.ndarray]) -> float:
+    """Max |onnxruntime(path)(inputs) − reference| on the CPU execution provider (float64 diff).
+
+    ``reference`` may list every output of the model: each is compared with the file's
+    output at the same position (a different number of outputs counts as ∞).
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = max(1, torch.get_num_threads())
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    out = sess.run(None, {sess.get_inputs()[0].name: inputs})[0]
-    return float(np.abs(out.astype(np.float64) - reference.astype(np.float64)).max())
+    outs = sess.run(None, {sess.get_inputs()[0].name: inputs})
+    refs = [reference] if isinstance(reference, np.ndarray) else list(reference)
+    if isinstance(reference, np.ndarray):
+        outs = outs[:1]
+    if len(outs) != len(refs):
+        return float("inf")
+    diffs = [
+        float(np.abs(o.astype(np.float64) - r.astype(np.float64)).max()) if r.size else 0.0 for o, r in zip(outs, refs)
+    ]
+    return max(diffs, default=0.0)

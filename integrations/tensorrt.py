@@ -44,6 +44,8 @@ __all__ = [
     "parse_build_log",
     "parse_layer_info",
     "engine_sparsity_report",
+    "io_buffer",
+    "onnx_is_fp16",
     "time_engine",
     "trtexec_command",
 ]
@@ -364,6 +366,13 @@ def build_engine(
         config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
     if fp16 and not strongly_typed:
         config.set_flag(trt.BuilderFlag.FP16)
+    if fp16 and strongly_typed and not onnx_is_fp16(onnx_path):
+        # a strongly typed network runs in the ONNX file's own types: the FP16 flag would be ignored and
+        # an fp32 engine (without the fp16 sparse kernels) reported as fp16
+        raise TensorRTError(
+            f"{onnx_path} holds float32 inputs and this TensorRT builds strongly typed networks in the file's own "
+            "types: export the model with dtype='fp16' for an fp16 engine, or build with fp16=False"
+        )
     t0 = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - t0
@@ -374,6 +383,48 @@ def build_engine(
     info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
     log = "\n".join(lines)
     return EngineBuild(engine_path, sparse, fp16, seconds, log, info, engine_sparsity_report(log, info))
+
+
+_TORCH_DTYPES = {
+    "FLOAT": "float32",
+    "HALF": "float16",
+    "BF16": "bfloat16",
+    "INT8": "int8",
+    "INT32": "int32",
+    "INT64": "int64",
+    "BOOL": "bool",
+    "UINT8": "uint8",
+}
+
+
+def io_buffer(shape: tuple[int, ...], trt_dtype: str, device: str = "cuda") -> Any:
+    """An engine I/O buffer of the tensor's own type (``trt.DataType`` name): random floats, zero integers.
+
+    Integer inputs are often indices (token ids), so they get 0, a valid index; an unknown type is refused
+    instead of a float32 buffer of the wrong size.
+    """
+    import torch
+
+    name = _TORCH_DTYPES.get(trt_dtype)
+    if name is None:
+        raise TensorRTError(f"no I/O buffer for TensorRT type {trt_dtype}")
+    dtype = getattr(torch, name)
+    if dtype.is_floating_point:
+        return torch.randn(shape, device=device).to(dtype)
+    return torch.zeros(shape, device=device, dtype=dtype)
+
+
+def onnx_is_fp16(onnx_path: str | Path) -> bool:
+    """Whether the ONNX file's floating-point graph inputs are float16 (the external weights are not loaded)."""
+    import onnx
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    floats = [
+        i.type.tensor_type.elem_type
+        for i in proto.graph.input
+        if i.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    ]
+    return bool(floats) and all(t == onnx.TensorProto.FLOAT16 for t in floats)
 
 
 def time_engine(engine_path: str | Path, iters: int = 200, warmup: int = 20) -> float:
@@ -389,12 +440,11 @@ def time_engine(engine_path: str | Path, iters: int = 200, warmup: int = 20) -> 
     logger, _ = _capturing_logger(trt)
     engine = trt.Runtime(logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
     context = engine.create_execution_context()
-    dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.BF16: torch.bfloat16}
     buffers = []
     for i in range(engine.num_io_tensors):
         name = engine.get_tensor_name(i)
         shape = tuple(context.get_tensor_shape(name))
-        buf = torch.randn(shape, device="cuda").to(dtypes.get(engine.get_tensor_dtype(name), torch.float32))
+        buf = io_buffer(shape, engine.get_tensor_dtype(name).name, "cuda")
         context.set_tensor_address(name, buf.data_ptr())
         buffers.append(buf)
     stream = torch.cuda.Stream()

@@ -362,6 +362,20 @@ def test_checkpoint_round_trip_keeps_dtype(tmp_path, dtype) -> None:
         assert k == k2 and v2.dtype == v.dtype and torch.equal(v, v2)
 
 
+def test_a_checkpoint_saved_without_a_plan_drops_an_older_plan_json(tmp_path) -> None:
+    from safetensors import safe_open
+
+    model = mlp()
+    p = mp.plan(model, 0.5, "2:4", "magnitude")
+    mp.apply(model, p)
+    save_pruned_checkpoint(model, tmp_path, plan=p)
+    assert (tmp_path / "plan.json").exists()
+    path = save_pruned_checkpoint(mlp(), tmp_path)  # another model, no plan: the old plan must not describe it
+    assert not (tmp_path / "plan.json").exists()
+    with safe_open(str(path), "pt") as f:
+        assert "mp_plugin_plan" not in (f.metadata() or {})
+
+
 # confusing messages --------------------------------------------------------------------------------
 
 

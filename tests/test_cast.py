@@ -254,3 +254,15 @@ def test_first_batch_of_calibration_data() -> None:
     batch = {"input_ids": torch.ones(1, 3)}
     assert first_batch(batch) is batch
     assert first_batch([]) is None
+
+
+def test_covariance_capture_and_accuracy_give_back_every_train_flag():
+    from mp_plugin.evaluation.classifier_training import accuracy
+    from mp_plugin.layers.calibration import capture_covariances
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 4))
+    model.train()
+    model[1].eval()  # a frozen BatchNorm inside a model in training
+    capture_covariances(model, {"0": 4, "2": 4}, torch.randn(32, 8))
+    accuracy(model, torch.randn(10, 8), torch.randint(0, 4, (10,)))
+    assert model.training and model[0].training and model[2].training and not model[1].training

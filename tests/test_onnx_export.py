@@ -251,3 +251,33 @@ def test_dynamic_batch_export_runs_at_another_batch_size(tmp_path):
     assert np.abs(out - ref).max() < 1e-4
     with pytest.raises(Exception, match="(?i)dimension|invalid"):  # the default keeps the batch of the example
         ort.InferenceSession(str(tmp_path / "fixed.onnx")).run(None, {"input": x})
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 4), nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.relu(self.body(x))
+        return self.a(h), self.b(h)
+
+
+def test_parity_covers_every_output(tmp_path):
+    from mp_plugin.integrations.onnx_check import onnx_parity
+
+    torch.manual_seed(0)
+    model = _TwoHeads().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(nm_mask(m.weight, 2, 4))
+    report = export_onnx(model, tmp_path / "two.onnx", (2, 16), pattern=None)
+    assert report.parity_ok
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        refs = [t.numpy() for t in model(x)]
+    assert onnx_parity(tmp_path / "two.onnx", x.numpy(), refs) < 1e-5
+    wrong = [refs[0], refs[1] + 1.0]  # only the second output differs
+    assert onnx_parity(tmp_path / "two.onnx", x.numpy(), wrong) == pytest.approx(1.0, abs=1e-5)
+    assert onnx_parity(tmp_path / "two.onnx", x.numpy(), refs[:1]) == float("inf")

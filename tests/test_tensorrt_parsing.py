@@ -125,3 +125,27 @@ def test_build_sparse_engine_reports_layers(tmp_path):  # pragma: no cover - nee
     assert build.report.log_found
     assert build.report.n_sparse >= 1, build.report  # at least one layer ran a sparse tactic
     assert any(row.ran_sparse for row in build.report.layers)
+
+
+def test_io_buffers_take_the_tensors_own_type_and_integers_are_valid_indices():
+    import torch
+    from mp_plugin.integrations.tensorrt import TensorRTError, io_buffer
+
+    assert io_buffer((2, 3), "HALF", "cpu").dtype == torch.float16
+    ids = io_buffer((2, 5), "INT64", "cpu")
+    assert ids.dtype == torch.int64 and int(ids.abs().sum()) == 0  # token ids: 0 is a valid index
+    assert io_buffer((4,), "BOOL", "cpu").dtype == torch.bool
+    with pytest.raises(TensorRTError, match="FP8"):
+        io_buffer((1,), "FP8", "cpu")
+
+
+def test_onnx_is_fp16_reads_the_graph_inputs(tmp_path):
+    pytest.importorskip("onnx")
+    import torch
+    from mp_plugin.integrations.tensorrt import onnx_is_fp16
+
+    model = torch.nn.Linear(8, 4)
+    for dtype, expect in ((torch.float32, False), (torch.float16, True)):
+        path = tmp_path / f"m_{expect}.onnx"
+        torch.onnx.export(model.to(dtype), (torch.randn(2, 8, dtype=dtype),), str(path), dynamo=False)
+        assert onnx_is_fp16(path) is expect

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mp_plugin.errors import MPPluginError
+from mp_plugin.layers.calibration import eval_mode
 from mp_plugin.recover.distill import DistillConfig, distill
 
 __all__ = ["EpochLog", "TrainConfig", "accuracy", "train_classifier"]
@@ -160,10 +161,8 @@ def train_classifier(
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
     """Top-1 accuracy in [0, 1] of ``model`` (eval mode) on (x: (N, …), y: (N,))."""
-    was_training = model.training
-    model.eval()
     correct = 0
-    for start in range(0, len(x), batch_size):
-        correct += int((model(x[start : start + batch_size]).argmax(1) == y[start : start + batch_size]).sum())
-    model.train(was_training)
+    with eval_mode(model):  # every submodule's train flag comes back
+        for start in range(0, len(x), batch_size):
+            correct += int((model(x[start : start + batch_size]).argmax(1) == y[start : start + batch_size]).sum())
     return correct / max(1, len(x))

@@ -182,6 +182,8 @@ for _zoo_name in ZOO_NAMES:
 def save_pruned_checkpoint(model: nn.Module, directory: str | Path, plan: object | None = None) -> Path:
     """Write ``directory/model.safetensors`` (dense-with-zeros state_dict) and, if given, ``plan.json``.
 
+    Without a plan, a ``plan.json`` left there by an earlier save is removed.
+
     Tied tensors are cloned into separate entries (safetensors refuses shared storage).
     A channel-permuted model's permutation record is in the plan
     (``plan.applied["permutation"]``), so ``plan.json`` carries it; pass that plan to
@@ -200,10 +202,15 @@ def save_pruned_checkpoint(model: nn.Module, directory: str | Path, plan: object
 
     state = {k: v.detach().cpu().contiguous().clone() for k, v in unwrap_model(model).state_dict().items()}
     path = out / "model.safetensors"
-    metadata = {"format": "pt", "mp_plugin_plan": "plan.json"}
-    save_file(state, str(path), metadata=metadata)
+    metadata = {"format": "pt"}
     if plan is not None:
-        plan.save(out / "plan.json")
+        metadata["mp_plugin_plan"] = "plan.json"
+    save_file(state, str(path), metadata=metadata)
+    stale = out / "plan.json"
+    if plan is not None:
+        plan.save(stale)
+    elif stale.exists():  # an older save's plan would describe another model (its permutation, its layers)
+        stale.unlink()
     return path
 
 

@@ -382,7 +382,8 @@ def capture_covariances(
             dropout untouched) and its train/eval mode is restored afterwards.
         layers: ``{module name: group size n}``; each must be a Linear, Conv1d or Conv2d.
         data: calibration batch(es), see :func:`run_batches`.
-        max_rows: at most this many input rows per layer (random subset).
+        max_rows: at most this many input rows per layer: the first rows reached, in batch
+            order (a random subset of the batch that crosses the limit); later batches add none.
         seed: seed of the row subsampling.
         show_progress: a tqdm bar over the calibration batches.
 
@@ -394,9 +395,7 @@ def capture_covariances(
     gen = torch.Generator().manual_seed(seed)
     accs: dict[str, _Accumulator] = {}
     handles = []
-    was_training = model.training
     try:
-        model.eval()
         for name, n in layers.items():
             module = modules.get(name)
             if module is None:
@@ -404,11 +403,11 @@ def capture_covariances(
             acc = _Accumulator(module, n, max_rows, gen)
             accs[name] = acc
             handles.append(module.register_forward_hook(acc))
-        run_batches(model, data, show_progress=show_progress, desc="covariance capture")
+        with eval_mode(model):  # every submodule's train flag comes back
+            run_batches(model, data, show_progress=show_progress, desc="covariance capture")
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     for name, acc in accs.items():
         if acc.calls and acc.sum is None:
             raise CalibrationError(

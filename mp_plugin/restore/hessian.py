@@ -155,7 +155,8 @@ def capture_grams(
         data: one batch or a list of batches (see ``mp_plugin.layers.calibration.run_batches``).
         dtype: precision of the accumulated Gram (float64 or float32); each batch's product
             XᵀX is formed in float32 and added in ``dtype``.
-        max_rows: at most this many input rows per layer (random subset), None = all.
+        max_rows: at most this many input rows per layer, None = all: the first rows reached,
+            in batch order (a random subset of the batch that crosses the limit).
         stop_after: end each batch's forward pass once this layer has run (the
             layers after it are not needed), to save time in sequential restore.
         seed: seed of the row subsampling.

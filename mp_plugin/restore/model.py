@@ -46,7 +46,7 @@ def restore_model(
             from the dense ones).
         calibration: batch(es) of model inputs.
         layers: module names to restore; default every Linear/Conv1d/Conv2d of
-            ``pruned`` that has an exact zero.
+            ``pruned`` that has an exact zero (and, for a dict ``dense``, a dense weight in it).
         config: restore settings (``sequential=True``: each block's inputs come from
             ``pruned`` already restored before it; otherwise from the dense model when
             ``dense`` is a model, else from ``pruned`` as given).
@@ -71,7 +71,9 @@ def restore_model(
         layers = [
             n
             for n, m in modules.items()
-            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and bool((m.weight == 0).any())
+            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))
+            and bool((m.weight == 0).any())
+            and (isinstance(dense, nn.Module) or n in dense)  # a dict names the layers it has weights for
         ]
     if isinstance(dense, nn.Module):
         dmods = dict(dense.named_modules())

@@ -255,7 +255,7 @@ def distill(
     if not custom:
         check_classes(student, None if loss == "ce" else teacher, train_loader, cfg)
 
-    was_training = student.training
+    flags = {m: m.training for m in student.modules()}  # eval_mode runs: every flag comes back after
     _set_mode(student, cfg)
     optimizer = build_optimizer(student, cfg)
     steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
@@ -400,7 +400,8 @@ def distill(
         keeper.detach()
     seconds = time.perf_counter() - t0
     if cfg.eval_mode:
-        student.train(was_training)
+        for m, flag in flags.items():
+            m.training = flag
 
     ctx.broadcast_buffers(student)  # ranks end with identical BatchNorm statistics, not only parameters
     leaked = keeper.violations()
