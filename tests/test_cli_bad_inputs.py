@@ -36,7 +36,10 @@ register_builtin_model("cli_bad_inputs_cnn")(_tiny_cnn)
 
 
 def run_cli(capsys, argv: list[str]) -> tuple[int, str]:
-    code = main(argv)
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse refuses a bad argument type itself: same one line, exit 2
+        code = exc.code
     err = capsys.readouterr().err
     return code, err
 

@@ -9,6 +9,8 @@ never silently random: see :func:`mp_plugin.evaluation.model_source.load_named_m
 from __future__ import annotations
 
 import argparse
+import math
+import re
 
 import torch
 from torch import nn
@@ -45,13 +47,52 @@ def add_weights_args(
         )
 
 
+def _number(kind: type, low: float, inclusive: bool, what: str):  # noqa: ANN202 - an argparse type
+    def parse(text: str):  # noqa: ANN202
+        try:
+            value = kind(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from exc
+        if value != value or (value < low if inclusive else value <= low):  # NaN is refused too
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, 1, True, "an integer ≥ 1")
+nonneg_int = _number(int, 0, True, "an integer ≥ 0")
+positive_float = _number(float, 0.0, False, "a number > 0")
+nonneg_float = _number(float, 0.0, True, "a number ≥ 0")
+
+
+def strict_json(value: object) -> object:
+    """``value`` with every NaN/±Inf float (e.g. the loss of a run that took no step) as None: strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
+
+
+device_name = _device
+
+
 def add_input_size_arg(parser: argparse.ArgumentParser) -> None:
     """``--image-size``/``--input-size`` (``args.input_size``, pixels): None keeps the model's own input side."""
     parser.add_argument(
         "--image-size",
         "--input-size",
         dest="input_size",
-        type=int,
+        type=positive_int,
         default=None,
         help="input side (default: the model's)",
     )
@@ -59,7 +100,9 @@ def add_input_size_arg(parser: argparse.ArgumentParser) -> None:
 
 def add_threads_arg(parser: argparse.ArgumentParser) -> None:
     """Add ``--threads``."""
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
 
 
 def add_model_args(parser: argparse.ArgumentParser, default: str | None = "efficientnet_lite0") -> None:

@@ -21,7 +21,15 @@ from pathlib import Path
 
 import torch
 
-from mp_plugin.cli.common import add_input_size_arg
+from mp_plugin.cli.common import (
+    add_input_size_arg,
+    device_name,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    strict_json,
+)
 from mp_plugin.errors import MPPluginError
 
 _PASS_THROUGH = (
@@ -68,35 +76,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="pruned weights (.safetensors/.pt) from `mp-plugin prune`")
     p.add_argument("--plan", help="plan.json of the pruned checkpoint (masks are read from its layers)")
     p.add_argument("--data", required=True, help="ImageFolder dir: DIR/train + DIR/val, or DIR/<class>/*")
-    p.add_argument("--num-classes", type=int, default=None, help="classifier size for timm models")
+    p.add_argument("--num-classes", type=positive_int, default=None, help="classifier size for timm models")
     p.add_argument(
         "--teacher-checkpoint",
         help="dense teacher weights (default: the built-in's shipped or timm's pretrained weights; never random)",
     )
     p.add_argument("--teacher-pretrained", action="store_true", help=argparse.SUPPRESS)  # the default now
     p.add_argument("--family", choices=("vit", "convnext", "resnet"), help="recipe defaults from the spec table")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default 3)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    p.add_argument("--batch-size", type=int, default=None, help="images per step per process")
+    p.add_argument("--epochs", type=positive_int, default=None, help="epochs (default 3)")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimiser steps")
+    p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="images per step per process")
     p.add_argument("--optimizer", choices=("adamw", "sgd"), default=None)
-    p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument("--weight-decay", type=nonneg_float, default=None)
+    p.add_argument("--warmup-steps", type=nonneg_int, default=None)
     p.add_argument("--alpha", type=float, default=None, help="KD weight α (default 0.5; 1 = labels unused)")
-    p.add_argument("--tau", type=float, default=None, help="temperature τ (default 2)")
+    p.add_argument("--tau", type=positive_float, default=None, help="temperature τ (default 2)")
     p.add_argument("--label-smoothing", type=float, default=None, help="ε (default 0.1)")
-    p.add_argument("--grad-clip", type=float, default=None)
+    p.add_argument("--grad-clip", type=positive_float, default=None)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    p.add_argument("--tome-r", type=int, default=0, help="ToMe: merge r tokens per block (timm ViTs; 0 = off)")
+    p.add_argument("--tome-r", type=nonneg_int, default=0, help="ToMe: merge r tokens per block (timm ViTs; 0 = off)")
     add_input_size_arg(p)
     p.add_argument("--no-aug", action="store_true", help="no RandAugment/RandomErasing/flip")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
-    p.add_argument("--nproc", type=int, default=1, help="processes (GPUs); > 1 re-launches under torchrun")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--workers", type=nonneg_int, default=0, help="DataLoader workers")
+    p.add_argument("--nproc", type=positive_int, default=1, help="processes (GPUs); > 1 re-launches under torchrun")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads per process")
+    p.add_argument(
+        "--device", type=device_name, default=None, help="cpu | cuda | cuda:N (default: cuda when available)"
+    )
     p.add_argument("--resume", help="resume from a checkpoint (last.pt) of the same plan")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=None)
+    p.add_argument("--log-every", type=positive_int, default=None)
     p.add_argument(
         "--checkpoint-every",
         type=int,
@@ -229,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
                 "config": config.to_dict(),
                 "history": result.history,
             }
-            (out / "distill.json").write_text(json.dumps(summary, indent=1))
+            (out / "distill.json").write_text(json.dumps(strict_json(summary), indent=1, allow_nan=False))
             print(
                 f"distilled {result.steps} steps on {ctx.world_size} process(es): loss {result.first_loss:.4f} → "
                 f"{result.last_loss:.4f}, sparsity {result.sparsity_after:.4f} (unchanged); wrote {out}"

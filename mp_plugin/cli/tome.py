@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from mp_plugin.cli.common import nonneg_int, positive_int
+from mp_plugin.errors import ConfigError
 from mp_plugin.evaluation.models import random_timm_model
 from mp_plugin.recover.tome import format_tome_mac_table, tome_mac_table
 
@@ -14,10 +16,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``tome`` subcommand."""
     p = sub.add_parser("tome", help="MAC table of a timm ViT with token merging (ToMe) and k:n sparsity")
     p.add_argument("model", nargs="?", default="vit_base_patch16_224", help="timm ViT name (default: %(default)s)")
-    p.add_argument("--r", type=int, default=8, help="tokens merged per block (default: %(default)s)")
+    p.add_argument("--r", type=nonneg_int, default=8, help="tokens merged per block (default: %(default)s)")
     p.add_argument("--pattern", default="2:4", help="k:n pattern of the Linear layers (default: %(default)s)")
     p.add_argument(
-        "--image-size", "--img-size", dest="img_size", type=int, default=224, help="input side (default: %(default)s)"
+        "--image-size",
+        "--img-size",
+        dest="img_size",
+        type=positive_int,
+        default=224,
+        help="input side (default: %(default)s)",
     )
     p.add_argument("--json", dest="json_out", help="also write the table as JSON here")
     p.set_defaults(func=run)
@@ -25,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``tome``: print the MAC table (random weights: MACs do not depend on values)."""
+    if args.json_out and Path(args.json_out).is_dir():
+        raise ConfigError(f"--json {args.json_out} is a directory: give a file name, e.g. {args.json_out}/tome.json")
     print(f"{args.model}: MACs only; they do not depend on the weights, so the architecture is built with random ones")
     model = random_timm_model(args.model, args.img_size)
     table = tome_mac_table(model, r=args.r, pattern=args.pattern, img_size=args.img_size)

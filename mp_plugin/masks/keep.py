@@ -145,11 +145,20 @@ class MaskKeeper:
         self.apply()
         return self
 
-    def detach(self) -> None:
-        """Remove every hook registered by :meth:`attach`."""
-        for handle in self._handles:
+    def detach(self, since: int = 0) -> None:
+        """Remove the hooks registered by :meth:`attach`: all of them, or those after the first ``since``.
+
+        ``since`` is :attr:`hook_count` read before an ``attach`` of one's own, so a caller
+        (``distill``) removes only its hooks and leaves a keeper attached to the user's optimizer attached.
+        """
+        for handle in self._handles[since:]:
             handle.remove()
-        self._handles.clear()
+        del self._handles[since:]
+
+    @property
+    def hook_count(self) -> int:
+        """How many hooks :meth:`attach` has registered so far (see :meth:`detach`)."""
+        return len(self._handles)
 
     @classmethod
     @contextmanager

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mp_plugin.errors import ConfigError, PatternError
+
 __all__ = [
     "MergePlan",
     "ToMeState",
@@ -274,10 +276,12 @@ def _find_blocks(model: nn.Module) -> list[nn.Module]:
     block_cls, attn_cls = _timm_classes()
     blocks = [m for m in model.modules() if block_cls is not None and isinstance(m, block_cls)]
     if not blocks:
-        raise TypeError(f"{type(model).__name__} has no timm vision_transformer.Block to patch")
+        raise ConfigError(
+            f"{type(model).__name__} has no timm vision_transformer.Block to patch: ToMe needs a timm ViT"
+        )
     for blk in blocks:
         if not isinstance(blk.attn, attn_cls):
-            raise TypeError(f"ToMe supports timm Attention only, found {type(blk.attn).__name__}")
+            raise ConfigError(f"ToMe supports timm Attention only, found {type(blk.attn).__name__}")
     return blocks
 
 
@@ -391,8 +395,10 @@ def tome_mac_table(
 
     pat = Pattern.parse(pattern)
     if not pat.is_kn:
-        raise ValueError(f"pattern must be k:n, got {pattern!r}")
+        raise PatternError(f"the MAC table's pattern must be k:n, got {pattern!r}")
     dense_model = copy.deepcopy(model).eval()
+    if is_patched(dense_model):  # an already-patched model: its dense row must not merge tokens
+        remove_patch(dense_model)
     sparse_model = copy.deepcopy(dense_model)
     n_pruned = _prune_linear_nm(sparse_model, pat.k, pat.n)
     x = torch.randn(1, 3, img_size, img_size)

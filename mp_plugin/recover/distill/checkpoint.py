@@ -112,6 +112,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise MPPluginError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise MPPluginError(f"checkpoint {path} is a directory: give the file, e.g. {path / 'last.pt'}")
     state = torch.load(str(path), map_location="cpu", weights_only=False)
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION or "masks" not in state:
         raise MPPluginError(f"{path} is not an mp-plugin distillation checkpoint")

@@ -107,6 +107,21 @@ class DistillConfig:
             raise MPPluginError("lr_decay must be positive and lr_decay_every ≥ 1")
         if self.lr <= 0:
             raise MPPluginError(f"lr must be positive, got {self.lr}")
+        checks = (
+            ("max_steps", self.max_steps is None or self.max_steps >= 1, "None or ≥ 1"),
+            ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "None or > 0 (a negative norm flips the step)"),
+            ("weight_decay", self.weight_decay >= 0, "≥ 0"),
+            ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+            ("warmup_steps", self.warmup_steps >= 0, "≥ 0"),
+            ("warmup_start_ratio", 0 <= self.warmup_start_ratio <= 1, "in [0, 1]"),
+            ("log_every", self.log_every >= 1, "≥ 1"),
+            ("num_workers", self.num_workers >= 0, "≥ 0"),
+            ("checkpoint_every", self.checkpoint_every >= 0, "≥ 0 (0: only at the end)"),
+        )
+        for name, ok, need in checks:
+            if not ok:
+                raise MPPluginError(f"{name} must be {need}, got {getattr(self, name)!r}")
 
     @classmethod
     def for_family(cls, family: str, **overrides: Any) -> DistillConfig:

@@ -146,6 +146,27 @@ def _kd_forward(
     return kd_loss(s_logits, t_logits, y, cfg.alpha, cfg.tau, cfg.label_smoothing), s_logits, t_logits, y
 
 
+_OPTIMIZER_SETTINGS = ("lr", "weight_decay", "momentum")
+
+
+def _check_resumed_settings(old: dict, cfg: DistillConfig) -> None:
+    """Refuse another optimizer on resume; warn when a setting the restored optimizer state overrides changed."""
+    if "optimizer" in old and old["optimizer"] != cfg.optimizer:
+        raise MPPluginError(
+            f"the checkpoint was trained with optimizer {old['optimizer']!r}, this run asks for {cfg.optimizer!r}: "
+            "resume with the same optimizer (its state is restored), or start a new run"
+        )
+    changed = [
+        f"{k} {old[k]!r} → {getattr(cfg, k)!r}" for k in _OPTIMIZER_SETTINGS if k in old and old[k] != getattr(cfg, k)
+    ]
+    if changed:
+        warnings.warn(
+            f"resuming with changed optimizer settings ({', '.join(changed)}): the restored optimizer and "
+            "learning-rate schedule keep the checkpoint's values",
+            stacklevel=3,
+        )
+
+
 def _set_mode(student: nn.Module, cfg: DistillConfig) -> None:
     if cfg.eval_mode:
         student.eval()
@@ -255,7 +276,7 @@ def distill(
     if not custom:
         check_classes(student, None if loss == "ce" else teacher, train_loader, cfg)
 
-    flags = {m: m.training for m in student.modules()}  # eval_mode runs: every flag comes back after
+    flags = {m: m.training for m in student.modules()}  # every train flag comes back after the run
     _set_mode(student, cfg)
     optimizer = build_optimizer(student, cfg)
     steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
@@ -278,11 +299,13 @@ def distill(
                     "schedule's length changes mid-run (its restored state is for the old length)",
                     stacklevel=2,
                 )
+        _check_resumed_settings(old, cfg)
         if state.get("optimizer") is not None:
             optimizer.load_state_dict(state["optimizer"])
         if state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
         step = int(state["step"])
+    own_hooks = keeper.hook_count  # a keeper the caller attached to their own optimizer stays attached
     keeper.attach(optimizer)
     model = ctx.wrap(student)
     sampler = getattr(train_loader, "sampler", None)
@@ -299,6 +322,7 @@ def distill(
     # is set to where the run stopped (same dropout from there on)
     resume_rng = state.get("rng") if state is not None else None
     resume_epoch_rng = state.get("epoch_rng") if state is not None else None
+    epoch_rng = resume_epoch_rng  # the current epoch's generator state at its start (kept for a final save)
     save_after_hooks = False
     t0 = time.perf_counter()
     try:
@@ -397,11 +421,10 @@ def distill(
                 epochs.append({"epoch": epoch + 1, "loss": mean, "seconds": seconds_epoch, "hook": out})
     finally:
         bar.close()
-        keeper.detach()
-    seconds = time.perf_counter() - t0
-    if cfg.eval_mode:
+        keeper.detach(since=own_hooks)
         for m, flag in flags.items():
             m.training = flag
+    seconds = time.perf_counter() - t0
 
     ctx.broadcast_buffers(student)  # ranks end with identical BatchNorm statistics, not only parameters
     leaked = keeper.violations()
@@ -409,9 +432,11 @@ def distill(
     if leaked:
         raise MPPluginError(f"{leaked} held weights moved during training: masks were not kept")
     if ckpt_path is not None and is_main:
+        mid_epoch = step % steps_per_epoch != 0 and epoch_rng is not None
         written = save_checkpoint(
-            ckpt_path, student, keeper, plan, optimizer, scheduler, step, step // steps_per_epoch, cfg.to_dict()
-        )
+            ckpt_path, student, keeper, plan, optimizer, scheduler, step, step // steps_per_epoch, cfg.to_dict(),
+            epoch_rng=epoch_rng if mid_epoch else None,  # a resume rebuilds this epoch's shuffle
+        )  # fmt: skip
     ctx.barrier()
     val = evaluate(student, val_loader, teacher, dev, ctx) if val_loader is not None else None
     if val is not None:
