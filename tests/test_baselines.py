@@ -260,3 +260,60 @@ def test_fidelity_of_identical_outputs_is_perfect_and_of_different_outputs_is_no
     assert other.top1_agreement < 0.5 and other.cosine < 0.5 and other.kl > 0.1
     ret = embedding_retention(logits, logits.clone())
     assert ret["cosine"] == pytest.approx(1.0) and ret["neighbour_agreement"] == 1.0
+
+
+class _TokenNet(nn.Module):
+    """Embedding → Linear(32→16) → Linear(16→8), called as model(input_ids=…, attention_mask=…); the
+    padding id 0 embeds to a huge vector, so a framework that counted padding positions would pick other masks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        g = torch.Generator().manual_seed(3)
+        self.emb = nn.Embedding(20, 32)
+        self.fc = nn.Linear(32, 16)
+        self.out = nn.Linear(16, 8)
+        with torch.no_grad():
+            self.emb.weight.copy_(torch.randn(20, 32, generator=g) * torch.logspace(-1, 0.5, 32))
+            self.emb.weight[0] = 40.0 * torch.randn(32, generator=g).abs()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.fc(self.emb(input_ids)))).mean(1)
+
+
+def _token_batches() -> tuple[dict, list[dict]]:
+    g = torch.Generator().manual_seed(4)
+    lengths = [12, 5, 9, 3]
+    ids = torch.zeros(4, 12, dtype=torch.long)
+    mask = torch.zeros(4, 12, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(1, 20, (n,), generator=g)
+        mask[i, :n] = 1
+    padded = {"input_ids": ids, "attention_mask": mask}
+    plain = [{"input_ids": ids[i : i + 1, :n], "attention_mask": mask[i : i + 1, :n]} for i, n in enumerate(lengths)]
+    return padded, plain
+
+
+def test_unpadded_samples_cuts_right_padding_and_keeps_other_data() -> None:
+    from mp_plugin.evaluation.baselines import unpadded_samples
+
+    padded, plain = _token_batches()
+    out = unpadded_samples([padded])
+    assert len(out) == 4
+    for got, want in zip(out, plain):
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    x = torch.randn(3, 5)
+    assert unpadded_samples(x) is x and unpadded_samples([x])[0] is x
+    left = {"input_ids": torch.ones(1, 4, dtype=torch.long), "attention_mask": torch.tensor([[0, 0, 1, 1]])}
+    assert unpadded_samples(left)["input_ids"].shape == (1, 4)  # left padding: kept whole
+
+
+@pytest.mark.parametrize("name,pattern", [("torchao-wanda", "unstructured"), ("sparsegpt", "2:4")])
+def test_framework_baselines_do_not_count_padding_tokens(name: str, pattern: str) -> None:
+    """ModelOpt's and torchao's hooks see every position; the baseline feeds them real tokens only."""
+    padded, plain = _token_batches()
+    a, b = _TokenNet(), _TokenNet()
+    prune_baseline(name, a, 0.5, pattern, [padded])
+    prune_baseline(name, b, 0.5, pattern, plain)
+    for la, lb in ((a.fc, b.fc), (a.out, b.out)):
+        assert torch.equal(la.weight == 0, lb.weight == 0)

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mp_plugin.errors import MPPluginError
-from mp_plugin.layers.calibration import eval_mode, first_batch, run_batches
+from mp_plugin.layers.calibration import eval_mode, first_batch, run_batches, token_mask
 from mp_plugin.layers.patterns import Pattern
 from mp_plugin.masks.scores import input_norms, per_row_mask, wanda_scores
 from mp_plugin.masks.select import assert_kn_exact, check_nm, nm_mask
@@ -368,6 +368,7 @@ def sparsegpt_modelopt(
         if isinstance(getattr(mod, "weight", None), torch.Tensor)
     }
     device = next(model.parameters()).device
+    samples = unpadded_samples(calibration)  # ModelOpt's Hessian hooks would count padding tokens
     if keys:
         SpDMRegistry.register(keys)(SparseModule)
     try:
@@ -383,7 +384,7 @@ def sparsegpt_modelopt(
             mts.sparsify(
                 model,
                 mode=[("sparsegpt", rules)],
-                config={"forward_loop": lambda m: run_batches(m, calibration), "device": str(device.type)},
+                config={"forward_loop": lambda m: run_batches(m, samples), "device": str(device.type)},
             )
             mts.export(model)
     finally:
@@ -415,6 +416,37 @@ def sparsegpt_modelopt(
     return model
 
 
+def _take_sample(v: Any, i: int, cut: int, rows: int, length: int) -> Any:
+    if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == rows:
+        v = v[i : i + 1]
+        return v[:, :cut] if v.dim() >= 2 and v.shape[1] == length else v
+    return v
+
+
+def unpadded_samples(calibration: Any) -> Any:
+    """Token batches split into one batch per sample with its padding cut off; other data unchanged.
+
+    ModelOpt's and torchao's calibration hooks see every position of the batches
+    they are given, padding included, while the MP methods and our own baselines
+    count only real tokens (``layers.calibration.real_tokens``). Feeding those
+    frameworks one unpadded sample at a time gives them the same tokens. A sample
+    whose real tokens are not a prefix (left padding) is kept as it was.
+    """
+    batches = calibration if isinstance(calibration, list) else [calibration]
+    out: list[Any] = []
+    for batch in batches:
+        mask = token_mask(batch)
+        if mask is None:
+            out.append(batch)
+            continue
+        rows, length = mask.shape
+        for i in range(rows):
+            n = int(mask[i].sum())
+            cut = n if n > 0 and bool(mask[i, :n].all()) else length
+            out.append({k: _take_sample(v, i, cut, rows, length) for k, v in batch.items()})
+    return out if isinstance(calibration, list) or len(out) > 1 else out[0]
+
+
 # --------------------------------------------------------------------------- torchao WandaSparsifier
 
 
@@ -442,7 +474,7 @@ def torchao_wanda(
     with warnings.catch_warnings(), eval_mode(model):
         warnings.simplefilter("ignore")
         sparsifier.prepare(model, [{"tensor_fqn": f"{lp.name}.weight"} for lp in layers])
-        run_batches(model, calibration)
+        run_batches(model, unpadded_samples(calibration))  # its observer would count padding tokens
         sparsifier.step()
         sparsifier.squash_mask()
     return model
