@@ -188,3 +188,44 @@ def test_mac_table_of_a_patched_vit_keeps_a_dense_row() -> None:
     assert is_patched(model)  # the caller's model keeps its patch
     assert patched["dense_macs"] == plain["dense_macs"] and patched["tome_macs"] == plain["tome_macs"]
     assert patched["dense_macs"] > patched["tome_macs"]
+
+
+@pytest.mark.parametrize("merge_teacher", [False, True])
+def test_distill_cli_with_tome_merges_the_student_and_only_on_request_the_teacher(
+    tmp_path, monkeypatch, merge_teacher: bool
+) -> None:
+    timm = pytest.importorskip("timm")
+    pytest.importorskip("PIL")
+    from distill_data import make_image_folder
+    from safetensors.torch import save_file
+
+    import mp_plugin.recover.distill as distill_pkg
+    from mp_plugin.planning.build import plan
+    from mp_plugin.pruning.apply_plan import apply
+    from mp_plugin.recover.tome import is_patched
+
+    torch.manual_seed(0)
+    dense = timm.create_model("test_vit", num_classes=3).eval()
+    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(tmp_path / "dense.safetensors"))
+    p = plan(dense, 0.5, "unstructured", "magnitude")
+    apply(dense, p)
+    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(tmp_path / "pruned.safetensors"))
+    p.save(tmp_path / "plan.json")
+    data = make_image_folder(tmp_path / "data", n_classes=3, per_class=4)
+    seen = {}
+    real = distill_pkg.distill
+
+    def spy(student, teacher, *args, **kwargs):
+        seen["student"], seen["teacher"] = is_patched(student), is_patched(teacher)
+        return real(student, teacher, *args, **kwargs)
+
+    monkeypatch.setattr(distill_pkg, "distill", spy)
+    argv = [
+        "distill", "test_vit", "--checkpoint", str(tmp_path / "pruned.safetensors"), "--plan", str(tmp_path / "plan.json"),
+        "--data", str(data), "--num-classes", "3", "--teacher-checkpoint", str(tmp_path / "dense.safetensors"),
+        "--max-steps", "1", "--batch-size", "4", "--no-aug", "--no-progress", "--device", "cpu",
+        "--out", str(tmp_path / "out"), "--tome-r", "4",
+    ]  # fmt: skip
+    assert main(argv + (["--tome-teacher"] if merge_teacher else [])) == 0
+    assert seen == {"student": True, "teacher": merge_teacher}
+    assert main(argv[:-2] + ["--tome-teacher"]) == 2  # it needs --tome-r

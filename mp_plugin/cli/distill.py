@@ -61,7 +61,7 @@ _PASS_THROUGH = (
     "log_every",
     "checkpoint_every",
 )
-_FLAGS = ("bf16", "no_aug", "no_progress")
+_FLAGS = ("bf16", "no_aug", "no_progress", "tome_teacher")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -95,7 +95,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-smoothing", type=float, default=None, help="ε (default 0.1)")
     p.add_argument("--grad-clip", type=positive_float, default=None)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    p.add_argument("--tome-r", type=nonneg_int, default=0, help="ToMe: merge r tokens per block (timm ViTs; 0 = off)")
+    p.add_argument(
+        "--tome-r",
+        type=nonneg_int,
+        default=0,
+        help="ToMe: the student merges r tokens per block (timm ViTs; 0 = off); the teacher stays unmerged",
+    )
+    p.add_argument(
+        "--tome-teacher",
+        action="store_true",
+        help="with --tome-r: the teacher merges tokens too (faster; the target is then the merged teacher)",
+    )
     add_input_size_arg(p)
     p.add_argument("--no-aug", action="store_true", help="no RandAugment/RandomErasing/flip")
     p.add_argument("--workers", type=nonneg_int, default=0, help="DataLoader workers")
@@ -199,9 +209,12 @@ def run(args: argparse.Namespace) -> int:
             args.model, args.teacher_checkpoint, args.num_classes, checkpoint_flag="--teacher-checkpoint"
         )
         pruning_plan = PrunePlan.load(args.plan) if args.plan else None
+        if args.tome_teacher and not args.tome_r:
+            raise MPPluginError("--tome-teacher needs --tome-r (tokens merged per block)")
         if args.tome_r:
             _patch_tome(student, args.tome_r)
-            _patch_tome(teacher, args.tome_r)
+            if args.tome_teacher:
+                _patch_tome(teacher, args.tome_r)
         config = _config(args)
         size = (3, args.input_size, args.input_size) if args.input_size else None
         loaders = make_loaders(

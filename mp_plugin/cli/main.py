@@ -1,6 +1,6 @@
 """The ``mp-plugin`` command line.
 
-Each subcommand lives in ``mp_plugin/commands/<name>.py`` and exposes
+Each subcommand lives in ``mp_plugin/cli/<name>.py`` and exposes
 ``register(subparsers)`` that adds its parser and sets ``func``. This file only
 collects them, so commands stay small and independent. Every command module is
 imported: one that fails to import is an error, not a missing command.
