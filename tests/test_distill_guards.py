@@ -229,3 +229,21 @@ def test_distill_cli_with_tome_merges_the_student_and_only_on_request_the_teache
     assert main(argv + (["--tome-teacher"] if merge_teacher else [])) == 0
     assert seen == {"student": True, "teacher": merge_teacher}
     assert main(argv[:-2] + ["--tome-teacher"]) == 2  # it needs --tome-r
+
+
+def test_gradient_clipping_counts_only_the_weights_that_train() -> None:
+    """Pruned entries' gradients are masked before clipping, so they neither shrink the kept weights'
+    step (the clip norm) nor reach the optimizer."""
+    model = _model()
+    x, y = _data()
+    grads = []
+
+    def look(step, m):
+        grads.append((m[0].weight.grad.detach().clone(), [p.grad.detach().clone() for p in m.parameters()]))
+
+    cfg = DistillConfig(epochs=1, max_steps=2, lr=1e-2, grad_clip=1e-3, seed=None, warmup_steps=0)
+    distill(model, None, [(x[:16], y[:16])] * 2, cfg, loss="ce", before_step=[look], show_progress=False)
+    for w_grad, all_grads in grads:
+        assert not bool(w_grad[:, :3].any())  # the pruned columns' gradients are masked
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in all_grads]))
+        assert float(total) == pytest.approx(1e-3, rel=1e-3)  # clipped to the norm of what trains

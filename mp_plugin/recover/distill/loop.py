@@ -361,6 +361,7 @@ def distill(
                     )
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()
+                keeper.mask_grads()  # held entries' gradients do not count (the clip norm) or move moments
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
                 for hook in before_step:
