@@ -247,3 +247,18 @@ def test_gradient_clipping_counts_only_the_weights_that_train() -> None:
         assert not bool(w_grad[:, :3].any())  # the pruned columns' gradients are masked
         total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in all_grads]))
         assert float(total) == pytest.approx(1e-3, rel=1e-3)  # clipped to the norm of what trains
+
+
+def test_a_keeper_follows_the_model_to_another_device() -> None:
+    """Masks made on the CPU move with the model (here to the meta device, which needs no GPU)."""
+    model = _model()
+    keeper = MaskKeeper(model)
+    model.to("meta")
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    keeper.apply()
+    keeper.mask_grads()
+    assert keeper.masks["0"].device.type == "meta"
+    gated = MaskKeeper(_model(), hold="values")
+    gated.model.to("meta")
+    gated.apply()
+    assert gated._held["0"].device.type == "meta"

@@ -110,11 +110,22 @@ class MaskKeeper:
 
     _weight = weight  # the name older callers use
 
+    def _mask_for(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """``name``'s mask on ``weight``'s device: a model moved after the keeper was made (``.to("cuda")``)
+        takes its masks (and held values) along on first use."""
+        mask = self.masks[name]
+        if mask.device != weight.device:
+            mask = self.masks[name] = mask.to(weight.device)
+            if name in self._held:
+                self._held[name] = self._held[name].to(weight.device)
+        return mask
+
     @torch.no_grad()
     def apply(self) -> None:
         """Put every held entry back (zero, or its held value), in place."""
-        for name, mask in self.masks.items():
+        for name in self.masks:
             weight = self.weight(name)
+            mask = self._mask_for(name, weight)
             if self.hold == "values":
                 weight.copy_(torch.where(mask, weight, self._held[name].to(weight.dtype)))
             else:
@@ -123,10 +134,10 @@ class MaskKeeper:
     @torch.no_grad()
     def mask_grads(self) -> None:
         """Multiply every masked weight's ``.grad`` by its mask, in place (for hand-written loops)."""
-        for name, mask in self.masks.items():
-            grad = self.weight(name).grad
-            if grad is not None:
-                grad.mul_(mask)
+        for name in self.masks:
+            weight = self.weight(name)
+            if weight.grad is not None:
+                weight.grad.mul_(self._mask_for(name, weight))
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.apply()
@@ -137,10 +148,10 @@ class MaskKeeper:
         if optimizer is not None:
             self._handles.append(optimizer.register_step_post_hook(self._after_step))
         if self.zero_grads:
-            for name, mask in self.masks.items():
+            for name in self.masks:
                 weight = self.weight(name)
                 if weight.requires_grad:
-                    gate = mask.to(weight.dtype)
+                    gate = self._mask_for(name, weight).to(weight.dtype)
                     self._handles.append(weight.register_hook(lambda g, gate=gate: g * gate))
         self.apply()
         return self
@@ -200,8 +211,9 @@ class MaskKeeper:
     def violations(self) -> int:
         """Held entries that are not at their held value (non-zero for ``hold="zero"``); 0 when kept."""
         count = 0
-        for name, mask in self.masks.items():
+        for name in self.masks:
             weight = self.weight(name).detach()
+            mask = self._mask_for(name, weight)
             if self.hold == "values":
                 count += int((weight[~mask] != self._held[name].to(weight.dtype)[~mask]).sum())
             else:
