@@ -106,13 +106,14 @@ def test_tokens_per_block_follow_r_and_clamp(name: str) -> None:
     n0 = 64 + prefix
     assert seen == [n0 - 8 * i for i in range(5)]
     assert seen == tokens_per_block(model, n0)
-    # a huge r is clamped: each block can remove at most the A half of the non-prefix tokens
+    # a huge r is clamped as in ToMe's reference: each block removes at most ⌊non-prefix tokens / 2⌋
     model._tome.r = 1000
     seen = tokens_seen(model, x)
     expected = [n0]
     for _ in range(4):
         rest = expected[-1] - prefix
-        expected.append(expected[-1] - ((rest + 1) // 2 if rest >= 2 else 0))
+        expected.append(expected[-1] - rest // 2)
+    assert expected[1:] == [n0 - 32, n0 - 48, n0 - 56, n0 - 60]
     assert seen == expected
     assert seen[-1] >= prefix + 1
     # per-block r
@@ -275,3 +276,10 @@ def test_cli_prints_the_table(capsys: pytest.CaptureFixture[str], tmp_path) -> N
     text = capsys.readouterr().out
     assert "ToMe+2:4" in text and "tokens per block: 17 15" in text
     assert out.exists()
+
+
+@pytest.mark.parametrize("rest,expected", [(5, 2), (6, 3), (1, 0), (0, 0)])
+def test_r_is_clamped_to_half_the_tokens_rounded_down_as_in_the_reference(rest: int, expected: int) -> None:
+    """ToMe's merge.py clamps r to ⌊(N − protected)/2⌋; an odd count keeps the extra token."""
+    plan = bipartite_soft_matching(torch.randn(2, 1 + rest, 8), r=100, num_prefix_tokens=1)
+    assert plan.r == expected

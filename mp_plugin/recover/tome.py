@@ -142,8 +142,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix_tokens: int
 
     Args:
         metric: (B, N, D) per-token features to compare (ToMe: head-mean attention keys).
-        r: tokens to remove; clamped to |A| = ⌈(N − prefix)/2⌉ and to 0 when B is empty,
-            so at least ``num_prefix_tokens + 1`` tokens remain.
+        r: tokens to remove; clamped to ⌊(N − prefix)/2⌋ = |B| as in ToMe's reference
+            (``tome/merge.py``), so at least half of the non-prefix tokens remain.
         num_prefix_tokens: leading tokens that are neither merged nor merged into.
 
     Returns:
@@ -151,7 +151,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix_tokens: int
     """
     rest = metric[:, num_prefix_tokens:]
     n_a, n_b = (rest.shape[1] + 1) // 2, rest.shape[1] // 2
-    r = max(0, min(int(r), n_a)) if n_b > 0 else 0
+    r = max(0, min(int(r), n_b))  # the reference's clamp: r ≤ ⌊(N − prefix)/2⌋
     if r == 0:
         empty = torch.zeros(metric.shape[0], 0, dtype=torch.long, device=metric.device)
         keep = torch.arange(n_a, device=metric.device).expand(metric.shape[0], -1)
@@ -355,7 +355,7 @@ def tokens_per_block(model: nn.Module, num_tokens: int) -> list[int]:
     counts = [num_tokens]
     for index in range(state.num_blocks):
         rest = counts[-1] - state.num_prefix_tokens
-        r = max(0, min(state.r_for(index), (rest + 1) // 2)) if rest // 2 > 0 else 0
+        r = max(0, min(state.r_for(index), rest // 2))
         counts.append(counts[-1] - r)
     return counts
 
