@@ -110,6 +110,17 @@ def _normalise_pattern(text: str) -> str:
     return text if text == "auto" else str(Pattern.parse(text))
 
 
+def _keep_exactly(weight: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """An unstructured mask that keeps ``n_keep`` entries: every nonzero weight, topped up with the first
+    exact zeros (flat order) when a kept weight is itself zero, so the mask never prunes more than the plan."""
+    mask = weight != 0
+    missing = n_keep - int(mask.sum())
+    if missing > 0:
+        flat = mask.reshape(-1)
+        flat[(~flat).nonzero().reshape(-1)[:missing]] = True
+    return mask
+
+
 class MPSearcher(BaseSparseSearcher):
     """ModelOpt searcher that sets masks from an MP plan over the whole model.
 
@@ -215,20 +226,21 @@ class MPSearcher(BaseSparseSearcher):
         """The module's mask after ``before_search`` pruned it (bool, weight's shape), from the plan.
 
         A layer the plan pruned keeps its nonzero weights (a k:n layer: the k:n mask of its
-        pruned weight, so a kept weight that is exactly zero still counts as kept); a layer
+        pruned weight, so a kept weight that is exactly zero still counts as kept; an unstructured
+        layer: topped up with exact zeros to the plan's count, :func:`_keep_exactly`); a layer
         the plan leaves dense, or does not hold, keeps every weight, zeros included (e.g. a
         zero-initialised head stays trainable). ModelOpt's ``run_search`` passes it to
         ``module.set_mask``.
         """
         weight = module.weight.detach()
         name = next((n for n, m in self.model.named_modules() if m is module), None)
-        pattern = next((lp["pattern"] for lp in (self.plan or {}).get("layers", []) if lp["name"] == name), "dense")
-        pat = Pattern.parse(pattern)
+        layer = next((lp for lp in (self.plan or {}).get("layers", []) if lp["name"] == name), None)
+        pat = Pattern.parse(layer["pattern"] if layer is not None else "dense")
         if pat.kind == "dense":
             return torch.ones_like(weight, dtype=torch.bool)
         if pat.is_kn:
             return nm_mask(weight, pat.k, pat.n).to(torch.bool)
-        return weight != 0
+        return _keep_exactly(weight, weight.numel() - int(layer["n_prune"]))
 
     def after_search(self) -> None:
         """Give modules whose mask is all True ModelOpt's all-ones mask buffer back.

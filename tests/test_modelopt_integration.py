@@ -345,3 +345,16 @@ def test_mp_mode_masks_follow_the_plan_not_the_zeros() -> None:
         nn.functional.cross_entropy(s(x), y).backward()
         opt.step()
     assert int((s.head.weight != 0).sum()) == s.head.weight.numel()
+
+
+def test_mp_mode_unstructured_mask_keeps_the_plans_count_when_weights_are_already_zero() -> None:
+    """A layer with more exact zeros than its plan prunes: the mask keeps numel − n_prune entries."""
+    m = _vit(0, depth=2)
+    with torch.no_grad():
+        w = m.blocks[0].mlp.fc1.weight
+        w.view(-1)[: int(0.8 * w.numel())] = 0.0  # 80 % zeros already, more than any 50 % plan prunes here
+    s = mts.sparsify(m, mode="mp", config={"sparsity": 0.5, "pattern": "unstructured", "budget": "uniform"})
+    modules = dict(s.named_modules())
+    for lp in mpm.plan_of(s).layers:
+        mask = modules[lp.name]._weight_mask
+        assert int(mask.sum()) == mask.numel() - lp.n_prune, lp.name
