@@ -80,3 +80,22 @@ def pruned_cnn(sparsity: float = 0.5, num_classes: int = 3, seed: int = 0, metho
     p = plan(student, sparsity=sparsity, pattern="unstructured", method=method)
     apply(student, p)
     return student, teacher, p
+
+
+def save_pruned_timm(folder: Path, name: str, num_classes: int = 3):
+    """A timm model pruned to 50 % (global magnitude), written as ``dense.safetensors``,
+    ``pruned.safetensors`` and ``plan.json`` in ``folder``; returns the plan."""
+    import timm
+    from safetensors.torch import save_file
+
+    from mp_plugin.planning.build import plan
+    from mp_plugin.pruning.apply_plan import apply
+
+    torch.manual_seed(0)
+    dense = timm.create_model(name, num_classes=num_classes).eval()
+    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(folder / "dense.safetensors"))
+    p = plan(dense, 0.5, "unstructured", "magnitude")
+    apply(dense, p)
+    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(folder / "pruned.safetensors"))
+    p.save(folder / "plan.json")
+    return p

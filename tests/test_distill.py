@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from distill_data import SmallCNN, make_image_folder, pruned_cnn
+from distill_data import SmallCNN, make_image_folder, pruned_cnn, save_pruned_timm
 from mp_plugin.integrations.timm import make_loaders
 
 from mp_plugin.errors import MPPluginError, PlanMismatchError
@@ -283,20 +283,11 @@ def test_callbacks_and_certificate_callback(folder):
 
 
 def test_cli_distill_end_to_end(tmp_path):
-    import timm
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from mp_plugin.cli.main import main
-    from mp_plugin.planning.build import plan
-    from mp_plugin.pruning.apply_plan import apply
 
-    torch.manual_seed(0)
-    dense = timm.create_model("test_efficientnet", num_classes=3).eval()
-    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(tmp_path / "dense.safetensors"))
-    p = plan(dense, 0.5, "unstructured", "magnitude")
-    apply(dense, p)
-    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(tmp_path / "pruned.safetensors"))
-    p.save(tmp_path / "plan.json")
+    p = save_pruned_timm(tmp_path, "test_efficientnet")
     data = make_image_folder(tmp_path / "data", n_classes=3, per_class=8)
     out = tmp_path / "out"
     rc = main(

@@ -194,23 +194,14 @@ def test_mac_table_of_a_patched_vit_keeps_a_dense_row() -> None:
 def test_distill_cli_with_tome_merges_the_student_and_only_on_request_the_teacher(
     tmp_path, monkeypatch, merge_teacher: bool
 ) -> None:
-    timm = pytest.importorskip("timm")
+    pytest.importorskip("timm")
     pytest.importorskip("PIL")
-    from distill_data import make_image_folder
-    from safetensors.torch import save_file
+    from distill_data import make_image_folder, save_pruned_timm
 
     import mp_plugin.recover.distill as distill_pkg
-    from mp_plugin.planning.build import plan
-    from mp_plugin.pruning.apply_plan import apply
     from mp_plugin.recover.tome import is_patched
 
-    torch.manual_seed(0)
-    dense = timm.create_model("test_vit", num_classes=3).eval()
-    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(tmp_path / "dense.safetensors"))
-    p = plan(dense, 0.5, "unstructured", "magnitude")
-    apply(dense, p)
-    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(tmp_path / "pruned.safetensors"))
-    p.save(tmp_path / "plan.json")
+    save_pruned_timm(tmp_path, "test_vit")
     data = make_image_folder(tmp_path / "data", n_classes=3, per_class=4)
     seen = {}
     real = distill_pkg.distill

@@ -31,6 +31,7 @@ from mp_plugin.permute.verify import (
     module_output,
     recheck,
     run_example,
+    run_hooked,
     tolerance,
     undo_changed_consumers,
 )
@@ -70,12 +71,7 @@ def _activation_energy(model: nn.Module, names: list[str], example: Any) -> dict
             stats[name] = x.pow(2).mean(0).cpu()
 
         handles.append(mod.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad(), eval_mode(model):
-            run_example(model, example)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, example, handles)
     return stats
 
 

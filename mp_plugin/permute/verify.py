@@ -43,6 +43,16 @@ def run_example(model: nn.Module, example: Any) -> Any:
     return call_model(model, example, "example input")
 
 
+def run_hooked(model: nn.Module, example: Any, handles: list) -> None:
+    """Run ``model`` on ``example`` in eval mode without gradients, then remove the hook ``handles``."""
+    try:
+        with torch.no_grad(), eval_mode(model):
+            run_example(model, example)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def flat_outputs(out: Any) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
@@ -122,13 +132,7 @@ def undo_changed_consumers(
     if example is None or not reference:
         return
     now: dict[str, torch.Tensor] = {}
-    handles = capture_outputs(model, [n for n in names if n in reference], now)
-    try:
-        with torch.no_grad(), eval_mode(model):
-            run_example(model, example)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, example, capture_outputs(model, [n for n in names if n in reference], now))
     permuted_out = set()  # modules whose outputs a fold permutes on purpose: not comparable
     for site, _ in undo:
         if isinstance(site, Coupling):
