@@ -73,3 +73,13 @@ def write_marked_block(path: Path, start: str, end: str, block: str) -> None:
         raise SystemExit(f"{path}: markers {start!r} … {end!r} not found")
     pattern = re.escape(start) + r"\n.*?\n?" + re.escape(end)
     path.write_text(re.sub(pattern, lambda _: f"{start}\n{block}\n{end}", text, flags=re.S))
+
+
+CLOSE = 0.05  # losses within 5 % of each other: one run cannot separate them
+
+
+def close(a: float, b: float, higher_is_better: bool) -> bool:
+    """Whether two fidelities are within :data:`CLOSE` of each other, compared as losses to dense
+    (1 − cosine, or the KL itself); report tables then name no winner."""
+    la, lb = (1.0 - a, 1.0 - b) if higher_is_better else (a, b)
+    return abs(la - lb) <= CLOSE * max(abs(la), abs(lb))

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import read_marked_block, write_marked_block  # noqa: E402
+from common import close, read_marked_block, write_marked_block  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -91,25 +91,33 @@ def _value(row: dict, spec: HeadlineRow) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def best(spec: HeadlineRow, mp: bool, results: Path = RESULTS) -> tuple[str, float, int]:
+def _family(row: dict) -> str:
+    if str(row["method"]).lower().startswith(NEITHER_PREFIXES):
+        return "neither"
+    return "mp" if is_mp(row) else "baseline"
+
+
+def best(spec: HeadlineRow, mp: bool | str, results: Path = RESULTS) -> tuple[str, float, int]:
     """``(method, value, n)`` of the best of the ``n`` MP (``mp=True``) or baseline methods for ``spec``.
+
+    ``mp="neither"`` picks among our selection + restore rows under a non-MP budget
+    (``uniform budget …``, ``global budget …``).
 
     Raises:
         LookupError: the file has no measured row of that family for the setting.
     """
+    family = mp if isinstance(mp, str) else ("mp" if mp else "baseline")
     files = (spec.file,) if isinstance(spec.file, str) else spec.file
     all_rows = [row for f in files for row in json.loads((results / f).read_text())["rows"]]
     cands = []
     for row in all_rows:
-        if row.get("setting") != spec.setting or is_mp(row) != mp:
-            continue
-        if str(row["method"]).lower().startswith(NEITHER_PREFIXES):
+        if row.get("setting") != spec.setting or _family(row) != family:
             continue
         value = _value(row, spec)
         if value is not None:
             cands.append((str(row["method"]), value))
     if not cands:
-        raise LookupError(f"{spec.file}: no {'MP' if mp else 'baseline'} row for setting {spec.setting!r}")
+        raise LookupError(f"{spec.file}: no {family} row for setting {spec.setting!r}")
     sign = 1.0 if spec.higher_is_better else -1.0
     name, value = max(cands, key=lambda c: sign * c[1])
     return name, value, len(cands)
@@ -118,27 +126,34 @@ def best(spec: HeadlineRow, mp: bool, results: Path = RESULTS) -> tuple[str, flo
 def render(rows: tuple[HeadlineRow, ...] = ROWS, results: Path = RESULTS) -> str:
     """The Markdown headline table for ``rows``."""
     lines = [
-        "| model | setting | metric | best MP method | best baseline | methods compared (MP / baseline) | source |",
-        "|---|---|---|---|---|---|---|",
+        "| model | setting | metric | best MP method | best baseline | our selection + restore, non-MP budget "
+        "| methods compared (MP / baseline) | source |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for spec in rows:
         mp_name, mp_val, n_mp = best(spec, True, results)
         base_name, base_val, n_base = best(spec, False, results)
         sign = 1.0 if spec.higher_is_better else -1.0
-        mp_cell, base_cell = f"{mp_name}: {mp_val:.3f}", f"{base_name}: {base_val:.3f}"
-        mp_shown, base_shown = round(mp_val, 3), round(base_val, 3)
-        if sign * mp_shown > sign * base_shown:
+        mp_cell, base_cell = f"{mp_name}: {mp_val:.3g}", f"{base_name}: {base_val:.3g}"
+        if close(mp_val, base_val, spec.higher_is_better):
+            mp_cell, base_cell = f"{mp_cell} (≈)", f"{base_cell} (≈)"
+        elif sign * mp_val > sign * base_val:
             mp_cell = f"**{mp_cell}**"
-        elif sign * base_shown > sign * mp_shown:
-            base_cell = f"**{base_cell}**"
         else:
-            mp_cell, base_cell = f"{mp_cell} (tie)", f"{base_cell} (tie)"
+            base_cell = f"**{base_cell}**"
+        try:
+            other_name, other_val, _ = best(spec, "neither", results)
+            better = "better than the MP row" if sign * other_val > sign * mp_val else "worse than the MP row"
+            other_cell = f"{other_name}: {other_val:.3g} ({better})"
+        except LookupError:  # at k:n every layer takes the pattern: the "MP" rows used no MP signal either
+            other_cell = "k:n: no per-layer budget to choose" if ":" in spec.setting else "—"
         stage = "one-shot" if spec.stage == "one-shot" else "after distillation"
         files = (spec.file,) if isinstance(spec.file, str) else spec.file
         source = ", ".join(f"`benchmarks/results/{f}`" for f in files)
         metric = METRIC_NAMES.get(spec.metric, spec.metric)
         lines.append(
-            f"| {spec.model} | {spec.setting} {stage} | {metric} | {mp_cell} | {base_cell} | {n_mp} / {n_base} | {source} |"
+            f"| {spec.model} | {spec.setting} {stage} | {metric} | {mp_cell} | {base_cell} | {other_cell} "
+            f"| {n_mp} / {n_base} | {source} |"
         )
     return "\n".join(lines)
 

@@ -51,7 +51,17 @@ def test_headline_picks_the_best_of_each_family(tmp_path: Path) -> None:
     spec = headline.HeadlineRow("M", "2:4", "one-shot", "r.json", "kl", higher_is_better=False)
     assert headline.best(spec, True, tmp_path) == ("seb+cast+perm(swap)", 1.5, 2)
     assert headline.best(spec, False, tmp_path) == ("wanda", 2.0, 2)
-    assert "**seb+cast+perm(swap): 1.500**" in headline.render((spec,), tmp_path)
+    assert "**seb+cast+perm(swap): 1.5**" in headline.render((spec,), tmp_path)
+    rows += [
+        {"setting": "50%", "method": "global-magnitude", "kl": 0.102},  # within 5 %: no winner is bolded
+        {"setting": "50%", "method": "global budget+cast-obs+restore(seq)", "kl": 0.05},
+    ]
+    (tmp_path / "r.json").write_text(json.dumps({"rows": rows}))
+    spec50 = headline.HeadlineRow("M", "50%", "one-shot", "r.json", "kl", higher_is_better=False)
+    table = headline.render((spec50,), tmp_path)
+    assert "seb: 0.1 (≈)" in table and "global-magnitude: 0.102 (≈)" in table and "**" not in table
+    assert "global budget+cast-obs+restore(seq): 0.05 (better than the MP row)" in table
+    assert headline.best(spec50, True, tmp_path) == ("seb", 0.1, 1)  # the non-MP-budget row is in neither family
 
 
 def test_quick_start_is_exactly_the_two_run_sh_commands() -> None:
