@@ -580,3 +580,19 @@ def test_restore_model_aligns_a_permuted_model_to_its_dense_one():
         restore_model(model, mp.align_to_permuted(dense, p), calib)
     assert err(model) < 0.8 * before  # restored in the right basis
     assert all(check_nm(model.get_submodule(n).weight, 2, 4) for n in ("0", "2", "4"))
+
+
+@pytest.mark.parametrize("solver", ["direct", "obs", "cg"])
+def test_a_kept_weight_on_a_dead_input_keeps_its_value(solver: str) -> None:
+    """README deviation from §7: damping holds a kept weight whose input is always zero at its given value."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 8))
+    dense = model[0].weight.detach().clone()
+    p = mp.plan(model, sparsity=0.5, pattern="unstructured", budget="uniform", config=_all_layers())
+    x = torch.randn(256, 32)
+    x[:, :8] = 0
+    apply(model, p, calibration=x, restore=RestoreConfig(solver=solver), method="magnitude")
+    w = model[0].weight.detach()[:, :8]
+    kept = w != 0
+    assert bool(kept.any())
+    torch.testing.assert_close(w[kept], dense[:, :8][kept], rtol=1e-4, atol=1e-6)
