@@ -301,7 +301,9 @@ def _record_incomplete(
         permuted.save_to(plan)
     exc.add_note(
         f"apply stopped after pruning {len(partial)} of {total} layers; plan.applied records them "
-        "('incomplete'); apply the same plan again (after fixing the cause of an error) to prune the rest"
+        "('incomplete'); apply the same plan again (after fixing the cause of an error) to prune the rest. "
+        "The rest then sees its calibration inputs through the layers already pruned (as sequential restore "
+        "does), so a one-shot run resumed this way is not bit-identical to an uninterrupted one"
     )
 
 
