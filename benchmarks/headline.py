@@ -143,7 +143,11 @@ def render(rows: tuple[HeadlineRow, ...] = ROWS, results: Path = RESULTS) -> str
             base_cell = f"**{base_cell}**"
         try:
             other_name, other_val, _ = best(spec, "neither", results)
-            better = "better than the MP row" if sign * other_val > sign * mp_val else "worse than the MP row"
+            better = (
+                "ties the MP row"
+                if other_val == mp_val
+                else ("better than the MP row" if sign * other_val > sign * mp_val else "worse than the MP row")
+            )
             other_cell = f"{other_name}: {other_val:.3g} ({better})"
         except LookupError:  # at k:n every layer takes the pattern: the "MP" rows used no MP signal either
             other_cell = "k:n: no per-layer budget to choose" if ":" in spec.setting else "—"

@@ -113,10 +113,10 @@ def _normalise_pattern(text: str) -> str:
 def _keep_exactly(weight: torch.Tensor, n_keep: int) -> torch.Tensor:
     """An unstructured mask that keeps ``n_keep`` entries: every nonzero weight, topped up with the first
     exact zeros (flat order) when a kept weight is itself zero, so the mask never prunes more than the plan."""
-    mask = weight != 0
+    mask = (weight != 0).contiguous()  # a channels_last weight: reshape(-1) would write to a copy
     missing = n_keep - int(mask.sum())
     if missing > 0:
-        flat = mask.reshape(-1)
+        flat = mask.view(-1)
         flat[(~flat).nonzero().reshape(-1)[:missing]] = True
     return mask
 

@@ -306,6 +306,11 @@ def test_unpadded_samples_cuts_right_padding_and_keeps_other_data() -> None:
     assert unpadded_samples(x) is x and unpadded_samples([x])[0] is x
     left = {"input_ids": torch.ones(1, 4, dtype=torch.long), "attention_mask": torch.tensor([[0, 0, 1, 1]])}
     assert unpadded_samples(left)["input_ids"].shape == (1, 4)  # left padding: kept whole
+    as_numpy = {k: v.numpy() for k, v in padded.items()}  # numpy token batches are cut the same way
+    for got, want in zip(unpadded_samples([as_numpy]), plain):
+        assert all((got[k] == want[k].numpy()).all() and got[k].shape == tuple(want[k].shape) for k in want)
+    empty = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 0], [0, 0, 0]])}
+    assert len(unpadded_samples([empty])) == 1  # an all-padding sample is dropped
 
 
 @pytest.mark.parametrize("name,pattern", [("torchao-wanda", "unstructured"), ("sparsegpt", "2:4")])

@@ -33,6 +33,10 @@ torch.set_num_threads(1)
         ("log_every", 0),
         ("num_workers", -1),
         ("checkpoint_every", -2),
+        ("lr", float("nan")),
+        ("lr", float("inf")),
+        ("tau", float("nan")),
+        ("lr_decay", float("nan")),
     ],
 )
 def test_config_refuses_out_of_range_values(field: str, value: float) -> None:
@@ -74,8 +78,16 @@ def test_a_callers_keeper_stays_attached_and_train_flags_come_back() -> None:
         assert not bool(model[0].weight.detach()[:, :3].any())
 
 
+class _Augmented(TensorDataset):
+    """Adds fresh noise to every sample it serves: an augmentation drawn from the global generator."""
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = super().__getitem__(i)
+        return x + 0.1 * torch.randn_like(x), y
+
+
 def _loader(x: torch.Tensor, y: torch.Tensor) -> DataLoader:
-    return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)
+    return DataLoader(_Augmented(x, y), batch_size=8, shuffle=True)
 
 
 def _recording_loss(seen: list[float]):
@@ -114,11 +126,14 @@ def test_resume_refuses_another_optimizer_and_warns_on_changed_settings(tmp_path
     x, y = _data()
     cfg = DistillConfig(epochs=1, max_steps=2, lr=1e-2, seed=1)
     distill(_model(), None, _loader(x, y), cfg, loss="ce", checkpoint_dir=tmp_path, show_progress=False)
+    untouched = _model()
+    before = copy.deepcopy(untouched.state_dict())
     with pytest.raises(MPPluginError, match="optimizer 'adamw'.*'sgd'"):
         distill(
-            _model(), None, _loader(x, y), cfg.replace(optimizer="sgd"), loss="ce",
+            untouched, None, _loader(x, y), cfg.replace(optimizer="sgd"), loss="ce",
             resume=tmp_path / "last.pt", show_progress=False,
         )  # fmt: skip
+    assert all(torch.equal(before[k], v) for k, v in untouched.state_dict().items())  # refused before loading
     with pytest.warns(UserWarning, match="changed optimizer settings \\(lr 0.01 → 0.5\\)"):
         distill(
             _model(), None, _loader(x, y), cfg.replace(lr=0.5, max_steps=3), loss="ce",
@@ -145,6 +160,7 @@ def test_strict_json_replaces_non_finite_numbers() -> None:
         (["--epochs", "0"], "--epochs"),
         (["--lr", "-1"], "--lr"),
         (["--lr", "nan"], "--lr"),
+        (["--lr", "inf"], "--lr"),
         (["--batch-size", "0"], "--batch-size"),
         (["--grad-clip", "-5"], "--grad-clip"),
         (["--device", "gpu0"], "--device"),
@@ -253,3 +269,15 @@ def test_a_keeper_follows_the_model_to_another_device() -> None:
     gated.model.to("meta")
     gated.apply()
     assert gated._held["0"].device.type == "meta"
+    resumed = MaskKeeper(_model(), hold="values")  # a resume: load_state_dict moves the masks, not the held values
+    resumed.model.to("meta")
+    resumed.load_state_dict(resumed.state_dict())
+    resumed.apply()
+    # gradient gates registered before a dtype change follow it
+    model = _model()
+    keeper = MaskKeeper(model, zero_grads=True).attach()
+    model.to(torch.float64)
+    x, y = _data()
+    torch.nn.functional.cross_entropy(model(x.double()), y).backward()
+    assert model[0].weight.grad.dtype == torch.float64 and not bool(model[0].weight.grad[:, :3].any())
+    keeper.detach()

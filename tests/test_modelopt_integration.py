@@ -358,3 +358,11 @@ def test_mp_mode_unstructured_mask_keeps_the_plans_count_when_weights_are_alread
     for lp in mpm.plan_of(s).layers:
         mask = modules[lp.name]._weight_mask
         assert int(mask.sum()) == mask.numel() - lp.n_prune, lp.name
+
+
+def test_keep_exactly_tops_up_a_channels_last_weight() -> None:
+    w = torch.randn(4, 3, 3, 3)
+    w[:, :2] = 0.0
+    w = w.to(memory_format=torch.channels_last)
+    mask = mpm._keep_exactly(w, w.numel() - 10)
+    assert int(mask.sum()) == w.numel() - 10 and bool(mask[w != 0].all())

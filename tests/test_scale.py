@@ -205,32 +205,6 @@ def test_token_batches_count_only_real_tokens() -> None:
     assert everything["model.layers.0.self_attn.q_proj"].rows == 20
 
 
-class _FlatTokens(torch.nn.Module):
-    """Embeds tokens, flattens them to (B·T, d) and applies one Linear (as some decoders do)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb, self.fc = torch.nn.Embedding(50, 16), torch.nn.Linear(16, 8)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.emb(input_ids)
-        return self.fc(h.reshape(-1, h.shape[-1]))
-
-
-def test_tokens_flattened_before_a_linear_count_only_real_tokens() -> None:
-    from mp_plugin.layers.calibration import capture_covariances
-
-    ids = torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(2))
-    mask = torch.ones(2, 10, dtype=torch.long)
-    mask[1, 6:] = 0
-    model = _FlatTokens()
-    padded = capture_covariances(model, {"fc": 4}, {"input_ids": ids, "attention_mask": mask})["fc"]
-    alone = capture_covariances(model, {"fc": 4}, [{"input_ids": ids[:1]}, {"input_ids": ids[1:, :6]}])["fc"]
-    assert padded.rows == alone.rows == 16
-    torch.testing.assert_close(padded.cov, alone.cov, rtol=1e-4, atol=1e-8)
-
-
 # ----------------------------------------------------------------------------- torch.distributed
 
 

@@ -53,7 +53,7 @@ def _number(kind: type, low: float, inclusive: bool, what: str):  # noqa: ANN202
             value = kind(text)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from exc
-        if value != value or (value < low if inclusive else value <= low):  # NaN is refused too
+        if not math.isfinite(value) or (value < low if inclusive else value <= low):  # NaN and ±inf refused
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
 

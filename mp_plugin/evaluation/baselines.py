@@ -55,6 +55,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -417,9 +418,9 @@ def sparsegpt_modelopt(
 
 
 def _take_sample(v: Any, i: int, cut: int, rows: int, length: int) -> Any:
-    if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == rows:
+    if isinstance(v, (torch.Tensor, np.ndarray)) and v.ndim >= 1 and v.shape[0] == rows:
         v = v[i : i + 1]
-        return v[:, :cut] if v.dim() >= 2 and v.shape[1] == length else v
+        return v[:, :cut] if v.ndim >= 2 and v.shape[1] == length else v
     return v
 
 
@@ -442,7 +443,9 @@ def unpadded_samples(calibration: Any) -> Any:
         rows, length = mask.shape
         for i in range(rows):
             n = int(mask[i].sum())
-            cut = n if n > 0 and bool(mask[i, :n].all()) else length
+            if n == 0:  # all padding: nothing real to calibrate on
+                continue
+            cut = n if bool(mask[i, :n].all()) else length
             out.append({k: _take_sample(v, i, cut, rows, length) for k, v in batch.items()})
     return out if isinstance(calibration, list) or len(out) > 1 else out[0]
 

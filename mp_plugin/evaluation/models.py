@@ -223,7 +223,7 @@ def random_timm_model(name: str, img_size: int | None = None) -> nn.Module:
         import timm
     except ImportError as exc:
         raise MPPluginError("timm models need timm: pip install 'mp-plugin[timm]'") from exc
-    if name.split(".")[0] not in timm.list_models():  # a pretrained tag (name.tag) names the same architecture
+    if ":" not in name and name.split(".")[0] not in timm.list_models():  # name.tag: same architecture; hf-hub:…
         raise MPPluginError(f"unknown timm model {name!r} (timm.list_models() lists the names)")
     try:
         model = timm.create_model(name, pretrained=False, **({"img_size": img_size} if img_size else {}))

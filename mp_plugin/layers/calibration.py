@@ -152,15 +152,14 @@ def layer_input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The rows the layer's weight multiplies: (rows, C_in·kh·kw) for conv, (B·T, in) for Linear.
 
     Under an active token mask (:func:`real_tokens`, set by :func:`run_batches` for
-    token batches) a Linear input shaped (B, T, in), or already flattened to (B·T, in),
-    gives only its real tokens' rows.
+    token batches) a Linear input shaped (B, T, in) gives only its real tokens' rows. An
+    input already flattened to 2-D keeps every row, padding included: whether it was
+    flattened batch-major (B·T) or sequence-first (T·B) cannot be told from its shape.
     """
     if isinstance(module, nn.Linear):
         mask = _TOKEN_MASK.get()
         if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
             return x[mask.to(x.device)]
-        if mask is not None and x.dim() == 2 and x.shape[0] == mask.numel() and mask.shape[1] > 1:
-            return x[mask.reshape(-1).to(x.device)]  # a model that flattens tokens before its Linear
         return x.reshape(-1, x.shape[-1])
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         two_d = isinstance(module, nn.Conv2d)

@@ -116,8 +116,9 @@ class MaskKeeper:
         mask = self.masks[name]
         if mask.device != weight.device:
             mask = self.masks[name] = mask.to(weight.device)
-            if name in self._held:
-                self._held[name] = self._held[name].to(weight.device)
+        held = self._held.get(name)
+        if held is not None and held.device != weight.device:  # moved on its own: load_state_dict moves masks only
+            self._held[name] = held.to(weight.device)
         return mask
 
     @torch.no_grad()
@@ -139,6 +140,12 @@ class MaskKeeper:
             if weight.grad is not None:
                 weight.grad.mul_(self._mask_for(name, weight))
 
+    def _gate(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        mask = self.masks[name]
+        if mask.device != grad.device:
+            mask = self.masks[name] = mask.to(grad.device)
+        return grad * mask.to(grad.dtype)
+
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.apply()
 
@@ -150,9 +157,8 @@ class MaskKeeper:
         if self.zero_grads:
             for name in self.masks:
                 weight = self.weight(name)
-                if weight.requires_grad:
-                    gate = self._mask_for(name, weight).to(weight.dtype)
-                    self._handles.append(weight.register_hook(lambda g, gate=gate: g * gate))
+                if weight.requires_grad:  # the mask is looked up per call: it follows a later .to(device/dtype)
+                    self._handles.append(weight.register_hook(lambda g, name=name: self._gate(name, g)))
         self.apply()
         return self
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
@@ -93,7 +94,7 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise MPPluginError(f"alpha must lie in [0, 1], got {self.alpha}")
-        if self.tau <= 0:
+        if not 0 < self.tau < math.inf:  # NaN fails too
             raise MPPluginError(f"tau must be positive, got {self.tau}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise MPPluginError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
@@ -103,14 +104,18 @@ class DistillConfig:
             raise MPPluginError("epochs and batch_size must be ≥ 1")
         if self.schedule not in ("cosine", "step", "constant"):
             raise MPPluginError(f"schedule must be 'cosine', 'step' or 'constant', got {self.schedule!r}")
-        if self.lr_decay <= 0 or self.lr_decay_every < 1:
+        if not 0 < self.lr_decay < math.inf or self.lr_decay_every < 1:
             raise MPPluginError("lr_decay must be positive and lr_decay_every ≥ 1")
-        if self.lr <= 0:
+        if not 0 < self.lr < math.inf:
             raise MPPluginError(f"lr must be positive, got {self.lr}")
         checks = (
             ("max_steps", self.max_steps is None or self.max_steps >= 1, "None or ≥ 1"),
-            ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "None or > 0 (a negative norm flips the step)"),
-            ("weight_decay", self.weight_decay >= 0, "≥ 0"),
+            (
+                "grad_clip",
+                self.grad_clip is None or 0 < self.grad_clip < math.inf,
+                "None or > 0 (a negative norm flips the step)",
+            ),
+            ("weight_decay", 0 <= self.weight_decay < math.inf, "≥ 0 and finite"),
             ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
             ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
             ("warmup_steps", self.warmup_steps >= 0, "≥ 0"),

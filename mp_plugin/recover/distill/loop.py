@@ -264,6 +264,7 @@ def distill(
     state = None
     if resume is not None:
         state = read_checkpoint(resume)
+        _check_resumed_settings(state.get("config") or {}, cfg)  # before anything of the caller's changes
         plan = restore_checkpoint(state, student, keeper, plan)
         say(f"resumed from {resume} at step {state['step']}")
     if not keeper.masks and not cfg.allow_dense:
@@ -299,7 +300,6 @@ def distill(
                     "schedule's length changes mid-run (its restored state is for the old length)",
                     stacklevel=2,
                 )
-        _check_resumed_settings(old, cfg)
         if state.get("optimizer") is not None:
             optimizer.load_state_dict(state["optimizer"])
         if state.get("scheduler") is not None:
@@ -408,6 +408,8 @@ def distill(
                             ckpt_path, student, keeper, plan, optimizer, scheduler, step, epoch, cfg.to_dict(),
                             epoch_rng=epoch_rng,
                         )  # fmt: skip
+                if step >= total:  # stop before the loader draws another batch (the final save keeps this RNG)
+                    break
             if step == (epoch + 1) * steps_per_epoch:  # a full epoch ended
                 out = None
                 for hook in epoch_end:
