@@ -151,8 +151,24 @@ def noise_floor_counts(
 
     target = s * n.sum()
     a, b = -12.0, 12.0
-    if float((n * ratios(a)).sum()) > target or float((n * ratios(b)).sum()) < target:
-        raise ConfigError("noise-floor: the error curves cannot reach the requested sparsity; widen noise_grid")
+    if float((n * ratios(b)).sum()) < target:
+        raise ConfigError(
+            "noise-floor: the error curves end below the requested sparsity: widen noise_grid (its largest "
+            "sparsity) or the band epsilon"
+        )
+    if float((n * ratios(a)).sum()) > target:
+        # a layer whose error stays 0 over part of the grid (all-zero, or already sparse) jumps there at any
+        # c > 0: the limit c → 0 (every curve at its band's low end) is the other end of the blend
+        r0 = np.clip(np.where([e is None for e in inv], g, 0.0), lo, hi)
+        ra = ratios(a)
+        t0, ta = float((n * r0).sum()), float((n * ra).sum())
+        if t0 > target:
+            raise ConfigError(
+                "noise-floor: even the band's low ends exceed the requested sparsity: widen the band epsilon"
+            )
+        r = r0 + (0.0 if ta == t0 else (target - t0) / (ta - t0)) * (ra - r0)
+        counts = ratios_to_counts(r, ctx.numels, ctx.target)
+        return counts, r / s, np.log10(np.maximum(10.0**a * levels, 1e-300))
     for _ in range(200):
         mid = 0.5 * (a + b)
         if float((n * ratios(mid)).sum()) < target:

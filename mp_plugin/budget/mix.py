@@ -170,13 +170,25 @@ def kn_noise_ratio(weight: torch.Tensor, fit: Any, k: int = 2, n: int = 4) -> fl
     return kn_removed_energy(weight, k, n) / (fit.sigma**2 * fit.shape[0] * fit.shape[1])
 
 
+def _or_nan(fn: Any, *args: Any) -> float:
+    """``fn(*args)``, or NaN for a layer that cannot take 2:4 (its input width is not a multiple of 4):
+    such a layer stays dense in the mix, so its damage is never read."""
+    from mp_plugin.errors import PatternError
+
+    try:
+        return fn(*args)
+    except PatternError:
+        return float("nan")
+
+
 def _mp_bulk_damage(layers: MixLayers) -> np.ndarray:
     w, _ = bulk_share_weights(layers.fits, layers.beta)
-    return np.asarray([kn_removed_energy(x) for x in layers.weights], dtype=np.float64) / np.square(w)
+    energy = [_or_nan(kn_removed_energy, x) for x in layers.weights]
+    return np.asarray(energy, dtype=np.float64) / np.square(w)
 
 
 def _noise_damage(layers: MixLayers) -> np.ndarray:
-    return np.asarray([kn_noise_ratio(w, f) for w, f in zip(layers.weights, layers.fits)], dtype=np.float64)
+    return np.asarray([_or_nan(kn_noise_ratio, w, f) for w, f in zip(layers.weights, layers.fits)], dtype=np.float64)
 
 
 def _spike_share_damage(layers: MixLayers) -> np.ndarray:

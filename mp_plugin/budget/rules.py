@@ -59,6 +59,17 @@ class SEBRegime:
     beta_attn: float | None = None
     beta_mlp: float | None = None
 
+    def __post_init__(self) -> None:
+        values = {"lo": self.lo, "hi": self.hi, "beta": self.beta, "s_d": self.s_d}
+        values.update({k: v for k, v in (("beta_attn", self.beta_attn), ("beta_mlp", self.beta_mlp)) if v is not None})
+        for name, v in values.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"SEBRegime.{name} must be a finite number, got {v!r}")
+        if not 0 <= self.lo < self.hi <= 1:
+            raise ConfigError(f"SEBRegime needs 0 ≤ lo < hi ≤ 1, got lo={self.lo}, hi={self.hi}")
+        if self.s_d <= 0:
+            raise ConfigError(f"SEBRegime.s_d must be > 0 (the decay is 1 − s/s_d), got {self.s_d}")
+
 
 DEFAULT_REGIMES: tuple[SEBRegime, ...] = (
     SEBRegime(0.30, 0.40, beta=1.00, s_d=0.50),
@@ -67,12 +78,16 @@ DEFAULT_REGIMES: tuple[SEBRegime, ...] = (
 )
 
 
+SEB_SIGNALS = ("sigma_plus", "hill_alpha")  # the fit attribute budget method "seb" reads (SEBConfig.signal)
+
+
 @dataclass
 class SEBConfig:
     """Spectral Edge Budgeting settings.
 
     Attributes:
-        signal: ``"sigma_plus"`` (default) or ``"hill_alpha"``.
+        signal: ``"sigma_plus"`` (default) or ``"hill_alpha"``: the signal of budget method ``"seb"``
+            (``"seb-hill"`` always uses ``"hill_alpha"``).
         regimes: the regime table; sparsities below the first row use plain
             global magnitude (all w_ℓ = 1).
         power: exponent p of the decay d(s) = [1 − s/s_d]₊^p.
@@ -97,6 +112,10 @@ class SEBConfig:
                 raise ConfigError(f"SEBConfig.{name} must be a finite number{' ' + need if need else ''}, got {v!r}")
         if not self.regimes:
             raise ConfigError("SEBConfig.regimes must hold at least one regime row")
+        if any(b.lo < a.hi for a, b in zip(self.regimes, self.regimes[1:])):
+            raise ConfigError("SEBConfig.regimes must be in increasing, non-overlapping order of sparsity")
+        if self.signal not in SEB_SIGNALS:
+            raise ConfigError(f"SEBConfig.signal must be one of {SEB_SIGNALS}, got {self.signal!r}")
 
     def regime(self, sparsity: float) -> SEBRegime | None:
         """The regime row covering ``sparsity`` (None = plain global magnitude)."""
@@ -261,11 +280,12 @@ def register_budget_method(
     BUDGET_METHODS[name] = _BudgetMethod(fn, uniform, doc, counts, needs_calibration)
 
 
-def _seb(signal: str) -> BudgetFn:
+def _seb(signal: str | None) -> BudgetFn:
     def fn(fits, layer_types, sparsity, config):
         cfg = config or SEBConfig()
+        attr = signal or cfg.signal  # None: the config's signal
         # a degenerate fit (all-zero or very low-rank layer) has no edge: neutral, as in every other budget
-        vals = [float("nan") if f is None or f.degenerate else getattr(f, signal, float("nan")) for f in fits]
+        vals = [float("nan") if f is None or f.degenerate else getattr(f, attr, float("nan")) for f in fits]
         return seb_layer_weights(vals, layer_types, sparsity, cfg)
 
     return fn
@@ -276,7 +296,7 @@ def _ones(fits, layer_types, sparsity, config):
     return np.ones(n), np.zeros(n)
 
 
-register_budget_method("seb", _seb("sigma_plus"), doc="Spectral Edge Budgeting on the fitted edge σ₊")
+register_budget_method("seb", _seb(None), doc="Spectral Edge Budgeting on the fitted edge σ₊ (SEBConfig.signal)")
 register_budget_method("seb-hill", _seb("hill_alpha"), doc="Spectral Edge Budgeting on the Hill α")
 register_budget_method("magnitude", _ones, doc="global magnitude (all w_ℓ = 1)")
 register_budget_method("uniform", _ones, uniform=True, doc="the same fraction in every layer")

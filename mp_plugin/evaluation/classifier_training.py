@@ -26,6 +26,7 @@ from torch import nn
 
 from mp_plugin.errors import MPPluginError
 from mp_plugin.layers.calibration import eval_mode
+from mp_plugin.masks.keep import MaskKeeper
 from mp_plugin.recover.distill import DistillConfig, distill
 
 __all__ = ["EpochLog", "TrainConfig", "accuracy", "train_classifier"]
@@ -150,6 +151,7 @@ def train_classifier(
         None,
         _ShuffledBatches(x, y, cfg.batch_size, cfg.seed),
         loop_config(cfg),
+        keeper=MaskKeeper(model, {}),  # dense training: no weight is held, exact zeros included
         loss=loss,
         epoch_end=[on_epoch_end] if on_epoch_end is not None else (),
         show_progress=show_progress,

@@ -374,6 +374,9 @@ def regulariser_shrink(
     """
     if steps < 0 or cycle < 1:
         raise MPPluginError(f"need steps ≥ 0 and cycle ≥ 1, got steps={steps}, cycle={cycle}")
+    for what, value in (("lr", lr), ("l1", l1), ("l2", l2), ("group_lasso", group_lasso), ("mu_scale", mu_scale)):
+        if not 0 <= value < math.inf or (what == "lr" and value == 0):  # NaN fails too
+            raise MPPluginError(f"{what} must be {'> 0' if what == 'lr' else '≥ 0'} and finite, got {value}")
     weights = _weights(model, selection)
     if not weights:
         raise MPPluginError(f"{type(model).__name__} has no target layer to shrink")
@@ -387,6 +390,29 @@ def regulariser_shrink(
     grad_flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
+    try:
+        before, after = _shrink(model, weights, scale, steps, lr, l1, l2, group_lasso, masks, show_progress)
+    finally:  # the caller's requires_grad flags come back, also after an error
+        for p, flag in zip(params, grad_flags):
+            p.grad = None
+            p.requires_grad_(flag)
+    zeros = sum(int((~m).sum()) for m in masks.values())
+    return ShrinkReport(before, after, scale, zeros, steps)
+
+
+def _shrink(
+    model: nn.Module,
+    weights: list[tuple[str, torch.Tensor]],
+    scale: dict[str, float],
+    steps: int,
+    lr: float,
+    l1: float,
+    l2: float,
+    group_lasso: float,
+    masks: dict[str, torch.Tensor],
+    show_progress: bool,
+) -> tuple[float, float]:
+    """The training part of :func:`regulariser_shrink`: (objective before, after)."""
     with torch.no_grad():
         before = float(_shrink_objective(weights, scale, l1, l2, group_lasso))
     if steps:
@@ -414,10 +440,6 @@ def regulariser_shrink(
             loss=lambda _model, _batch: _shrink_objective(weights, scale, l1, l2, group_lasso),
             before_step=[scale_grads],
         )
-    for p, flag in zip(params, grad_flags):
-        p.grad = None
-        p.requires_grad_(flag)
     with torch.no_grad():
         after = float(_shrink_objective(weights, scale, l1, l2, group_lasso))
-    zeros = sum(int((~m).sum()) for m in masks.values())
-    return ShrinkReport(before, after, scale, zeros, steps)
+    return before, after

@@ -256,7 +256,9 @@ def distill(
         torch.manual_seed(cfg.seed)
 
     student.to(dev)
+    teacher_flags: dict[nn.Module, bool] = {}
     if teacher is not None:
+        teacher_flags = {m: m.training for m in teacher.modules()}
         teacher.to(dev).eval()  # frozen: only ever run under torch.no_grad()
 
     if keeper is None:
@@ -278,6 +280,7 @@ def distill(
         check_classes(student, None if loss == "ce" else teacher, train_loader, cfg)
 
     flags = {m: m.training for m in student.modules()}  # every train flag comes back after the run
+    flags.update(teacher_flags)  # the teacher ran in eval mode
     _set_mode(student, cfg)
     optimizer = build_optimizer(student, cfg)
     steps_per_epoch = len(train_loader)  # type: ignore[arg-type]

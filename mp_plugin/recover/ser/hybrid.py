@@ -8,7 +8,7 @@ plus a short frozen-mask fine-tune) up to ``magnitude_until`` (0.20), then SER s
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ from mp_plugin.layers.discovery import LayerSelection, find_target_layers
 from mp_plugin.masks.counts import check_sparsity, global_prune_counts
 from mp_plugin.masks.keep import MaskKeeper
 from mp_plugin.masks.select import unstructured_mask
+from mp_plugin.planning.plan import PlanConfig
 from mp_plugin.recover.distill import DistillConfig, distill, evaluate
 from mp_plugin.recover.ser.reallocation import SERConfig, SpectralEdgeReallocation
 
@@ -49,7 +50,8 @@ class HybridConfig:
         magnitude_until: steps with s ≤ this use exact global magnitude (spec: 0.20); later steps SER.
         finetune: the short fine-tune after each magnitude step (None = none).
         ser: :class:`SERConfig` of the SER steps (its ``finetune`` runs after each SER step).
-        selection: layer selection for the magnitude steps (default: ``ser.plan_config``'s or the core default).
+        selection: layer selection of every step (default: ``ser.plan_config``'s or the core default); when
+            given it replaces ``ser.plan_config``'s selection, so masks stay cumulative over one layer set.
         show_progress: tqdm bars.
     """
 
@@ -129,7 +131,11 @@ def hybrid_magnitude_ser(
     """
     cfg = config or HybridConfig()
     selection = cfg.selection or (cfg.ser.plan_config.selection if cfg.ser.plan_config else None)
-    ser = SpectralEdgeReallocation(cfg.ser)
+    ser_cfg = cfg.ser
+    if cfg.selection is not None:  # one layer set for every step: SER plans over the magnitude steps' layers
+        base = cfg.ser.plan_config or PlanConfig()
+        ser_cfg = replace(cfg.ser, plan_config=PlanConfig(**{**base.__dict__, "selection": cfg.selection}))
+    ser = SpectralEdgeReallocation(ser_cfg)
     masks: dict[str, torch.Tensor] | None = None
     result = HybridResult()
     for s in cfg.schedule:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from mp_plugin.errors import MPPluginError
+from mp_plugin.errors import ConfigError, MPPluginError
 from mp_plugin.masks.counts import check_sparsity, prune_target
 from mp_plugin.masks.keep import MaskKeeper
 from mp_plugin.masks.select import unstructured_mask
@@ -71,8 +71,16 @@ class SERConfig:
     show_progress: bool = False
 
     def __post_init__(self) -> None:
-        if not 0 < self.extra < 1:
-            raise MPPluginError(f"extra must lie in (0, 1), got {self.extra}")
+        real = (int, float)
+        if isinstance(self.extra, bool) or not isinstance(self.extra, real) or not 0 < self.extra < 1:
+            raise ConfigError(f"extra must be a number in (0, 1), got {self.extra!r}")
+        lw = self.logit_l2_weight
+        if isinstance(lw, bool) or not isinstance(lw, real) or not 0 <= lw < math.inf:
+            raise ConfigError(f"logit_l2_weight must be a finite number ≥ 0, got {lw!r}")
+        if not isinstance(self.selection, DistillConfig):
+            raise ConfigError(f"selection must be a DistillConfig, got {type(self.selection).__name__}")
+        if self.finetune is not None and not isinstance(self.finetune, DistillConfig):
+            raise ConfigError(f"finetune must be a DistillConfig or None, got {type(self.finetune).__name__}")
         if self.rho not in ("inverse_w", "w", "one"):
             raise MPPluginError(f"rho must be 'inverse_w', 'w' or 'one', got {self.rho!r}")
         if self.reservoir not in ("new", "all") or self.restore_value not in ("trained", "dense"):
@@ -175,8 +183,6 @@ class SpectralEdgeReallocation:
             res = ~mask if cfg.reservoir == "all" else (~mask & ~was_zero)
             reservoir[lp.name] = res
             dense_vals[lp.name] = w.detach()[res].clone()
-            with torch.no_grad():
-                w.masked_fill_(~mask, 0)
         n_over = sum(int((~m).sum()) for m in over.values())
         n_restore = n_over - target_pruned
         n_res = sum(int(r.sum()) for r in reservoir.values())
@@ -185,6 +191,9 @@ class SpectralEdgeReallocation:
                 f"cannot restore {n_restore} entries from a reservoir of {n_res}: the model is already sparser "
                 f"than the target s={s:.4f} (reservoir='{cfg.reservoir}')"
             )
+        with torch.no_grad():  # every check passed: now prune
+            for lp in p.layers:
+                modules[lp.name].weight.masked_fill_(~over[lp.name], 0)
         state = {"reservoir": reservoir, "dense": dense_vals, "target_pruned": target_pruned, "n_restore": n_restore}
         return p, over, state
 
@@ -291,7 +300,8 @@ class SpectralEdgeReallocation:
             if self.config.restore_value == "dense":
                 vals = torch.zeros_like(w)
                 vals[reservoir[n]] = state["dense"][n].to(w.dtype)
-                w.copy_(torch.where(pick, vals, w))
+                # an entry pruned before this step has no dense value (0): it keeps its trained value
+                w.copy_(torch.where(pick & (vals != 0), vals, w))
             mask = over_masks[n] | pick
             w.masked_fill_(~mask, 0)
             masks[n] = mask
@@ -345,11 +355,20 @@ class SpectralEdgeReallocation:
             device: where to train.
         """
         reference = teacher if teacher is not None else copy.deepcopy(model).eval()
-        p, over, state = self.overprune(model, sparsity)
-        delta, steps, losses = self.select(model, state["reservoir"], train_loader, reference, device)
-        rho = self.rho_values(p)
-        masks, restored = self.restore(model, over, state, delta, rho)
-        ft = self.finetune(model, masks, train_loader, teacher, device)
+        saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        teacher_flags = {m: m.training for m in teacher.modules()} if teacher is not None else {}
+        try:
+            p, over, state = self.overprune(model, sparsity)
+            delta, steps, losses = self.select(model, state["reservoir"], train_loader, reference, device)
+            rho = self.rho_values(p)
+            masks, restored = self.restore(model, over, state, delta, rho)
+            ft = self.finetune(model, masks, train_loader, teacher, device)
+        except BaseException:  # all or nothing: a failed step leaves the model as it was
+            model.load_state_dict(saved)
+            raise
+        finally:  # the selection and fine-tuning run the teacher in eval mode: its flags come back
+            for m, flag in teacher_flags.items():
+                m.training = flag
         total = p.total_weights
         return SERResult(
             sparsity=float(sparsity),
