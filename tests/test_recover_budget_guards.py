@@ -176,3 +176,11 @@ def test_noise_floor_reaches_small_targets_when_a_layer_is_all_zero(s: float) ->
         warnings.simplefilter("ignore")
         p = mp.plan(model, s, "unstructured", "noise-floor", cfg, calibration=cal)
     assert sum(lp.n_prune for lp in p.layers) == int(s * sum(m.weight.numel() for m in model))
+
+
+@pytest.mark.parametrize("kwargs", [{"every": 1.5}, {"every": 0}, {"min_rank": -3}, {"min_rank": 0}])
+def test_mp_singular_value_pruning_refuses_bad_periods_and_ranks(kwargs: dict) -> None:
+    from mp_plugin.recover.training_mp import MPSingularValuePruning
+
+    with pytest.raises(MPPluginError):
+        MPSingularValuePruning(**kwargs)

@@ -15,7 +15,7 @@ methods here instead follow AlphaPruning's mapping (Lu et al., NeurIPS 2024):
    direction d = ±1 of the method and one shift c found by bisection so that the
    parameter-weighted mean Σ n_ℓ r_ℓ / Σ n_ℓ is exactly s;
 5. integer counts ⌊r_ℓ n_ℓ⌋ plus one for the largest remainders, so the total is
-   round(s · Σ n_ℓ) to the weight.
+   ⌊s · Σ n_ℓ⌋ to the weight (``masks.counts.prune_target``).
 
 AlphaPruning's code maps onto [1 − ε, 1 + ε] and *scales* the ratios to mean s,
 which can leave the band; shifting keeps every layer inside it.

@@ -240,8 +240,10 @@ class MPSingularValuePruning:
         selection: LayerSelection | None = None,
         fit_options: dict | None = None,
     ) -> None:
-        if every < 1:
-            raise MPPluginError(f"every must be ≥ 1 epoch, got {every}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise MPPluginError(f"every must be a whole number of epochs ≥ 1, got {every!r}")
+        if min_rank is not None and (isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1):
+            raise MPPluginError(f"min_rank must be None or an integer ≥ 1, got {min_rank!r}")
         self.every = int(every)
         self.schedule: Schedule = schedule if schedule is not None else ConstantKeep(0.45)
         self.min_rank = min_rank
