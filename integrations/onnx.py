@@ -300,6 +300,7 @@ def _torch_export(
     if dynamic_batch:  # the first axis of the input and the output is named, not fixed
         kwargs["dynamic_axes"] = {"input": {0: "batch"}, "output": {0: "batch"}}
     errors = []
+    wrong_file = False  # an exporter wrote a file in another opset than asked: not left at ``path``
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         for name, extra in (("dynamo", {"dynamo": True, "external_data": big}), ("torchscript", {"dynamo": False})):
             try:
@@ -311,7 +312,9 @@ def _torch_export(
             if opset is None or written == opset:
                 return name
             errors.append(f"{name}: wrote opset {written}, asked for {opset}")
-    raise ExportError("torch.onnx.export failed with both exporters:\n  " + "\n  ".join(errors))
+            wrong_file = True
+    where = f"; the file in the wrong opset was moved to {_set_aside(path)}" if wrong_file else ""
+    raise ExportError("torch.onnx.export failed with both exporters:\n  " + "\n  ".join(errors) + where)
 
 
 def export_onnx(

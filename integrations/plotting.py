@@ -183,6 +183,8 @@ def plot_certificate(result: CertificateResult, path: str | Path) -> Path:
     """Scatter of a certificate's dense margin against 2η_s per sample; points above the diagonal are preserved."""
     plt = _pyplot()
     path = Path(path)
+    if not path.suffix:  # matplotlib would add ".png" itself: return the name it writes
+        path = path.with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(5, 4.5))
     x, y = 2 * result.eta, result.margin_pred

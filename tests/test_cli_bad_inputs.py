@@ -83,12 +83,13 @@ def test_corrupt_calibration_image(capsys, tmp_path, images) -> None:
 def test_image_size_zero(capsys, tmp_path, images) -> None:
     argv = ["prune", "cli_bad_inputs_cnn", "--pattern", "2:4", "--projection", "cast", "--data", str(images)]
     code, err = run_cli(capsys, [*argv, "--image-size", "0", "--out", str(tmp_path / "o")])
-    assert_named_one_line(code, err, "prune", "image size")
+    assert_named_one_line(code, err, "prune", "--image-size")
 
 
 def test_negative_max_rows(capsys, tmp_path) -> None:
     code, err = run_cli(capsys, ["prune", "cli_bad_inputs_cnn", "--max-rows", "-3", "--out", str(tmp_path / "o")])
-    assert_named_one_line(code, err, "prune", "max_rows")
+    assert_named_one_line(code, err, "prune", "--max-rows")
+    assert not (tmp_path / "o").exists()  # refused before any work or file
 
 
 @pytest.mark.parametrize("content", [None, '{"schema_version": 1, "layers": ['])
@@ -131,3 +132,72 @@ def test_bad_checkpoints(capsys, tmp_path, case) -> None:
         capsys, ["prune", "cli_bad_inputs_cnn", "--checkpoint", str(path), "--out", str(tmp_path / "o")]
     )
     assert_named_one_line(code, err, "prune", "checkpoint" if case != "other_arch" else "does not match")
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["bench", "cli_bad_inputs_cnn", "--batch", "-4"], "--batch"),
+        (["bench", "cli_bad_inputs_cnn", "--iters", "0"], "--iters"),
+        (["demo", "cli_bad_inputs_cnn", "--n-eval", "-2"], "--n-eval"),
+        (["demo", "cli_bad_inputs_cnn", "--n-calib", "0"], "--n-calib"),
+        (["export", "cli_bad_inputs_cnn", "--opset", "0"], "--opset"),
+        (["analyze", "cli_bad_inputs_cnn", "--num-classes", "-1"], "--num-classes"),
+        (["analyze", "cli_bad_inputs_cnn", "--max-rows", "-1"], "--max-rows"),
+        (["certify", "cli_bad_inputs_cnn", "--checkpoint", "x.pt", "--n-eval", "0"], "--n-eval"),
+        (["prune", "cli_bad_inputs_cnn", "--restore-damp", "-1"], "--restore-damp"),
+    ],
+)
+def test_counts_and_sizes_are_checked_when_parsed(capsys, argv, match) -> None:
+    code, err = run_cli(capsys, argv)
+    assert_named_one_line(code, err, argv[0], match)
+
+
+def test_num_classes_is_refused_for_a_built_in(capsys, tmp_path) -> None:
+    argv = ["analyze", "cli_bad_inputs_cnn", "--num-classes", "3", "--out", str(tmp_path / "o")]
+    code, err = run_cli(capsys, argv)
+    assert_named_one_line(code, err, "analyze", "fixed one")
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_the_work(capsys, tmp_path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cases = [
+        (["certify", "cli_bad_inputs_cnn", "--checkpoint", "x.pt", "--out", str(tmp_path)], "is a directory"),
+        (["certify", "cli_bad_inputs_cnn", "--checkpoint", "x.pt", "--out", str(blocker / "c.json")], "is a file"),
+        (["export", "cli_bad_inputs_cnn", "--out", str(tmp_path)], "is a directory"),
+        (["export", "cli_bad_inputs_cnn", "--json", str(blocker / "r.json")], "is a file"),
+        (["bench", "cli_bad_inputs_cnn", "--out", str(tmp_path)], "is a directory"),
+        (["demo", "cli_bad_inputs_cnn", "--out", str(blocker)], "existing file"),
+    ]
+    for argv, match in cases:
+        code, err = run_cli(capsys, argv)
+        assert_named_one_line(code, err, argv[0], match)
+    (tmp_path / "o" / "plan.json").mkdir(parents=True)
+    code, err = run_cli(capsys, ["prune", "cli_bad_inputs_cnn", "--out", str(tmp_path / "o")])
+    assert_named_one_line(code, err, "prune", "plan.json there is a directory")
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_certify_refuses_a_plan_of_another_model_and_a_checkpoint_without_its_plan(capsys, tmp_path) -> None:
+    import mp_plugin as mp
+
+    model = _tiny_cnn()
+    plan = mp.plan(model, 0.5, "unstructured", "magnitude")
+    mp.apply(model, plan)
+    save_pruned_checkpoint(model, tmp_path / "good", plan)
+    mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    other = mp.plan(
+        mlp, 0.5, "unstructured", "magnitude", mp.PlanConfig(selection=mp.LayerSelection(exclude_head=False))
+    )
+    other.save(tmp_path / "other.json")
+    base = ["certify", "cli_bad_inputs_cnn", "--image-size", "16", "--n-eval", "4", "--out", str(tmp_path / "c.json")]
+    ckpt = str(tmp_path / "good" / "model.safetensors")
+    code, err = run_cli(capsys, [*base, "--checkpoint", ckpt, "--plan", str(tmp_path / "other.json")])
+    assert_named_one_line(code, err, "certify", "plan")
+    (tmp_path / "lone").mkdir()
+    (tmp_path / "lone" / "model.safetensors").write_bytes((tmp_path / "good" / "model.safetensors").read_bytes())
+    code, err = run_cli(capsys, [*base, "--checkpoint", str(tmp_path / "lone" / "model.safetensors")])
+    assert_named_one_line(code, err, "certify", "saved with a plan.json")
+    code, err = run_cli(capsys, [*base, "--checkpoint", str(tmp_path / "good")])
+    assert_named_one_line(code, err, "certify", "is a directory")

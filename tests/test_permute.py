@@ -501,3 +501,29 @@ def test_real_minilm_feed_forward_is_linked_and_permuted(minilm: nn.Module) -> N
     fresh.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert torch.equal(fresh(**batch), model(**batch))
+
+
+def test_a_tampered_or_foreign_permutation_record_is_refused_by_name() -> None:
+    from mp_plugin.errors import PlanFormatError, PlanMismatchError
+    from mp_plugin.permute import PermutationRecord, align_to_permuted
+
+    model = make_mlp((32, 64, 64, 16)).eval()
+    dense = make_mlp((32, 64, 64, 16)).eval()
+    good = permute_channels(model, "2:4", example_input=torch.randn(5, 32)).to_dict()
+    assert good["folds"]
+    for tamper in (
+        lambda d: d["folds"][0]["site"].pop("ops"),
+        lambda d: d["folds"][0].update(perm=[1, 0]),
+        lambda d: d.update(report={}),
+        lambda d: d["folds"][0]["site"].update(channels="x"),
+    ):
+        bad = {**good, "folds": [dict(f, site=dict(f["site"])) for f in good["folds"]]}
+        tamper(bad)
+        with pytest.raises(PlanFormatError):
+            PermutationRecord.from_dict(bad)
+    foreign = {**good, "folds": [dict(f, site=dict(f["site"], producers=["nowhere"])) for f in good["folds"]]}
+    with pytest.raises(PlanMismatchError, match="nowhere"):
+        align_to_permuted(dense, PermutationRecord.from_dict(foreign))
+    smaller = make_mlp((32, 48, 48, 16)).eval()  # same names, other widths
+    with pytest.raises(PlanMismatchError, match="does not fit"):
+        align_to_permuted(smaller, PermutationRecord.from_dict(good))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mp_plugin.cli.common import add_model_args, add_plan_args, model_from_args, plan_from_args
+from mp_plugin.cli.common import add_model_args, add_plan_args, model_from_args, nonneg_int, out_dir, plan_from_args
 from mp_plugin.integrations.plotting import plot_plan
 
 
@@ -14,9 +14,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="fit MP spectra and plan per-layer budgets (no pruning)")
     add_model_args(p)
     add_plan_args(p)
-    p.add_argument("--out", default="mp-plugin-out/analyze", help="output directory (default: %(default)s)")
+    p.add_argument(
+        "--out", type=out_dir, default="mp-plugin-out/analyze", help="output directory (default: %(default)s)"
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the matplotlib figures")
-    p.add_argument("--max-rows", type=int, default=None, help="print at most this many table rows")
+    p.add_argument("--max-rows", type=nonneg_int, default=None, help="print at most this many table rows")
     p.set_defaults(func=run)
 
 

@@ -19,6 +19,9 @@ from mp_plugin.cli.common import (
     add_threads_arg,
     add_weights_args,
     model_from_args,
+    nonneg_int,
+    out_file,
+    positive_int,
     set_threads,
 )
 from mp_plugin.errors import MPPluginError
@@ -37,14 +40,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="time a random-init timm architecture magnitude-pruned to 2:4 (kernel reference) instead",
     )
     add_input_size_arg(p)
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batch", type=positive_int, default=256)
     p.add_argument("--dtype", nargs="+", choices=("fp16", "bf16"), default=["fp16", "bf16"])
     p.add_argument("--backend", nargs="+", choices=BACKENDS, default=list(BACKENDS))
-    p.add_argument("--iters", type=int, default=50, help="timed runs per measurement (median reported)")
-    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--iters", type=positive_int, default=50, help="timed runs per measurement (median reported)")
+    p.add_argument("--warmup", type=nonneg_int, default=10)
     p.add_argument("--no-linear", action="store_true", help="skip the per-GEMM (ViT-B/16 shapes) measurements")
     p.add_argument("--no-end-to-end", action="store_true", help="skip the whole-model measurements")
-    p.add_argument("--out", help="write the JSON here (default: print it)")
+    p.add_argument("--out", type=out_file, help="write the JSON here (default: print it)")
     add_threads_arg(p)
     p.set_defaults(func=run)
 

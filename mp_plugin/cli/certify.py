@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mp_plugin.cli.common import add_model_arg, add_threads_arg, set_threads
+from mp_plugin.cli.common import add_model_arg, add_threads_arg, nonneg_float, out_file, positive_int, set_threads
 from mp_plugin.errors import MPPluginError
 from mp_plugin.evaluation.model_source import load_named_model
 from mp_plugin.integrations.plotting import plot_certificate
@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="plan.json that pruned the checkpoint; its channel permutation aligns the dense model "
         "(default: plan.json beside the checkpoint, when there is one)",
     )
-    p.add_argument("--num-classes", type=int, default=None, help="classifier size for timm models")
+    p.add_argument("--num-classes", type=positive_int, default=None, help="classifier size for timm models")
     p.add_argument(
         "--data", default="builtin-photos", help="an ImageFolder directory, or builtin-photos (default: %(default)s)"
     )
@@ -46,11 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--n-eval",
         "--n-images",
         dest="n_images",
-        type=int,
+        type=positive_int,
         default=32,
         help="images in the set T (default: %(default)s)",
     )
-    p.add_argument("--image-size", type=int, default=224, help="input resolution (default: %(default)s)")
+    p.add_argument("--image-size", type=positive_int, default=224, help="input resolution (default: %(default)s)")
     p.add_argument(
         "--mode",
         choices=("auto", "bound", "jacobian", "empirical"),
@@ -58,9 +58,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="auto: the rigorous bound where it can run, else measured (default: %(default)s)",
     )
     p.add_argument("--sequential", action="store_true", help="prune layers one at a time (bound mode always does)")
-    p.add_argument("--lambdas", type=float, nargs=2, metavar=("L1", "L2"), help="elastic-net λ₁ λ₂")
-    p.add_argument("--out", default="mp-plugin-out/certificate.json", help="report path (default: %(default)s)")
-    p.add_argument("--plot", help="also write the margin vs 2η scatter to this PNG")
+    p.add_argument("--lambdas", type=nonneg_float, nargs=2, metavar=("L1", "L2"), help="elastic-net λ₁ λ₂")
+    p.add_argument(
+        "--out", type=out_file, default="mp-plugin-out/certificate.json", help="report path (default: %(default)s)"
+    )
+    p.add_argument("--plot", type=out_file, help="also write the margin vs 2η scatter to this PNG")
     add_threads_arg(p)
     p.set_defaults(func=run)
 
@@ -91,11 +93,35 @@ def _check_image_model(model: nn.Module, name: str, x: torch.Tensor) -> None:
 
 
 def _plan(args: argparse.Namespace) -> PrunePlan | None:
-    """The plan given by ``--plan``, else ``plan.json`` beside the checkpoint, else None."""
+    """The plan given by ``--plan``, else ``plan.json`` beside the checkpoint, else None.
+
+    Raises:
+        MPPluginError: the checkpoint was saved with a plan (its safetensors metadata says so) and none is
+            found: a permuted model certified against an unaligned dense model would bound another model.
+    """
     if args.plan:
         return PrunePlan.load(args.plan)
     beside = Path(args.checkpoint).parent / "plan.json"
-    return PrunePlan.load(beside) if beside.is_file() else None
+    if beside.is_file():
+        return PrunePlan.load(beside)
+    if _saved_with_plan(Path(args.checkpoint)):
+        raise MPPluginError(
+            f"{args.checkpoint} was saved with a plan.json that is not beside it: give it with --plan "
+            "(a channel-permuted model needs its permutation record to align the dense model)"
+        )
+    return None
+
+
+def _saved_with_plan(path: Path) -> bool:
+    if path.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return "mp_plugin_plan" in (f.metadata() or {})
+    except Exception:  # noqa: BLE001 - an unreadable file is reported when it is loaded
+        return False
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
 
     set_threads(args)
     print(f"[1/3] loading the dense reference and the pruned checkpoint of {args.model}", flush=True)
+    if Path(args.checkpoint).is_dir():
+        raise MPPluginError(f"checkpoint {args.checkpoint} is a directory: give the file, e.g. model.safetensors")
     if not Path(args.checkpoint).is_file():
         raise MPPluginError(f"checkpoint {args.checkpoint} does not exist")
     dense = load_named_model(args.model, args.dense_checkpoint, args.num_classes, checkpoint_flag="--dense-checkpoint")
@@ -111,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
     _check_image_model(dense, args.model, x)
     pruned = load_named_model(args.model, args.checkpoint, args.num_classes)
     plan = _plan(args)
+    if plan is not None:
+        plan.check_model(pruned)  # PlanMismatchError: a plan of another model
     print(f"[2/3] certifying on {len(x)} images (mode {args.mode})", flush=True)
     cert = certify_auto(
         dense,

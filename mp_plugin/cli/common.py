@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -38,7 +40,7 @@ def add_weights_args(
 ) -> None:
     """Add ``--checkpoint``, ``--num-classes`` and (optionally) ``--random-init``."""
     parser.add_argument("--checkpoint", help=checkpoint_help)
-    parser.add_argument("--num-classes", type=int, default=None, help="classifier size for timm models")
+    parser.add_argument("--num-classes", type=positive_int, default=None, help="classifier size for timm models")
     if random_init:
         parser.add_argument(
             "--random-init",
@@ -75,6 +77,38 @@ def strict_json(value: object) -> object:
     if isinstance(value, (list, tuple)):
         return [strict_json(v) for v in value]
     return value
+
+
+def _writable_parent(path: Path, text: str) -> None:
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise argparse.ArgumentTypeError(f"{text}: {parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK):
+                raise argparse.ArgumentTypeError(f"{text}: {parent} is not writable")
+            return
+
+
+def out_file(text: str) -> str:
+    """An argparse type for a file to write: not a directory, under a writable directory (checked before any work)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory: give a file name")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text} is not writable")
+    _writable_parent(path, text)
+    return text
+
+
+def out_dir(text: str) -> str:
+    """An argparse type for an output directory: not an existing file, creatable and writable."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is an existing file, not a directory")
+    if path.is_dir() and not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text} is not writable")
+    _writable_parent(path, text)
+    return text
 
 
 def _device(text: str) -> str:

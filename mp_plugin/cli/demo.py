@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mp_plugin.cli.common import add_model_args
+from mp_plugin.cli.common import add_model_args, out_dir, positive_int
 from mp_plugin.evaluation.pipeline import DEFAULT_VARIANTS, MainJobConfig, run_main_job, select_variants, variant_slug
 
 
@@ -16,11 +16,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_model_args(p)
     p.add_argument("--data", help="ImageFolder directory (default: built-in real photographs)")
-    p.add_argument("--n-eval", type=int, default=96, help="evaluation images (default: %(default)s)")
-    p.add_argument("--n-calib", type=int, default=32, help="calibration images (default: %(default)s)")
-    p.add_argument("--image-size", type=int, default=224, help="input side in pixels (default: %(default)s)")
+    p.add_argument("--n-eval", type=positive_int, default=96, help="evaluation images (default: %(default)s)")
+    p.add_argument("--n-calib", type=positive_int, default=32, help="calibration images (default: %(default)s)")
+    p.add_argument("--image-size", type=positive_int, default=224, help="input side in pixels (default: %(default)s)")
     p.add_argument("--sparsity", type=float, default=0.5, help="global fraction removed (default: %(default)s)")
-    p.add_argument("--out", default="mp-plugin-out", help="output directory (default: %(default)s)")
+    p.add_argument("--out", type=out_dir, default="mp-plugin-out", help="output directory (default: %(default)s)")
     p.add_argument(
         "--variants",
         nargs="+",

@@ -26,6 +26,7 @@ from mp_plugin.cli.common import (
     device_name,
     nonneg_float,
     nonneg_int,
+    out_dir,
     positive_float,
     positive_int,
     strict_json,
@@ -119,12 +120,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-every", type=positive_int, default=None)
     p.add_argument(
         "--checkpoint-every",
-        type=int,
+        type=nonneg_int,
         default=None,
         help="also write OUT/last.pt every this many steps, so a crashed run can --resume (default: at the end only)",
     )
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    p.add_argument("--out", default="mp-plugin-out/distill", help="output directory (default: %(default)s)")
+    p.add_argument(
+        "--out", type=out_dir, default="mp-plugin-out/distill", help="output directory (default: %(default)s)"
+    )
     p.set_defaults(func=run)
 
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mp_plugin.cli.common import add_model_args, model_from_args
+from mp_plugin.cli.common import add_model_args, model_from_args, out_file, positive_int
 from mp_plugin.errors import MPPluginError
 
 
@@ -26,10 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--plan", help="plan.json giving each layer's pattern (default: --pattern for every target)")
     p.add_argument("--pattern", default="2:4", help="k:n pattern the target layers carry (default: %(default)s)")
-    p.add_argument("--out", default="model.onnx", help="ONNX file to write (default: %(default)s)")
+    p.add_argument("--out", type=out_file, default="model.onnx", help="ONNX file to write (default: %(default)s)")
     p.add_argument("--input-shape", type=_shape, default=(1, 3, 224, 224), help="e.g. 1,3,224,224")
     p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (exporter default)")
+    p.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (exporter default)")
     p.add_argument("--gemm-rewrite", action="store_true", help="rewrite MatMul+bias into Gemm(transB=1)")
     p.add_argument(
         "--dynamic-batch",
@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="demo: magnitude-prune every eligible target layer to 2:4 before exporting (use `mp-plugin prune` for MP budgets)",
     )
     p.add_argument("--trtexec", action="store_true", help="print the trtexec line for a sparse TensorRT engine")
-    p.add_argument("--json", dest="json_path", help="also write the verification report as JSON here")
+    p.add_argument("--json", dest="json_path", type=out_file, help="also write the verification report as JSON here")
     p.set_defaults(func=run)
 
 

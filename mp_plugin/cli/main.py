@@ -7,7 +7,7 @@ imported: one that fails to import is an error, not a missing command.
 
 Every failure ends with one line on stderr (``mp-plugin <cmd>: error: …``) and a
 non-zero exit code: 2 for errors mp_plugin raises on purpose (bad input, missing
-file, unknown model, …), 1 for anything else, 130 on Ctrl-C. ``--debug``
+file, unknown model, …) and for a path the operating system refuses, 1 for anything else, 130 on Ctrl-C. ``--debug``
 (anywhere on the command line) shows the traceback instead.
 """
 
@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         if isinstance(exc, MPPluginError):
             print(f"mp-plugin {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        if isinstance(exc, OSError) and exc.filename is not None:  # a path the user gave cannot be used
+            print(f"mp-plugin {args.command}: error: cannot use {exc.filename}: {exc.strerror}", file=sys.stderr)
             return 2
         hint = "" if debug else " (run with --debug for the traceback)"
         print(f"mp-plugin {args.command}: error: {type(exc).__name__}: {_one_line(exc)}{hint}", file=sys.stderr)

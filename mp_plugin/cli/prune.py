@@ -13,8 +13,17 @@ from pathlib import Path
 import torch
 
 from mp_plugin.budget.mix import CALIBRATED_MIX_RULES
-from mp_plugin.cli.common import add_model_args, add_plan_args, model_from_args, plan_from_args
-from mp_plugin.errors import MPPluginError
+from mp_plugin.cli.common import (
+    add_model_args,
+    add_plan_args,
+    model_from_args,
+    nonneg_float,
+    nonneg_int,
+    out_dir,
+    plan_from_args,
+    positive_int,
+)
+from mp_plugin.errors import ConfigError, MPPluginError
 from mp_plugin.evaluation.models import save_pruned_checkpoint
 from mp_plugin.evaluation.photos import image_folder_batch
 from mp_plugin.planning.build import PrunePlan, uses_mix
@@ -33,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="k:n projection (default: cast-obs with --restore, else magnitude)",
     )
-    p.add_argument("--prior-alpha", type=float, default=0.0, help="CAST Hamming prior weight α (default: 0)")
+    p.add_argument("--prior-alpha", type=nonneg_float, default=0.0, help="CAST Hamming prior weight α (default: 0)")
     p.add_argument("--permute", choices=("none", "swap", "interleave"), default="none", help="k:n channel permutation")
     p.add_argument(
         "--data",
@@ -42,11 +51,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="calibration images: an image folder (ImageNet normalisation) or builtin-photos",
     )
     p.add_argument(
-        "--n-calib", "--calib-count", dest="n_calib", type=int, default=16, help="calibration images (default: 16)"
+        "--n-calib",
+        "--calib-count",
+        dest="n_calib",
+        type=positive_int,
+        default=16,
+        help="calibration images (default: 16)",
     )
-    p.add_argument("--image-size", type=int, default=224, help="calibration image side in pixels (default: 224)")
-    p.add_argument("--out", default="mp-plugin-out/prune", help="output directory (default: %(default)s)")
-    p.add_argument("--max-rows", type=int, default=40, help="print at most this many report rows")
+    p.add_argument(
+        "--image-size", type=positive_int, default=224, help="calibration image side in pixels (default: 224)"
+    )
+    p.add_argument("--out", type=out_dir, default="mp-plugin-out/prune", help="output directory (default: %(default)s)")
+    p.add_argument("--max-rows", type=nonneg_int, default=40, help="print at most this many report rows")
     p.add_argument(
         "--restore",
         action="store_true",
@@ -57,7 +73,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="restore block by block, each block's inputs from the model already pruned and restored",
     )
-    p.add_argument("--restore-damp", type=float, default=0.01, help="restore damping, × mean diag H (default: 0.01)")
+    p.add_argument(
+        "--restore-damp", type=nonneg_float, default=0.01, help="restore damping, × mean diag H (default: 0.01)"
+    )
     # projection-stage options go above this line
     p.set_defaults(func=run)
 
@@ -91,6 +109,9 @@ def mix_summary(plan: PrunePlan) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``prune``."""
+    for name in ("model.safetensors", "plan.json"):  # before the work, not after it
+        if (Path(args.out) / name).is_dir():
+            raise ConfigError(f"--out {args.out}: {name} there is a directory")
     model = model_from_args(args)
     calibration = calibration_from_args(args)
     restore = None

@@ -6,8 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mp_plugin.cli.common import nonneg_int, positive_int
-from mp_plugin.errors import ConfigError
+from mp_plugin.cli.common import nonneg_int, out_file, positive_int
 from mp_plugin.evaluation.models import random_timm_model
 from mp_plugin.recover.tome import format_tome_mac_table, tome_mac_table
 
@@ -26,14 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=224,
         help="input side (default: %(default)s)",
     )
-    p.add_argument("--json", dest="json_out", help="also write the table as JSON here")
+    p.add_argument("--json", dest="json_out", type=out_file, help="also write the table as JSON here")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``tome``: print the MAC table (random weights: MACs do not depend on values)."""
-    if args.json_out and Path(args.json_out).is_dir():
-        raise ConfigError(f"--json {args.json_out} is a directory: give a file name, e.g. {args.json_out}/tome.json")
     print(f"{args.model}: MACs only; they do not depend on the weights, so the architecture is built with random ones")
     model = random_timm_model(args.model, args.img_size)
     table = tome_mac_table(model, r=args.r, pattern=args.pattern, img_size=args.img_size)

@@ -90,7 +90,7 @@ def load_named_model(
     if name is None:
         raise MPPluginError(f"give a model name or {checkpoint_flag} FILE")
     if name in BUILTIN_MODELS:
-        return load_model(name)
+        return load_model(name, num_classes=num_classes)  # refuses num_classes for a built-in
     if random_init:
         return load_model(name, pretrained=False, num_classes=num_classes)
     try:

@@ -138,6 +138,8 @@ def load_model(
         raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
     if name is not None and not isinstance(name, str):
         raise ConfigError(f"model name must be a string, got {type(name).__name__}")
+    if num_classes is not None and name in BUILTIN_MODELS:
+        raise ConfigError(f"num_classes sizes a timm model's classifier; the built-in {name!r} has a fixed one")
     model: nn.Module | None = None
     if name is not None:
         model = BUILTIN_MODELS[name]() if name in BUILTIN_MODELS else _timm(name, pretrained, num_classes)
@@ -197,6 +199,9 @@ def save_pruned_checkpoint(model: nn.Module, directory: str | Path, plan: object
         raise CheckpointError(f"cannot write the checkpoint into {out}: it is an existing file, not a directory")
     if any(p.exists() and not p.is_dir() for p in out.parents):
         raise CheckpointError(f"cannot write the checkpoint into {out}: a parent path is an existing file")
+    for name in ("model.safetensors", "plan.json"):  # checked before either file is written
+        if (out / name).is_dir():
+            raise CheckpointError(f"cannot write {out / name}: it is a directory")
     out.mkdir(parents=True, exist_ok=True)
     from mp_plugin.layers.wrappers import unwrap_model
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mp_plugin.errors import ConfigError, MPPluginError, PatternError
+from mp_plugin.errors import ConfigError, MPPluginError, PatternError, PlanMismatchError
 from mp_plugin.layers.calibration import eval_mode
 from mp_plugin.layers.discovery import find_target_layers
 from mp_plugin.layers.layout import kn_eligible
@@ -20,7 +20,7 @@ from mp_plugin.permute.couplings import find_couplings
 from mp_plugin.permute.fold import consumer_matrix, fold_coupling
 from mp_plugin.permute.graph import Coupling, shared_modules
 from mp_plugin.permute.links import link_partials
-from mp_plugin.permute.record import Fold, PermutationRecord, resolve_permutation
+from mp_plugin.permute.record import Fold, PermutationRecord, resolve_permutation, site_modules
 from mp_plugin.permute.report import PermutationReport, PermutedLayer, SkippedPermutation
 from mp_plugin.permute.search import channel_importance, interleave_permutation, kept_magnitude, swap_permutation
 from mp_plugin.permute.verify import (
@@ -429,7 +429,16 @@ def align_to_permuted(reference: nn.Module, permutation: Any) -> nn.Module:
             "the permutation record lists permutations but no folds; "
             "align the reference by re-running permute_channels on it"
         )
-    with torch.no_grad():
-        for site, perm in record.folds:
-            _fold(out, site, perm)
+    names = dict(out.named_modules())
+    missing = sorted({n for site, _ in record.folds for n in site_modules(site) if n not in names})
+    if missing:
+        raise PlanMismatchError(
+            f"the permutation record folds modules this model does not have: {missing[:5]}: a plan of another model?"
+        )
+    try:
+        with torch.no_grad():
+            for site, perm in record.folds:
+                _fold(out, site, perm)
+    except (RuntimeError, IndexError, ValueError) as exc:  # a site whose shapes do not fit this model
+        raise PlanMismatchError(f"the permutation record does not fit this model: {exc}") from exc
     return out

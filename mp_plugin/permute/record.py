@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from mp_plugin.errors import MPPluginError
+from mp_plugin.errors import MPPluginError, PlanFormatError
 from mp_plugin.permute.attention import AttentionSite
 from mp_plugin.permute.graph import Coupling
 from mp_plugin.permute.report import PermutationReport, PermutedLayer, SkippedPermutation
@@ -27,6 +27,13 @@ from mp_plugin.permute.report import PermutationReport, PermutedLayer, SkippedPe
 __all__ = ["PermutationRecord", "folds_from_data", "folds_to_data", "resolve_permutation"]
 
 Fold = tuple[Coupling | AttentionSite, torch.Tensor]
+
+
+def site_modules(site: Coupling | AttentionSite) -> list[str]:
+    """The module names a fold touches (to check that a model has them before replaying it)."""
+    if isinstance(site, AttentionSite):
+        return [site.qkv, site.proj]
+    return [*site.producers, *(name for name, _ in site.ops), *site.consumers]
 
 
 def folds_to_data(folds: list[Fold]) -> list[dict[str, Any]]:
@@ -104,13 +111,29 @@ class PermutationRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PermutationRecord:
-        """Inverse of :meth:`to_dict`."""
-        report = d.get("report")
-        return cls(
-            {k: [int(i) for i in v] for k, v in dict(d.get("permutations") or {}).items()},
-            folds_from_data(d.get("folds") or []),
-            None if report is None else _report_from_dict(report),
-        )
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            PlanFormatError: a fold's site lacks or mistypes a field, its permutation's length is
+                not the site's channel count, or the report does not have the report's fields.
+        """
+        try:
+            report = d.get("report")
+            record = cls(
+                {k: [int(i) for i in v] for k, v in dict(d.get("permutations") or {}).items()},
+                folds_from_data(d.get("folds") or []),
+                None if report is None else _report_from_dict(report),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise PlanFormatError(f"the plan's permutation record is malformed ({type(exc).__name__}: {exc})") from exc
+        for i, (site, perm) in enumerate(record.folds):
+            bad_site = not isinstance(site.channels, int) or site.channels < 1
+            if bad_site or len(perm) != site.channels:
+                raise PlanFormatError(
+                    f"the plan's permutation record: folds[{i}] permutes {len(perm)} channels, its site "
+                    f"has {site.channels}"
+                )
+        return record
 
     @classmethod
     def from_plan(cls, plan: Any) -> PermutationRecord | None:

@@ -205,8 +205,9 @@ def check_plan_dict(
             raise PlanFormatError(f"{source}: 'applied.permutation' needs plan schema version 2, the file says {got}")
         check_permutation(d["applied"]["permutation"], f"{source}: 'applied.permutation'")
     layers = d["layers"]
-    if not isinstance(layers, list):
-        raise PlanFormatError(f"{source}: 'layers' must be a list, got {type(layers).__name__}")
+    if not isinstance(layers, list) or not layers:
+        got = type(layers).__name__ if not isinstance(layers, list) else "an empty list"
+        raise PlanFormatError(f"{source}: 'layers' must be a non-empty list, got {got}")
     seen: set[str] = set()
     required = {k for k, req in layer_fields.items() if req}
     for i, lp in enumerate(layers):
@@ -228,6 +229,34 @@ def check_plan_dict(
         _number(lp, "sparsity", where, 0.0, 1.0)
         if lp["fit"] is not None and not isinstance(lp["fit"], Mapping):
             raise PlanFormatError(f"{where}: 'fit' must be an object or null, got {type(lp['fit']).__name__}")
+        if lp["fit"] is not None:
+            _check_fit(lp["fit"], f"{where}: 'fit'")
+
+
+_FIT_NUMBERS = (
+    "sigma", "sigma_plus", "lambda_plus", "threshold", "bulk_fraction", "fit_error", "stable_rank", "hill_alpha",
+    "spike_energy_fraction", "gamma", "alpha", "beta",
+)  # fmt: skip
+
+
+def _check_fit(fit: Mapping, where: str) -> None:
+    """The fit's numbers are numbers (NaN allowed; null for the two that may be undefined), its shape two ints."""
+    for key in _FIT_NUMBERS:
+        if key not in fit:
+            continue
+        v = fit[key]
+        if v is None and key in ("hill_alpha", "fit_error"):
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise PlanFormatError(f"{where}: '{key}' must be a number, got {v!r}")
+    if "n_spikes" in fit and not _is_int(fit["n_spikes"]):
+        raise PlanFormatError(f"{where}: 'n_spikes' must be an integer, got {fit['n_spikes']!r}")
+    shape = fit.get("shape")
+    if shape is not None and (not isinstance(shape, list) or len(shape) != 2 or not all(_is_int(i) for i in shape)):
+        raise PlanFormatError(f"{where}: 'shape' must be two integers, got {shape!r}")
+    sv = fit.get("singular_values", [])
+    if not isinstance(sv, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in sv):
+        raise PlanFormatError(f"{where}: 'singular_values' must be a list of numbers")
 
 
 def check_plan_object(plan: Any) -> None:
