@@ -188,8 +188,9 @@ def test_tome_cli_refuses_unknown_model_and_a_directory_for_json(capsys, tmp_pat
     pytest.importorskip("timm")
     assert main(["tome", "no_such_vit"]) == 2
     assert "unknown timm model 'no_such_vit'" in capsys.readouterr().err
-    assert main(["tome", "vit_tiny_patch16_224", "--json", str(tmp_path)]) == 2
-    assert "is a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # refused when parsed, before any work
+        main(["tome", "vit_tiny_patch16_224", "--json", str(tmp_path)])
+    assert exc.value.code == 2 and "is a directory" in capsys.readouterr().err
 
 
 def test_mac_table_of_a_patched_vit_keeps_a_dense_row() -> None:
