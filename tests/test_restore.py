@@ -596,3 +596,44 @@ def test_a_kept_weight_on_a_dead_input_keeps_its_value(solver: str) -> None:
     kept = w != 0
     assert bool(kept.any())
     torch.testing.assert_close(w[kept], dense[:, :8][kept], rtol=1e-4, atol=1e-6)
+
+
+def test_low_precision_restore_is_judged_as_stored_and_keeps_the_mask() -> None:
+    """bf16 rounding can undo a small gain: the stored weights are never worse than given; a kept fp16 weight that
+    would round to zero keeps its given value (the mask is unchanged)."""
+    from mp_plugin.restore import LayerGram, restore_layer
+    from mp_plugin.restore.solve import output_energy
+
+    g = torch.Generator().manual_seed(2411)
+    x = torch.randn(200, 4, generator=g, dtype=torch.float64) @ torch.randn(4, 4, generator=g, dtype=torch.float64)
+    x = x.to(torch.bfloat16).double()
+    h0 = (x.T @ x)[None]
+    dense = torch.randn(1, 4, generator=g).to(torch.bfloat16)
+    given = dense * torch.tensor([[True, True, True, False]])
+
+    def err(t: torch.Tensor) -> float:
+        return output_energy(t.double() - dense.double(), h0[0]) / output_energy(dense.double(), h0[0])
+
+    for solver in ("direct", "obs", "cg"):
+        w = given.clone()
+        rec = restore_layer(w, dense, LayerGram(h0, 200), RestoreConfig(solver=solver))
+        assert err(w) <= err(given) + 1e-12, solver
+        assert rec["rel_error_after"] == pytest.approx(err(w), rel=1e-9, abs=1e-15)
+    u = 2.0**-24  # float16's smallest subnormal
+    x1 = torch.randn(100, 1, generator=g, dtype=torch.float64)
+    x = torch.cat([x1, x1, torch.randn(100, 2, generator=g, dtype=torch.float64)], 1)
+    dense = torch.tensor([[2 * u, -2 * u, 0.5, 0.0]]).half()
+    w = dense * torch.tensor([[True, False, True, False]])
+    kept = w != 0
+    restore_layer(w, dense, LayerGram((x.T @ x)[None], 100), RestoreConfig(solver="direct"))
+    assert torch.equal(w != 0, kept)
+
+
+def test_a_float64_layer_with_huge_inputs_gets_a_finite_gram() -> None:
+    from mp_plugin.restore import capture_grams
+
+    model = nn.Sequential(nn.Linear(4, 2)).double()
+    x = torch.randn(16, 4, dtype=torch.float64) * 1e20  # its square overflows float32
+    gram = capture_grams(model, ["0"], x)["0"]
+    assert bool(torch.isfinite(gram.gram).all())
+    torch.testing.assert_close(gram.gram[0], x.T @ x, rtol=1e-12, atol=0)

@@ -41,6 +41,7 @@ from mp_plugin.certificate.rigor import (
     hook_problem,
     hyperparameter_mismatch,
     own_forward_problem,
+    precision_problem,
     rounding_allowance,
     tied_problem,
 )
@@ -131,6 +132,7 @@ def _bound_mode_checks(dense: nn.Module, pruned: nn.Module, precision: torch.dty
         or hook_problem(pruned, "the pruned model")
         or autocast_problem()
         or hyperparameter_mismatch(dense, pruned)
+        or precision_problem((dense, pruned), precision)
     )
     if why is not None:
         raise NotCertifiable(f"bound mode cannot prove a bound here: {why}; use mode='empirical'")
@@ -345,7 +347,8 @@ def certify(
             _copy_layer(w_layers[name], p_layers[name])
         with torch.no_grad():
             zs.append(forward_logits(work, batch, n))
-        z_pruned = zs[-1]
+            # the reported pruned logits are the pruned model's own (work only carries its Linear/Conv weights)
+            z_pruned = forward_logits(effective, batch, n)
         if mode == "empirical":
             for j, name in enumerate(order):
                 eta_layer[name] = (zs[j].double() - zs[j + 1].double()).abs().amax(1)
@@ -385,6 +388,7 @@ def certify(
     pred, margin_pred, margin_true = _margins(z_dense.double(), lab)
     eta = eta.to(margin_pred.device)
     preserved = margin_pred > 2 * eta
+    pred_pruned = z_pruned.argmax(1)
     if mode == "bound":  # proven in exact arithmetic: keep a margin for the rounding of the computed logits
         allowance = rounding_allowance(z_dense, z_pruned, rounding_rtol).to(eta.device)
         proven = margin_pred > 2 * (eta + allowance)
@@ -393,8 +397,15 @@ def certify(
                 f"{int((preserved & ~proven).sum())} samples with margin > 2η are not marked preserved: their "
                 f"margin is within the float-rounding allowance ({rounding_rtol:g}·(‖z_A‖∞ + ‖z_S‖∞))"
             )
-        preserved = proven
-    pred_pruned = z_pruned.argmax(1)
+        # rounding the allowance does not see (cancellation inside the network) can still flip a computed
+        # prediction: a sample counts only when the computed predictions agree as well
+        agree = (pred.to(pred_pruned.device) == pred_pruned).to(proven.device)
+        if bool((proven & ~agree).any()):
+            notes.append(
+                f"{int((proven & ~agree).sum())} samples beat 2η plus the allowance but their computed predictions "
+                "differ (float rounding inside the network): not marked preserved"
+            )
+        preserved = proven & agree
     changed = pred != pred_pruned
     measured: dict = {"agreement": float((~changed).double().mean()), "kind": MEASURED}
     if lab is not None:

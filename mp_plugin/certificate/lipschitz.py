@@ -60,7 +60,12 @@ def _bn_scale(module: nn.Module, name: str, training: bool) -> torch.Tensor:
         raise NotCertifiable(f"BatchNorm at '{name}' is in train mode (batch statistics): call model.eval() first")
     if module.running_var is None:
         raise NotCertifiable(f"BatchNorm at '{name}' has no running statistics (track_running_stats=False)")
-    scale = 1.0 / torch.sqrt(module.running_var.detach().double() + module.eps)
+    var = module.running_var.detach()
+    if bool((var < 0).any()) or not bool(torch.isfinite(var).all()):
+        raise NotCertifiable(f"BatchNorm at '{name}' has a negative or non-finite running_var")
+    scale = 1.0 / torch.sqrt(var.double() + module.eps)
+    own = 1.0 / torch.sqrt(var + module.eps)  # the scale the forward applies, rounded in the module's dtype
+    scale = torch.maximum(scale, own.double()) * (1 + 4 * torch.finfo(var.dtype).eps)
     if module.weight is not None:
         scale = scale * module.weight.detach().double().abs()
     return scale

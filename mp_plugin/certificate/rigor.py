@@ -103,12 +103,50 @@ def autocast_problem() -> str | None:
     return None
 
 
+_PLAIN = (bool, int, float, str, type(None), torch.dtype)
+
+
+def _plain_settings(module: nn.Module) -> dict:
+    """The module's plain public attributes (numbers, strings, dtypes and tuples of them): its hyperparameters,
+    also those its ``extra_repr`` leaves out (``AvgPool2d.divisor_override``, ``count_include_pad``, ...)."""
+    out = {}
+    for key, value in vars(module).items():
+        if key.startswith("_") or key == "training":
+            continue
+        if isinstance(value, _PLAIN) or (
+            isinstance(value, (tuple, list)) and all(isinstance(v, _PLAIN) for v in value)
+        ):
+            out[key] = value
+    return out
+
+
 def hyperparameter_mismatch(dense: nn.Module, pruned: nn.Module) -> str | None:
-    """The first module whose hyperparameters (its ``extra_repr``) differ between the models, or None."""
+    """The first module whose class or hyperparameters (``extra_repr`` and plain attributes) differ, or None."""
     for (name, a), (_, b) in zip(dense.named_modules(), pruned.named_modules()):
+        where = f"'{name}'" if name else "the root"
+        if type(a) is not type(b):
+            return f"the module at {where} is a {type(a).__name__} in the dense model, a {type(b).__name__} pruned"
         if a.extra_repr() != b.extra_repr():
-            where = f"'{name}'" if name else "the root"
             return f"{type(a).__name__} at {where} is ({a.extra_repr()}) in the dense model, ({b.extra_repr()}) pruned"
+        # torch.nn's own modules (the ones the bound propagates through) keep settings in plain attributes;
+        # a framework's wrapper (ModelOpt's SparseModule) keeps its bookkeeping there too, which is not a setting
+        # (an attribute only one side has is such bookkeeping, added to one copy)
+        sa, sb = (_plain_settings(a), _plain_settings(b)) if type(a).__module__.startswith("torch.nn") else ({}, {})
+        key = next((k for k in sorted(set(sa) & set(sb)) if sa[k] != sb[k]), None)
+        if key is not None:
+            return f"{type(a).__name__} at {where} has {key}={sa[key]!r} in the dense model, {sb[key]!r} pruned"
+    return None
+
+
+def precision_problem(models: tuple[nn.Module, ...], precision: torch.dtype) -> str | None:
+    """Why ``precision`` is coarser than a floating parameter of the models (Rψ₁ would round to less), or None."""
+    finest = min(
+        (p.dtype for m in models for p in m.parameters() if p.is_floating_point()),
+        key=lambda d: torch.finfo(d).eps,
+        default=None,
+    )
+    if finest is not None and torch.finfo(precision).eps > torch.finfo(finest).eps:
+        return f"precision {precision} is coarser than the models' {finest} weights: use precision={finest}"
     return None
 
 

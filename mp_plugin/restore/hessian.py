@@ -87,7 +87,8 @@ class _GramHook:
             x = x.index_select(0, pick)
         # products in float32 (fast BLAS), summed over batches in self.dtype: the per-batch
         # rounding (~1e-7 relative) is far below the damping λ = 0.01·mean diag H
-        x = x.to(torch.float32 if self.dtype == torch.float64 else self.dtype)
+        fast = self.dtype == torch.float64 and x.dtype != torch.float64  # a float64 layer: products in float64
+        x = x.to(torch.float32 if fast else self.dtype)
         if not bool(torch.isfinite(x).all()):
             raise RestoreError(
                 f"layer {self.name!r}: its calibration input holds NaN or Inf; restore needs finite activations "
@@ -95,6 +96,9 @@ class _GramHook:
             )
         xq = x.reshape(x.shape[0], groups, -1).transpose(0, 1)  # (Q, rows, d)
         g = (xq.transpose(1, 2) @ xq).to(self.dtype)
+        if fast and not bool(torch.isfinite(g).all()):  # float32 products overflowed (|x| ≳ 1e19): redo in float64
+            xq = xq.to(torch.float64)
+            g = xq.transpose(1, 2) @ xq
         self.gram = g if self.gram is None else self.gram + g
         self.rows += int(x.shape[0])
 

@@ -242,18 +242,30 @@ def restore_layer(
         num_b += output_energy(masked - w, h0)
         num_a += output_energy(x - w, h0)
         out[sl] = torch.where(m, x, torch.zeros((), dtype=dt))
+    # the weights as stored: rounded to the weight's dtype (fp16/bf16 rounding can undo a small gain), and a kept
+    # weight that rounds to zero keeps its given value, so the mask is unchanged
+    stored = out.to(weight.dtype).to(dt)
+    stored = torch.where(m_all & (stored == 0) & (out != 0), current, stored)
+    if bool(torch.isfinite(stored).all()):
+        num_a = sum(
+            output_energy(stored[sl] - w_all[sl], gram.gram[q].to(device=w_all.device, dtype=dt))
+            for q, sl in enumerate(_group_views(w_all, groups))
+        )
     if num_a > num_b:  # never make the calibration error worse (damping trades it for ‖Ŵ − W‖)
-        notes.append("restored error above the masked error; kept the masked weights")
-        out, num_a = current, num_b
-    new = from_kn_matrix(out, dense.shape).to(device=weight.device, dtype=weight.dtype)
+        notes.append(
+            "restored error above the masked error (after rounding to the weight's dtype); kept the masked weights"
+        )
+        stored, num_a = current, num_b
+    new = from_kn_matrix(stored, dense.shape).to(device=weight.device, dtype=weight.dtype)
     if not bool(torch.isfinite(new).all()):  # e.g. restored values beyond float16's range
         notes.append(f"restored weights overflow {weight.dtype}; kept the masked weights")
         new, num_a = from_kn_matrix(current, dense.shape).to(device=weight.device, dtype=weight.dtype), num_b
     with torch.no_grad():
         weight.copy_(new)
+    finite = den > 0 and math.isfinite(den)  # a Gram that overflowed says nothing: NaN, not 0
     return {
-        "rel_error_before": num_b / den if den > 0 else 0.0,
-        "rel_error_after": num_a / den if den > 0 else 0.0,
+        "rel_error_before": num_b / den if finite else (0.0 if den == 0 else float("nan")),
+        "rel_error_after": num_a / den if finite else (0.0 if den == 0 else float("nan")),
         "solver": "+".join(sorted(solvers)) or "none",
         "iterations": iters,
         "rows": gram.rows,
