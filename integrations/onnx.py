@@ -392,7 +392,8 @@ def export_onnx(
     with torch.no_grad():
         reference = model(x32)
     reference = _output_arrays(reference)
-    export_model, x = (model.half(), x32.half()) if dtype == "fp16" else (model, x32)
+    # fp16: a half copy is exported; the caller's model (and the fp32 references) stay float32
+    export_model, x = (copy.deepcopy(model).half(), x32.half()) if dtype == "fp16" else (model, x32)
     bar = progress(total=3 if verify else 2, desc="ONNX export", unit="stage", disable=not show_progress)
     t0 = time.perf_counter()
     exporter = _torch_export(export_model, x, path, opset, dynamic_batch)

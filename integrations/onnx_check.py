@@ -238,7 +238,16 @@ def onnx_parity(path: str | Path, inputs: np.ndarray, reference: np.ndarray | li
         outs = outs[:1]
     if len(outs) != len(refs):
         return float("inf")
-    diffs = [
-        float(np.abs(o.astype(np.float64) - r.astype(np.float64)).max()) if r.size else 0.0 for o, r in zip(outs, refs)
-    ]
-    return max(diffs, default=0.0)
+    return max((_max_diff(o, r) for o, r in zip(outs, refs)), default=0.0)
+
+
+def _max_diff(out: np.ndarray, ref: np.ndarray) -> float:
+    """max |out − ref|; inf where only one side is NaN/±inf or the shapes differ (a NaN must not hide)."""
+    if out.shape != ref.shape:
+        return float("inf")
+    if not ref.size:
+        return 0.0
+    o, r = out.astype(np.float64), ref.astype(np.float64)
+    same = (o == r) | (np.isnan(o) & np.isnan(r))  # equal infinities and NaN on both sides agree
+    d = np.where(same, 0.0, np.abs(o - r))
+    return float("inf") if not bool(np.isfinite(d).all()) else float(d.max())

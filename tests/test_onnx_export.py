@@ -281,3 +281,41 @@ def test_parity_covers_every_output(tmp_path):
     wrong = [refs[0], refs[1] + 1.0]  # only the second output differs
     assert onnx_parity(tmp_path / "two.onnx", x.numpy(), wrong) == pytest.approx(1.0, abs=1e-5)
     assert onnx_parity(tmp_path / "two.onnx", x.numpy(), refs[:1]) == float("inf")
+
+
+def _pruned_24(model: nn.Module):
+    import mp_plugin as mp
+
+    p = mp.plan(model, 0.5, "2:4", config=mp.PlanConfig(selection=mp.LayerSelection(exclude_head=False)))
+    mp.apply(model, p)
+    return p
+
+
+def test_fp16_export_with_a_free_batch_axis_verifies_and_leaves_the_model_float32(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
+    p = _pruned_24(model)
+    report = export_onnx(model, tmp_path / "m.onnx", (2, 32), dtype="fp16", plan=p, dynamic_batch=True)
+    assert report.pattern_ok and (tmp_path / "m.onnx").exists()
+    assert all(t.dtype == torch.float32 for t in model.parameters())  # the caller's model is not converted
+
+
+class _NaNSecond(nn.Module):
+    """Two outputs; the second is finite in float32 but NaN in float16 (z·1e6 overflows to inf, inf − inf)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 64), nn.Linear(64, 16)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.b(torch.relu(self.a(x)))
+        return z, (z * 1e6 - z * 1e6) + z
+
+
+def test_a_nan_in_any_output_fails_the_parity_check(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = _NaNSecond()
+    p = _pruned_24(model)
+    with pytest.raises(ExportError, match="differs"):
+        export_onnx(model, tmp_path / "m.onnx", (2, 32), dtype="fp16", plan=p)
+    assert not (tmp_path / "m.onnx").exists() and (tmp_path / "m.unverified.onnx").exists()
