@@ -24,14 +24,18 @@ The config holds no tensors or modules, so torchao's ``config_to_dict`` /
 ``config_from_dict`` round-trip it (importing this module registers it with
 ``torchao.core.config.ALLOWED_AO_MODULES``); a config loaded elsewhere is attached to
 a model with ``config.bind(model)``. ``torchao.quantize_(model, FqnToConfig({...}))``
-prunes only the modules it names. When a planned module fails, the modules this
-plan already changed are put back before the error is raised. torchao 0.18 is the
+prunes only the modules it names (a parameter key such as ``"blk.weight"`` only that
+module's own weight, not its children's). When a planned module fails (also one the
+plan does not know, e.g. replaced after planning), every module this plan changed is
+put back before the error is raised, those of earlier successful calls with the same
+plan included. The literal line (no plan) prunes module by module as torchao hands
+them over, so a failure part-way leaves the modules before it pruned: plan with
+``MPSparsifier.for_model`` for all or nothing. torchao 0.18 is the
 last release with ``torchao.sparsity``; ``torchao.quantize_`` takes the same handler.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import weakref
@@ -47,9 +51,20 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without torchao
     raise ImportError("mp_plugin.integrations.torchao needs torchao: pip install 'mp-plugin[torchao]'") from exc
 
+from mp_plugin.integrations.torchao_state import (  # noqa: F401 - the adapter's state lives there
+    _BOUND,
+    _DECIDED,
+    _Binding,
+    _Holder,
+    _one_layer_plan,
+    _plan_key,
+    _put_back_state,
+    _refuse_converted,
+    _roll_back_models_holding,
+)
 from mp_plugin.integrations.torchao_targets import FilterFn, reached_layers
 
-from mp_plugin.budget.rules import BUDGET_METHODS
+from mp_plugin.budget.rules import BUDGET_METHODS, check_sparsity
 from mp_plugin.errors import ConfigError, MPPluginError, NoPrunableLayersError, PlanMismatchError
 from mp_plugin.layers.discovery import LayerSelection
 from mp_plugin.layers.patterns import Pattern
@@ -123,6 +138,7 @@ class MPSparsifier(AOBaseConfig):
             self.projection = default_projection(self.restore)
         if self.projection not in MASK_METHODS:
             raise ConfigError(f"unknown projection {self.projection!r}; use one of {MASK_METHODS}")
+        self._check_fields()
         if isinstance(self.plan_config, PlanConfig):
             self.plan_config = _plain(self.plan_config.to_dict())
         elif self.plan_config is not None:
@@ -136,6 +152,24 @@ class MPSparsifier(AOBaseConfig):
             the_plan = PrunePlan.from_dict(self.plan)  # PlanFormatError for a malformed plan
             self.plan = _plain(self.plan)
             self.sparsity, self.pattern, self.budget = the_plan.sparsity, the_plan.pattern, the_plan.method
+
+    def _check_fields(self) -> None:
+        """Refuse bad values here, not when torchao first calls the handler."""
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
+            raise ConfigError(f"MPSparsifier.sparsity must be a number in [0, 1), got {self.sparsity!r}")
+        check_sparsity(self.sparsity)
+        if not isinstance(self.pattern, str):
+            raise ConfigError(f"MPSparsifier.pattern must be a string, got {self.pattern!r}")
+        if self.pattern != "auto":
+            Pattern.parse(self.pattern)  # PatternError for "3:2", "dense", ...
+        if self.budget is not None and self.budget not in BUDGET_METHODS:
+            raise ConfigError(f"unknown budget {self.budget!r}; use one of {sorted(BUDGET_METHODS)}")
+        if self.permute not in (None, False, True, "swap", "interleave", "none"):
+            raise ConfigError(f"MPSparsifier.permute must be None, 'swap' or 'interleave', got {self.permute!r}")
+        if not isinstance(self.accelerate, bool):
+            raise ConfigError(f"MPSparsifier.accelerate must be True or False, got {self.accelerate!r}")
+        if self.plan_config is not None and not isinstance(self.plan_config, (dict, PlanConfig)):
+            raise ConfigError(f"MPSparsifier.plan_config must be a PlanConfig or its dict, got {self.plan_config!r}")
 
     # ------------------------------------------------------------------ API
     @classmethod
@@ -298,82 +332,6 @@ class MPSparsifier(AOBaseConfig):
 ALLOWED_AO_MODULES.add(__name__)  # torchao's config_from_dict looks config classes up in these modules
 
 
-# --------------------------------------------------------------------------- module state (not in the config)
-
-
-@dataclass(eq=False)
-class _Binding:
-    """A plan attached to one model: the live plan, and backups of what the handler changed."""
-
-    plan: PrunePlan
-    root: Any  # weakref to the bound model
-    backups: dict[str, tuple[Any, nn.Parameter, torch.Tensor]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.pending = {lp.name for lp in self.plan.layers if lp.pattern != "dense"}
-        self.first_log = dict(self.plan.applied.get("layers", {}))
-
-    def roll_back(self) -> None:
-        """Put every module this binding changed back as it was, and forget what was applied."""
-        for name, (module_ref, param, dense) in self.backups.items():
-            module = module_ref()
-            if module is None:
-                continue
-            with torch.no_grad():
-                param.copy_(dense.to(param.device))
-            module.weight = param
-            self.pending.add(name)
-        self.backups.clear()
-        self.plan.applied["layers"] = dict(self.first_log)
-
-
-_BOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module → {plan key: (binding, fqn)}
-_DECIDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module → {settings key: (LayerPlan, log)}
-
-
-def _plan_key(plan_dict: dict) -> str:
-    """Identity of a plan's decisions (names, shapes, patterns, counts), cheap to recompute per call."""
-    layers = [(lp["name"], lp["weight_shape"], lp["pattern"], lp["n_prune"]) for lp in plan_dict["layers"]]
-    text = json.dumps([layers, plan_dict.get("created", ""), plan_dict.get("model_name", "")])
-    return hashlib.sha1(text.encode()).hexdigest()
-
-
-def _refuse_converted(module: nn.Module) -> None:
-    for name, mod in module.named_modules():
-        w = getattr(mod, "weight", None)
-        if isinstance(w, torch.Tensor) and type(w) not in (torch.Tensor, nn.Parameter):
-            raise MPPluginError(
-                f"{name or type(mod).__name__}: weight is a {type(w).__name__}, already converted by another "
-                "tool; MPSparsifier needs plain dense weights"
-            )
-
-
-def _put_back_state(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
-    live = model.state_dict(keep_vars=True)
-    with torch.no_grad():
-        for key, value in saved.items():
-            if key in live and tuple(live[key].shape) == tuple(value.shape):
-                live[key].copy_(value.to(live[key].device))
-
-
-class _Holder(nn.Module):
-    """Gives a lone module the name ``"m"`` so the core's plan/apply can address it (the module is not changed)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.m = module
-
-
-def _one_layer_plan(the_plan: PrunePlan, lp: LayerPlan) -> PrunePlan:
-    return PrunePlan(
-        the_plan.sparsity,
-        the_plan.pattern,
-        the_plan.method,
-        [LayerPlan(**{**lp.__dict__, "name": "m"})],
-        config=the_plan.config,
-    )
-
-
 # --------------------------------------------------------------------------- the handler
 
 
@@ -391,25 +349,39 @@ def convert_module(module: nn.Module, config: MPSparsifier, parameter_name: str 
     """
     if parameter_name not in (None, "weight"):  # FqnToConfig named a bias or other parameter: nothing to prune
         return module
-    _refuse_converted(module)
-    done = _apply_alone(module, config) if config.plan is None else _apply_planned(module, config)
+    own_only = parameter_name == "weight"  # a parameter key names this module's weight, not its children's
+    if config.plan is None:
+        _refuse_converted(module)
+        done = _apply_alone(module, config, own_only)
+    else:
+        try:
+            _refuse_converted(module)
+            done = _apply_planned(module, config, own_only)
+        except BaseException:  # also a module the plan does not know: put back what this plan changed
+            _roll_back_models_holding(module, config)
+            raise
     if config.accelerate:
         for sub, pattern in done:
             _accelerate(sub, pattern)
     return module
 
 
-def _apply_alone(module: nn.Module, config: MPSparsifier) -> list[tuple[nn.Module, str]]:
-    """The literal line: plan and prune the layers of ``module`` on their own (k:n magnitude)."""
+def _apply_alone(module: nn.Module, config: MPSparsifier, own_only: bool = False) -> list[tuple[nn.Module, str]]:
+    """The literal line: plan and prune the layers of ``module`` on their own (k:n magnitude).
+
+    torchao calls the handler module by module, so a failure part-way leaves the modules handled
+    before it pruned; plan with :meth:`MPSparsifier.for_model` for all or nothing.
+    """
     reason = config._whole_model_decision()
     if reason is not None:
         raise MPPluginError(
             f"{reason}: plan the whole model first: config = MPSparsifier.for_model(model, ...), then sparsify_"
         )
     base = config._plan_config()
-    cfg = PlanConfig(
-        **{**base.__dict__, "selection": LayerSelection(**{**base.selection.to_dict(), "exclude_head": False})}
-    )
+    chosen = {**base.selection.to_dict(), "exclude_head": False}
+    if own_only:
+        chosen["include_only"] = ["^m$"]
+    cfg = PlanConfig(**{**base.__dict__, "selection": LayerSelection(**chosen)})
     holder = _Holder(module)
     try:
         own = plan(holder, config.sparsity, config.pattern, config.budget, cfg)
@@ -425,8 +397,9 @@ def _apply_alone(module: nn.Module, config: MPSparsifier) -> list[tuple[nn.Modul
     return done
 
 
-def _apply_planned(module: nn.Module, config: MPSparsifier) -> list[tuple[nn.Module, str]]:
-    """A planned config: apply the plan's layers inside ``module``; on failure put back what the plan changed."""
+def _apply_planned(module: nn.Module, config: MPSparsifier, own_only: bool = False) -> list[tuple[nn.Module, str]]:
+    """A planned config: apply the plan's layers inside ``module`` (only its own weight with ``own_only``);
+    on failure put back what the plan changed."""
     entry = _BOUND.get(module, {}).get(_plan_key(config.plan))
     if entry is None:
         raise PlanMismatchError(
@@ -434,7 +407,11 @@ def _apply_planned(module: nn.Module, config: MPSparsifier) -> list[tuple[nn.Mod
             "MPSparsifier.for_model(model, ...) or config.bind(model) before sparsify_/quantize_"
         )
     binding, name = entry
-    inside = [lp for lp in binding.plan.layers if not name or lp.name == name or lp.name.startswith(name + ".")]
+    inside = [
+        lp
+        for lp in binding.plan.layers
+        if lp.name == name or (not own_only and (not name or lp.name.startswith(name + ".")))
+    ]
     try:
         work = []
         for lp in inside:  # check all of them before touching one

@@ -26,6 +26,8 @@ from typing import Any
 
 from torch import nn
 
+from mp_plugin.errors import ConfigError
+
 __all__ = ["is_linear_target", "filter_matches", "fqn_matches", "reached_layers"]
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -63,37 +65,41 @@ def _as_mapping(fqn_to_config: Any) -> Mapping[str, Any]:
         return mapping
     if isinstance(fqn_to_config, Iterable) and not isinstance(fqn_to_config, str):
         return dict.fromkeys(fqn_to_config, _SELECTED)
-    raise TypeError(f"fqn_to_config must be an FqnToConfig, a mapping or a list of keys, got {fqn_to_config!r}")
+    raise ConfigError(f"fqn_to_config must be an FqnToConfig, a mapping or a list of keys, got {fqn_to_config!r}")
 
 
-def _resolve(module: nn.Module, fqn: str, mapping: Mapping[str, Any]) -> tuple[str, Any] | None:
-    """What ``FqnToConfig`` gives ``module``: ``("weight", config)``, ``("module", config)`` or None."""
+def _resolve(module: nn.Module, fqn: str, mapping: Mapping[str, Any]) -> tuple[str, list[Any]] | None:
+    """What ``FqnToConfig`` gives ``module``: ``("weight", configs)``, ``("module", [config])`` or None.
+
+    As torchao 0.18's ``quantize_`` does: an exact parameter key and then *every* regex matching the
+    parameter's name each call the handler for the weight, so a weight can receive several configs.
+    """
     attributes = dir(module)
     params = [n for n, _ in module.named_parameters() if n in attributes]  # torchao's "top-level" parameters
     full = {n: f"{fqn}.{n}" if fqn else n for n in params}
-    found, weight, skip = False, None, set()
+    found, weight, skip = False, [], set()
     for n in params:
         if full[n] in mapping:
             found = True
             if mapping[full[n]] is None:
                 skip.add(n)
             elif n == "weight":
-                weight = mapping[full[n]]
+                weight.append(mapping[full[n]])
     if not found and fqn in mapping:
-        return None if mapping[fqn] is None else ("module", mapping[fqn])
+        return None if mapping[fqn] is None else ("module", [mapping[fqn]])
     for n in params:
         for key, value in mapping.items():
             if n not in skip and key.startswith("re:") and re.fullmatch(key[3:], full[n]):
                 found = True
                 if n == "weight" and value is not None:
-                    weight = value
+                    weight.append(value)
     if found:
-        return None if weight is None else ("weight", weight)
+        return ("weight", weight) if weight else None
     for key, value in mapping.items():
         if key.startswith("re:") and re.fullmatch(key[3:], fqn):
-            return None if value is None else ("module", value)
+            return None if value is None else ("module", [value])
     default = mapping.get("_default")
-    return None if default is None else ("module", default)
+    return None if default is None else ("module", [default])
 
 
 def fqn_matches(
@@ -125,7 +131,7 @@ def fqn_matches(
         if not (own or param or ("_default" in mapping and is_linear_target(module))):
             continue
         hit = _resolve(module, fqn, mapping)
-        if hit is not None and (hit[1] is _SELECTED or wanted(hit[1])):
+        if hit is not None and any(c is _SELECTED or wanted(c) for c in hit[1]):
             out.append((fqn, module, hit[0]))
     return out
 
@@ -138,7 +144,7 @@ def reached_layers(
 ) -> list[str]:
     """Names of the modules whose weights the handler will see (a whole-module call: the subtree)."""
     if filter_fn is not None and fqn_to_config is not None:
-        raise ValueError("give filter_fn or fqn_to_config, not both (torchao refuses both as well)")
+        raise ConfigError("give filter_fn or fqn_to_config, not both (torchao refuses both as well)")
     if fqn_to_config is not None:
         hits = fqn_matches(model, fqn_to_config, wanted)
         pairs = [(fqn, module) for fqn, module, _ in hits]

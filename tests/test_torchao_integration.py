@@ -454,3 +454,70 @@ def test_restore_through_sparsify_matches_the_core_route_and_beats_masking(vit: 
         sparsify_(copy.deepcopy(dense), MPSparsifier(restore=True))
     with pytest.raises(mp.MPPluginError, match="calibration"):
         MPSparsifier.for_model(copy.deepcopy(dense), restore=True)
+
+
+# ------------------------------------------------------------------ an audit's findings
+
+
+def _mlp3() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16))
+
+
+def test_a_module_replaced_after_planning_fails_and_leaves_the_model_as_it_was() -> None:
+    model = _mlp3()
+    cfg = MPSparsifier.for_model(model, pattern="unstructured", plan_config=mp.PlanConfig(
+        selection=mp.LayerSelection(exclude_head=False)))  # fmt: skip
+    model[4] = nn.Linear(64, 16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(mp.MPPluginError):
+        sparsify_(model, cfg)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_fqn_to_config_counts_every_config_a_weight_receives() -> None:
+    from torchao.quantization import FqnToConfig
+
+    class Other(AOBaseConfig):
+        pass
+
+    model = _mlp3()
+    hit = fqn_matches(
+        model, {"0.weight": MPSparsifier(), "re:.*weight": Other()}, lambda c: isinstance(c, MPSparsifier)
+    )
+    assert [fqn for fqn, _, _ in hit] == ["0"]  # the exact key and a regex both call the handler for 0.weight
+    hit = fqn_matches(
+        model, {"re:.*weight": MPSparsifier(), r"re:2\.weight": Other()}, lambda c: isinstance(c, MPSparsifier)
+    )
+    assert [fqn for fqn, _, _ in hit] == ["0", "2", "4"]
+    assert FqnToConfig is not None
+
+
+def test_a_parameter_key_prunes_only_that_modules_own_weight() -> None:
+    from torchao.quantization import FqnToConfig
+
+    class Blk(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(64))
+            self.proj = nn.Linear(64, 64)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x * self.weight)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), Blk(), nn.Linear(64, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torchao.quantize_(model, FqnToConfig({"1.weight": MPSparsifier()}), filter_fn=None)
+    assert int((model[1].proj.weight == 0).sum()) == 0 and int((model[0].weight == 0).sum()) == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"sparsity": 1.5}, {"sparsity": "0.5"}, {"pattern": "3:2"}, {"budget": "nope"}, {"permute": "bogus"},
+     {"accelerate": "yes"}, {"plan_config": 5}],
+)  # fmt: skip
+def test_bad_settings_are_refused_when_the_config_is_made(kwargs: dict) -> None:
+    with pytest.raises(mp.MPPluginError):
+        MPSparsifier(**kwargs)
