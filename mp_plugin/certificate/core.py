@@ -38,11 +38,11 @@ from mp_plugin.certificate.result import Certificate, LayerCertificate
 from mp_plugin.certificate.rigor import (
     DEFAULT_ROUNDING_RTOL,
     autocast_problem,
+    bound_preserved,
     hook_problem,
     hyperparameter_mismatch,
     own_forward_problem,
     precision_problem,
-    rounding_allowance,
     tied_problem,
 )
 from mp_plugin.errors import CertificateInputError, NonFiniteActivationError, NotCertifiable
@@ -389,23 +389,8 @@ def certify(
     eta = eta.to(margin_pred.device)
     preserved = margin_pred > 2 * eta
     pred_pruned = z_pruned.argmax(1)
-    if mode == "bound":  # proven in exact arithmetic: keep a margin for the rounding of the computed logits
-        allowance = rounding_allowance(z_dense, z_pruned, rounding_rtol).to(eta.device)
-        proven = margin_pred > 2 * (eta + allowance)
-        if bool((preserved & ~proven).any()):
-            notes.append(
-                f"{int((preserved & ~proven).sum())} samples with margin > 2η are not marked preserved: their "
-                f"margin is within the float-rounding allowance ({rounding_rtol:g}·(‖z_A‖∞ + ‖z_S‖∞))"
-            )
-        # rounding the allowance does not see (cancellation inside the network) can still flip a computed
-        # prediction: a sample counts only when the computed predictions agree as well
-        agree = (pred.to(pred_pruned.device) == pred_pruned).to(proven.device)
-        if bool((proven & ~agree).any()):
-            notes.append(
-                f"{int((proven & ~agree).sum())} samples beat 2η plus the allowance but their computed predictions "
-                "differ (float rounding inside the network): not marked preserved"
-            )
-        preserved = proven & agree
+    if mode == "bound":  # proven in exact arithmetic, with a rounding allowance and the computed predictions agreeing
+        preserved = bound_preserved(margin_pred, eta, z_dense, z_pruned, pred, pred_pruned, rounding_rtol, notes)
     changed = pred != pred_pruned
     measured: dict = {"agreement": float((~changed).double().mean()), "kind": MEASURED}
     if lab is not None:

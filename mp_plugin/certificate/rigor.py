@@ -154,3 +154,36 @@ def rounding_allowance(z_dense: torch.Tensor, z_pruned: torch.Tensor, rtol: floa
     """(B,) extra margin for float rounding: rtol·(‖z_A(s)‖∞ + ‖z_S(s)‖∞), in logit units."""
     scale = z_dense.double().abs().amax(1) + z_pruned.double().abs().amax(1).to(z_dense.device)
     return rtol * scale
+
+
+def bound_preserved(
+    margin: torch.Tensor,
+    eta: torch.Tensor,
+    z_dense: torch.Tensor,
+    z_pruned: torch.Tensor,
+    pred: torch.Tensor,
+    pred_pruned: torch.Tensor,
+    rtol: float,
+    notes: list[str],
+) -> torch.Tensor:
+    """(B,) bool: the bound mode's preserved samples, with a note for each kind left out.
+
+    A sample counts when its margin beats 2(η + allowance) (:func:`rounding_allowance`) and the two
+    models' computed predictions agree: rounding inside the network (a large value cancelled by a
+    bias) can exceed an allowance measured on the logits.
+    """
+    preserved = margin > 2 * eta
+    allowance = rounding_allowance(z_dense, z_pruned, rtol).to(eta.device)
+    proven = margin > 2 * (eta + allowance)
+    if bool((preserved & ~proven).any()):
+        notes.append(
+            f"{int((preserved & ~proven).sum())} samples with margin > 2η are not marked preserved: their "
+            f"margin is within the float-rounding allowance ({rtol:g}·(‖z_A‖∞ + ‖z_S‖∞))"
+        )
+    agree = (pred.to(pred_pruned.device) == pred_pruned).to(proven.device)
+    if bool((proven & ~agree).any()):
+        notes.append(
+            f"{int((proven & ~agree).sum())} samples beat 2η plus the allowance but their computed predictions "
+            "differ (float rounding inside the network): not marked preserved"
+        )
+    return proven & agree
