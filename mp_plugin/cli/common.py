@@ -89,26 +89,27 @@ def _writable_parent(path: Path, text: str) -> None:
             return
 
 
-def out_file(text: str) -> str:
-    """An argparse type for a file to write: not a directory, under a writable directory (checked before any work)."""
+def _output(text: str, want_dir: bool) -> str:
     path = Path(text)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a directory: give a file name")
+    wrong = path.exists() and path.is_dir() != want_dir
+    if wrong:
+        raise argparse.ArgumentTypeError(
+            f"{text} is an existing file, not a directory" if want_dir else f"{text} is a directory: give a file name"
+        )
     if path.exists() and not os.access(path, os.W_OK):
         raise argparse.ArgumentTypeError(f"{text} is not writable")
     _writable_parent(path, text)
     return text
 
 
+def out_file(text: str) -> str:
+    """An argparse type for a file to write: not a directory, under a writable directory (checked before any work)."""
+    return _output(text, want_dir=False)
+
+
 def out_dir(text: str) -> str:
     """An argparse type for an output directory: not an existing file, creatable and writable."""
-    path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is an existing file, not a directory")
-    if path.is_dir() and not os.access(path, os.W_OK):
-        raise argparse.ArgumentTypeError(f"{text} is not writable")
-    _writable_parent(path, text)
-    return text
+    return _output(text, want_dir=True)
 
 
 def _device(text: str) -> str:
