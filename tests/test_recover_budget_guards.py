@@ -184,3 +184,32 @@ def test_mp_singular_value_pruning_refuses_bad_periods_and_ranks(kwargs: dict) -
 
     with pytest.raises(MPPluginError):
         MPSingularValuePruning(**kwargs)
+
+
+def test_prune_target_is_the_floor_at_any_size_and_never_everything() -> None:
+    from mp_plugin.masks.counts import global_prune_counts, prune_target
+
+    assert prune_target(0.7, 1_000_000_001) == 700_000_000
+    assert prune_target(0.3, 10) == 3 and prune_target(0.5, 7) == 3
+    assert prune_target(0.9999999999, 10) == 9 and prune_target(0.999999999, 7) == 6
+    assert global_prune_counts([torch.randn(10)], [1.0], 0.9999999999) == [9]
+
+
+def test_unstructured_mask_refuses_nan_scores() -> None:
+    from mp_plugin.errors import InvalidWeightError
+    from mp_plugin.masks.select import unstructured_mask
+
+    with pytest.raises(InvalidWeightError):
+        unstructured_mask(torch.tensor([1.0, 2.0, float("nan"), 3.0, 4.0]), 2)
+
+
+def test_cast_refuses_a_non_finite_covariance() -> None:
+    from mp_plugin.errors import CalibrationError
+    from mp_plugin.layers.calibration import GroupCovariance
+    from mp_plugin.masks.cast import cast_project
+
+    cov = torch.eye(4, dtype=torch.float64)[None].clone()
+    cov[0, 3, 3] = float("inf")
+    stats = GroupCovariance(cov=cov, n=4, rows=8)
+    with pytest.raises(CalibrationError):
+        cast_project(torch.tensor([[4.0, 3.0, 0.2, 0.1]]), stats, 2, 4)

@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from mp_plugin.errors import MPPluginError, PatternError
+from mp_plugin.errors import CalibrationError, MPPluginError, PatternError
 from mp_plugin.layers.calibration import GroupCovariance, group_index
 from mp_plugin.layers.layout import from_kn_matrix, kn_eligible, kn_matrix, kn_width
 from mp_plugin.masks.select import assert_kn_exact
@@ -155,6 +155,8 @@ def cast_project(
     cfg = config or CastConfig()
     if stats.n != n:
         raise PatternError(f"covariance was captured for groups of {stats.n}, not {n}")
+    if not bool(torch.isfinite(stats.cov).all()):  # inf·0 in the pattern costs would pick arbitrary slots
+        raise CalibrationError("the CAST covariance holds NaN or Inf: check the calibration inputs")
     rows = u.shape[0]
     if not kn_eligible(u.shape, n):
         raise PatternError(f"input channels {kn_width(u.shape)} are not divisible by n={n}")

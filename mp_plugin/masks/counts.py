@@ -32,13 +32,16 @@ def check_sparsity(sparsity: float) -> float:
 def prune_target(sparsity: float, total: int) -> int:
     """⌊s · total⌋, the number of weights a sparsity s removes from ``total`` (ALGORITHM.md §2.4).
 
-    A product within 1e-9 (relative) of an integer counts as that integer, so s = 0.3 of 10
-    weights is 3 although 0.3 · 10 rounds to 2.9999999999999996 or 3.0000000000000004 in floats.
-    A sparsity below 1 therefore never removes every weight of a small model.
+    A product within a few float ulps of an integer counts as that integer, so s = 0.3 of 10
+    weights is 3 although 0.3 · 10 rounds to 2.9999999999999996 or 3.0000000000000004 in floats
+    (the tolerance is absolute in float resolution, so it stays below one weight at any size).
+    A sparsity below 1 never removes every weight.
     """
-    t = float(sparsity) * int(total)
+    s, n = float(sparsity), int(total)
+    t = s * n
     near = round(t)
-    return int(near) if abs(t - near) <= 1e-9 * max(1.0, t) else int(math.floor(t))
+    out = int(near) if abs(t - near) <= 8 * math.ulp(max(abs(t), 1.0)) else int(math.floor(t))
+    return min(out, n - 1) if s < 1 and n > 0 else out
 
 
 _CHUNK = 1 << 22  # entries scored at once: the workspace of global_prune_counts is a few of these

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from mp_plugin.errors import ConfigError, PatternError
+from mp_plugin.errors import ConfigError, InvalidWeightError, PatternError
 from mp_plugin.layers.layout import from_kn_matrix, kn_eligible, kn_matrix, kn_width
 from mp_plugin.masks.counts import global_prune_counts
 
@@ -89,6 +89,10 @@ def unstructured_mask(weight: torch.Tensor, n_prune: int, score: torch.Tensor | 
     sc = (weight if score is None else score).detach().abs().reshape(-1)
     if not sc.is_floating_point():
         sc = sc.float()
+    if sc.numel() != numel:
+        raise ConfigError(f"score has {sc.numel()} entries, the weight {numel}")
+    if not bool(torch.isfinite(sc).all()):
+        raise InvalidWeightError("unstructured_mask: the weight or score holds NaN or Inf, no exact count exists")
     thresh = torch.kthvalue(sc, n_prune).values
     below = sc < thresh
     ties = sc == thresh
