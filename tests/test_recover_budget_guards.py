@@ -213,3 +213,38 @@ def test_cast_refuses_a_non_finite_covariance() -> None:
     stats = GroupCovariance(cov=cov, n=4, rows=8)
     with pytest.raises(CalibrationError):
         cast_project(torch.tensor([[4.0, 3.0, 0.2, 0.1]]), stats, 2, 4)
+
+
+def test_layer_selection_heads_shared_weights_and_bad_rules() -> None:
+    from mp_plugin.layers.discovery import find_target_layers
+
+    head_in_seq = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+    model = nn.Module()
+    model.features, model.classifier = head_in_seq, nn.Sequential(nn.Dropout(), nn.Linear(16, 4))
+    targets, skipped = find_target_layers(model)
+    assert [t.name for t in targets] == ["features.0"]  # "classifier.1" is the head (torchvision style)
+    assert ("classifier.1", "classifier head") in [(s.name, s.reason) for s in skipped]
+    tied = nn.Module()
+    tied.body, tied.mid, tied.head = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64)
+    tied.head.weight = tied.body.weight  # the head is left out, so its alias is too
+    targets, _ = find_target_layers(tied)
+    assert [t.name for t in targets] == ["mid"]
+    for bad in ({"exclude": "attn"}, {"exclude": ["("]}, {"min_dim": "2"}, {"include_only": None}):
+        with pytest.raises(ConfigError):
+            LayerSelection(**bad)
+    with pytest.raises(ConfigError):
+        find_target_layers(None)
+    with pytest.raises(ConfigError):
+        mp.sparsity_report(None)
+
+
+def test_hessian_selection_with_a_transposed_weight_restores_without_error() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    model[2].weight = nn.Parameter(torch.randn(64, 64).t().contiguous().t())  # column-major storage
+    sel = PlanConfig(selection=LayerSelection(exclude_head=False))
+    p = mp.plan(model, 0.5, "unstructured", "magnitude", sel)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mp.apply(model, p, calibration=torch.randn(256, 64), restore=True)
+    assert sum(int((model[i].weight == 0).sum()) for i in (0, 2, 4)) == sum(lp.n_prune for lp in p.layers)

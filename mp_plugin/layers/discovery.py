@@ -11,13 +11,15 @@ once, under its first name.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from mp_plugin.errors import ConfigError
 from mp_plugin.layers.offload import weight_identity
 
 __all__ = ["LayerSelection", "TargetLayer", "SkippedLayer", "find_target_layers", "classify_layer_type"]
@@ -69,6 +71,26 @@ class LayerSelection:
     exclude: list[str] = field(default_factory=list)
     include_only: list[str] = field(default_factory=list)
     min_dim: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("exclude", "include_only"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not isinstance(value, (list, tuple)):  # a str would be read letter by letter
+                raise ConfigError(f"LayerSelection.{name} must be a list of regular expressions, got {value!r}")
+            for pattern in value:
+                if not isinstance(pattern, str):
+                    raise ConfigError(f"LayerSelection.{name} holds {pattern!r}, not a regular expression string")
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ConfigError(
+                        f"LayerSelection.{name}: {pattern!r} is not a regular expression ({exc})"
+                    ) from exc
+            setattr(self, name, list(value))
+        for name in ("min_dim", "stem_channels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"LayerSelection.{name} must be an integer ≥ 0, got {value!r}")
 
     def to_dict(self) -> dict:
         """JSON-ready copy."""
@@ -138,9 +160,50 @@ def _head_modules(model: nn.Module) -> list[nn.Module]:
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             last = (name, module)
-    if last is not None and last[0].rsplit(".", 1)[-1] in _HEAD_NAMES:
-        return [last[1]]
+    if last is not None:  # torchvision puts its head in a Sequential: "classifier.1" is named by "classifier"
+        named = next((p for p in reversed(last[0].split(".")) if not p.isdigit()), "")
+        if named in _HEAD_NAMES:
+            return [last[1]]
     return []
+
+
+def _matrix_shape(weight: torch.Tensor) -> tuple[int, int]:
+    """(out, in·kernel) of a Linear/Conv weight, also for an empty one."""
+    return int(weight.shape[0]), int(math.prod(weight.shape[1:]))
+
+
+def _skip_reason(
+    name: str,
+    module: nn.Module,
+    kind: str,
+    sel: LayerSelection,
+    heads: list[nn.Module],
+    embeddings: dict,
+    excl: list[re.Pattern],
+    only: list[re.Pattern],
+) -> str | None:
+    """Why the selection leaves this module out (None: it is a target, unless its weight is shared)."""
+    reason = None
+    if kind == "linear" and not sel.include_linear:
+        reason = "Linear layers excluded"
+    elif kind != "linear" and not sel.include_conv:
+        reason = "conv layers excluded"
+    elif kind != "linear" and module.groups > 1:
+        reason = "grouped/depthwise conv" if sel.exclude_grouped else None
+    if reason is None and kind != "linear" and sel.exclude_stem and module.in_channels <= sel.stem_channels:
+        reason = f"stem conv (C_in={module.in_channels})"
+    if reason is None and any(module is h for h in heads):
+        reason = "classifier head"
+    if reason is None and weight_identity(module) in embeddings:
+        reason = f"weight tied to the input embedding {embeddings[weight_identity(module)]}"
+    if reason is None and any(p.search(name) for p in excl):
+        reason = "excluded by name"
+    if reason is None and only and not any(p.search(name) for p in only):
+        reason = "not in include_only"
+    shape = _matrix_shape(module.weight)
+    if reason is None and min(shape) < sel.min_dim:
+        reason = f"matrix {shape[0]}×{shape[1]} smaller than min_dim={sel.min_dim}"
+    return reason
 
 
 def find_target_layers(
@@ -156,6 +219,8 @@ def find_target_layers(
         The selected :class:`TargetLayer` list and a :class:`SkippedLayer` list
         naming every Linear/Conv left out with its reason.
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"expected a torch nn.Module, got {type(model).__name__}")
     sel = selection or LayerSelection()
     heads = _head_modules(model) if sel.exclude_head else []
     embeddings = {
@@ -165,46 +230,38 @@ def find_target_layers(
     }
     excl = [re.compile(p) for p in sel.exclude]
     only = [re.compile(p) for p in sel.include_only]
-    seen: dict[tuple, TargetLayer] = {}
-    targets: list[TargetLayer] = []
-    skipped: list[SkippedLayer] = []
+    entries: list[tuple[str, nn.Module, str, Any, str | None]] = []  # name, module, kind, weight key, reason
     for name, module in model.named_modules():
         kind = _kind(module)
         if kind is None:
             continue
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor):
-            skipped.append(SkippedLayer(name, "no weight tensor"))
+            entries.append((name, module, kind, None, "no weight tensor"))
             continue
-        key = weight_identity(module)  # offloaded ties are seen in accelerate's store
-        if key in seen:
+        entries.append((name, module, kind, weight_identity(module), _skip_reason(name, module, kind, sel, heads,
+                                                                              embeddings, excl, only)))  # fmt: skip
+    # a weight shared with a module left out is left out everywhere: pruning an alias prunes it too
+    left_out = {}
+    for name, _, _, key, reason in entries:
+        if key is not None and reason is not None and key not in left_out:
+            left_out[key] = (name, reason)
+    seen: dict[Any, TargetLayer] = {}
+    targets: list[TargetLayer] = []
+    skipped: list[SkippedLayer] = []
+    for name, module, kind, key, reason in entries:
+        if key is not None and key in seen:
             seen[key].aliases.append(name)
             skipped.append(SkippedLayer(name, f"shares its weight with {seen[key].name}"))
             continue
-        reason = None
-        if kind == "linear" and not sel.include_linear:
-            reason = "Linear layers excluded"
-        elif kind != "linear" and not sel.include_conv:
-            reason = "conv layers excluded"
-        elif kind != "linear" and module.groups > 1:
-            reason = "grouped/depthwise conv" if sel.exclude_grouped else None
-        if reason is None and kind != "linear" and sel.exclude_stem and module.in_channels <= sel.stem_channels:
-            reason = f"stem conv (C_in={module.in_channels})"
-        if reason is None and any(module is h for h in heads):
-            reason = "classifier head"
-        if reason is None and key in embeddings:
-            reason = f"weight tied to the input embedding {embeddings[key]}"
-        if reason is None and any(p.search(name) for p in excl):
-            reason = "excluded by name"
-        if reason is None and only and not any(p.search(name) for p in only):
-            reason = "not in include_only"
-        shape = (int(weight.shape[0]), int(weight[0].numel()))
-        if reason is None and min(shape) < sel.min_dim:
-            reason = f"matrix {shape[0]}×{shape[1]} smaller than min_dim={sel.min_dim}"
+        if reason is None and key in left_out:
+            other, why = left_out[key]
+            reason = f"shares its weight with {other} ({why})"
         if reason is not None:
             skipped.append(SkippedLayer(name, reason))
             continue
-        layer = TargetLayer(name, module, kind, classify_layer_type(name), shape)
+        weight = module.weight
+        layer = TargetLayer(name, module, kind, classify_layer_type(name), _matrix_shape(weight))
         seen[key] = layer
         targets.append(layer)
     return targets, skipped

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mp_plugin.errors import MPPluginError, PatternError, PlanMismatchError
+from mp_plugin.errors import ConfigError, MPPluginError, PatternError, PlanFormatError, PlanMismatchError
 from mp_plugin.layers.calibration import capture_covariances, first_batch
 from mp_plugin.layers.offload import onloaded
 from mp_plugin.layers.patterns import Pattern
@@ -433,6 +433,10 @@ def sparsity_report(model: nn.Module, plan: PrunePlan | None = None) -> Sparsity
     Returns:
         A :class:`SparsityReport`.
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"sparsity_report needs a torch nn.Module, got {type(model).__name__}")
+    if plan is not None and not isinstance(plan, PrunePlan):
+        raise PlanFormatError(f"sparsity_report: plan must be a PrunePlan or None, got {type(plan).__name__}")
     if plan is not None:
         modules = plan.check_model(model)
         items = [(lp.name, modules[lp.name], Pattern.parse(lp.pattern)) for lp in plan.layers]

@@ -74,7 +74,7 @@ def compensated_unstructured_mask(w: torch.Tensor, hinv: torch.Tensor, n_prune: 
     if not 0 <= n_prune <= w.numel():
         raise PatternError(f"cannot prune {n_prune} of {w.numel()} weights")
     score = w.square() / torch.diagonal(hinv)[None, :]
-    mask = torch.ones_like(w, dtype=torch.bool)
+    mask = torch.ones(w.shape, dtype=torch.bool, device=w.device)  # contiguous, whatever w's strides
     if n_prune:
         mask.view(-1)[torch.topk(score.reshape(-1), n_prune, largest=False).indices] = False
     return mask
