@@ -248,3 +248,13 @@ def test_hessian_selection_with_a_transposed_weight_restores_without_error() -> 
         warnings.simplefilter("ignore")
         mp.apply(model, p, calibration=torch.randn(256, 64), restore=True)
     assert sum(int((model[i].weight == 0).sum()) for i in (0, 2, 4)) == sum(lp.n_prune for lp in p.layers)
+
+
+def test_restore_names_the_calibration_batch_that_fails() -> None:
+    from mp_plugin.errors import CalibrationError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+    p = mp.plan(model, 0.5, "unstructured", "magnitude", PlanConfig(selection=LayerSelection(exclude_head=False)))
+    with pytest.raises(CalibrationError, match="calibration batch 1 "):
+        mp.apply(model, p, calibration=[torch.randn(64, 32), torch.randn(8, 31)], restore=True)

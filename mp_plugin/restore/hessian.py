@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mp_plugin.errors import MPPluginError
+from mp_plugin.errors import CalibrationError, MPPluginError
 from mp_plugin.layers.calibration import eval_mode, layer_input_rows, run_batches
 from mp_plugin.layers.layout import kn_input_columns
 
@@ -186,11 +186,17 @@ def run_stoppable(model: nn.Module, data: Any) -> None:
     """Run calibration ``data`` through ``model`` in eval mode, each batch's forward ending early
     where a hook raises :class:`StopForward` (see ``mp_plugin.layers.calibration.run_batches``)."""
     with eval_mode(model):
-        for batch in data if isinstance(data, list) else [data]:
+        for i, batch in enumerate(data if isinstance(data, list) else [data]):
             try:
                 run_batches(model, [batch])
             except StopForward:
                 pass
+            except CalibrationError as exc:  # run_batches saw one batch: name the real one
+                if isinstance(data, list) and i:
+                    raise CalibrationError(
+                        str(exc).replace("calibration batch 0", f"calibration batch {i}", 1)
+                    ) from exc
+                raise
 
 
 def _stop(module: nn.Module, inputs: tuple, output: Any) -> None:
