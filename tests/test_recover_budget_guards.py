@@ -258,3 +258,16 @@ def test_restore_names_the_calibration_batch_that_fails() -> None:
     p = mp.plan(model, 0.5, "unstructured", "magnitude", PlanConfig(selection=LayerSelection(exclude_head=False)))
     with pytest.raises(CalibrationError, match="calibration batch 1 "):
         mp.apply(model, p, calibration=[torch.randn(64, 32), torch.randn(8, 31)], restore=True)
+
+
+def test_sequential_restore_names_the_calibration_batch_that_fails() -> None:
+    """The block replay runs batches 1… on their own: the message still names the batch by its index."""
+    from mp_plugin.errors import CalibrationError
+    from mp_plugin.restore import RestoreConfig
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+    p = mp.plan(model, 0.5, "unstructured", "magnitude", PlanConfig(selection=LayerSelection(exclude_head=False)))
+    calibration = [torch.randn(64, 32), torch.randn(64, 32), torch.randn(8, 31)]
+    with pytest.raises(CalibrationError, match="calibration batch 2 "):
+        mp.apply(model, p, calibration=calibration, restore=RestoreConfig(sequential=True))

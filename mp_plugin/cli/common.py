@@ -112,13 +112,11 @@ def out_dir(text: str) -> str:
     return _output(text, want_dir=True)
 
 
-def _device(text: str) -> str:
+def device_name(text: str) -> str:
+    """An argparse type for a torch device: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
     if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", text):
         raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or mps, got {text!r}")
     return text
-
-
-device_name = _device
 
 
 def add_input_size_arg(parser: argparse.ArgumentParser) -> None:

@@ -7,8 +7,8 @@ imported: one that fails to import is an error, not a missing command.
 
 Every failure ends with one line on stderr (``mp-plugin <cmd>: error: …``) and a
 non-zero exit code: 2 for errors mp_plugin raises on purpose (bad input, missing
-file, unknown model, …) and for a path the operating system refuses, 1 for anything else, 130 on Ctrl-C. ``--debug``
-(anywhere on the command line) shows the traceback instead.
+file, unknown model, …) and for a path the operating system refuses, 1 for anything
+else, 130 on Ctrl-C. ``--debug`` (anywhere on the command line) shows the traceback instead.
 """
 
 from __future__ import annotations

@@ -300,14 +300,24 @@ def call_model(model: nn.Module, batch: Any, what: str = "calibration batch") ->
         ) from exc
 
 
-def run_batches(model: nn.Module, data: Any, show_progress: bool = False, desc: str = "calibration") -> None:
+def run_batches(
+    model: nn.Module,
+    data: Any,
+    show_progress: bool = False,
+    desc: str = "calibration",
+    *,
+    stop: type[BaseException] | None = None,
+    first: int = 0,
+) -> None:
     """Run calibration data through ``model`` under ``torch.no_grad()``.
 
     ``data`` is one batch or a non-empty list of batches. A batch is a tensor or
     numpy array (``model(x)``), a tuple (``model(*args)``) or a dict
     (``model(**kwargs)``), see :func:`call_model`. While a token batch (a dict
     with an ``attention_mask``) runs, its mask is the active token mask, so hooks
-    reading :func:`layer_input_rows` count only the real tokens.
+    reading :func:`layer_input_rows` count only the real tokens. ``stop``: an
+    exception a hook raises to end one batch's forward early (caught, the next
+    batch runs). ``first``: the index of ``data[0]`` in the caller's list, for messages.
 
     Raises:
         CalibrationError: an empty list, or a batch that is malformed, non-finite
@@ -316,11 +326,15 @@ def run_batches(model: nn.Module, data: Any, show_progress: bool = False, desc: 
     if isinstance(data, list) and not data:
         raise CalibrationError("calibration data is an empty list: give at least one batch")
     batches = data if isinstance(data, list) else [data]
+    ended: tuple[type[BaseException], ...] = (stop,) if stop is not None else ()
     with torch.no_grad():
         for i, batch in enumerate(progress(batches, desc=desc, unit="batch", disable=not show_progress)):
-            what = f"calibration batch {i}" if isinstance(data, list) else "calibration batch"
+            what = f"calibration batch {first + i}" if isinstance(data, list) else "calibration batch"
             with real_tokens(token_mask(batch)):
-                call_model(model, batch, what)
+                try:
+                    call_model(model, batch, what)
+                except ended:  # a hook ended this batch's forward early
+                    pass
 
 
 def first_batch(data: Any) -> Any:

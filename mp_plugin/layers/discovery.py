@@ -176,6 +176,7 @@ def _skip_reason(
     name: str,
     module: nn.Module,
     kind: str,
+    key: Any,
     sel: LayerSelection,
     heads: list[nn.Module],
     embeddings: dict,
@@ -194,8 +195,8 @@ def _skip_reason(
         reason = f"stem conv (C_in={module.in_channels})"
     if reason is None and any(module is h for h in heads):
         reason = "classifier head"
-    if reason is None and weight_identity(module) in embeddings:
-        reason = f"weight tied to the input embedding {embeddings[weight_identity(module)]}"
+    if reason is None and key in embeddings:
+        reason = f"weight tied to the input embedding {embeddings[key]}"
     if reason is None and any(p.search(name) for p in excl):
         reason = "excluded by name"
     if reason is None and only and not any(p.search(name) for p in only):
@@ -239,8 +240,10 @@ def find_target_layers(
         if not isinstance(weight, torch.Tensor):
             entries.append((name, module, kind, None, "no weight tensor"))
             continue
-        entries.append((name, module, kind, weight_identity(module), _skip_reason(name, module, kind, sel, heads,
-                                                                              embeddings, excl, only)))  # fmt: skip
+        key = weight_identity(module)  # offloaded ties are seen in accelerate's store
+        entries.append(
+            (name, module, kind, key, _skip_reason(name, module, kind, key, sel, heads, embeddings, excl, only))
+        )
     # a weight shared with a module left out is left out everywhere: pruning an alias prunes it too
     left_out = {}
     for name, _, _, key, reason in entries:
@@ -260,8 +263,7 @@ def find_target_layers(
         if reason is not None:
             skipped.append(SkippedLayer(name, reason))
             continue
-        weight = module.weight
-        layer = TargetLayer(name, module, kind, classify_layer_type(name), _matrix_shape(weight))
+        layer = TargetLayer(name, module, kind, classify_layer_type(name), _matrix_shape(module.weight))
         seen[key] = layer
         targets.append(layer)
     return targets, skipped

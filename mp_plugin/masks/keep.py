@@ -111,7 +111,7 @@ class MaskKeeper:
     _weight = weight  # the name older callers use
 
     def _mask_for(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """``name``'s mask on ``weight``'s device: a model moved after the keeper was made (``.to("cuda")``)
+        """``name``'s mask on ``weight``'s (or its gradient's) device: a model moved after the keeper was made (``.to("cuda")``)
         takes its masks (and held values) along on first use."""
         mask = self.masks[name]
         if mask.device != weight.device:
@@ -141,10 +141,7 @@ class MaskKeeper:
                 weight.grad.mul_(self._mask_for(name, weight))
 
     def _gate(self, name: str, grad: torch.Tensor) -> torch.Tensor:
-        mask = self.masks[name]
-        if mask.device != grad.device:
-            mask = self.masks[name] = mask.to(grad.device)
-        return grad * mask.to(grad.dtype)
+        return grad * self._mask_for(name, grad).to(grad.dtype)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.apply()

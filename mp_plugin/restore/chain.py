@@ -198,7 +198,7 @@ def cache_run_inputs(model: nn.Module, modules: Sequence[nn.Module], calibration
 
     handle = modules[0].register_forward_pre_hook(capture, with_kwargs=True)
     try:
-        run_stoppable(model, batches[1:])
+        run_stoppable(model, batches[1:], first=1)
     finally:
         handle.remove()
     return cache, n

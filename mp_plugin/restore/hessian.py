@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mp_plugin.errors import CalibrationError, MPPluginError
+from mp_plugin.errors import MPPluginError
 from mp_plugin.layers.calibration import eval_mode, layer_input_rows, run_batches
 from mp_plugin.layers.layout import kn_input_columns
 
@@ -87,7 +87,7 @@ class _GramHook:
             x = x.index_select(0, pick)
         # products in float32 (fast BLAS), summed over batches in self.dtype: the per-batch
         # rounding (~1e-7 relative) is far below the damping λ = 0.01·mean diag H
-        fast = self.dtype == torch.float64 and x.dtype != torch.float64  # a float64 layer: products in float64
+        fast = self.dtype == torch.float64 and x.dtype != torch.float64  # float32 products, unless the layer is float64
         x = x.to(torch.float32 if fast else self.dtype)
         if not bool(torch.isfinite(x).all()):
             raise RestoreError(
@@ -182,21 +182,14 @@ def capture_grams(
     return grams_of(hooks)
 
 
-def run_stoppable(model: nn.Module, data: Any) -> None:
+def run_stoppable(model: nn.Module, data: Any, first: int = 0) -> None:
     """Run calibration ``data`` through ``model`` in eval mode, each batch's forward ending early
-    where a hook raises :class:`StopForward` (see ``mp_plugin.layers.calibration.run_batches``)."""
-    with eval_mode(model):
-        for i, batch in enumerate(data if isinstance(data, list) else [data]):
-            try:
-                run_batches(model, [batch])
-            except StopForward:
-                pass
-            except CalibrationError as exc:  # run_batches saw one batch: name the real one
-                if isinstance(data, list) and i:
-                    raise CalibrationError(
-                        str(exc).replace("calibration batch 0", f"calibration batch {i}", 1)
-                    ) from exc
-                raise
+    where a hook raises :class:`StopForward` (see ``mp_plugin.layers.calibration.run_batches``);
+    ``first`` is the index of ``data[0]`` among the caller's batches (for messages)."""
+    batches = data if isinstance(data, list) else [data]
+    if batches:  # the rest of a single-batch calibration is empty: nothing to run
+        with eval_mode(model):
+            run_batches(model, batches, stop=StopForward, first=first)
 
 
 def _stop(module: nn.Module, inputs: tuple, output: Any) -> None:

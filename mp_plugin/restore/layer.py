@@ -203,7 +203,7 @@ def restore_layer(
     current = kn_matrix(weight.detach()).to(dt)  # the kept weights as they are (dense×mask after apply's masking)
     out = current.clone()
     notes: list[str] = []
-    num_b = num_a = den = 0.0
+    num_b = den = 0.0
     solvers, iters, lams = set(), 0, []
     need = math.ceil(config.min_rows_factor * gram.width)
     if gram.rows < gram.width:
@@ -216,9 +216,10 @@ def restore_layer(
             f"{gram.rows} calibration rows for {gram.width} inputs: restore may fit the calibration data more "
             f"than the data it will see; give at least {need} rows"
         )
-    for q, sl in enumerate(_group_views(w_all, groups)):
-        w, m = w_all[sl], m_all[sl]
-        h0 = gram.gram[q].to(device=w.device, dtype=dt)
+    views = _group_views(w_all, groups)
+    h0s = [gram.gram[q].to(device=w_all.device, dtype=dt) for q in range(len(views))]
+    for q, sl in enumerate(views):
+        w, m, h0 = w_all[sl], m_all[sl], h0s[q]
         masked = current[sl]
         x = None
         for attempt, damp in enumerate((config.damp, config.damp * 10, config.damp * 100)):
@@ -240,26 +241,22 @@ def restore_layer(
             x = masked
         den += output_energy(w, h0)
         num_b += output_energy(masked - w, h0)
-        num_a += output_energy(x - w, h0)
         out[sl] = torch.where(m, x, torch.zeros((), dtype=dt))
-    # the weights as stored: rounded to the weight's dtype (fp16/bf16 rounding can undo a small gain), and a kept
+    # judged as stored: rounded to the weight's dtype (fp16/bf16 rounding can undo a small gain), and a kept
     # weight that rounds to zero keeps its given value, so the mask is unchanged
     stored = out.to(weight.dtype).to(dt)
     stored = torch.where(m_all & (stored == 0) & (out != 0), current, stored)
-    if bool(torch.isfinite(stored).all()):
-        num_a = sum(
-            output_energy(stored[sl] - w_all[sl], gram.gram[q].to(device=w_all.device, dtype=dt))
-            for q, sl in enumerate(_group_views(w_all, groups))
-        )
-    if num_a > num_b:  # never make the calibration error worse (damping trades it for ‖Ŵ − W‖)
-        notes.append(
-            "restored error above the masked error (after rounding to the weight's dtype); kept the masked weights"
-        )
-        stored, num_a = current, num_b
-    new = from_kn_matrix(stored, dense.shape).to(device=weight.device, dtype=weight.dtype)
-    if not bool(torch.isfinite(new).all()):  # e.g. restored values beyond float16's range
+    if not bool(torch.isfinite(stored).all()):  # e.g. restored values beyond float16's range
         notes.append(f"restored weights overflow {weight.dtype}; kept the masked weights")
-        new, num_a = from_kn_matrix(current, dense.shape).to(device=weight.device, dtype=weight.dtype), num_b
+        stored, num_a = current, num_b
+    else:
+        num_a = sum(output_energy(stored[sl] - w_all[sl], h0s[q]) for q, sl in enumerate(views))
+        if num_a > num_b:  # never make the calibration error worse (damping trades it for ‖Ŵ − W‖)
+            notes.append(
+                "restored error above the masked error (after rounding to the weight's dtype); kept the masked weights"
+            )
+            stored, num_a = current, num_b
+    new = from_kn_matrix(stored, dense.shape).to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         weight.copy_(new)
     finite = den > 0 and math.isfinite(den)  # a Gram that overflowed says nothing: NaN, not 0
