@@ -83,3 +83,7 @@ def close(a: float, b: float, higher_is_better: bool) -> bool:
     (1 − cosine, or the KL itself); report tables then name no winner."""
     la, lb = (1.0 - a, 1.0 - b) if higher_is_better else (a, b)
     return abs(la - lb) <= CLOSE * max(abs(la), abs(lb))
+
+
+# result rows of our own selection + restore under a non-MP budget: neither an MP method nor an outside baseline
+NEITHER_PREFIXES = ("uniform budget", "global budget")

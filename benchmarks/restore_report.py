@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import close, read_marked_block, write_marked_block  # noqa: E402
+from common import NEITHER_PREFIXES, close, read_marked_block, write_marked_block  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -29,7 +29,6 @@ MODELS = ("minilm", "efficientnet_lite0", "fmnist_cnn", "fmnist_mlp")
 METRIC = {"minilm": ("embedding_cosine", True), "efficientnet_lite0": ("kl", False),
           "fmnist_cnn": ("kl", False), "fmnist_mlp": ("kl", False)}  # fmt: skip
 MAG = {"2:4": "magnitude k:n", "4:8": "magnitude k:n"}
-NEITHER = ("uniform budget", "global budget")  # our selection + restore under a non-MP budget
 
 
 def _is_mp(method: str) -> bool:
@@ -90,7 +89,7 @@ def one_shot(model: str, other_won: list[bool] | None = None) -> list[str]:
         if ":" in s:  # every layer takes the pattern: no budget is chosen, whatever the row's name says
             line += "; no MP signal enters at k:n (every layer takes the pattern): the lead is the selection, permutation and restore"
         else:
-            other = [(m, cell[(s, m)]) for m in methods if m.startswith(NEITHER) and (s, m) in cell]
+            other = [(m, cell[(s, m)]) for m in methods if m.startswith(NEITHER_PREFIXES) and (s, m) in cell]
             if other:
                 o_m, o_v = max(other, key=lambda c: sign * c[1])
                 word = "better than" if sign * o_v > sign * best_v else "not better than"

@@ -218,7 +218,8 @@ def certify(
     Raises:
         ArchitectureMismatchError, CertificateInputError, NonFiniteActivationError,
         NotCertifiable (bound mode on an op it cannot bound, on forward hooks or overridden
-        forwards, tied pruned weights, active autocast, precision below float32, or modules whose
+        forwards, tied pruned weights, active autocast, precision below float32 or coarser than the
+        weights, BatchNorm with a negative running variance, or modules whose class or
         hyperparameters differ; bound/jacobian when parameters other than Linear/Conv weights and
         biases differ).
     """
@@ -273,8 +274,9 @@ def certify(
         why = own_forward_problem(d_layers[name], name) or tied_problem(dense_c, [name])
         if why is not None:
             raise NotCertifiable(f"bound mode cannot prove a bound here: {why}; use mode='empirical'")
-    if mode != "bound" and tied_problem(dense_c, selected) is not None:
-        notes.append(f"{tied_problem(dense_c, selected)}; the certified model prunes the tied modules too")
+    tied = tied_problem(dense_c, selected) if mode != "bound" else None
+    if tied is not None:
+        notes.append(f"{tied}; the certified model prunes the tied modules too")
     if layers is None:
         effective = pruned_c  # bound/jacobian refused above if anything but Linear/Conv layers differs
     else:
