@@ -70,6 +70,7 @@ from mp_plugin.layers.discovery import LayerSelection
 from mp_plugin.layers.patterns import Pattern
 from mp_plugin.planning.build import LayerPlan, PlanConfig, PrunePlan, plan, split_method
 from mp_plugin.pruning.apply_plan import MASK_METHODS, apply, default_projection, sparsity_report
+from mp_plugin.pruning.checks import PERMUTE_VALUES
 from mp_plugin.restore import resolve_restore
 
 __all__ = ["MPSparsifier", "convert_module"]
@@ -164,7 +165,7 @@ class MPSparsifier(AOBaseConfig):
             Pattern.parse(self.pattern)  # PatternError for "3:2", "dense", ...
         if self.budget is not None and self.budget not in BUDGET_METHODS:
             raise ConfigError(f"unknown budget {self.budget!r}; use one of {sorted(BUDGET_METHODS)}")
-        if self.permute not in (None, False, True, "swap", "interleave", "none"):
+        if self.permute not in PERMUTE_VALUES:
             raise ConfigError(f"MPSparsifier.permute must be None, 'swap' or 'interleave', got {self.permute!r}")
         if not isinstance(self.accelerate, bool):
             raise ConfigError(f"MPSparsifier.accelerate must be True or False, got {self.accelerate!r}")

@@ -63,7 +63,7 @@ import torch
 
 from mp_plugin.budget.bulk_share import DEFAULT_MIX_BETA, bulk_share_weights
 from mp_plugin.budget.mix_measured import measured_damage_array, measured_restore_damage_array
-from mp_plugin.errors import ConfigError
+from mp_plugin.errors import ConfigError, PatternError
 from mp_plugin.masks.counts import weight_numels
 
 __all__ = [
@@ -173,8 +173,6 @@ def kn_noise_ratio(weight: torch.Tensor, fit: Any, k: int = 2, n: int = 4) -> fl
 def _or_nan(fn: Any, *args: Any) -> float:
     """``fn(*args)``, or NaN for a layer that cannot take 2:4 (its input width is not a multiple of 4):
     such a layer stays dense in the mix, so its damage is never read."""
-    from mp_plugin.errors import PatternError
-
     try:
         return fn(*args)
     except PatternError:
